@@ -1,0 +1,176 @@
+//! What the lab boots: QEMU binary, L1 kernel, sizes, timeouts. Detected from the host.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::LabError;
+
+/// Install hint for the lab's Debian packages.
+pub const INSTALL_HINT: &str = "sudo bash scripts/deps.sh   (or: make deps)";
+
+/// How to boot L1.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// The L1 kernel image.
+    pub kernel: PathBuf,
+    /// Its version (the `/lib/modules/<version>` directory).
+    pub kernel_version: String,
+    /// The `svff-lab` binary that runs as the agent inside L1 (its directory goes first on PATH).
+    pub agent: PathBuf,
+    /// Where the initramfs is cached.
+    pub cache_dir: PathBuf,
+    /// L1 memory.
+    pub memory_mib: u32,
+    /// L1 vCPUs.
+    pub cpus: u32,
+    /// Longest time from QEMU start to the agent's hello.
+    pub boot_timeout: Duration,
+}
+
+fn version_key(v: &str) -> Vec<u64> {
+    v.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The newest `/boot/vmlinuz-<ver>` of the 6.12 series or later that has `/lib/modules/<ver>`.
+fn find_kernel() -> Result<(PathBuf, String), LabError> {
+    if let Ok(k) = std::env::var("SVFF_LAB_KERNEL") {
+        let path = PathBuf::from(&k);
+        let ver = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_prefix("vmlinuz-"))
+            .ok_or_else(|| {
+                LabError::Invalid(format!(
+                    "SVFF_LAB_KERNEL={k}: expected a path ending in vmlinuz-<version>"
+                ))
+            })?
+            .to_owned();
+        return Ok((path, ver));
+    }
+    let mut best: Option<(Vec<u64>, String)> = None;
+    for e in fs::read_dir("/boot")
+        .map_err(|e| LabError::io("/boot", e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(ver) = name.strip_prefix("vmlinuz-") else {
+            continue;
+        };
+        let key = version_key(ver);
+        if key.as_slice() < [6, 12].as_slice()
+            || !Path::new("/lib/modules")
+                .join(ver)
+                .join("modules.dep")
+                .exists()
+        {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(k, _)| key > *k) {
+            best = Some((key, ver.to_owned()));
+        }
+    }
+    let (_, ver) = best.ok_or_else(|| LabError::Missing {
+        what: "a Linux >= 6.12 kernel for L1".into(),
+        detail: "no /boot/vmlinuz-6.12+ with /lib/modules/<ver>/modules.dep".into(),
+        install: INSTALL_HINT.into(),
+    })?;
+    Ok((PathBuf::from(format!("/boot/vmlinuz-{ver}")), ver))
+}
+
+fn find_qemu() -> Result<PathBuf, LabError> {
+    let name = std::env::var("SVFF_LAB_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(&name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| LabError::Missing {
+            what: "QEMU (qemu-system-x86_64 >= 10.0)".into(),
+            detail: "not on PATH".into(),
+            install: INSTALL_HINT.into(),
+        })
+}
+
+/// The agent binary: `SVFF_LAB_AGENT`, else this executable when it is `svff-lab`, else the
+/// `svff-lab` next to it or one directory up (test binaries live in `target/<profile>/deps`).
+fn find_agent() -> Result<PathBuf, LabError> {
+    if let Ok(a) = std::env::var("SVFF_LAB_AGENT") {
+        return Ok(PathBuf::from(a));
+    }
+    let me = std::env::current_exe().map_err(|e| LabError::io("/proc/self/exe", e))?;
+    if me.file_name().is_some_and(|n| n == "svff-lab") {
+        return Ok(me);
+    }
+    let dir = me.parent().unwrap_or(Path::new("."));
+    [dir.join("svff-lab"), dir.join("../svff-lab")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .map(|p| p.canonicalize().unwrap_or(p))
+        .ok_or_else(|| LabError::Missing {
+            what: "the svff-lab agent binary".into(),
+            detail: format!("not next to {}", me.display()),
+            install: "cargo build -p svff-lab".into(),
+        })
+}
+
+fn cache_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SVFF_LAB_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("svff-lab")
+}
+
+impl LabConfig {
+    /// Detects everything from the host, with the lab's standard sizes. Errors name the missing
+    /// piece and how to install it.
+    pub fn detect() -> Result<Self, LabError> {
+        let qemu = find_qemu()?;
+        let (kernel, kernel_version) = find_kernel()?;
+        if let Err(e) = fs::File::open(&kernel) {
+            return Err(LabError::Invalid(format!(
+                "cannot read the L1 kernel {}: {e} (the lab needs to read it: run as root, or set SVFF_LAB_KERNEL to a readable copy)",
+                kernel.display()
+            )));
+        }
+        let agent = find_agent()?;
+        let agent_str = agent.to_string_lossy();
+        if agent_str.chars().any(|c| c.is_whitespace() || c == '"') || !agent.is_absolute() {
+            return Err(LabError::Invalid(format!(
+                "agent path {agent_str} must be absolute and free of blanks (it goes on the L1 kernel command line)"
+            )));
+        }
+        Ok(LabConfig {
+            qemu,
+            kernel,
+            kernel_version,
+            agent,
+            cache_dir: cache_dir(),
+            memory_mib: 3072,
+            cpus: 2,
+            boot_timeout: Duration::from_secs(180),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_compare_numerically() {
+        assert!(version_key("6.12.95+deb12-amd64") > version_key("6.12.9+deb12-amd64"));
+        assert!(version_key("6.1.0-31-amd64").as_slice() < [6, 12].as_slice());
+        assert!(version_key("6.12.0").as_slice() >= [6, 12].as_slice());
+    }
+}

@@ -1,0 +1,34 @@
+//! The svff lab: an emulated SR-IOV host (L1) under QEMU, on the real Linux kernel.
+//!
+//! L1 is a QEMU TCG guest with an intel-iommu, an igb PF (7 VFs with its driver, 8 with
+//! `pci-pf-stub`) and an emulated nvme PF (64 VFs with `pci-pf-stub`). Its root file system is
+//! L0's own root, read-only over 9p, so L1 runs the binaries just built at the same paths. An
+//! agent in L1 runs commands as root on request over a virtio-serial port and streams their
+//! output back ([`proto`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! let cfg = svff_lab::LabConfig::detect()?;
+//! let mut lab = svff_lab::Lab::boot(&cfg)?; // ~10-20 s; share it between checks
+//! let out = lab.run(&["cat", "/sys/bus/pci/devices/0000:02:00.0/sriov_totalvfs"], Duration::from_secs(30))?;
+//! assert!(out.success());
+//! # Ok::<(), svff_lab::LabError>(())
+//! ```
+//!
+//! Tests that run inside L1 use [`guest`]; the `svff-lab test` command boots one L1 and runs
+//! every `lab_*` test binary of the workspace in it.
+
+mod agent;
+mod config;
+mod cpio;
+mod error;
+pub mod guest;
+mod initramfs;
+pub mod proto;
+mod session;
+
+pub use agent::serve as serve_agent;
+pub use config::{LabConfig, INSTALL_HINT};
+pub use error::LabError;
+pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
+pub use session::{shell, Lab, Output};
