@@ -1,0 +1,1 @@
+//! svff commands (to be written)
