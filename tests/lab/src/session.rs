@@ -230,6 +230,16 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The pid of the L0 QEMU process running L1.
+    pub fn qemu_pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// This session's temporary directory (control socket, console log); removed on drop.
+    pub fn session_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// L1's kernel release.
     pub fn kernel(&self) -> &str {
         &self.kernel
