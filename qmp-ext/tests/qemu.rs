@@ -1,0 +1,161 @@
+//! Our client against real QEMU (`qemu-system-x86_64 -M none`).
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use qmp_ext::{Client, ErrorClass};
+use serde_json::json;
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A daemonized QEMU with a QMP socket in a temporary directory, killed on drop.
+struct Qemu {
+    dir: tempfile::TempDir,
+    pid: Option<i32>,
+}
+
+impl Qemu {
+    fn start() -> Qemu {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("qmp.sock");
+        let pidfile = dir.path().join("qemu.pid");
+        // -daemonize: the command returns once QEMU is initialised, so the
+        // socket is listening when it does; no polling needed.
+        let out = Command::new(QEMU)
+            .args([
+                "-M",
+                "none",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-daemonize",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .arg("-pidfile")
+            .arg(&pidfile)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {QEMU} (install qemu-system-x86): {e}"));
+        assert!(
+            out.status.success(),
+            "QEMU failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(&pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid");
+        Qemu {
+            dir,
+            pid: Some(pid),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("qmp.sock")
+    }
+
+    fn connect(&self) -> Client {
+        Client::connect(self.socket(), TIMEOUT).expect("connect to QEMU")
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn negotiates_with_qemu_and_queries_status() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    assert_eq!(
+        c.greeting().qmp.version.qemu.major,
+        10,
+        "Debian's QEMU 10: {:?}",
+        c.greeting()
+    );
+    let status = c.execute("query-status", None).expect("query-status");
+    assert!(status["status"].is_string(), "{status}");
+    assert!(status["running"].is_boolean(), "{status}");
+}
+
+#[test]
+fn unknown_command_is_command_not_found_on_qemu() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    let err = c
+        .execute("svff-no-such-command", None)
+        .expect_err("must fail");
+    assert_eq!(
+        err.qmp().expect("QMP error").class,
+        ErrorClass::CommandNotFound,
+        "{err:?}"
+    );
+    // Still usable afterwards, with a typed-args error class too.
+    let err = c
+        .execute("closefd", Some(json!({"fdname": "never-given"})))
+        .expect_err("must fail");
+    assert_eq!(
+        err.qmp().expect("QMP error").class,
+        ErrorClass::GenericError
+    );
+}
+
+#[test]
+fn getfd_passes_a_descriptor_to_qemu_and_closefd_releases_it() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    let (r, _w) = nix::unistd::pipe().expect("pipe");
+    // Without a descriptor, getfd fails.
+    let err = c
+        .execute("getfd", Some(json!({"fdname": "svff-fd"})))
+        .expect_err("no fd sent");
+    assert_eq!(
+        err.qmp().expect("QMP error").class,
+        ErrorClass::GenericError
+    );
+    c.send_fd("svff-fd", r.as_fd())
+        .expect("getfd with SCM_RIGHTS");
+    // closefd succeeds only for a name QEMU holds, and only once.
+    c.execute("closefd", Some(json!({"fdname": "svff-fd"})))
+        .expect("closefd of the passed fd");
+    let err = c
+        .execute("closefd", Some(json!({"fdname": "svff-fd"})))
+        .expect_err("already closed");
+    assert_eq!(
+        err.qmp().expect("QMP error").class,
+        ErrorClass::GenericError
+    );
+}
+
+#[test]
+fn stop_produces_a_stop_event_that_wait_event_returns() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    c.execute("stop", None).expect("stop");
+    let ev = c.wait_event("STOP", TIMEOUT).expect("STOP event");
+    assert!(ev.timestamp.seconds > 0);
+    let status = c.execute("query-status", None).expect("query-status");
+    assert_eq!(status["running"], json!(false));
+}
+
+#[test]
+fn waiting_for_an_event_that_never_comes_times_out() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    let err = c
+        .wait_event("SVFF_NEVER", Duration::from_millis(200))
+        .expect_err("no such event");
+    assert!(matches!(err, qmp_ext::Error::Timeout { .. }), "{err:?}");
+}
