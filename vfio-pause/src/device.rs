@@ -1,0 +1,905 @@
+//! The pausable device and its state machine.
+//!
+//! # States and transitions
+//!
+//! | from     | operation          | success  | failure (state after, fds of the VF) |
+//! |----------|--------------------|----------|---------------------------------------|
+//! | attached | `pause()`          | paused   | see "failed pause" below |
+//! | paused   | `pause()`          | paused (no-op, `Timings::noop`) | - |
+//! | paused   | `unpause(source)`  | attached | paused, no fd of the new VF open; the passed group fd is closed |
+//! | attached | `unpause(source)`  | attached (no-op; a passed group fd is closed) | - |
+//! | attached | `detach()`         | detached | detached, every fd released, first error returned |
+//! | paused   | `detach()`         | detached | - |
+//! | detached | anything           | -        | `Error::InvalidState`, stays detached |
+//!
+//! Failed pause, by step:
+//! 1. VMM hook `unmap_bars` fails: attached, nothing changed.
+//! 2. config snapshot fails: guest BAR mappings are restored (`map_bars`),
+//!    attached. If that hook fails too: `Error::RollbackFailed`, still
+//!    attached (accesses then trap and are forwarded, so the device works).
+//! 3. disabling an interrupt fails: the interrupts already disabled are
+//!    re-enabled and BAR mappings restored, attached. If that rollback fails,
+//!    the pause is completed instead: `Error::RollbackFailed`, paused.
+//! 4. munmap or close fails: paused (the backend releases every fd even when
+//!    it reports an error), the error is returned.
+//!
+//! In no case is a device left half-open: it is either attached with all its
+//! resources, or paused/detached with none.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::{irq, region, MmapArea, VfId, VfSource};
+use crate::container::Container;
+use crate::error::{Error, Result};
+use crate::pci::{cfg, Identity, PciAddress};
+
+/// Lifecycle state of a [`PausableDevice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub enum DeviceState {
+    /// VF open, IRQs wired, guest accesses reach the VF.
+    Attached = 0,
+    /// Every fd of the VF closed; the guest still sees the device.
+    Paused = 1,
+    /// Closed for good.
+    Detached = 2,
+}
+
+impl fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceState::Attached => "attached",
+            DeviceState::Paused => "paused",
+            DeviceState::Detached => "detached",
+        })
+    }
+}
+
+/// What guest BAR accesses do while the device is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PausedAccess {
+    /// Reads return all-ones, writes are dropped; both are counted.
+    Ignore,
+    /// The access waits until the device is unpaused (then it is performed)
+    /// or the deadline passes (then it behaves as `Ignore`).
+    Stall(Duration),
+}
+
+/// Per-device options.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// Paused-access policy.
+    pub paused_access: PausedAccess,
+    /// mmap every mmap-able BAR at open/unpause and hand the areas to
+    /// [`VmmHooks::map_bars`]; they are unmapped at pause.
+    pub mmap_bars: bool,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            paused_access: PausedAccess::Ignore,
+            mmap_bars: false,
+        }
+    }
+}
+
+/// What the VMM does for the device's guest BAR mappings.
+pub trait VmmHooks: Send + Sync {
+    /// Remove every guest mapping of the device's BARs so guest accesses trap
+    /// (and reach [`PausableDevice::bar_read`]/[`PausableDevice::bar_write`]).
+    /// Called first in a pause; the mmaps are released after it returns.
+    fn unmap_bars(&self, device: &str) -> std::result::Result<(), String>;
+
+    /// Map these BAR areas (host mmaps of the VF) into the guest at the BAR
+    /// addresses the guest programmed. Called last in open and unpause, with an
+    /// empty slice when BARs are not mmapped.
+    fn map_bars(&self, device: &str, areas: &[MmapArea]) -> std::result::Result<(), String>;
+}
+
+/// Hooks for a VMM that never maps BARs into the guest (every access traps).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrapAllBars;
+
+impl VmmHooks for TrapAllBars {
+    fn unmap_bars(&self, _device: &str) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    fn map_bars(&self, _device: &str, _areas: &[MmapArea]) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A timed step of a pause or unpause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub enum Phase {
+    /// VMM drops guest BAR mappings.
+    UnmapBars = 0,
+    /// Config-space snapshot into the shadow.
+    Snapshot = 1,
+    /// Device IRQs and the request IRQ disabled.
+    IrqTeardown = 2,
+    /// BAR mmaps released.
+    Munmap = 3,
+    /// Device fd closed (FLR), group out of the container, group fd closed.
+    Close = 4,
+    /// Group opened into the container, device fd (FLR).
+    Reopen = 5,
+    /// Registered guest memory mapped again (only when the container had lost it).
+    DmaRemap = 6,
+    /// Identity check of the new function.
+    Identity = 7,
+    /// Config restore (BARs, pending writes, command).
+    Restore = 8,
+    /// IRQs wired again.
+    IrqSetup = 9,
+    /// BARs mmapped again.
+    Mmap = 10,
+    /// VMM maps BARs into the guest again.
+    MapBars = 11,
+}
+
+impl Phase {
+    /// Number of phases.
+    pub const COUNT: usize = 12;
+    /// Every phase in order.
+    pub const ALL: [Phase; Phase::COUNT] = [
+        Phase::UnmapBars,
+        Phase::Snapshot,
+        Phase::IrqTeardown,
+        Phase::Munmap,
+        Phase::Close,
+        Phase::Reopen,
+        Phase::DmaRemap,
+        Phase::Identity,
+        Phase::Restore,
+        Phase::IrqSetup,
+        Phase::Mmap,
+        Phase::MapBars,
+    ];
+
+    /// Short name, e.g. `irq-teardown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::UnmapBars => "unmap-bars",
+            Phase::Snapshot => "snapshot",
+            Phase::IrqTeardown => "irq-teardown",
+            Phase::Munmap => "munmap",
+            Phase::Close => "close",
+            Phase::Reopen => "reopen",
+            Phase::DmaRemap => "dma-remap",
+            Phase::Identity => "identity",
+            Phase::Restore => "restore",
+            Phase::IrqSetup => "irq-setup",
+            Phase::Mmap => "mmap",
+            Phase::MapBars => "map-bars",
+        }
+    }
+}
+
+/// Per-phase timings of one pause or unpause.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// The call was a no-op (already in the target state).
+    pub noop: bool,
+    /// Phases in the order they ran.
+    pub phases: Vec<(Phase, Duration)>,
+    /// Wall time of the whole call.
+    pub total: Duration,
+}
+
+impl Timings {
+    /// Time of one phase, if it ran.
+    pub fn get(&self, phase: Phase) -> Option<Duration> {
+        self.phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, d)| *d)
+    }
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.noop {
+            return write!(f, "no-op");
+        }
+        write!(f, "total {:.3} ms", self.total.as_secs_f64() * 1e3)?;
+        for (p, d) in &self.phases {
+            write!(f, ", {} {:.3} ms", p.name(), d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters of guest accesses while paused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessCounters {
+    /// BAR reads answered with all-ones.
+    pub ignored_reads: u64,
+    /// BAR writes dropped.
+    pub ignored_writes: u64,
+    /// BAR accesses that waited (stall policy).
+    pub stalled: u64,
+    /// Config reads served from the shadow.
+    pub shadow_reads: u64,
+    /// Config writes kept in the shadow for the unpause.
+    pub shadow_writes: u64,
+}
+
+struct Inner {
+    state: DeviceState,
+    vf: Option<VfId>,
+    host: PciAddress,
+    identity: Identity,
+    config_size: usize,
+    shadow: Vec<u8>,
+    pending: Vec<(usize, Vec<u8>)>,
+    irqs: BTreeMap<u32, Vec<EventFd>>,
+    request: Option<EventFd>,
+    mmaps: Vec<MmapArea>,
+    counters: AccessCounters,
+    last_pause: Option<Timings>,
+    last_unpause: Option<Timings>,
+}
+
+/// A passed-through VF that can release every host resource while the guest
+/// keeps the device. See the module docs for the state machine.
+pub struct PausableDevice {
+    id: String,
+    container: Arc<Container>,
+    hooks: Arc<dyn VmmHooks>,
+    options: DeviceOptions,
+    inner: Mutex<Inner>,
+    unpaused: Condvar,
+}
+
+impl fmt::Debug for PausableDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = self.lock();
+        f.debug_struct("PausableDevice")
+            .field("id", &self.id)
+            .field("state", &g.state)
+            .field("host", &g.host.to_string())
+            .finish()
+    }
+}
+
+struct PhaseClock {
+    start: Instant,
+    phases: Vec<(Phase, Duration)>,
+}
+
+impl PhaseClock {
+    fn new() -> Self {
+        PhaseClock {
+            start: Instant::now(),
+            phases: Vec::with_capacity(8),
+        }
+    }
+    fn run<T>(&mut self, p: Phase, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.phases.push((p, t.elapsed()));
+        r
+    }
+    fn done(self) -> Timings {
+        Timings {
+            noop: false,
+            phases: self.phases,
+            total: self.start.elapsed(),
+        }
+    }
+}
+
+fn noop() -> Timings {
+    Timings {
+        noop: true,
+        ..Timings::default()
+    }
+}
+
+impl PausableDevice {
+    /// Open a VF and attach it (the initial attach of a device to a VM).
+    pub fn open(
+        id: impl Into<String>,
+        container: Arc<Container>,
+        source: VfSource,
+        options: DeviceOptions,
+        hooks: Arc<dyn VmmHooks>,
+    ) -> Result<Self> {
+        let id = id.into();
+        let host = source.address().clone();
+        let opened = container.open_vf(source)?;
+        let vf = opened.vf;
+        let setup = || -> Result<(Identity, usize, Vec<MmapArea>)> {
+            let (identity, config_size) = read_identity(&container, vf, &host)?;
+            let mut mmaps = Vec::new();
+            let r = (|| {
+                if options.mmap_bars {
+                    mmap_bars(&container, vf, &mut mmaps)?;
+                }
+                hooks.map_bars(&id, &mmaps).map_err(|reason| Error::Hook {
+                    device: id.clone(),
+                    hook: "map_bars",
+                    reason,
+                })
+            })();
+            match r {
+                Ok(()) => Ok((identity, config_size, mmaps)),
+                Err(e) => {
+                    munmap_all(&container, vf, &mut mmaps);
+                    Err(e)
+                }
+            }
+        };
+        let (identity, config_size, mmaps) = match setup() {
+            Ok(v) => v,
+            Err(e) => {
+                if let Err(c) = container.close_vf(vf) {
+                    tracing::warn!("device {id}: close after failed open: {c}");
+                }
+                return Err(e);
+            }
+        };
+        Ok(PausableDevice {
+            id,
+            container,
+            hooks,
+            options,
+            inner: Mutex::new(Inner {
+                state: DeviceState::Attached,
+                vf: Some(vf),
+                host,
+                identity,
+                config_size,
+                shadow: Vec::new(),
+                pending: Vec::new(),
+                irqs: BTreeMap::new(),
+                request: None,
+                mmaps,
+                counters: AccessCounters::default(),
+                last_pause: None,
+                last_unpause: None,
+            }),
+            unpaused: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn invalid(&self, op: &'static str, state: DeviceState) -> Error {
+        Error::InvalidState {
+            device: self.id.clone(),
+            op,
+            state,
+        }
+    }
+
+    /// The VMM's id of this device.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Current state.
+    pub fn state(&self) -> DeviceState {
+        self.lock().state
+    }
+
+    /// Identity of the function first attached (what unpause checks against).
+    pub fn identity(&self) -> Identity {
+        self.lock().identity
+    }
+
+    /// Host address of the VF currently (or, when paused, last) attached.
+    pub fn host(&self) -> PciAddress {
+        self.lock().host.clone()
+    }
+
+    /// Timings of the last pause and the last unpause.
+    pub fn last_timings(&self) -> (Option<Timings>, Option<Timings>) {
+        let g = self.lock();
+        (g.last_pause.clone(), g.last_unpause.clone())
+    }
+
+    /// Counters of guest accesses handled while paused.
+    pub fn access_counters(&self) -> AccessCounters {
+        self.lock().counters
+    }
+
+    /// Whether a request IRQ from the kernel should be treated as a hot-unplug
+    /// request: only while attached. A paused device never holds the VF, so a
+    /// request then is not about it.
+    pub fn request_is_unplug(&self) -> bool {
+        let g = self.lock();
+        g.state == DeviceState::Attached && g.request.is_some()
+    }
+
+    /// Pause: drop guest BAR mappings, snapshot config, disable IRQs, close
+    /// every fd of the VF. When this returns `Ok`, no fd of the VF is open.
+    pub fn pause(&self) -> Result<Timings> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Paused => return Ok(noop()),
+            DeviceState::Detached => return Err(self.invalid("pause", g.state)),
+            DeviceState::Attached => {}
+        }
+        let vf = g.vf.expect("attached devices have a VF");
+        let mut clock = PhaseClock::new();
+        let c = &self.container;
+
+        clock
+            .run(Phase::UnmapBars, || self.hooks.unmap_bars(&self.id))
+            .map_err(|reason| Error::Hook {
+                device: self.id.clone(),
+                hook: "unmap_bars",
+                reason,
+            })?;
+
+        let size = g.config_size;
+        let snap = clock.run(Phase::Snapshot, || {
+            let mut buf = vec![0u8; size];
+            c.with_backend(|b| b.region_read(vf, region::CONFIG, 0, &mut buf))
+                .map(|()| buf)
+        });
+        let shadow = match snap {
+            Ok(s) => s,
+            Err(e) => {
+                return match self.hooks.map_bars(&self.id, &g.mmaps) {
+                    Ok(()) => Err(e),
+                    Err(reason) => Err(self.rollback_failed(e, reason, DeviceState::Attached)),
+                };
+            }
+        };
+
+        let teardown = clock.run(Phase::IrqTeardown, || -> (Vec<u32>, Result<()>) {
+            let mut disabled = Vec::new();
+            let mut indices: Vec<u32> = Vec::new();
+            if g.request.is_some() {
+                indices.push(irq::REQ);
+            }
+            indices.extend(g.irqs.keys().copied());
+            for index in indices {
+                if let Err(e) = c.with_backend(|b| b.set_irqs(vf, index, &[])) {
+                    return (disabled, Err(e));
+                }
+                disabled.push(index);
+            }
+            (disabled, Ok(()))
+        });
+        if let (disabled, Err(e)) = teardown {
+            match self.enable_irqs(&g, vf, &disabled).and_then(|()| {
+                self.hooks
+                    .map_bars(&self.id, &g.mmaps)
+                    .map_err(|reason| Error::Hook {
+                        device: self.id.clone(),
+                        hook: "map_bars",
+                        reason,
+                    })
+            }) {
+                Ok(()) => return Err(e),
+                Err(rb) => {
+                    // Cannot get back to attached: finish the pause instead.
+                    if let Err(re) = self.release(&mut g, vf, &mut clock) {
+                        tracing::warn!("device {}: release after failed rollback: {re}", self.id);
+                    }
+                    g.shadow = shadow;
+                    g.pending.clear();
+                    g.state = DeviceState::Paused;
+                    return Err(Error::RollbackFailed {
+                        device: self.id.clone(),
+                        original: Box::new(e),
+                        rollback: Box::new(rb),
+                        state: DeviceState::Paused,
+                    });
+                }
+            }
+        }
+
+        let res = self.release(&mut g, vf, &mut clock);
+        g.shadow = shadow;
+        g.pending.clear();
+        g.state = DeviceState::Paused;
+        let t = clock.done();
+        g.last_pause = Some(t.clone());
+        res.map(|()| t)
+    }
+
+    fn rollback_failed(&self, original: Error, reason: String, state: DeviceState) -> Error {
+        Error::RollbackFailed {
+            device: self.id.clone(),
+            original: Box::new(original),
+            rollback: Box::new(Error::Hook {
+                device: self.id.clone(),
+                hook: "map_bars",
+                reason,
+            }),
+            state,
+        }
+    }
+
+    /// munmap every BAR and close the VF; always ends with no fd open.
+    fn release(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
+        let c = &self.container;
+        let mut first: Option<Error> = None;
+        let mmaps = std::mem::take(&mut g.mmaps);
+        clock.run(Phase::Munmap, || {
+            for m in mmaps {
+                if let Err(e) = c.with_backend(|b| b.munmap_region(vf, m)) {
+                    first.get_or_insert(e);
+                }
+            }
+        });
+        let closed = clock.run(Phase::Close, || c.close_vf(vf));
+        g.vf = None;
+        if let Err(e) = closed {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn enable_irqs(&self, g: &Inner, vf: VfId, indices: &[u32]) -> Result<()> {
+        for &index in indices {
+            let fds: Vec<&EventFd> = if index == irq::REQ {
+                g.request.iter().collect()
+            } else {
+                g.irqs
+                    .get(&index)
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default()
+            };
+            self.container
+                .with_backend(|b| b.set_irqs(vf, index, &fds))?;
+        }
+        Ok(())
+    }
+
+    /// Unpause onto `source` (same or another VF, own open or passed group fd):
+    /// reopen, check identity, re-map DMA if the container lost it, restore
+    /// config, IRQs and BAR mappings. On error the device stays paused with no
+    /// fd of the new VF open.
+    pub fn unpause(&self, source: VfSource) -> Result<Timings> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Attached => return Ok(noop()),
+            DeviceState::Detached => return Err(self.invalid("unpause", g.state)),
+            DeviceState::Paused => {}
+        }
+        let mut clock = PhaseClock::new();
+        let offered_at = source.address().clone();
+        let c = &self.container;
+        let opened = c.open_vf(source)?;
+        let vf = opened.vf;
+        clock.phases.push((Phase::Reopen, opened.open));
+        if let Some(r) = opened.remap {
+            clock.phases.push((Phase::DmaRemap, r));
+        }
+        let mut mmaps = Vec::new();
+        let res = self.bring_up(&mut g, vf, &offered_at, &mut clock, &mut mmaps);
+        if let Err(e) = res {
+            munmap_all(c, vf, &mut mmaps);
+            if let Err(ce) = c.close_vf(vf) {
+                tracing::warn!("device {}: close after failed unpause: {ce}", self.id);
+            }
+            return Err(e);
+        }
+        g.vf = Some(vf);
+        g.mmaps = mmaps;
+        g.host = offered_at;
+        g.state = DeviceState::Attached;
+        g.shadow = Vec::new();
+        g.pending.clear();
+        let t = clock.done();
+        g.last_unpause = Some(t.clone());
+        drop(g);
+        self.unpaused.notify_all();
+        Ok(t)
+    }
+
+    fn bring_up(
+        &self,
+        g: &mut Inner,
+        vf: VfId,
+        offered_at: &PciAddress,
+        clock: &mut PhaseClock,
+        mmaps: &mut Vec<MmapArea>,
+    ) -> Result<()> {
+        let c = &self.container;
+        let (offered, _) = clock.run(Phase::Identity, || read_identity(c, vf, offered_at))?;
+        if offered != g.identity {
+            return Err(Error::IdentityMismatch {
+                device: self.id.clone(),
+                paused: g.identity,
+                paused_at: g.host.clone(),
+                offered,
+                offered_at: offered_at.clone(),
+            });
+        }
+        clock.run(Phase::Restore, || -> Result<()> {
+            let bars = g
+                .shadow
+                .get(cfg::BAR0..cfg::BAR_END)
+                .unwrap_or(&[])
+                .to_vec();
+            c.with_backend(|b| -> Result<()> {
+                for (i, dw) in bars.chunks(4).enumerate() {
+                    b.region_write(vf, region::CONFIG, (cfg::BAR0 + 4 * i) as u64, dw)?;
+                }
+                for (off, data) in &g.pending {
+                    b.region_write(vf, region::CONFIG, *off as u64, data)?;
+                }
+                if let Some(cmd) = g.shadow.get(cfg::COMMAND..cfg::COMMAND + 2) {
+                    b.region_write(vf, region::CONFIG, cfg::COMMAND as u64, cmd)?;
+                }
+                Ok(())
+            })
+        })?;
+        clock.run(Phase::IrqSetup, || {
+            let mut indices: Vec<u32> = g.irqs.keys().copied().collect();
+            if g.request.is_some() {
+                indices.push(irq::REQ);
+            }
+            self.enable_irqs(g, vf, &indices)
+        })?;
+        if self.options.mmap_bars {
+            clock.run(Phase::Mmap, || mmap_bars(c, vf, mmaps))?;
+        }
+        clock
+            .run(Phase::MapBars, || self.hooks.map_bars(&self.id, mmaps))
+            .map_err(|reason| Error::Hook {
+                device: self.id.clone(),
+                hook: "map_bars",
+                reason,
+            })
+    }
+
+    /// Close for good (hot-unplug). Ends detached with every fd released, even
+    /// when an error is returned.
+    pub fn detach(&self) -> Result<()> {
+        let mut g = self.lock();
+        let res = match g.state {
+            DeviceState::Detached => return Err(self.invalid("detach", g.state)),
+            DeviceState::Paused => Ok(()),
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                let mut first = self
+                    .hooks
+                    .unmap_bars(&self.id)
+                    .map_err(|reason| Error::Hook {
+                        device: self.id.clone(),
+                        hook: "unmap_bars",
+                        reason,
+                    })
+                    .err();
+                let mut indices: Vec<u32> = g.irqs.keys().copied().collect();
+                if g.request.is_some() {
+                    indices.push(irq::REQ);
+                }
+                for index in indices {
+                    if let Err(e) = self.container.with_backend(|b| b.set_irqs(vf, index, &[])) {
+                        first.get_or_insert(e);
+                    }
+                }
+                let mut clock = PhaseClock::new();
+                if let Err(e) = self.release(&mut g, vf, &mut clock) {
+                    first.get_or_insert(e);
+                }
+                first.map_or(Ok(()), Err)
+            }
+        };
+        g.state = DeviceState::Detached;
+        g.irqs.clear();
+        g.request = None;
+        drop(g);
+        self.unpaused.notify_all();
+        res
+    }
+
+    /// Guest config-space read. Paused: served from the shadow.
+    pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                self.container
+                    .with_backend(|b| b.region_read(vf, region::CONFIG, offset, buf))
+            }
+            DeviceState::Paused => {
+                let o = offset as usize;
+                let src = g
+                    .shadow
+                    .get(o..o + buf.len())
+                    .ok_or_else(|| Error::OutOfRange {
+                        address: g.host.clone(),
+                        what: format!("config read {offset:#x}+{} outside the shadow", buf.len()),
+                    })?;
+                buf.copy_from_slice(src);
+                g.counters.shadow_reads += 1;
+                Ok(())
+            }
+            DeviceState::Detached => Err(self.invalid("read config", g.state)),
+        }
+    }
+
+    /// Guest config-space write. Paused: written to the shadow and applied at unpause.
+    pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                self.container
+                    .with_backend(|b| b.region_write(vf, region::CONFIG, offset, data))
+            }
+            DeviceState::Paused => {
+                let o = offset as usize;
+                let host = g.host.clone();
+                let dst = g
+                    .shadow
+                    .get_mut(o..o + data.len())
+                    .ok_or_else(|| Error::OutOfRange {
+                        address: host,
+                        what: format!("config write {offset:#x}+{} outside the shadow", data.len()),
+                    })?;
+                dst.copy_from_slice(data);
+                g.pending.push((o, data.to_vec()));
+                g.counters.shadow_writes += 1;
+                Ok(())
+            }
+            DeviceState::Detached => Err(self.invalid("write config", g.state)),
+        }
+    }
+
+    /// Wait (stall policy) until attached or the deadline; returns the guard.
+    fn paused_wait<'a>(&'a self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        if let PausedAccess::Stall(deadline) = self.options.paused_access {
+            if g.state == DeviceState::Paused {
+                g.counters.stalled += 1;
+                let end = Instant::now() + deadline;
+                while g.state == DeviceState::Paused {
+                    let now = Instant::now();
+                    if now >= end {
+                        break;
+                    }
+                    g = self
+                        .unpaused
+                        .wait_timeout(g, end - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        g
+    }
+
+    /// Guest read of BAR `bar` (a trapped access). Paused: per policy.
+    pub fn bar_read(&self, bar: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let g = self.paused_wait(self.lock());
+        let mut g = g;
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                self.container
+                    .with_backend(|b| b.region_read(vf, region::BAR0 + bar, offset, buf))
+            }
+            DeviceState::Paused => {
+                buf.fill(0xff);
+                g.counters.ignored_reads += 1;
+                Ok(())
+            }
+            DeviceState::Detached => Err(self.invalid("read BAR", g.state)),
+        }
+    }
+
+    /// Guest write of BAR `bar` (a trapped access). Paused: per policy.
+    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let mut g = self.paused_wait(self.lock());
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                self.container
+                    .with_backend(|b| b.region_write(vf, region::BAR0 + bar, offset, data))
+            }
+            DeviceState::Paused => {
+                g.counters.ignored_writes += 1;
+                Ok(())
+            }
+            DeviceState::Detached => Err(self.invalid("write BAR", g.state)),
+        }
+    }
+
+    /// Wire interrupt `index` (INTx/MSI/MSI-X) to the VMM's eventfds (vector n
+    /// -> `fds[n]`); empty disables it. Kept across pauses and re-wired at unpause.
+    pub fn set_irqs(&self, index: u32, fds: Vec<EventFd>) -> Result<()> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                let refs: Vec<&EventFd> = fds.iter().collect();
+                self.container
+                    .with_backend(|b| b.set_irqs(vf, index, &refs))?;
+            }
+            DeviceState::Paused => {}
+            DeviceState::Detached => return Err(self.invalid("set irqs", g.state)),
+        }
+        if fds.is_empty() {
+            g.irqs.remove(&index);
+        } else {
+            g.irqs.insert(index, fds);
+        }
+        Ok(())
+    }
+
+    /// Wire (or, with `None`, unwire) the kernel's device-request IRQ.
+    pub fn set_request_irq(&self, fd: Option<EventFd>) -> Result<()> {
+        let mut g = self.lock();
+        match g.state {
+            DeviceState::Attached => {
+                let vf = g.vf.expect("attached devices have a VF");
+                let refs: Vec<&EventFd> = fd.iter().collect();
+                self.container
+                    .with_backend(|b| b.set_irqs(vf, irq::REQ, &refs))?;
+            }
+            DeviceState::Paused => {}
+            DeviceState::Detached => return Err(self.invalid("set request irq", g.state)),
+        }
+        g.request = fd;
+        Ok(())
+    }
+
+    /// Host mmaps of the BARs currently held (empty while paused).
+    pub fn bar_mmaps(&self) -> Vec<MmapArea> {
+        self.lock().mmaps.clone()
+    }
+}
+
+impl Drop for PausableDevice {
+    fn drop(&mut self) {
+        let state = self.lock().state;
+        if state != DeviceState::Detached {
+            if let Err(e) = self.detach() {
+                tracing::warn!("device {}: detach at drop: {e}", self.id);
+            }
+        }
+    }
+}
+
+fn read_identity(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Identity, usize)> {
+    let mut hdr = [0u8; cfg::HEADER_SIZE];
+    let size = c.with_backend(|b| -> Result<u64> {
+        b.region_read(vf, region::CONFIG, 0, &mut hdr)?;
+        Ok(b.region_info(vf, region::CONFIG)?.size)
+    })?;
+    let id = Identity::from_config(&hdr).ok_or_else(|| Error::OutOfRange {
+        address: at.clone(),
+        what: "config header too short".into(),
+    })?;
+    let size = (size as usize).clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
+    Ok((id, size))
+}
+
+fn mmap_bars(c: &Container, vf: VfId, out: &mut Vec<MmapArea>) -> Result<()> {
+    c.with_backend(|b| -> Result<()> {
+        for bar in 0..6 {
+            let r = b.region_info(vf, region::BAR0 + bar)?;
+            if r.size > 0 && r.mmap {
+                out.push(b.mmap_region(vf, region::BAR0 + bar)?);
+            }
+        }
+        Ok(())
+    })
+}
+
+fn munmap_all(c: &Container, vf: VfId, mmaps: &mut Vec<MmapArea>) {
+    for m in mmaps.drain(..) {
+        if let Err(e) = c.with_backend(|b| b.munmap_region(vf, m)) {
+            tracing::warn!("munmap during cleanup: {e}");
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! [`VfioBackend`] over rust-vmm's vfio-ioctls (legacy container/group mode).
+//!
+//! vfio-ioctls does the container (open, API/extension checks, type1 IOMMU
+//! setup, DMA map/unmap) and, for VFs opened by sysfs path, the group and
+//! device fds (`VfioDevice::new` / its `Drop`). Raw ioctls are used only where
+//! the crate has no call or loses the errno; each place says why.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_group_status, vfio_irq_info, vfio_region_info, VFIO_TYPE1v2_IOMMU,
+    VFIO_BASE, VFIO_DEVICE_FLAGS_PCI, VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val};
+
+use crate::backend::{MmapArea, RegionInfo, VfId, VfSource, VfioBackend};
+use crate::error::{Error, Result};
+use crate::pci::PciAddress;
+
+// The crate keeps its ioctl numbers private, so the few raw calls below
+// declare their own (same values as <linux/vfio.h>).
+vmm_sys_util::ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE.into(), VFIO_BASE + 2);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE.into(), VFIO_BASE + 3);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE.into(), VFIO_BASE + 4);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_UNSET_CONTAINER, VFIO_TYPE.into(), VFIO_BASE + 5);
+vmm_sys_util::ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE.into(), VFIO_BASE + 6);
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE.into(), VFIO_BASE + 8);
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, VFIO_TYPE.into(), VFIO_BASE + 9);
+vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 10);
+
+/// Number of PCI regions (BAR0-5, ROM, config, VGA) and irq indices we query.
+const NUM_REGIONS: u32 = 9;
+const NUM_IRQS: u32 = 5;
+
+enum Handle {
+    /// Opened by sysfs path through vfio-ioctls.
+    Crate(VfioDevice),
+    /// Opened from a passed group fd with raw ioctls: vfio-ioctls 0.10 in
+    /// container mode can only open `/dev/vfio/<group>` by itself, and the
+    /// kernel allows one open file per group, so a passed fd cannot be handed
+    /// to it.
+    Raw { device: File, group: File },
+}
+
+struct RealVf {
+    address: PciAddress,
+    handle: Handle,
+    regions: Vec<RegionInfo>,
+    irqs: Vec<u32>,
+}
+
+impl RealVf {
+    fn fd(&self) -> RawFd {
+        match &self.handle {
+            Handle::Crate(d) => d.as_raw_fd(),
+            Handle::Raw { device, .. } => device.as_raw_fd(),
+        }
+    }
+}
+
+/// The real backend: one vfio-ioctls `VfioContainer` (one VM) and the VFs
+/// opened into it.
+///
+/// Limitation: vfio-ioctls sets up the type1 IOMMU when *its* first group
+/// joins. If the container holds only groups from passed fds, opening a VF by
+/// sysfs path fails (the IOMMU is already set); the reverse order works.
+pub struct VfioIoctlsBackend {
+    container: Arc<VfioContainer>,
+    vfs: HashMap<VfId, RealVf>,
+    next: u64,
+    crate_groups: usize,
+    raw_groups: usize,
+}
+
+impl std::fmt::Debug for VfioIoctlsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioIoctlsBackend")
+            .field("container_fd", &self.container.as_raw_fd())
+            .field("open_vfs", &self.vfs.len())
+            .finish()
+    }
+}
+
+impl VfioIoctlsBackend {
+    /// Open a new container (`/dev/vfio/vfio`).
+    pub fn new() -> Result<Self> {
+        let container = VfioContainer::new(None).map_err(|e| Error::Container {
+            op: "open /dev/vfio/vfio".into(),
+            source: Box::new(e),
+        })?;
+        Ok(Self::with_container(Arc::new(container)))
+    }
+
+    /// Use a container the VMM already has (e.g. one created with its KVM VFIO device).
+    pub fn with_container(container: Arc<VfioContainer>) -> Self {
+        VfioIoctlsBackend {
+            container,
+            vfs: HashMap::new(),
+            next: 1,
+            crate_groups: 0,
+            raw_groups: 0,
+        }
+    }
+
+    fn vf(&self, vf: VfId) -> Result<&RealVf> {
+        self.vfs.get(&vf).ok_or_else(|| Error::OutOfRange {
+            address: PciAddress::none(),
+            what: format!("no open VF with handle {}", vf.0),
+        })
+    }
+
+    fn open_sysfs(&mut self, address: &PciAddress) -> Result<Handle> {
+        let path = address.sysfs_path();
+        let group_link = path.join("iommu_group");
+        if std::fs::symlink_metadata(&group_link).is_err() {
+            return Err(Error::VfGone {
+                address: address.clone(),
+                path: group_link.display().to_string(),
+            });
+        }
+        if self.crate_groups == 0 && self.raw_groups > 0 {
+            return Err(Error::OutOfRange {
+                address: address.clone(),
+                what: "cannot open by sysfs path into a container holding only passed group fds \
+                       (vfio-ioctls would set the IOMMU twice)"
+                    .into(),
+            });
+        }
+        let ops: Arc<dyn VfioOps> = self.container.clone();
+        let dev = VfioDevice::new(&path, ops, false).map_err(|e| Error::Vfio {
+            address: address.clone(),
+            op: format!("open {} through vfio-ioctls", path.display()),
+            source: e,
+        })?;
+        Ok(Handle::Crate(dev))
+    }
+
+    fn open_group_fd(&mut self, group: OwnedFd, address: &PciAddress) -> Result<Handle> {
+        let group = File::from(group);
+        let mut status = vfio_group_status {
+            argsz: std::mem::size_of::<vfio_group_status>() as u32,
+            flags: 0,
+        };
+        // SAFETY: `group` is an open file and `status` is a correctly sized
+        // vfio_group_status that the kernel fills in.
+        let ret = unsafe { ioctl_with_mut_ref(&group, VFIO_GROUP_GET_STATUS(), &mut status) };
+        if ret < 0 {
+            return Err(Error::last_os(
+                address,
+                "VFIO_GROUP_GET_STATUS on passed group fd",
+            ));
+        }
+        if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(Error::io(
+                address,
+                "passed group is not viable (a device of the group is bound to a host driver)",
+                io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let container_fd: RawFd = self.container.as_raw_fd();
+        // SAFETY: the argument is a pointer to an int holding the open container fd,
+        // as VFIO_GROUP_SET_CONTAINER expects.
+        let ret = unsafe { ioctl_with_ref(&group, VFIO_GROUP_SET_CONTAINER(), &container_fd) };
+        if ret < 0 {
+            return Err(Error::last_os(address, "VFIO_GROUP_SET_CONTAINER"));
+        }
+        let unset = |group: &File| {
+            // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
+            let ret = unsafe { ioctl_with_val(group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
+            if ret < 0 {
+                tracing::warn!(
+                    "VF {address}: VFIO_GROUP_UNSET_CONTAINER during error cleanup failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        };
+        if self.crate_groups + self.raw_groups == 0 {
+            // SAFETY: the container fd is open; SET_IOMMU takes the IOMMU type by value.
+            let ret = unsafe {
+                ioctl_with_val(
+                    &*self.container,
+                    VFIO_SET_IOMMU(),
+                    VFIO_TYPE1v2_IOMMU.into(),
+                )
+            };
+            if ret < 0 {
+                let e = Error::last_os(address, "VFIO_SET_IOMMU(type1v2)");
+                unset(&group);
+                return Err(e);
+            }
+        }
+        let name = CString::new(address.to_string()).expect("a PCI address has no NUL byte");
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let fd = unsafe { ioctl_with_ptr(&group, VFIO_GROUP_GET_DEVICE_FD(), name.as_ptr()) };
+        if fd < 0 {
+            let e = Error::last_os(address, "VFIO_GROUP_GET_DEVICE_FD");
+            unset(&group);
+            return Err(e);
+        }
+        // SAFETY: the kernel just returned this new fd and nothing else owns it.
+        let device = unsafe { File::from_raw_fd(fd) };
+        let mut info = vfio_device_info {
+            argsz: std::mem::size_of::<vfio_device_info>() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `device` is an open device fd and `info` a correctly sized vfio_device_info.
+        let ret = unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_INFO(), &mut info) };
+        if ret < 0 || info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            let e = if ret < 0 {
+                Error::last_os(address, "VFIO_DEVICE_GET_INFO")
+            } else {
+                Error::io(
+                    address,
+                    "device is not a VFIO PCI device",
+                    io::Error::from_raw_os_error(libc::ENODEV),
+                )
+            };
+            drop(device);
+            unset(&group);
+            return Err(e);
+        }
+        Ok(Handle::Raw { device, group })
+    }
+}
+
+/// Query region and irq info. Raw ioctls because vfio-ioctls' accessors
+/// return 0 for a region it failed to query (and do not exist for the raw
+/// path), and we need the errno.
+fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u32>)> {
+    let dev = Fd(fd);
+    let mut regions = Vec::with_capacity(NUM_REGIONS as usize);
+    for index in 0..NUM_REGIONS {
+        let mut ri = vfio_region_info {
+            argsz: std::mem::size_of::<vfio_region_info>() as u32,
+            index,
+            ..Default::default()
+        };
+        // SAFETY: `dev` is an open device fd and `ri` a correctly sized vfio_region_info.
+        let ret = unsafe { ioctl_with_mut_ref(&dev, VFIO_DEVICE_GET_REGION_INFO(), &mut ri) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // The VGA region (index 8) does not exist on non-VGA functions: EINVAL.
+            if e.raw_os_error() == Some(libc::EINVAL) && index == 8 {
+                regions.push(RegionInfo::default());
+                continue;
+            }
+            return Err(Error::io(
+                address,
+                format!("VFIO_DEVICE_GET_REGION_INFO({index})"),
+                e,
+            ));
+        }
+        regions.push(RegionInfo {
+            size: ri.size,
+            offset: ri.offset,
+            read: ri.flags & VFIO_REGION_INFO_FLAG_READ != 0,
+            write: ri.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+            mmap: ri.flags & VFIO_REGION_INFO_FLAG_MMAP != 0,
+        });
+    }
+    let mut irqs = Vec::with_capacity(NUM_IRQS as usize);
+    for index in 0..NUM_IRQS {
+        let mut ii = vfio_irq_info {
+            argsz: std::mem::size_of::<vfio_irq_info>() as u32,
+            index,
+            ..Default::default()
+        };
+        // SAFETY: `dev` is an open device fd and `ii` a correctly sized vfio_irq_info.
+        let ret = unsafe { ioctl_with_mut_ref(&dev, VFIO_DEVICE_GET_IRQ_INFO(), &mut ii) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            // Older kernels or functions without the index answer EINVAL: no vectors.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                irqs.push(0);
+                continue;
+            }
+            return Err(Error::io(
+                address,
+                format!("VFIO_DEVICE_GET_IRQ_INFO({index})"),
+                e,
+            ));
+        }
+        irqs.push(ii.count);
+    }
+    Ok((regions, irqs))
+}
+
+/// A borrowed raw fd usable with vmm-sys-util's ioctl helpers.
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+fn close_handle(address: &PciAddress, handle: Handle) -> Result<()> {
+    match handle {
+        Handle::Crate(dev) => {
+            // vfio-ioctls' Drop closes the device fd, takes the group out of the
+            // container and closes it; it unwraps a sysfs read of the VF's
+            // iommu_group link, which exists as long as we hold the device fd.
+            // Guard anyway: a panic must not cross into a C caller.
+            catch_unwind(AssertUnwindSafe(move || drop(dev))).map_err(|_| {
+                Error::io(
+                    address,
+                    "vfio-ioctls VfioDevice drop (iommu_group link vanished)",
+                    io::Error::from_raw_os_error(libc::ENODEV),
+                )
+            })
+        }
+        Handle::Raw { device, group } => {
+            drop(device);
+            // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
+            let ret = unsafe { ioctl_with_val(&group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
+            let res = if ret < 0 {
+                Err(Error::last_os(address, "VFIO_GROUP_UNSET_CONTAINER"))
+            } else {
+                Ok(())
+            };
+            // Closing the group fd also detaches it from the container.
+            drop(group);
+            res
+        }
+    }
+}
+
+impl VfioBackend for VfioIoctlsBackend {
+    fn open(&mut self, source: VfSource) -> Result<VfId> {
+        let address = source.address().clone();
+        let handle = match source {
+            VfSource::Sysfs(a) => self.open_sysfs(&a)?,
+            VfSource::GroupFd { group, address } => self.open_group_fd(group, &address)?,
+        };
+        let is_crate = matches!(handle, Handle::Crate(_));
+        let fd = match &handle {
+            Handle::Crate(d) => d.as_raw_fd(),
+            Handle::Raw { device, .. } => device.as_raw_fd(),
+        };
+        let (regions, irqs) = match query_info(fd, &address) {
+            Ok(v) => v,
+            Err(e) => {
+                if let Err(c) = close_handle(&address, handle) {
+                    tracing::warn!("{c} (while cleaning up after: {e})");
+                }
+                return Err(e);
+            }
+        };
+        if is_crate {
+            self.crate_groups += 1;
+        } else {
+            self.raw_groups += 1;
+        }
+        let id = VfId(self.next);
+        self.next += 1;
+        self.vfs.insert(
+            id,
+            RealVf {
+                address,
+                handle,
+                regions,
+                irqs,
+            },
+        );
+        Ok(id)
+    }
+
+    fn close(&mut self, vf: VfId) -> Result<()> {
+        let v = self.vfs.remove(&vf).ok_or_else(|| Error::OutOfRange {
+            address: PciAddress::none(),
+            what: format!("no open VF with handle {}", vf.0),
+        })?;
+        match v.handle {
+            Handle::Crate(_) => self.crate_groups -= 1,
+            Handle::Raw { .. } => self.raw_groups -= 1,
+        }
+        close_handle(&v.address, v.handle)
+    }
+
+    unsafe fn dma_map(&mut self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()> {
+        let len = usize::try_from(size).map_err(|e| Error::Container {
+            op: format!("dma map of {size:#x} bytes"),
+            source: Box::new(e),
+        })?;
+        // SAFETY: forwarded from this function's own contract, which is the crate's.
+        unsafe { self.container.vfio_dma_map(iova, len, host_addr) }.map_err(|e| Error::Container {
+            op: format!("dma map iova {iova:#x} size {size:#x}"),
+            source: Box::new(e),
+        })
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        let len = usize::try_from(size).map_err(|e| Error::Container {
+            op: format!("dma unmap of {size:#x} bytes"),
+            source: Box::new(e),
+        })?;
+        self.container
+            .vfio_dma_unmap(iova, len)
+            .map_err(|e| Error::Container {
+                op: format!("dma unmap iova {iova:#x} size {size:#x}"),
+                source: Box::new(e),
+            })
+    }
+
+    fn region_info(&self, vf: VfId, index: u32) -> Result<RegionInfo> {
+        let v = self.vf(vf)?;
+        v.regions
+            .get(index as usize)
+            .copied()
+            .ok_or_else(|| Error::OutOfRange {
+                address: v.address.clone(),
+                what: format!("no region {index}"),
+            })
+    }
+
+    fn irq_count(&self, vf: VfId, index: u32) -> Result<u32> {
+        let v = self.vf(vf)?;
+        Ok(v.irqs.get(index as usize).copied().unwrap_or(0))
+    }
+
+    // pread/pwrite on the device fd rather than VfioDevice::region_read/write:
+    // those return () and only log failures.
+    fn region_read(&self, vf: VfId, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let v = self.vf(vf)?;
+        let r = check_range(v, index, offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes and the fd is open.
+            let n = unsafe {
+                libc::pread(
+                    v.fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (r.offset + offset + done as u64) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                let e = if n == 0 {
+                    io::Error::from(io::ErrorKind::UnexpectedEof)
+                } else {
+                    io::Error::last_os_error()
+                };
+                return Err(Error::io(
+                    &v.address,
+                    format!("read region {index} at {offset:#x}+{}", buf.len()),
+                    e,
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let v = self.vf(vf)?;
+        let r = check_range(v, index, offset, data.len())?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes and the fd is open.
+            let n = unsafe {
+                libc::pwrite(
+                    v.fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (r.offset + offset + done as u64) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                let e = if n == 0 {
+                    io::Error::from(io::ErrorKind::WriteZero)
+                } else {
+                    io::Error::last_os_error()
+                };
+                return Err(Error::io(
+                    &v.address,
+                    format!("write region {index} at {offset:#x}+{}", data.len()),
+                    e,
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    // vfio-ioctls has no mmap call.
+    fn mmap_region(&mut self, vf: VfId, index: u32) -> Result<MmapArea> {
+        let v = self.vf(vf)?;
+        let r = v.regions.get(index as usize).copied().unwrap_or_default();
+        if r.size == 0 || !r.mmap {
+            return Err(Error::OutOfRange {
+                address: v.address.clone(),
+                what: format!("region {index} is not mmap-able"),
+            });
+        }
+        let len = r.size as usize;
+        // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL) of the
+        // device fd at the region's offset; it overlaps no Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                v.fd(),
+                r.offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::last_os(&v.address, format!("mmap region {index}")));
+        }
+        Ok(MmapArea {
+            index,
+            host_addr: p as usize,
+            len,
+        })
+    }
+
+    fn munmap_region(&mut self, vf: VfId, area: MmapArea) -> Result<()> {
+        let address = self.vf(vf)?.address.clone();
+        // SAFETY: `area` was returned by mmap_region and is unmapped exactly once
+        // (the device forgets it after this call).
+        let ret = unsafe { libc::munmap(area.host_addr as *mut libc::c_void, area.len) };
+        if ret < 0 {
+            return Err(Error::last_os(
+                &address,
+                format!("munmap region {}", area.index),
+            ));
+        }
+        Ok(())
+    }
+
+    // Raw VFIO_DEVICE_SET_IRQS: vfio-ioctls' enable_irq/disable_irq map every
+    // failure to a unit error and lose the errno; the raw path needs it anyway.
+    fn set_irqs(&self, vf: VfId, index: u32, fds: &[&EventFd]) -> Result<()> {
+        let v = self.vf(vf)?;
+        // struct vfio_irq_set { argsz, flags, index, start, count, data[] } is
+        // all u32, so it is laid out as a u32 array followed by the fds.
+        let mut buf: Vec<u32> = Vec::with_capacity(5 + fds.len());
+        let flags = if fds.is_empty() {
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER
+        } else {
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER
+        };
+        buf.extend_from_slice(&[
+            ((5 + fds.len()) * 4) as u32,
+            flags,
+            index,
+            0,
+            fds.len() as u32,
+        ]);
+        buf.extend(fds.iter().map(|f| f.as_raw_fd() as u32));
+        let dev = Fd(v.fd());
+        // SAFETY: `buf` is a complete vfio_irq_set with `count` fds, argsz covers
+        // it, and it outlives the call.
+        let ret = unsafe { ioctl_with_ptr(&dev, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
+        if ret < 0 {
+            let what = if fds.is_empty() { "disable" } else { "enable" };
+            return Err(Error::last_os(
+                &v.address,
+                format!(
+                    "VFIO_DEVICE_SET_IRQS {what} index {index} ({} fds)",
+                    fds.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn address(&self, vf: VfId) -> Result<PciAddress> {
+        Ok(self.vf(vf)?.address.clone())
+    }
+}
+
+fn check_range(v: &RealVf, index: u32, offset: u64, len: usize) -> Result<RegionInfo> {
+    let r = v.regions.get(index as usize).copied().unwrap_or_default();
+    let end = offset.checked_add(len as u64);
+    if r.size == 0 || end.is_none_or(|e| e > r.size) {
+        return Err(Error::OutOfRange {
+            address: v.address.clone(),
+            what: format!(
+                "access {offset:#x}+{len} outside region {index} (size {:#x})",
+                r.size
+            ),
+        });
+    }
+    Ok(r)
+}
+
+impl Drop for VfioIoctlsBackend {
+    fn drop(&mut self) {
+        for (_, v) in self.vfs.drain() {
+            if let Err(e) = close_handle(&v.address, v.handle) {
+                tracing::warn!("closing VF at backend drop: {e}");
+            }
+        }
+    }
+}
