@@ -19,7 +19,7 @@ build: deps
 	$(CARGO) build --workspace --all-targets
 
 demo: build
-	$(LAB) run --timeout 600 -- bash /$(CURDIR)/scripts/demo.sh
+	$(LAB) run --timeout 600 -- bash $(CURDIR)/scripts/demo.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check
