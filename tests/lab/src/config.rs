@@ -40,6 +40,13 @@ fn version_key(v: &str) -> Vec<u64> {
 fn find_kernel() -> Result<(PathBuf, String), LabError> {
     if let Ok(k) = std::env::var("SVFF_LAB_KERNEL") {
         let path = PathBuf::from(&k);
+        if !path.is_file() {
+            return Err(LabError::Missing {
+                what: "the L1 kernel".into(),
+                detail: format!("SVFF_LAB_KERNEL={k} does not exist"),
+                install: INSTALL_HINT.into(),
+            });
+        }
         let ver = path
             .file_name()
             .and_then(|f| f.to_str())
@@ -84,18 +91,24 @@ fn find_kernel() -> Result<(PathBuf, String), LabError> {
 
 fn find_qemu() -> Result<PathBuf, LabError> {
     let name = std::env::var("SVFF_LAB_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    let missing = |detail: String| LabError::Missing {
+        what: "QEMU (qemu-system-x86_64 >= 10.0)".into(),
+        detail,
+        install: INSTALL_HINT.into(),
+    };
     if name.contains('/') {
-        return Ok(PathBuf::from(name));
+        let p = PathBuf::from(&name);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(missing(format!("{name} does not exist")))
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join(&name))
         .find(|p| p.is_file())
-        .ok_or_else(|| LabError::Missing {
-            what: "QEMU (qemu-system-x86_64 >= 10.0)".into(),
-            detail: "not on PATH".into(),
-            install: INSTALL_HINT.into(),
-        })
+        .ok_or_else(|| missing(format!("{name} is not on PATH")))
 }
 
 /// The agent binary: `SVFF_LAB_AGENT`, else this executable when it is `svff-lab`, else the

@@ -5,7 +5,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     /// A host tool or file the lab needs is not there.
-    #[error("{what} not found ({detail}); install it with: {install}")]
+    #[error("{what} is missing ({detail}); install it with: {install}")]
     Missing {
         /// The missing piece.
         what: String,
