@@ -56,3 +56,6 @@ pub use device::{
 pub use error::{Error, Result};
 pub use fake::{FakeBackend, FakeCall, FakeOp, FakeVf};
 pub use pci::{Identity, PciAddress};
+
+#[cfg(test)]
+mod tests;
