@@ -1,0 +1,244 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::pci::{DriverName, PciAddress};
+
+/// Everything that can go wrong in the helper. Messages name the device and the
+/// sysfs path; the kernel's errno is kept as the `source`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A PCI address that is not in strict canonical form.
+    #[error("invalid PCI address \"{input}\": {reason}")]
+    InvalidPciAddress {
+        /// The rejected text, escaped.
+        input: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A driver name that is not a plain kernel module name.
+    #[error("invalid driver name \"{input}\": {reason}")]
+    InvalidDriverName {
+        /// The rejected text, escaped.
+        input: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// No such PCI device in sysfs.
+    #[error("PCI device {bdf} not found ({path} does not exist)")]
+    NoSuchDevice {
+        /// The device.
+        bdf: PciAddress,
+        /// The sysfs path looked at.
+        path: PathBuf,
+        /// The lookup error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device's sysfs link leads outside `<root>/devices`.
+    #[error("sysfs path of {bdf} resolves to {path}, outside the sysfs devices tree")]
+    OutsideDevices {
+        /// The device.
+        bdf: PciAddress,
+        /// Where its link resolved to.
+        path: PathBuf,
+    },
+    /// The device has no SR-IOV capability.
+    #[error("PCI device {bdf} is not an SR-IOV PF (no {path})")]
+    NotSriov {
+        /// The device.
+        bdf: PciAddress,
+        /// The missing `sriov_totalvfs` path.
+        path: PathBuf,
+    },
+    /// Asked for more VFs than the PF offers (the kernel's `ERANGE`).
+    #[error("PF {pf} supports at most {max} VFs ({requested} requested)")]
+    TooManyVfs {
+        /// The PF.
+        pf: PciAddress,
+        /// Its `sriov_totalvfs`.
+        max: u16,
+        /// The count asked for.
+        requested: u16,
+        /// The kernel's answer, when it got that far.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// The kernel refused the change as busy (`EBUSY`).
+    #[error("PF {pf} is busy: writing {path} was refused (VFs still enabled, or a VF or the PF is in use)")]
+    Busy {
+        /// The PF.
+        pf: PciAddress,
+        /// The attribute written.
+        path: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The PF's driver has no `sriov_configure` or no driver is bound (`ENOENT`).
+    #[error("PF {pf}: PF driver cannot configure SR-IOV (bound driver: {})", driver.as_deref().unwrap_or("none"))]
+    NoSriovConfigure {
+        /// The PF.
+        pf: PciAddress,
+        /// The PF's current driver, if any.
+        driver: Option<String>,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A driver this operation needs is not registered with the PCI bus.
+    #[error("driver {driver} is not loaded ({path} does not exist; modprobe it first)")]
+    DriverNotLoaded {
+        /// The driver.
+        driver: DriverName,
+        /// The missing driver directory.
+        path: PathBuf,
+    },
+    /// A bind did not leave the device on the wanted driver.
+    #[error("binding {bdf} to {driver} failed: the device is bound to {}", actual.as_deref().unwrap_or("no driver"))]
+    BindFailed {
+        /// The device.
+        bdf: PciAddress,
+        /// The driver asked for.
+        driver: DriverName,
+        /// The driver bound afterwards, if any.
+        actual: Option<String>,
+    },
+    /// After a count change the PF shows a different number of VFs.
+    #[error("PF {pf}: expected {expected} VFs after the change, sysfs shows {actual}")]
+    VfCountMismatch {
+        /// The PF.
+        pf: PciAddress,
+        /// The count written.
+        expected: u16,
+        /// The count read back.
+        actual: u16,
+    },
+    /// A sysfs read or write failed for another reason.
+    #[error("cannot {op} {path}")]
+    Sysfs {
+        /// `read` or `write`.
+        op: &'static str,
+        /// The attribute.
+        path: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A sysfs attribute had unexpected content.
+    #[error("unexpected content in {path}: {content:?}")]
+    Parse {
+        /// The attribute.
+        path: PathBuf,
+        /// What it held.
+        content: String,
+    },
+    /// A QDMA setting could not be applied.
+    #[error("QDMA setting {setting}={value} on {bdf} failed ({path})")]
+    Qdma {
+        /// The function.
+        bdf: PciAddress,
+        /// Setting name, e.g. `qmax`.
+        setting: String,
+        /// The value written.
+        value: String,
+        /// The attribute.
+        path: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// Programming the FPGA failed.
+    #[error("programming the bitstream for PF {pf} failed: {reason}")]
+    Bitstream {
+        /// The PF.
+        pf: PciAddress,
+        /// What went wrong.
+        reason: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// The configuration file is unusable.
+    #[error("config {path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The PF is not on the daemon's allow-list.
+    #[error("PF {pf} is not on the helper's allow-list")]
+    PfNotAllowed {
+        /// The PF.
+        pf: PciAddress,
+    },
+    /// The driver is not on the daemon's list of VF drivers.
+    #[error("binding VFs to {driver} is not allowed by the helper's config")]
+    DriverNotAllowed {
+        /// The driver.
+        driver: DriverName,
+    },
+    /// A socket operation on the daemon's socket failed.
+    #[error("helper socket {path}: {op} failed")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon spoke something that is not the protocol.
+    #[error("helper protocol error: {0}")]
+    Protocol(String),
+    /// The daemon refused or failed the request; the text is the daemon's message.
+    #[error("helper: {message}")]
+    Remote {
+        /// Stable error kind, see the protocol docs.
+        kind: String,
+        /// The daemon's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// A short stable name for the error, used as `kind` in the daemon protocol.
+    pub fn kind(&self) -> &str {
+        match self {
+            Error::InvalidPciAddress { .. } | Error::InvalidDriverName { .. } => "invalid_argument",
+            Error::NoSuchDevice { .. } | Error::OutsideDevices { .. } | Error::NotSriov { .. } => {
+                "no_device"
+            }
+            Error::TooManyVfs { .. } => "too_many_vfs",
+            Error::Busy { .. } => "busy",
+            Error::NoSriovConfigure { .. } => "no_sriov_configure",
+            Error::DriverNotLoaded { .. } => "driver_not_loaded",
+            Error::BindFailed { .. } => "bind_failed",
+            Error::VfCountMismatch { .. } => "count_mismatch",
+            Error::Sysfs { .. } | Error::Parse { .. } => "sysfs",
+            Error::Qdma { .. } => "qdma",
+            Error::Bitstream { .. } => "bitstream",
+            Error::Config { .. } => "config",
+            Error::PfNotAllowed { .. } | Error::DriverNotAllowed { .. } => "not_allowed",
+            Error::Socket { .. } => "socket",
+            Error::Protocol(_) => "protocol",
+            Error::Remote { kind, .. } => kind,
+        }
+    }
+
+    /// The message with every `source` appended, `: `-separated.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
+}

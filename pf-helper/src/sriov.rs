@@ -1,0 +1,475 @@
+//! SR-IOV PF management on sysfs: discovery, VF count, driver binding.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use crate::error::Error;
+use crate::pci::{DriverName, PciAddress};
+use crate::qdma::QdmaProfile;
+use crate::status::{PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
+use crate::sysfs::Sysfs;
+
+/// What `set_vf_count` does besides writing the count.
+#[derive(Debug, Clone, Default)]
+pub struct VfsSetOptions {
+    /// Bind the PF to this driver first (e.g. `pci-pf-stub`, `igb`, `qdma-pf`).
+    pub pf_driver: Option<DriverName>,
+    /// Bind every VF to this driver afterwards (normally `vfio-pci`).
+    pub bind: Option<DriverName>,
+    /// QDMA settings applied after the VFs exist (skipped unless the PF driver is `qdma-pf`).
+    pub qdma: Option<QdmaProfile>,
+}
+
+/// SR-IOV operations on one sysfs tree.
+#[derive(Debug)]
+pub struct SriovManager<S: Sysfs> {
+    sysfs: S,
+}
+
+/// Times a step and records it.
+pub(crate) fn timed<T>(
+    steps: &mut Vec<Step>,
+    name: &str,
+    f: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    let start = Instant::now();
+    let result = f();
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let ms = (ms * 1000.0).round() / 1000.0;
+    info!(step = name, ms, ok = result.is_ok(), "step done");
+    steps.push(Step {
+        name: name.to_owned(),
+        ms,
+    });
+    result
+}
+
+fn parse_u16(path: &Path, text: &str) -> Result<u16, Error> {
+    text.trim().parse().map_err(|_| Error::Parse {
+        path: path.to_owned(),
+        content: text.to_owned(),
+    })
+}
+
+impl<S: Sysfs> SriovManager<S> {
+    /// Operations on `sysfs`.
+    pub fn new(sysfs: S) -> Self {
+        SriovManager { sysfs }
+    }
+
+    /// The sysfs layer.
+    pub fn sysfs(&self) -> &S {
+        &self.sysfs
+    }
+
+    fn read(&self, rel: &Path) -> Result<String, Error> {
+        self.sysfs.read(rel).map_err(|source| Error::Sysfs {
+            op: "read",
+            path: self.sysfs.root().join(rel),
+            source,
+        })
+    }
+
+    fn write(&self, rel: &Path, value: &str) -> Result<(), Error> {
+        debug!(path = %rel.display(), value, "sysfs write");
+        self.sysfs.write(rel, value).map_err(|source| Error::Sysfs {
+            op: "write",
+            path: self.sysfs.root().join(rel),
+            source,
+        })
+    }
+
+    /// The device's directory (relative to the root), checked to exist and to
+    /// resolve under `<root>/devices`.
+    pub(crate) fn device_dir(&self, bdf: PciAddress) -> Result<PathBuf, Error> {
+        let rel = bdf.sysfs_rel();
+        let resolved = self
+            .sysfs
+            .canonicalize(&rel)
+            .map_err(|source| Error::NoSuchDevice {
+                bdf,
+                path: self.sysfs.root().join(&rel),
+                source,
+            })?;
+        let devices = self
+            .sysfs
+            .canonicalize(Path::new("devices"))
+            .map_err(|source| Error::Sysfs {
+                op: "read",
+                path: self.sysfs.root().join("devices"),
+                source,
+            })?;
+        if !resolved.starts_with(&devices) || resolved == devices {
+            return Err(Error::OutsideDevices {
+                bdf,
+                path: resolved,
+            });
+        }
+        Ok(rel)
+    }
+
+    /// The device's bound driver, `None` when unbound.
+    pub fn driver_of(&self, bdf: PciAddress) -> Result<Option<String>, Error> {
+        let dir = self.device_dir(bdf)?;
+        self.driver_in(&dir)
+    }
+
+    fn driver_in(&self, dir: &Path) -> Result<Option<String>, Error> {
+        self.link_name(&dir.join("driver"))
+    }
+
+    fn link_name(&self, rel: &Path) -> Result<Option<String>, Error> {
+        match self.sysfs.read_link(rel) {
+            Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Sysfs {
+                op: "read",
+                path: self.sysfs.root().join(rel),
+                source,
+            }),
+        }
+    }
+
+    fn pf_dir(&self, pf: PciAddress) -> Result<PathBuf, Error> {
+        let dir = self.device_dir(pf)?;
+        let total = dir.join("sriov_totalvfs");
+        if !self.sysfs.exists(&total) {
+            return Err(Error::NotSriov {
+                bdf: pf,
+                path: self.sysfs.root().join(total),
+            });
+        }
+        Ok(dir)
+    }
+
+    /// Every SR-IOV capable device (one with `sriov_totalvfs`), sorted.
+    pub fn list_pfs(&self) -> Result<Vec<PciAddress>, Error> {
+        let devices = Path::new("bus/pci/devices");
+        let names = self.sysfs.list(devices).map_err(|source| Error::Sysfs {
+            op: "read",
+            path: self.sysfs.root().join(devices),
+            source,
+        })?;
+        let mut pfs: Vec<PciAddress> = names
+            .iter()
+            .filter_map(|n| PciAddress::parse(n).ok())
+            .filter(|a| self.sysfs.exists(&a.sysfs_rel().join("sriov_totalvfs")))
+            .collect();
+        pfs.sort();
+        Ok(pfs)
+    }
+
+    /// The status of the given PFs (all SR-IOV PFs when `pfs` is `None`).
+    pub fn status(&self, pfs: Option<&[PciAddress]>) -> Result<Status, Error> {
+        let list = match pfs {
+            Some(p) => {
+                let mut p = p.to_vec();
+                p.sort();
+                p
+            }
+            None => self.list_pfs()?,
+        };
+        let pfs = list
+            .into_iter()
+            .map(|pf| self.pf_status(pf))
+            .collect::<Result<_, _>>()?;
+        Ok(Status {
+            format_version: STATUS_FORMAT_VERSION,
+            pfs,
+        })
+    }
+
+    /// `sriov_totalvfs` and `sriov_numvfs` of a PF.
+    pub fn vf_counts(&self, pf: PciAddress) -> Result<(u16, u16), Error> {
+        let dir = self.pf_dir(pf)?;
+        self.counts_in(&dir)
+    }
+
+    fn counts_in(&self, dir: &Path) -> Result<(u16, u16), Error> {
+        let total_rel = dir.join("sriov_totalvfs");
+        let num_rel = dir.join("sriov_numvfs");
+        let total = parse_u16(&total_rel, &self.read(&total_rel)?)?;
+        let num = parse_u16(&num_rel, &self.read(&num_rel)?)?;
+        Ok((total, num))
+    }
+
+    /// The PF's VFs from its `virtfnN` links, in index order.
+    pub fn vfs(&self, pf: PciAddress) -> Result<Vec<(u16, PciAddress)>, Error> {
+        let dir = self.pf_dir(pf)?;
+        self.vfs_in(&dir)
+    }
+
+    fn vfs_in(&self, dir: &Path) -> Result<Vec<(u16, PciAddress)>, Error> {
+        let names = self.sysfs.list(dir).map_err(|source| Error::Sysfs {
+            op: "read",
+            path: self.sysfs.root().join(dir),
+            source,
+        })?;
+        let mut vfs = Vec::new();
+        for name in names {
+            let Some(index) = name
+                .strip_prefix("virtfn")
+                .and_then(|i| i.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            let link = dir.join(&name);
+            let target = self.sysfs.read_link(&link).map_err(|source| Error::Sysfs {
+                op: "read",
+                path: self.sysfs.root().join(&link),
+                source,
+            })?;
+            let text = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let vf = PciAddress::parse(&text).map_err(|_| Error::Parse {
+                path: self.sysfs.root().join(&link),
+                content: target.display().to_string(),
+            })?;
+            vfs.push((index, vf));
+        }
+        vfs.sort();
+        Ok(vfs)
+    }
+
+    /// Everything about one PF.
+    pub fn pf_status(&self, pf: PciAddress) -> Result<PfStatus, Error> {
+        let dir = self.pf_dir(pf)?;
+        let (totalvfs, numvfs) = self.counts_in(&dir)?;
+        let autoprobe_rel = dir.join("sriov_drivers_autoprobe");
+        let drivers_autoprobe = self.read(&autoprobe_rel)? != "0";
+        let mut vfs = Vec::new();
+        for (index, vf) in self.vfs_in(&dir)? {
+            let vf_dir = self.device_dir(vf)?;
+            let iommu_group = match self.link_name(&vf_dir.join("iommu_group"))? {
+                Some(n) => Some(n.parse().map_err(|_| Error::Parse {
+                    path: self.sysfs.root().join(vf_dir.join("iommu_group")),
+                    content: n.clone(),
+                })?),
+                None => None,
+            };
+            vfs.push(VfStatus {
+                index,
+                bdf: vf,
+                vendor: self.read(&vf_dir.join("vendor"))?,
+                device: self.read(&vf_dir.join("device"))?,
+                driver: self.driver_in(&vf_dir)?,
+                iommu_group,
+                holder: None,
+            });
+        }
+        Ok(PfStatus {
+            bdf: pf,
+            vendor: self.read(&dir.join("vendor"))?,
+            device: self.read(&dir.join("device"))?,
+            driver: self.driver_in(&dir)?,
+            totalvfs,
+            numvfs,
+            drivers_autoprobe,
+            vfs,
+        })
+    }
+
+    fn require_driver_loaded(&self, driver: &DriverName) -> Result<(), Error> {
+        let rel = Path::new("bus/pci/drivers").join(driver.as_str());
+        if self.sysfs.exists(&rel) {
+            Ok(())
+        } else {
+            Err(Error::DriverNotLoaded {
+                driver: driver.clone(),
+                path: self.sysfs.root().join(rel),
+            })
+        }
+    }
+
+    /// Unbinds the device from its driver, if it has one.
+    pub fn unbind(&self, bdf: PciAddress) -> Result<(), Error> {
+        let dir = self.device_dir(bdf)?;
+        if self.driver_in(&dir)?.is_some() {
+            self.write(&dir.join("driver/unbind"), &bdf.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Binds the device to `driver` with `driver_override` + `drivers_probe`
+    /// (never `new_id`), unbinding it from another driver first.
+    /// Does nothing when it already is on `driver`.
+    pub fn bind(&self, bdf: PciAddress, driver: &DriverName) -> Result<(), Error> {
+        let dir = self.device_dir(bdf)?;
+        let current = self.driver_in(&dir)?;
+        if current.as_deref() == Some(driver.as_str()) {
+            return Ok(());
+        }
+        self.require_driver_loaded(driver)?;
+        self.write(&dir.join("driver_override"), driver.as_str())?;
+        if current.is_some() {
+            self.write(&dir.join("driver/unbind"), &bdf.to_string())?;
+        }
+        self.write(Path::new("bus/pci/drivers_probe"), &bdf.to_string())?;
+        let actual = self.driver_in(&dir)?;
+        if actual.as_deref() != Some(driver.as_str()) {
+            return Err(Error::BindFailed {
+                bdf,
+                driver: driver.clone(),
+                actual,
+            });
+        }
+        debug!(%bdf, %driver, "bound");
+        Ok(())
+    }
+
+    /// Puts the PF on `driver` (its own driver, `pci-pf-stub`, `qdma-pf`...).
+    /// VFs are disabled first when the driver has to change.
+    pub fn ensure_pf_driver(&self, pf: PciAddress, driver: &DriverName) -> Result<(), Error> {
+        let dir = self.pf_dir(pf)?;
+        if self.driver_in(&dir)?.as_deref() == Some(driver.as_str()) {
+            return Ok(());
+        }
+        self.require_driver_loaded(driver)?;
+        let (_, num) = self.counts_in(&dir)?;
+        if num != 0 {
+            self.write_numvfs(pf, &dir, 0)?;
+        }
+        self.bind(pf, driver)
+    }
+
+    fn write_numvfs(&self, pf: PciAddress, dir: &Path, n: u16) -> Result<(), Error> {
+        let rel = dir.join("sriov_numvfs");
+        debug!(%pf, n, "write sriov_numvfs");
+        self.sysfs.write(&rel, &n.to_string()).map_err(|source| {
+            let path = self.sysfs.root().join(&rel);
+            match source.raw_os_error() {
+                Some(libc::ERANGE) => {
+                    let max = self
+                        .read(&dir.join("sriov_totalvfs"))
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(0);
+                    Error::TooManyVfs {
+                        pf,
+                        max,
+                        requested: n,
+                        source: Some(source),
+                    }
+                }
+                Some(libc::EBUSY) => Error::Busy { pf, path, source },
+                Some(libc::ENOENT) => Error::NoSriovConfigure {
+                    pf,
+                    driver: self.driver_in(dir).ok().flatten(),
+                    source,
+                },
+                _ => Error::Sysfs {
+                    op: "write",
+                    path,
+                    source,
+                },
+            }
+        })
+    }
+
+    /// Sets the PF's VF count to `n`: a no-op when it already is `n`, otherwise
+    /// `sriov_drivers_autoprobe=0`, `sriov_numvfs=0` (if VFs exist), `sriov_numvfs=n`;
+    /// then the binds and QDMA settings of `opts`. Asking for more than
+    /// `sriov_totalvfs` fails before anything is written.
+    pub fn set_vf_count(
+        &self,
+        pf: PciAddress,
+        n: u16,
+        opts: &VfsSetOptions,
+    ) -> Result<VfsSetReport, Error> {
+        let mut steps = Vec::new();
+        let dir = self.pf_dir(pf)?;
+        if let Some(driver) = &opts.pf_driver {
+            timed(&mut steps, "pf_driver", || {
+                self.ensure_pf_driver(pf, driver)
+            })?;
+        }
+        let (total, from) = self.counts_in(&dir)?;
+        if n > total {
+            return Err(Error::TooManyVfs {
+                pf,
+                max: total,
+                requested: n,
+                source: None,
+            });
+        }
+        if let Some(driver) = &opts.bind {
+            if n > 0 {
+                self.require_driver_loaded(driver)?;
+            }
+        }
+        let changed = n != from;
+        if changed {
+            info!(%pf, from, to = n, "changing VF count");
+            let autoprobe = dir.join("sriov_drivers_autoprobe");
+            if self.read(&autoprobe)? != "0" {
+                timed(&mut steps, "autoprobe_off", || self.write(&autoprobe, "0"))?;
+            }
+            if from != 0 {
+                timed(&mut steps, "disable_vfs", || self.write_numvfs(pf, &dir, 0))?;
+            }
+            if n != 0 {
+                timed(&mut steps, "enable_vfs", || self.write_numvfs(pf, &dir, n))?;
+            }
+            let (_, actual) = self.counts_in(&dir)?;
+            if actual != n {
+                return Err(Error::VfCountMismatch {
+                    pf,
+                    expected: n,
+                    actual,
+                });
+            }
+        } else {
+            info!(%pf, n, "VF count already set");
+        }
+        let vfs = self.vfs_in(&dir)?;
+        if vfs.len() != usize::from(n) {
+            warn!(%pf, links = vfs.len(), n, "virtfn links do not match sriov_numvfs");
+            return Err(Error::VfCountMismatch {
+                pf,
+                expected: n,
+                actual: vfs.len() as u16,
+            });
+        }
+        if let Some(driver) = &opts.bind {
+            if !vfs.is_empty() {
+                timed(&mut steps, "bind_vfs", || {
+                    vfs.iter().try_for_each(|(_, vf)| self.bind(*vf, driver))
+                })?;
+            }
+        }
+        if let Some(profile) = &opts.qdma {
+            let pf_driver = self.driver_in(&dir)?;
+            if pf_driver.as_deref() == Some(crate::qdma::QDMA_PF_DRIVER) {
+                timed(&mut steps, "qdma_profile", || {
+                    profile.apply(self, pf, &vfs.iter().map(|(_, vf)| *vf).collect::<Vec<_>>())
+                })?;
+            } else {
+                info!(%pf, driver = pf_driver.as_deref().unwrap_or("none"), "not a QDMA PF: generic SR-IOV path, QDMA profile skipped");
+            }
+        }
+        Ok(VfsSetReport {
+            pf,
+            from,
+            to: n,
+            changed,
+            steps,
+            status: self.pf_status(pf)?,
+        })
+    }
+
+    /// Writes an attribute of a device's directory, mapping nothing: the caller
+    /// builds the error. Used by the QDMA and bitstream code.
+    pub(crate) fn write_raw(&self, rel: &Path, value: &str) -> io::Result<()> {
+        debug!(path = %rel.display(), value, "sysfs write");
+        self.sysfs.write(rel, value)
+    }
+}
+
+#[cfg(test)]
+#[path = "sriov_tests.rs"]
+mod tests;

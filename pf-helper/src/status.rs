@@ -1,0 +1,85 @@
+//! Serializable views: `svff status --json` and the report of a VF count change.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::PciAddress;
+
+/// Version of the `svff status --json` format ([`Status::format_version`]).
+/// Bumped only on incompatible changes; fields may be added without a bump.
+pub const STATUS_FORMAT_VERSION: u32 = 1;
+
+/// The state of the SR-IOV PFs, as `svff status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Always [`STATUS_FORMAT_VERSION`] for this layout.
+    pub format_version: u32,
+    /// The PFs, sorted by address.
+    pub pfs: Vec<PfStatus>,
+}
+
+/// One SR-IOV physical function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PfStatus {
+    /// PF address.
+    pub bdf: PciAddress,
+    /// `vendor` attribute as sysfs shows it, e.g. `0x8086`.
+    pub vendor: String,
+    /// `device` attribute as sysfs shows it, e.g. `0x10c9`.
+    pub device: String,
+    /// Bound driver (`driver` link name), `null` when unbound.
+    pub driver: Option<String>,
+    /// `sriov_totalvfs`.
+    pub totalvfs: u16,
+    /// `sriov_numvfs`.
+    pub numvfs: u16,
+    /// `sriov_drivers_autoprobe`.
+    pub drivers_autoprobe: bool,
+    /// The VFs, in `virtfnN` order.
+    pub vfs: Vec<VfStatus>,
+}
+
+/// One virtual function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfStatus {
+    /// N of the PF's `virtfnN` link.
+    pub index: u16,
+    /// VF address.
+    pub bdf: PciAddress,
+    /// `vendor` attribute, e.g. `0x8086`.
+    pub vendor: String,
+    /// `device` attribute, e.g. `0x10ca`.
+    pub device: String,
+    /// Bound driver, `null` when unbound.
+    pub driver: Option<String>,
+    /// IOMMU group number, `null` without an IOMMU.
+    pub iommu_group: Option<u32>,
+    /// Id of the VMM device holding this VF per the helper's assignment table;
+    /// `null` when no VMM holds it.
+    pub holder: Option<String>,
+}
+
+/// One timed step of an operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// What was done, e.g. `disable_vfs`, `enable_vfs`, `bind_vfs`.
+    pub name: String,
+    /// Wall time in milliseconds.
+    pub ms: f64,
+}
+
+/// The result of `svff vfs set`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VfsSetReport {
+    /// The PF.
+    pub pf: PciAddress,
+    /// `sriov_numvfs` before.
+    pub from: u16,
+    /// `sriov_numvfs` after.
+    pub to: u16,
+    /// Whether the count was changed (false: it already was `to`).
+    pub changed: bool,
+    /// The steps taken, in order, with their wall time.
+    pub steps: Vec<Step>,
+    /// The PF afterwards.
+    pub status: PfStatus,
+}
