@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Runs the fpga-rtl checks (called by the Makefile, from fpga-rtl/).
+# Usage: run_tests.sh all | lint | regen-check | <bench name>
+# Every check prints one "PASS name" or "FAIL name" line; the run ends with
+# "N passed, M failed" and exits non-zero if anything failed.
+set -u
+cd "$(dirname "$0")/.."
+: "${IVERILOG:=iverilog}" "${VVP:=vvp}" "${VERILATOR:=verilator}" "${PYTHON:=python3}"
+: "${BUILD:=build}" "${BENCH_TIMEOUT:=60}"
+: "${RTL:=rtl/svff_user_top.v rtl/svff_regs.v rtl/svff_loopback.v}"
+: "${BENCHES:=tb_regmap tb_isolation tb_stream}"
+mkdir -p "$BUILD"
+passed=0
+failed=0
+
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+run_lint() {
+    # shellcheck disable=SC2086
+    if "$VERILATOR" --lint-only -Wall -Irtl --top-module svff_user_top $RTL \
+        >"$BUILD/lint.log" 2>&1; then
+        pass "lint (verilator --lint-only -Wall)"
+    else
+        cat "$BUILD/lint.log"
+        fail "lint (verilator --lint-only -Wall)"
+    fi
+}
+
+run_regen_check() {
+    if "$PYTHON" scripts/reggen.py --check >"$BUILD/regen-check.log" 2>&1; then
+        tail -n 1 "$BUILD/regen-check.log"
+        pass "regen-check"
+    else
+        cat "$BUILD/regen-check.log"
+        fail "regen-check"
+    fi
+}
+
+run_bench() {
+    local tb=$1 log="$BUILD/$1.log" start end rc
+    start=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    if ! "$IVERILOG" -g2012 -Wall -Wno-sensitivity-entire-array -Wno-timescale -Irtl -Itb \
+        -o "$BUILD/$tb.vvp" "tb/$tb.v" $RTL >"$BUILD/$tb.compile.log" 2>&1; then
+        cat "$BUILD/$tb.compile.log"
+        fail "$tb (compile)"
+        return
+    fi
+    timeout "$BENCH_TIMEOUT" "$VVP" -n "$BUILD/$tb.vvp" >"$log" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    sed 's/^/  | /' "$log" | grep -v '^  | \(PASS\|FAIL\) ' || true
+    if [ "$rc" -eq 124 ]; then
+        fail "$tb (wall-clock timeout ${BENCH_TIMEOUT}s)"
+    elif [ "$rc" -ne 0 ]; then
+        fail "$tb (vvp exit $rc)"
+    elif grep -q "^FAIL " "$log" || ! grep -q "^PASS $tb " "$log"; then
+        fail "$(grep -m1 '^FAIL ' "$log" | sed 's/^FAIL //' || echo "$tb (no verdict)")"
+    else
+        pass "$(grep -m1 "^PASS $tb " "$log" | sed 's/^PASS //') in $(printf '%.1f' "$(echo "$end - $start" | bc)")s"
+    fi
+}
+
+what=${1:-all}
+case "$what" in
+    all)
+        run_lint
+        run_regen_check
+        for tb in $BENCHES; do run_bench "$tb"; done
+        ;;
+    lint) run_lint ;;
+    regen-check) run_regen_check ;;
+    *) run_bench "$what" ;;
+esac
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
