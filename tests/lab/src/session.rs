@@ -497,3 +497,29 @@ pub fn shell(cfg: &LabConfig) -> Result<ExitStatus, LabError> {
         .recv()
         .map_err(|_| LabError::Vm("QEMU thread ended without a status".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_dirs_of_dead_processes_only() {
+        let root = std::env::temp_dir().join(format!("svff-lab-sweep-test.{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        // A pid that surely is dead: a child we ran and reaped.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = root.join(format!("{TMP_PREFIX}{dead}.1"));
+        let live = root.join(format!("{TMP_PREFIX}{}.2", std::process::id()));
+        let other = root.join("unrelated.123");
+        for d in [&stale, &live, &other] {
+            fs::create_dir_all(d.join("sub")).unwrap();
+        }
+        sweep_stale_dirs(&root);
+        assert!(!stale.exists(), "dir of dead pid {dead} must be removed");
+        assert!(live.exists(), "dir of a live process must stay");
+        assert!(other.exists(), "unrelated dirs must stay");
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -83,3 +83,86 @@ fn a_command_past_its_timeout_kills_l1_and_leaves_nothing_behind() {
     drop(lab);
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// State letter of a process from /proc/<pid>/stat, `None` once it is gone.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn children_of(ppid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn killing_the_lab_process_takes_its_qemu_down() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut lab = Command::new(env!("CARGO_BIN_EXE_svff-lab"))
+        .args(["run", "--", "sleep", "600"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(lab.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "svff-lab ended before L1 came up"
+        );
+        if line.contains("L1 up") {
+            break;
+        }
+    }
+    let qemu = children_of(lab.id());
+    assert_eq!(
+        qemu.len(),
+        1,
+        "svff-lab should have exactly one QEMU child: {qemu:?}"
+    );
+    // A pidfd becomes readable when the process exits: wait on it, bounded, instead of polling.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, qemu[0], 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({}): {}",
+        qemu[0],
+        std::io::Error::last_os_error()
+    );
+    lab.kill().unwrap(); // SIGKILL: no destructor runs, only the parent-death signal helps
+    lab.wait().unwrap();
+    let mut pfd = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the open pidfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+    // SAFETY: closing the pidfd we opened above, once.
+    unsafe { libc::close(pidfd) };
+    assert_eq!(
+        n,
+        1,
+        "QEMU {} survived its svff-lab (state {:?})",
+        qemu[0],
+        proc_state(qemu[0])
+    );
+}
