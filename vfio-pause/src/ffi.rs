@@ -1,1 +1,712 @@
-//! C ABI (in progress)
+//! The C ABI: opaque handles, status codes plus a per-thread last-error
+//! string, and `catch_unwind` at every entry so no panic crosses into C.
+//!
+//! Lifecycle for a C VMM: `vp_container_new` (one per VM), optionally
+//! `vp_container_map_dma` for guest RAM, `vp_device_open`, then
+//! `vp_device_pause` / `vp_device_unpause` any number of times, and
+//! `vp_device_close`, `vp_container_free`.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{MmapArea, VfSource};
+use crate::container::Container;
+use crate::device::{
+    DeviceOptions, DeviceState, PausableDevice, PausedAccess, Phase, Timings, TrapAllBars, VmmHooks,
+};
+use crate::error::Error;
+use crate::fake::{FakeBackend, FakeVf};
+use crate::pci::{Identity, PciAddress};
+
+/// Status of every `vp_*` call. Details: `vp_last_error()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// The C names (VP_OK, VP_ERR_*) come from these variant names.
+#[allow(clippy::enum_variant_names)]
+pub enum VpStatus {
+    /// Success.
+    VpOk = 0,
+    /// A NULL pointer, bad string or bad PCI address was passed.
+    VpErrInvalidArgument = 1,
+    /// An ioctl, read, write or mmap failed (errno in the message).
+    VpErrIo = 2,
+    /// The VF does not exist.
+    VpErrVfGone = 3,
+    /// The offered function has other ids than the paused one; still paused.
+    VpErrIdentityMismatch = 4,
+    /// Not allowed in the device's state (e.g. anything after close).
+    VpErrInvalidState = 5,
+    /// A VMM hook failed.
+    VpErrHook = 6,
+    /// A pause failed and so did its rollback; see `vp_device_state`.
+    VpErrRollbackFailed = 7,
+    /// A bug: a panic was caught at the ABI boundary.
+    VpErrPanic = 8,
+}
+
+/// Opaque handle: the VFIO container of one VM.
+#[derive(Debug)]
+pub struct VpContainer {
+    container: Arc<Container>,
+    sim: Option<FakeBackend>,
+}
+
+/// Opaque handle: one pausable device.
+#[derive(Debug)]
+pub struct VpDevice {
+    dev: PausableDevice,
+}
+
+/// Ids of a PCI function.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VpIdentity {
+    /// Vendor id.
+    pub vendor: u16,
+    /// Device id.
+    pub device: u16,
+    /// Subsystem vendor id.
+    pub subsystem_vendor: u16,
+    /// Subsystem id.
+    pub subsystem: u16,
+    /// 24-bit class code.
+    pub class_code: u32,
+}
+
+/// Number of timed phases (`VpTimings::phase_ns` entries).
+pub const VP_PHASE_COUNT: usize = 12;
+const _: () = assert!(VP_PHASE_COUNT == Phase::COUNT);
+
+/// Per-phase timings of a pause or unpause, in nanoseconds; a phase that did
+/// not run is 0. Indices are those of `vp_phase_name`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VpTimings {
+    /// 1 when the call was a no-op.
+    pub noop: u8,
+    /// Wall time of the call.
+    pub total_ns: u64,
+    /// Time per phase.
+    pub phase_ns: [u64; VP_PHASE_COUNT],
+}
+
+/// A BAR mmap handed to `map_bars`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VpMmapArea {
+    /// VFIO region index (BAR number).
+    pub index: u32,
+    /// Host address of the mapping.
+    pub host_addr: *mut c_void,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Guest-mapping callbacks of a C VMM; both return 0 on success.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VpHooks {
+    /// Passed back to the callbacks.
+    pub opaque: *mut c_void,
+    /// Drop guest mappings of the device's BARs so accesses trap.
+    pub unmap_bars: Option<unsafe extern "C" fn(opaque: *mut c_void, id: *const c_char) -> c_int>,
+    /// Map these BAR mmaps into the guest.
+    pub map_bars: Option<
+        unsafe extern "C" fn(
+            opaque: *mut c_void,
+            id: *const c_char,
+            areas: *const VpMmapArea,
+            count: usize,
+        ) -> c_int,
+    >,
+}
+
+struct CHooks(VpHooks);
+
+// SAFETY: the C caller of vp_device_open promises (see its docs) that the
+// hooks and `opaque` may be called from any thread for the device's lifetime.
+unsafe impl Send for CHooks {}
+// SAFETY: as above; the hooks get no shared mutable Rust state.
+unsafe impl Sync for CHooks {}
+
+impl VmmHooks for CHooks {
+    fn unmap_bars(&self, device: &str) -> Result<(), String> {
+        let Some(f) = self.0.unmap_bars else {
+            return Err("unmap_bars hook is NULL".into());
+        };
+        let id = CString::new(device).map_err(|e| e.to_string())?;
+        // SAFETY: the caller of vp_device_open guaranteed the callback is valid;
+        // `id` is a NUL-terminated string valid for the call.
+        let rc = unsafe { f(self.0.opaque, id.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("unmap_bars returned {rc}"))
+        }
+    }
+
+    fn map_bars(&self, device: &str, areas: &[MmapArea]) -> Result<(), String> {
+        let Some(f) = self.0.map_bars else {
+            return Err("map_bars hook is NULL".into());
+        };
+        let id = CString::new(device).map_err(|e| e.to_string())?;
+        let c: Vec<VpMmapArea> = areas
+            .iter()
+            .map(|a| VpMmapArea {
+                index: a.index,
+                host_addr: a.host_addr as *mut c_void,
+                len: a.len as u64,
+            })
+            .collect();
+        // SAFETY: as above; `c` holds `c.len()` initialised areas for the call.
+        let rc = unsafe { f(self.0.opaque, id.as_ptr(), c.as_ptr(), c.len()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("map_bars returned {rc}"))
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+}
+
+fn status_of(e: &Error) -> VpStatus {
+    match e {
+        Error::InvalidAddress(_) => VpStatus::VpErrInvalidArgument,
+        Error::VfGone { .. } => VpStatus::VpErrVfGone,
+        Error::IdentityMismatch { .. } => VpStatus::VpErrIdentityMismatch,
+        Error::InvalidState { .. } => VpStatus::VpErrInvalidState,
+        Error::Hook { .. } => VpStatus::VpErrHook,
+        Error::RollbackFailed { .. } => VpStatus::VpErrRollbackFailed,
+        Error::Io { .. } | Error::Vfio { .. } | Error::Container { .. } => VpStatus::VpErrIo,
+        Error::OutOfRange { .. } => VpStatus::VpErrInvalidArgument,
+    }
+}
+
+/// Error with its whole source chain, for `vp_last_error`.
+fn chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+enum Fail {
+    Arg(String),
+    Err(Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Err(e)
+    }
+}
+
+/// Run an entry point: catch panics, translate errors, set the last error.
+fn entry(f: impl FnOnce() -> Result<(), Fail>) -> VpStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => {
+            set_last_error(String::new());
+            VpStatus::VpOk
+        }
+        Ok(Err(Fail::Arg(m))) => {
+            set_last_error(m);
+            VpStatus::VpErrInvalidArgument
+        }
+        Ok(Err(Fail::Err(e))) => {
+            set_last_error(chain(&e));
+            status_of(&e)
+        }
+        Err(p) => {
+            let m = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(format!("panic in vfio-pause: {m}"));
+            VpStatus::VpErrPanic
+        }
+    }
+}
+
+/// # Safety
+/// `s` must be NULL or a NUL-terminated string.
+unsafe fn cstr<'a>(s: *const c_char, what: &str) -> Result<&'a str, Fail> {
+    if s.is_null() {
+        return Err(Fail::Arg(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and NUL-terminated per this function's contract.
+    unsafe { CStr::from_ptr(s) }
+        .to_str()
+        .map_err(|_| Fail::Arg(format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `bdf` must be NULL or NUL-terminated; `group_fd` must be -1 or an open fd
+/// that the callee may own.
+unsafe fn source(bdf: *const c_char, group_fd: c_int) -> Result<VfSource, Fail> {
+    let take_fd = || {
+        // SAFETY: the caller hands ownership of an open fd (>= 0) to us.
+        (group_fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(group_fd) })
+    };
+    // SAFETY: forwarded contract.
+    let s = match unsafe { cstr(bdf, "bdf") } {
+        Ok(s) => s,
+        Err(e) => {
+            drop(take_fd());
+            return Err(e);
+        }
+    };
+    let address: PciAddress = match s.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            drop(take_fd());
+            return Err(Fail::Err(e));
+        }
+    };
+    Ok(match take_fd() {
+        Some(group) => VfSource::GroupFd { group, address },
+        None => VfSource::Sysfs(address),
+    })
+}
+
+fn timings_to_c(t: &Timings) -> VpTimings {
+    let mut out = VpTimings {
+        noop: t.noop as u8,
+        total_ns: t.total.as_nanos() as u64,
+        phase_ns: [0; VP_PHASE_COUNT],
+    };
+    for (p, d) in &t.phases {
+        out.phase_ns[*p as usize] = d.as_nanos() as u64;
+    }
+    out
+}
+
+/// The last error of this thread as a NUL-terminated string ("" after a
+/// success). Valid until the next `vp_*` call on this thread.
+#[no_mangle]
+pub extern "C" fn vp_last_error() -> *const c_char {
+    LAST_ERROR.with(|l| l.borrow().as_ptr())
+}
+
+/// Name of phase `index` (`"irq-teardown"`, ...), or NULL when out of range.
+#[no_mangle]
+pub extern "C" fn vp_phase_name(index: u32) -> *const c_char {
+    const NAMES: [&CStr; VP_PHASE_COUNT] = [
+        c"unmap-bars",
+        c"snapshot",
+        c"irq-teardown",
+        c"munmap",
+        c"close",
+        c"reopen",
+        c"dma-remap",
+        c"identity",
+        c"restore",
+        c"irq-setup",
+        c"mmap",
+        c"map-bars",
+    ];
+    NAMES
+        .get(index as usize)
+        .map_or(ptr::null(), |n| n.as_ptr())
+}
+
+/// Open a real VFIO container (`/dev/vfio/vfio`) into `*out`.
+///
+/// # Safety
+/// `out` must be a valid pointer to write a handle to.
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_new(out: *mut *mut VpContainer) -> VpStatus {
+    entry(|| {
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        let c = Container::open_real()?;
+        let h = Box::new(VpContainer {
+            container: c,
+            sim: None,
+        });
+        // SAFETY: `out` is non-NULL and valid for writes per the contract.
+        unsafe { *out = Box::into_raw(h) };
+        Ok(())
+    })
+}
+
+/// A container over the simulated backend (for tests of C VMMs without VFIO).
+/// Functions are added with `vp_sim_add_vf`.
+///
+/// # Safety
+/// `out` must be a valid pointer to write a handle to.
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_new_simulated(out: *mut *mut VpContainer) -> VpStatus {
+    entry(|| {
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        let fake = FakeBackend::new();
+        let h = Box::new(VpContainer {
+            container: Container::new(Box::new(fake.clone())),
+            sim: Some(fake),
+        });
+        // SAFETY: `out` is non-NULL and valid for writes per the contract.
+        unsafe { *out = Box::into_raw(h) };
+        Ok(())
+    })
+}
+
+/// Simulated container only: create a function at `bdf` with these ids.
+///
+/// # Safety
+/// `c` must be a live container handle, `bdf` NUL-terminated, `id` valid.
+#[no_mangle]
+pub unsafe extern "C" fn vp_sim_add_vf(
+    c: *mut VpContainer,
+    bdf: *const c_char,
+    id: *const VpIdentity,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        // SAFETY: per the contract `id` is NULL or valid.
+        let id = unsafe { id.as_ref() }.ok_or_else(|| Fail::Arg("identity is NULL".into()))?;
+        // SAFETY: per the contract `bdf` is NUL-terminated.
+        let a: PciAddress = unsafe { cstr(bdf, "bdf") }?.parse()?;
+        let sim = c
+            .sim
+            .as_ref()
+            .ok_or_else(|| Fail::Arg("not a simulated container".into()))?;
+        sim.add_vf(
+            &a,
+            FakeVf::new(Identity {
+                vendor: id.vendor,
+                device: id.device,
+                subsystem_vendor: id.subsystem_vendor,
+                subsystem: id.subsystem,
+                class: id.class_code,
+            }),
+        );
+        Ok(())
+    })
+}
+
+/// Simulated container only: destroy the function at `bdf` (fails while open).
+///
+/// # Safety
+/// `c` must be a live container handle, `bdf` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn vp_sim_remove_vf(c: *mut VpContainer, bdf: *const c_char) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        // SAFETY: per the contract `bdf` is NUL-terminated.
+        let a: PciAddress = unsafe { cstr(bdf, "bdf") }?.parse()?;
+        let sim = c
+            .sim
+            .as_ref()
+            .ok_or_else(|| Fail::Arg("not a simulated container".into()))?;
+        sim.remove_vf(&a).map_err(Fail::Arg)
+    })
+}
+
+/// Register guest memory for device DMA at `iova` (mapped now or when the
+/// first device opens, and again whenever the container lost it).
+///
+/// # Safety
+/// `c` must be a live handle. `[host_addr, host_addr + size)` must stay mapped
+/// until the container is freed and be accessed only in ways that tolerate
+/// concurrent device DMA (no Rust references to it).
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_map_dma(
+    c: *mut VpContainer,
+    iova: u64,
+    size: u64,
+    host_addr: *mut c_void,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        if host_addr.is_null() || size == 0 {
+            return Err(Fail::Arg("host_addr is NULL or size is 0".into()));
+        }
+        // SAFETY: the caller upholds register_dma's contract (see above).
+        unsafe { c.container.register_dma(iova, size, host_addr.cast()) }?;
+        Ok(())
+    })
+}
+
+/// Free a container. Devices opened in it keep it alive until they are closed.
+///
+/// # Safety
+/// `c` must be NULL or a handle from `vp_container_new*`, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_free(c: *mut VpContainer) {
+    let _ = entry(|| {
+        if !c.is_null() {
+            // SAFETY: `c` came from Box::into_raw and is freed exactly once.
+            drop(unsafe { Box::from_raw(c) });
+        }
+        Ok(())
+    });
+}
+
+/// Open the VF `bdf` as device `id` into `*out`. `group_fd` is -1 to open
+/// `/dev/vfio/<group>` here, or an open VFIO group fd whose ownership passes
+/// to the library (closed by it, also on error). `stall_ms` = 0 selects the
+/// `ignore` paused-access policy, otherwise `stall` with that deadline.
+/// `hooks` may be NULL (BARs are never mapped into the guest, nothing is
+/// mmapped); with hooks, BARs are mmapped and handed to `map_bars`.
+///
+/// # Safety
+/// `c` must be a live handle, `id` and `bdf` NUL-terminated, `out` writable,
+/// `hooks` NULL or valid; the hooks must be callable from any thread until
+/// the device is closed.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_open(
+    c: *mut VpContainer,
+    id: *const c_char,
+    bdf: *const c_char,
+    group_fd: c_int,
+    stall_ms: u64,
+    hooks: *const VpHooks,
+    out: *mut *mut VpDevice,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract: group_fd is -1 or ours to own.
+        let src = unsafe { source(bdf, group_fd) }?;
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        // SAFETY: per the contract `id` is NUL-terminated.
+        let id = unsafe { cstr(id, "id") }?;
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: per the contract `hooks` is NULL or valid.
+        let hooks = unsafe { hooks.as_ref() }.copied();
+        let options = DeviceOptions {
+            paused_access: if stall_ms == 0 {
+                PausedAccess::Ignore
+            } else {
+                PausedAccess::Stall(Duration::from_millis(stall_ms))
+            },
+            mmap_bars: hooks.is_some(),
+        };
+        let h: Arc<dyn VmmHooks> = match hooks {
+            Some(h) => Arc::new(CHooks(h)),
+            None => Arc::new(TrapAllBars),
+        };
+        let dev = PausableDevice::open(id, c.container.clone(), src, options, h)?;
+        // SAFETY: `out` is non-NULL and writable per the contract.
+        unsafe { *out = Box::into_raw(Box::new(VpDevice { dev })) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `d` must be NULL or a live device handle.
+unsafe fn dev<'a>(d: *const VpDevice) -> Result<&'a PausableDevice, Fail> {
+    // SAFETY: per the contract `d` is NULL or a live handle.
+    unsafe { d.as_ref() }
+        .map(|d| &d.dev)
+        .ok_or_else(|| Fail::Arg("device is NULL".into()))
+}
+
+/// # Safety
+/// `out` must be NULL or writable.
+unsafe fn put_timings(out: *mut VpTimings, t: &Timings) {
+    if !out.is_null() {
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { *out = timings_to_c(t) };
+    }
+}
+
+/// Pause: when this returns `VP_OK`, no fd of the VF is open in the process.
+/// No-op (timings `noop` = 1) when already paused.
+///
+/// # Safety
+/// `d` must be a live device handle; `timings` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_pause(d: *mut VpDevice, timings: *mut VpTimings) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let t = unsafe { dev(d) }?.pause()?;
+        // SAFETY: forwarded contract.
+        unsafe { put_timings(timings, &t) };
+        Ok(())
+    })
+}
+
+/// Unpause onto `bdf` (own open with `group_fd` = -1, or a passed group fd,
+/// owned by the library from now on). On error the device stays paused.
+///
+/// # Safety
+/// `d` must be a live device handle, `bdf` NUL-terminated, `timings` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_unpause(
+    d: *mut VpDevice,
+    bdf: *const c_char,
+    group_fd: c_int,
+    timings: *mut VpTimings,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let src = unsafe { source(bdf, group_fd) }?;
+        // SAFETY: forwarded contract.
+        let t = unsafe { dev(d) }?.unpause(src)?;
+        // SAFETY: forwarded contract.
+        unsafe { put_timings(timings, &t) };
+        Ok(())
+    })
+}
+
+/// Identity of the function the device was opened on.
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_identity(d: *const VpDevice, out: *mut VpIdentity) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let i = unsafe { dev(d) }?.identity();
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe {
+            *out = VpIdentity {
+                vendor: i.vendor,
+                device: i.device,
+                subsystem_vendor: i.subsystem_vendor,
+                subsystem: i.subsystem,
+                class_code: i.class,
+            }
+        };
+        Ok(())
+    })
+}
+
+/// Current state (0 attached, 1 paused, 2 detached).
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_state(d: *const VpDevice, out: *mut u32) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let s: DeviceState = unsafe { dev(d) }?.state();
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { *out = s as u32 };
+        Ok(())
+    })
+}
+
+/// Timings of the last pause and unpause (zeroed when there was none).
+///
+/// # Safety
+/// `d` must be a live device handle; `pause`, `unpause` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_last_timings(
+    d: *const VpDevice,
+    pause: *mut VpTimings,
+    unpause: *mut VpTimings,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let (p, u) = unsafe { dev(d) }?.last_timings();
+        let zero = Timings::default();
+        // SAFETY: forwarded contract.
+        unsafe {
+            put_timings(pause, p.as_ref().unwrap_or(&zero));
+            put_timings(unpause, u.as_ref().unwrap_or(&zero));
+        }
+        Ok(())
+    })
+}
+
+/// Guest config-space read (from the shadow while paused).
+///
+/// # Safety
+/// `d` must be a live device handle, `buf` writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_config_read(
+    d: *const VpDevice,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+) -> VpStatus {
+    entry(|| {
+        if buf.is_null() {
+            return Err(Fail::Arg("buf is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.config_read(offset, b)?;
+        Ok(())
+    })
+}
+
+/// Guest BAR read (paused-access policy applies while paused).
+///
+/// # Safety
+/// `d` must be a live device handle, `buf` writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_bar_read(
+    d: *const VpDevice,
+    bar: u32,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+) -> VpStatus {
+    entry(|| {
+        if buf.is_null() {
+            return Err(Fail::Arg("buf is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.bar_read(bar, offset, b)?;
+        Ok(())
+    })
+}
+
+/// Detach (if not yet) and free the device handle. Every fd of the VF is
+/// released even when an error is returned.
+///
+/// # Safety
+/// `d` must be NULL or a live device handle, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
+    entry(|| {
+        if d.is_null() {
+            return Ok(());
+        }
+        // SAFETY: `d` came from Box::into_raw and is freed exactly once.
+        let b = unsafe { Box::from_raw(d) };
+        let res = if b.dev.state() == DeviceState::Detached {
+            Ok(())
+        } else {
+            b.dev.detach()
+        };
+        drop(b);
+        res.map_err(Fail::Err)
+    })
+}
