@@ -237,7 +237,6 @@ impl FakeSysfs {
         self.state.lock().unwrap().writes.clear();
     }
 
-    #[allow(dead_code)]
     pub fn add_firmware(&self, name: &str) {
         self.state
             .lock()
@@ -247,7 +246,6 @@ impl FakeSysfs {
         self.sync();
     }
 
-    #[allow(dead_code)]
     pub fn fpga_firmware_loaded(&self) -> Vec<String> {
         self.state.lock().unwrap().fpga_firmware.clone()
     }

@@ -1,1 +1,257 @@
-fn main() {}
+//! `svff`: the command-line interface of svff's privileged helper.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use svff_pf_helper::{
+    bind_socket, listener_from_systemd, request, Config, Daemon, DriverName, Error, PciAddress,
+    RealSysfs, Request, SriovManager, Status, VfsSetOptions, VfsSetReport, DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH,
+};
+
+/// Manage SR-IOV virtual functions of FPGA (and other) PFs for svff.
+///
+/// Without --direct, commands go to the svff helper daemon over its unix
+/// socket; with --direct they run in this process, which must be root.
+#[derive(Debug, Parser)]
+#[command(name = "svff", version, about, long_about)]
+struct Cli {
+    /// The helper daemon's socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+    /// Do the work in this process on /sys instead of asking the daemon (needs root).
+    #[arg(long, global = true)]
+    direct: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the SR-IOV PFs, their VF counts, and each VF's driver, IOMMU group and holder.
+    ///
+    /// Through the daemon: the PFs of its allow-list. With --direct: every
+    /// SR-IOV capable device in /sys/bus/pci/devices.
+    Status(StatusArgs),
+    /// Manage a PF's virtual functions.
+    #[command(subcommand)]
+    Vfs(VfsCommand),
+    /// Program the bitstream configured for a PF (through the daemon only).
+    Program {
+        /// The PF, e.g. 0000:81:00.0.
+        #[arg(long, value_name = "BDF")]
+        pf: PciAddress,
+    },
+    /// Run the privileged helper daemon (as root, normally from systemd).
+    ///
+    /// Listens on the config's socket (or the one passed by systemd socket
+    /// activation), checks each peer's uid/gid with SO_PEERCRED, and serves the
+    /// JSON-line protocol described in the svff-pf-helper crate docs.
+    Helper {
+        /// The TOML config (root-owned, not group/world writable).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Print JSON (format documented in the svff-pf-helper crate docs; `format_version` 1).
+    #[arg(long)]
+    json: bool,
+    /// Only this PF (repeatable).
+    #[arg(long, value_name = "BDF")]
+    pf: Vec<PciAddress>,
+}
+
+#[derive(Debug, Subcommand)]
+enum VfsCommand {
+    /// Set a PF's VF count (through 0 when VFs exist; a no-op when equal).
+    Set {
+        /// The PF, e.g. 0000:01:00.0.
+        #[arg(long, value_name = "BDF")]
+        pf: PciAddress,
+        /// The number of VFs (0 removes them all).
+        count: u16,
+        /// Bind every VF to this driver afterwards, e.g. vfio-pci.
+        #[arg(long, value_name = "DRIVER")]
+        bind: Option<DriverName>,
+        /// With --direct: first bind the PF to this driver (e.g. igb, pci-pf-stub,
+        /// qdma-pf). The daemon takes it from its config instead.
+        #[arg(long, value_name = "DRIVER")]
+        pf_driver: Option<DriverName>,
+        /// Print the report (steps with timings, resulting PF status) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SVFF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn require_root() -> Result<(), Error> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(Error::Protocol(
+            "--direct needs root (or use the helper daemon without --direct)".into(),
+        ))
+    }
+}
+
+fn print_status(status: &Status) {
+    if status.pfs.is_empty() {
+        println!("no SR-IOV PFs");
+    }
+    for pf in &status.pfs {
+        println!(
+            "PF {} [{}:{}] driver {} VFs {}/{} autoprobe {}",
+            pf.bdf,
+            pf.vendor,
+            pf.device,
+            pf.driver.as_deref().unwrap_or("-"),
+            pf.numvfs,
+            pf.totalvfs,
+            if pf.drivers_autoprobe { "on" } else { "off" },
+        );
+        for vf in &pf.vfs {
+            println!(
+                "  VF {:<3} {} [{}:{}] driver {} group {} holder {}",
+                vf.index,
+                vf.bdf,
+                vf.vendor,
+                vf.device,
+                vf.driver.as_deref().unwrap_or("-"),
+                vf.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
+                vf.holder.as_deref().unwrap_or("-"),
+            );
+        }
+    }
+}
+
+fn print_report(r: &VfsSetReport) {
+    if r.changed {
+        println!("PF {}: VFs {} -> {}", r.pf, r.from, r.to);
+    } else {
+        println!("PF {}: already {} VFs", r.pf, r.to);
+    }
+    for s in &r.steps {
+        println!("  {:<14} {:>10.3} ms", s.name, s.ms);
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol(format!("unexpected result: {e}")))
+}
+
+fn json_out<T: serde::Serialize>(v: &T) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Protocol(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Status(args) => {
+            let status: Status = if cli.direct {
+                let mgr = SriovManager::new(RealSysfs::new());
+                mgr.status((!args.pf.is_empty()).then_some(&args.pf[..]))?
+            } else if args.pf.len() == 1 {
+                decode(request(
+                    &cli.socket,
+                    &Request::Status {
+                        pf: Some(args.pf[0]),
+                    },
+                )?)?
+            } else {
+                let mut s: Status = decode(request(&cli.socket, &Request::Status { pf: None })?)?;
+                if !args.pf.is_empty() {
+                    s.pfs.retain(|p| args.pf.contains(&p.bdf));
+                }
+                s
+            };
+            if args.json {
+                json_out(&status)
+            } else {
+                print_status(&status);
+                Ok(())
+            }
+        }
+        Command::Vfs(VfsCommand::Set {
+            pf,
+            count,
+            bind,
+            pf_driver,
+            json,
+        }) => {
+            let report: VfsSetReport = if cli.direct {
+                require_root()?;
+                let mgr = SriovManager::new(RealSysfs::new());
+                let opts = VfsSetOptions {
+                    pf_driver,
+                    bind,
+                    qdma: None,
+                };
+                mgr.set_vf_count(pf, count, &opts)?
+            } else {
+                if pf_driver.is_some() {
+                    return Err(Error::Protocol(
+                        "--pf-driver needs --direct; the daemon takes the PF driver from its config".into(),
+                    ));
+                }
+                decode(request(&cli.socket, &Request::VfsSet { pf, count, bind })?)?
+            };
+            if json {
+                json_out(&report)
+            } else {
+                print_report(&report);
+                Ok(())
+            }
+        }
+        Command::Program { pf } => {
+            if cli.direct {
+                return Err(Error::Protocol(
+                    "program uses the daemon's per-PF bitstream config; run it without --direct"
+                        .into(),
+                ));
+            }
+            let v = request(&cli.socket, &Request::Program { pf })?;
+            json_out(&v)
+        }
+        Command::Helper { config } => {
+            let config = Config::load(&config)?;
+            let listener = match listener_from_systemd() {
+                Some(l) => l,
+                None => bind_socket(&config.socket, config.socket_group.as_deref())?,
+            };
+            // Tell a supervisor (or a test) that the socket is ready.
+            println!("svff helper listening on {}", config.socket.display());
+            let daemon = Arc::new(Daemon::new(config, RealSysfs::new()));
+            daemon.serve(listener)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(if matches!(cli.command, Command::Helper { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svff: error: {}", e.chain());
+            ExitCode::FAILURE
+        }
+    }
+}

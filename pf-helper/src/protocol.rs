@@ -1,0 +1,150 @@
+//! The daemon's wire protocol: one JSON object per line, each way.
+//!
+//! See the crate docs for the full description.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::pci::{DriverName, PciAddress};
+
+/// Protocol version, sent in every response as `protocol`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest accepted request line, bytes.
+pub(crate) const MAX_LINE: u64 = 64 * 1024;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Liveness check; the result is `{"version": "<crate version>"}`.
+    Ping,
+    /// The status of the allowed PFs (or of one); the result is a [`crate::Status`].
+    Status {
+        /// Only this PF.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pf: Option<PciAddress>,
+    },
+    /// Sets a PF's VF count; the result is a [`crate::VfsSetReport`].
+    VfsSet {
+        /// The PF.
+        pf: PciAddress,
+        /// The VF count.
+        count: u16,
+        /// Bind the VFs to this driver (must be in the config's `vf_drivers`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bind: Option<DriverName>,
+    },
+    /// Programs the PF's configured bitstream; the result is `{"steps": [...]}`.
+    Program {
+        /// The PF.
+        pf: PciAddress,
+    },
+}
+
+/// An error as sent by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable kind, e.g. `too_many_vfs`, `permission_denied`.
+    pub kind: String,
+    /// Human-readable message with its causes.
+    pub message: String,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Always [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The error, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    /// A success carrying `result`.
+    pub(crate) fn ok(result: serde_json::Value) -> Self {
+        Response {
+            protocol: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub(crate) fn err(kind: &str, message: String) -> Self {
+        Response {
+            protocol: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                kind: kind.to_owned(),
+                message,
+            }),
+        }
+    }
+
+    /// A failure from an [`Error`].
+    pub(crate) fn from_error(e: &Error) -> Self {
+        Self::err(e.kind(), e.chain())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_shape() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"vfs_set","pf":"0000:01:00.0","count":4,"bind":"vfio-pci"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::VfsSet {
+                pf: PciAddress::parse("0000:01:00.0").unwrap(),
+                count: 4,
+                bind: Some(DriverName::vfio_pci()),
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Ping).unwrap(),
+            r#"{"op":"ping"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status { pf: None }).unwrap(),
+            r#"{"op":"status"}"#
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_rejected() {
+        for bad in [
+            r#"{"op":"vfs_set","pf":"0000:01:00.0","count":4,"extra":1}"#,
+            r#"{"op":"vfs_set","pf":"0000:01:00.0/..","count":4}"#,
+            r#"{"op":"vfs_set","pf":"0000:01:00.0","count":-1}"#,
+            r#"{"op":"vfs_set","pf":"0000:01:00.0","count":70000}"#,
+            r#"{"op":"vfs_set","pf":"0000:01:00.0","count":1,"bind":"../x"}"#,
+            r#"{"op":"rm_rf"}"#,
+            r#"{"pf":"0000:01:00.0"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_carry_the_protocol_version() {
+        let text = serde_json::to_string(&Response::err("busy", "PF busy".into())).unwrap();
+        assert_eq!(
+            text,
+            r#"{"protocol":1,"ok":false,"error":{"kind":"busy","message":"PF busy"}}"#
+        );
+    }
+}
