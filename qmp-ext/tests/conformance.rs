@@ -214,3 +214,29 @@ fn clients_are_served_concurrently() {
         t.join().expect("client thread");
     }
 }
+
+#[test]
+fn dropping_the_server_disconnects_clients_and_removes_the_socket() {
+    let srv = test_server();
+    let mut idle = Raw::negotiated(&srv.path);
+    let path = srv.path.clone();
+    let common::TestServer { server, dir, .. } = srv;
+    drop(server);
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut idle.stream, &mut buf).expect("read within the timeout");
+    assert_eq!(n, 0, "server side closed");
+    assert!(!path.exists(), "socket file removed");
+    drop(dir);
+}
+
+#[test]
+fn getfd_without_a_descriptor_and_closefd_of_an_unknown_name_fail() {
+    let srv = test_server();
+    let mut raw = Raw::negotiated(&srv.path);
+    let rsp = raw.cmd("{'execute': 'getfd', 'arguments': {'fdname': 'x'}, 'id': 1}");
+    assert_eq!((error_class(&rsp), &rsp["id"]), ("GenericError", &json!(1)));
+    let rsp = raw.cmd("{'execute': 'closefd', 'arguments': {'fdname': 'x'}}");
+    assert_eq!(error_class(&rsp), "GenericError");
+    let rsp = raw.cmd("{'execute': 'getfd', 'arguments': {}}");
+    assert_eq!(error_class(&rsp), "GenericError", "missing fdname");
+}

@@ -697,3 +697,40 @@ fn rust_enums_have_no_variants_beyond_the_schema() {
         );
     }
 }
+
+/// QEMU's own QAPI generator (with QEMU's pragmas, so every doc rule is
+/// enforced) accepts the schema file unchanged. Needs a QEMU source tree.
+#[test]
+#[ignore = "needs a QEMU source tree: SVFF_QEMU_SRC=/path/to/qemu-10.0.2 cargo test -p qmp-ext --test schema -- --ignored"]
+fn qemu_qapi_gen_accepts_the_schema() {
+    let src = std::path::PathBuf::from(
+        std::env::var("SVFF_QEMU_SRC").expect("SVFF_QEMU_SRC names a QEMU source tree"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("qapi/svff.json");
+    let top = dir.path().join("schema.json");
+    let include = |p: &std::path::Path| format!("{{ 'include': '{}' }}\n", p.display());
+    std::fs::write(
+        &top,
+        include(&src.join("qapi/pragma.json")) + &include(&schema),
+    )
+    .expect("write");
+    let out = std::process::Command::new("python3")
+        .arg(src.join("scripts/qapi-gen.py"))
+        .arg("-o")
+        .arg(dir.path().join("out"))
+        .args(["-p", "svff-"])
+        .arg(&top)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "qapi-gen rejected svff.json:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let commands = std::fs::read_to_string(dir.path().join("out/svff-qapi-init-commands.c"))
+        .expect("generated C");
+    for c in ["svff-vfio-pause", "svff-vfio-unpause", "query-svff-vfio"] {
+        assert!(commands.contains(&format!("\"{c}\"")), "{c} registered");
+    }
+}

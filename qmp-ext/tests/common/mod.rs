@@ -54,7 +54,7 @@ impl Handler for TestHandler {
 pub struct TestServer {
     pub server: Server,
     pub path: PathBuf,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 pub fn test_server() -> TestServer {
@@ -66,11 +66,7 @@ pub fn test_server() -> TestServer {
         ..ServerConfig::default()
     };
     let server = Server::bind(&path, config, TestHandler { events }).expect("bind");
-    TestServer {
-        server,
-        path,
-        _dir: dir,
-    }
+    TestServer { server, path, dir }
 }
 
 /// A raw connection that reads one line at a time, each read bounded.
