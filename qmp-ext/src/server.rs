@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::fdpass::{recv_with_fds, send_with_fds};
 use crate::json::JsonStream;
 use crate::wire::{
-    decode_arguments, ErrorClass, Event, QmpError, QmpEvent, Timestamp, VersionInfo,
+    decode_arguments, to_ascii_line, ErrorClass, Event, QmpError, QmpEvent, Timestamp, VersionInfo,
 };
 
 /// Descriptors kept per session that arrived with SCM_RIGHTS but were not
@@ -78,8 +78,7 @@ struct Conn {
 
 impl Conn {
     fn send(&self, msg: &Value) -> bool {
-        let mut line = msg.to_string().into_bytes();
-        line.extend_from_slice(b"\r\n");
+        let line = to_ascii_line(msg);
         let _guard = lock(&self.write_lock);
         if send_with_fds(self.stream.as_fd(), &line, &[]).is_err() {
             // A peer that cannot take output is gone for us; its reader

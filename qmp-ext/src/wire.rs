@@ -221,6 +221,41 @@ pub trait QmpEvent: Serialize + DeserializeOwned {
     const NAME: &'static str;
 }
 
+/// Serializes `value` as one line of ASCII-only JSON, as QMP servers send
+/// it: non-ASCII characters become `\uXXXX` escapes (surrogate pairs above
+/// U+FFFF), and the line ends with CRLF.
+pub(crate) fn to_ascii_line(value: &Value) -> Vec<u8> {
+    struct Ascii;
+    impl serde_json::ser::Formatter for Ascii {
+        fn write_string_fragment<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            fragment: &str,
+        ) -> std::io::Result<()> {
+            for c in fragment.chars() {
+                if c.is_ascii() {
+                    w.write_all(&[c as u8])?;
+                } else {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        write!(w, "\\u{u:04x}")?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Ascii);
+    // Serializing a Value into memory cannot fail.
+    if value.serialize(&mut ser).is_err() {
+        out.clear();
+        out.extend_from_slice(b"{}");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 /// Decodes command arguments, answering QEMU-style `GenericError` on mismatch.
 pub fn decode_arguments<T: DeserializeOwned>(
     command: &str,

@@ -240,3 +240,14 @@ fn getfd_without_a_descriptor_and_closefd_of_an_unknown_name_fail() {
     let rsp = raw.cmd("{'execute': 'getfd', 'arguments': {}}");
     assert_eq!(error_class(&rsp), "GenericError", "missing fdname");
 }
+
+#[test]
+fn output_is_ascii_with_unicode_escapes() {
+    let srv = test_server();
+    let mut raw = Raw::negotiated(&srv.path);
+    raw.send("{'execute': 'echo', 'arguments': {'s': 'café 😀'}}\n".as_bytes());
+    let line = raw.recv_line();
+    assert!(line.is_ascii(), "{}", String::from_utf8_lossy(&line));
+    let v: serde_json::Value = serde_json::from_slice(&line).expect("JSON");
+    assert_eq!(v, json!({"return": {"s": "café 😀"}}));
+}

@@ -90,6 +90,12 @@ impl Raw {
     }
 
     pub fn recv(&mut self) -> Value {
+        let line = self.recv_line();
+        serde_json::from_slice(&line).expect("server sends valid JSON")
+    }
+
+    /// The next line as sent, CRLF included.
+    pub fn recv_line(&mut self) -> Vec<u8> {
         loop {
             if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=nl).collect();
@@ -97,7 +103,7 @@ impl Raw {
                     line.ends_with(b"\r\n"),
                     "server lines end with CRLF: {line:?}"
                 );
-                return serde_json::from_slice(&line).expect("server sends valid JSON");
+                return line;
             }
             let mut chunk = [0u8; 4096];
             let n = self
