@@ -1,12 +1,85 @@
 //! svff's privileged helper: SR-IOV PF management on sysfs, the helper daemon
 //! and the `svff` CLI.
 //!
-//! - [`PciAddress`] / [`DriverName`]: strictly parsed names; every sysfs path is
-//!   built from them and checked to resolve under `/sys/devices`.
-//! - [`Sysfs`] / [`RealSysfs`]: the only access to sysfs.
-//! - [`SriovManager`]: PF discovery, VF count changes (`sriov_drivers_autoprobe=0`,
-//!   through `sriov_numvfs=0`), binding with `driver_override` + `drivers_probe`,
-//!   PF driver handling, QDMA settings ([`QdmaProfile`]).
+//! # Library
+//!
+//! - [`PciAddress`] / [`DriverName`]: strictly parsed names (a `PciAddress` is
+//!   accepted only if it formats back to the exact input). Every sysfs path is
+//!   built from them and checked to resolve under `<sysfs>/devices`.
+//! - [`Sysfs`] / [`RealSysfs`]: the only access to sysfs, with a configurable root.
+//! - [`SriovManager`]: PF discovery ([`SriovManager::status`]), VF count changes
+//!   ([`SriovManager::set_vf_count`]: a no-op when equal, else
+//!   `sriov_drivers_autoprobe=0`, `sriov_numvfs=0`, `sriov_numvfs=N`), binding with
+//!   `driver_override` + `drivers_probe` (never `new_id`), PF driver handling
+//!   (own driver, `pci-pf-stub`, `qdma-pf`), QDMA settings ([`QdmaProfile`]) and
+//!   bitstream programming ([`BitstreamConfig`]). The kernel's answers become
+//!   clear [`Error`]s: `ERANGE` → "PF 0000:01:00.0 supports at most 7 VFs",
+//!   `EBUSY` → busy, `ENOENT` → "PF driver cannot configure SR-IOV".
+//! - [`Daemon`], [`Config`], [`request`]: the daemon and its client.
+//!
+//! # `svff status --json` (format version 1)
+//!
+//! ```json
+//! {
+//!   "format_version": 1,
+//!   "pfs": [
+//!     {
+//!       "bdf": "0000:01:00.0",
+//!       "vendor": "0x8086", "device": "0x10c9",
+//!       "driver": "igb",
+//!       "totalvfs": 7, "numvfs": 2, "drivers_autoprobe": false,
+//!       "vfs": [
+//!         { "index": 0, "bdf": "0000:01:10.0", "vendor": "0x8086", "device": "0x10ca",
+//!           "driver": "vfio-pci", "iommu_group": 8, "holder": null }
+//!       ]
+//!     }
+//!   ]
+//! }
+//! ```
+//!
+//! `format_version` ([`STATUS_FORMAT_VERSION`]) changes only on incompatible
+//! changes; new fields may appear without a bump. PFs are sorted by address,
+//! VFs by `virtfnN` index. `vendor`/`device` are the sysfs attributes verbatim;
+//! `driver` is the name of the `driver` link (`null`: unbound); `iommu_group`
+//! the number of the `iommu_group` link (`null`: no IOMMU); `holder` the VMM
+//! device id holding the VF (`null`: none). With `--direct` every SR-IOV capable
+//! device is listed, through the daemon the PFs of its allow-list. The field
+//! meanings are those of [`Status`], [`PfStatus`] and [`VfStatus`].
+//!
+//! `svff vfs set --json` prints a [`VfsSetReport`]: `pf`, `from`, `to`,
+//! `changed`, `steps` (`[{"name": "enable_vfs", "ms": 513.6}, ...]`, names
+//! `pf_driver`, `autoprobe_off`, `disable_vfs`, `enable_vfs`, `bind_vfs`,
+//! `qdma_profile`) and `status` (the PF afterwards, as above).
+//!
+//! # Daemon protocol (version 1)
+//!
+//! `svff helper` listens on a unix stream socket (default
+//! `/run/svff/helper.sock`, mode 0660, or the socket passed by systemd socket
+//! activation, see `pf-helper/systemd/`). On accept it reads the peer's
+//! credentials with `SO_PEERCRED`; a peer whose uid is not in `allowed_uids`
+//! and whose primary gid is not in `allowed_gids` gets one error line
+//! (`kind` `permission_denied`) and is disconnected.
+//!
+//! A client then sends requests, one JSON object per line (at most 64 KiB), and
+//! gets one response line each, in order:
+//!
+//! | request | result |
+//! |---|---|
+//! | `{"op":"ping"}` | `{"version":"0.1.0"}` |
+//! | `{"op":"status"}` or `{"op":"status","pf":"0000:01:00.0"}` | a status object as above |
+//! | `{"op":"vfs_set","pf":"0000:01:00.0","count":4,"bind":"vfio-pci"}` (`bind` optional) | a [`VfsSetReport`] |
+//! | `{"op":"program","pf":"0000:81:00.0"}` | `{"steps":[...]}` |
+//!
+//! Responses: `{"protocol":1,"ok":true,"result":...}` or
+//! `{"protocol":1,"ok":false,"error":{"kind":"too_many_vfs","message":"PF 0000:01:00.0 supports at most 7 VFs (8 requested)"}}`.
+//! Error kinds ([`Error::kind`]): `invalid_argument`, `no_device`,
+//! `too_many_vfs`, `busy`, `no_sriov_configure`, `driver_not_loaded`,
+//! `bind_failed`, `count_mismatch`, `sysfs`, `qdma`, `bitstream`, `config`,
+//! `not_allowed` (PF not on the allow-list, or driver not in `vf_drivers`),
+//! `permission_denied`, `protocol`. Unknown fields, malformed addresses or
+//! driver names are `protocol` errors. Requests are carried out one at a time;
+//! the PF driver and QDMA settings come from the PF's entry in the config.
+//! The config format is described at [`Config`].
 
 mod bitstream;
 mod client;

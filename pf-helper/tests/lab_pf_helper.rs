@@ -55,12 +55,19 @@ fn svff(args: &[&str]) -> Output {
 
 fn svff_ok_json(args: &[&str]) -> Value {
     let out = svff(args);
-    assert!(out.status.success(), "svff {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "svff {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("svff printed JSON")
 }
 
 fn modprobe(module: &str) {
-    let status = Command::new("modprobe").arg(module).status().expect("run modprobe");
+    let status = Command::new("modprobe")
+        .arg(module)
+        .status()
+        .expect("run modprobe");
     assert!(status.success(), "modprobe {module} failed");
 }
 
@@ -76,7 +83,9 @@ fn attr(bdf: &str, name: &str) -> String {
 }
 
 fn link_name(path: &Path) -> Option<String> {
-    fs::read_link(path).ok().map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+    fs::read_link(path)
+        .ok()
+        .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
 }
 
 fn numvfs(bdf: &str) -> u16 {
@@ -130,9 +139,16 @@ fn assert_all_vfs_on(pf: &str, driver: &str, n: u16) {
     let vfs = sysfs_vfs(pf);
     assert_eq!(vfs.len(), usize::from(n), "virtfn links of {pf}");
     for (_, vf) in vfs {
-        assert_eq!(link_name(&dev(&vf).join("driver")).as_deref(), Some(driver), "driver of VF {vf}");
+        assert_eq!(
+            link_name(&dev(&vf).join("driver")).as_deref(),
+            Some(driver),
+            "driver of VF {vf}"
+        );
         let group = link_name(&dev(&vf).join("iommu_group")).expect("VF has an IOMMU group");
-        assert!(Path::new("/dev/vfio").join(&group).exists(), "/dev/vfio/{group} for {vf}");
+        assert!(
+            Path::new("/dev/vfio").join(&group).exists(),
+            "/dev/vfio/{group} for {vf}"
+        );
     }
 }
 
@@ -141,11 +157,20 @@ fn print_steps(report: &Value) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| format!("{}={:.1}ms", s["name"].as_str().unwrap(), s["ms"].as_f64().unwrap()))
+        .map(|s| {
+            format!(
+                "{}={:.1}ms",
+                s["name"].as_str().unwrap(),
+                s["ms"].as_f64().unwrap()
+            )
+        })
         .collect();
     eprintln!(
         "measure: {} {} -> {}: {}",
-        report["pf"], report["from"], report["to"], steps.join(" ")
+        report["pf"],
+        report["from"],
+        report["to"],
+        steps.join(" ")
     );
 }
 
@@ -156,7 +181,10 @@ impl Drop for ZeroVfsOnDrop {
     fn drop(&mut self) {
         for pf in [igb_pf(), nvme_pf()] {
             let path = dev(&pf).join("sriov_numvfs");
-            if fs::read_to_string(&path).map(|s| s.trim() != "0").unwrap_or(false) {
+            if fs::read_to_string(&path)
+                .map(|s| s.trim() != "0")
+                .unwrap_or(false)
+            {
                 if let Err(e) = fs::write(&path, "0") {
                     eprintln!("cleanup: writing 0 to {} failed: {e}", path.display());
                 }
@@ -186,7 +214,17 @@ fn igb_pf_on_igb_gets_1_4_7_vfs_on_vfio_pci_in_both_directions() {
     let pf = igb_pf();
     for n in [1u16, 4, 7, 4, 1, 7, 0] {
         let report = svff_ok_json(&[
-            "--direct", "vfs", "set", "--pf", &pf, &n.to_string(), "--pf-driver", "igb", "--bind", "vfio-pci", "--json",
+            "--direct",
+            "vfs",
+            "set",
+            "--pf",
+            &pf,
+            &n.to_string(),
+            "--pf-driver",
+            "igb",
+            "--bind",
+            "vfio-pci",
+            "--json",
         ]);
         print_steps(&report);
         assert_eq!(report["to"], n);
@@ -204,11 +242,23 @@ fn nvme_pf_on_pci_pf_stub_gets_64_vfs_on_vfio_pci_and_back_down() {
     let pf = nvme_pf();
     for n in [64u16, 8, 0] {
         let report = svff_ok_json(&[
-            "--direct", "vfs", "set", "--pf", &pf, &n.to_string(), "--pf-driver", "pci-pf-stub", "--bind", "vfio-pci",
+            "--direct",
+            "vfs",
+            "set",
+            "--pf",
+            &pf,
+            &n.to_string(),
+            "--pf-driver",
+            "pci-pf-stub",
+            "--bind",
+            "vfio-pci",
             "--json",
         ]);
         print_steps(&report);
-        assert_eq!(link_name(&dev(&pf).join("driver")).as_deref(), Some("pci-pf-stub"));
+        assert_eq!(
+            link_name(&dev(&pf).join("driver")).as_deref(),
+            Some("pci-pf-stub")
+        );
         assert_all_vfs_on(&pf, "vfio-pci", n);
     }
 }
@@ -219,13 +269,33 @@ fn igb_pf_on_pci_pf_stub_offers_8_vfs() {
     let _guard = setup();
     let pf = igb_pf();
     let report = svff_ok_json(&[
-        "--direct", "vfs", "set", "--pf", &pf, "8", "--pf-driver", "pci-pf-stub", "--bind", "vfio-pci", "--json",
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &pf,
+        "8",
+        "--pf-driver",
+        "pci-pf-stub",
+        "--bind",
+        "vfio-pci",
+        "--json",
     ]);
     print_steps(&report);
     assert_eq!(attr(&pf, "sriov_totalvfs"), "8");
     assert_all_vfs_on(&pf, "vfio-pci", 8);
     // Back to its own driver: VFs go through 0 and the PF is rebound to igb.
-    let report = svff_ok_json(&["--direct", "vfs", "set", "--pf", &pf, "2", "--pf-driver", "igb", "--json"]);
+    let report = svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &pf,
+        "2",
+        "--pf-driver",
+        "igb",
+        "--json",
+    ]);
     print_steps(&report);
     assert_eq!(link_name(&dev(&pf).join("driver")).as_deref(), Some("igb"));
     assert_eq!(numvfs(&pf), 2);
@@ -236,11 +306,24 @@ fn igb_pf_on_pci_pf_stub_offers_8_vfs() {
 fn more_vfs_than_totalvfs_fails_clearly_and_leaves_the_count() {
     let _guard = setup();
     let pf = igb_pf();
-    svff_ok_json(&["--direct", "vfs", "set", "--pf", &pf, "3", "--pf-driver", "igb", "--json"]);
+    svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &pf,
+        "3",
+        "--pf-driver",
+        "igb",
+        "--json",
+    ]);
     let out = svff(&["--direct", "vfs", "set", "--pf", &pf, "8"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("PF {pf} supports at most 7 VFs")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("PF {pf} supports at most 7 VFs")),
+        "{stderr}"
+    );
     assert_eq!(numvfs(&pf), 3);
     assert_eq!(sysfs_vfs(&pf).len(), 3);
     // The kernel's own ERANGE answer, for the record.
@@ -253,15 +336,40 @@ fn more_vfs_than_totalvfs_fails_clearly_and_leaves_the_count() {
 fn status_json_reports_exactly_what_sysfs_shows() {
     let _guard = setup();
     let (igb, nvme) = (igb_pf(), nvme_pf());
-    svff_ok_json(&["--direct", "vfs", "set", "--pf", &igb, "4", "--pf-driver", "igb", "--bind", "vfio-pci", "--json"]);
-    svff_ok_json(&["--direct", "vfs", "set", "--pf", &nvme, "5", "--pf-driver", "pci-pf-stub", "--json"]);
+    svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &igb,
+        "4",
+        "--pf-driver",
+        "igb",
+        "--bind",
+        "vfio-pci",
+        "--json",
+    ]);
+    svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &nvme,
+        "5",
+        "--pf-driver",
+        "pci-pf-stub",
+        "--json",
+    ]);
     // Leave one VF unbound on purpose.
     let (_, first) = sysfs_vfs(&igb).remove(0);
     fs::write(dev(&first).join("driver/unbind"), &first).unwrap();
     let status = svff_ok_json(&["--direct", "status", "--json"]);
     assert_eq!(status["format_version"], 1);
     let pfs = status["pfs"].as_array().unwrap();
-    let mine: Vec<&Value> = pfs.iter().filter(|p| p["bdf"] == igb.as_str() || p["bdf"] == nvme.as_str()).collect();
+    let mine: Vec<&Value> = pfs
+        .iter()
+        .filter(|p| p["bdf"] == igb.as_str() || p["bdf"] == nvme.as_str())
+        .collect();
     assert_eq!(mine.len(), 2, "{status}");
     assert_eq!(*mine[0], sysfs_view(&igb));
     assert_eq!(*mine[1], sysfs_view(&nvme));
@@ -319,8 +427,13 @@ fn start_helper() -> HelperDaemon {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("helper did not report listening within 60 s");
-    assert!(line.starts_with("svff helper listening on"), "helper said {line:?}");
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("helper did not report listening within 60 s");
+    assert!(
+        line.starts_with("svff helper listening on"),
+        "helper said {line:?}"
+    );
     daemon
 }
 
@@ -330,7 +443,10 @@ fn as_user(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> Output {
     let sock = socket.to_str().unwrap();
     let mut full = vec!["--socket", sock];
     full.extend_from_slice(args);
-    run(&["setpriv", &reuid, &regid, "--clear-groups", "--", SVFF], &full)
+    run(
+        &["setpriv", &reuid, &regid, "--clear-groups", "--", SVFF],
+        &full,
+    )
 }
 
 #[test]
@@ -345,15 +461,25 @@ fn daemon_refuses_uids_not_on_its_list_and_serves_allowed_ones() {
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 1000);
 
     // root is on the list: changes the count through the daemon.
-    let report = svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "2", "--bind", "vfio-pci", "--json"]);
+    let report = svff_ok_json(&[
+        "--socket", &sock, "vfs", "set", "--pf", &pf, "2", "--bind", "vfio-pci", "--json",
+    ]);
     print_steps(&report);
     assert_all_vfs_on(&pf, "vfio-pci", 2);
 
     // uid 65534 in the socket's group passes the file mode but not SO_PEERCRED.
-    let out = as_user(65534, 1000, &helper.socket, &["vfs", "set", "--pf", &pf, "0"]);
+    let out = as_user(
+        65534,
+        1000,
+        &helper.socket,
+        &["vfs", "set", "--pf", &pf, "0"],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("permission denied: uid 65534 gid 1000"), "{stderr}");
+    assert!(
+        stderr.contains("permission denied: uid 65534 gid 1000"),
+        "{stderr}"
+    );
     assert_eq!(numvfs(&pf), 2);
 
     // uid 65534 outside the group cannot even connect (socket mode 0660).
@@ -363,7 +489,11 @@ fn daemon_refuses_uids_not_on_its_list_and_serves_allowed_ones() {
 
     // uid 1000 is on the list: sees the status, and it matches sysfs.
     let out = as_user(1000, 1000, &helper.socket, &["status", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["pfs"].as_array().unwrap().len(), 1);
     assert_eq!(status["pfs"][0], sysfs_view(&pf));
@@ -372,7 +502,9 @@ fn daemon_refuses_uids_not_on_its_list_and_serves_allowed_ones() {
     let out = svff(&["--socket", &sock, "vfs", "set", "--pf", &nvme_pf(), "1"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not on the helper's allow-list"));
     let out = svff(&["--socket", &sock, "vfs", "set", "--pf", &pf, "9"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("PF {pf} supports at most 7 VFs")));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("PF {pf} supports at most 7 VFs"))
+    );
     assert_eq!(numvfs(&pf), 2);
 
     svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "0", "--json"]);
