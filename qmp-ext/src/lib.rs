@@ -26,6 +26,37 @@
 //! them with a deadline, and passes descriptors with SCM_RIGHTS. It works
 //! against real QEMU as well as against [`Server`].
 //!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use qmp_ext::{Client, Handler, QmpError, Server, ServerConfig, Session};
+//! use serde_json::{json, Map, Value};
+//!
+//! struct Vmm;
+//! impl Handler for Vmm {
+//!     fn execute(&self, _: &mut Session, cmd: &str, _: Map<String, Value>) -> Result<Value, QmpError> {
+//!         match cmd {
+//!             "query-status" => Ok(json!({"status": "running", "running": true})),
+//!             _ => Err(QmpError::command_not_found(cmd)),
+//!         }
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("qmp.sock");
+//! let _server = Server::bind(&path, ServerConfig::default(), Vmm)?;
+//! let mut client = Client::connect(&path, Duration::from_secs(5))?;
+//! assert_eq!(client.execute("query-status", None)?["running"], true);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Descriptors: the server queues descriptors that arrive with SCM_RIGHTS
+//! (at most 16, oldest closed first) and each `getfd` claims the oldest, so
+//! a client sends each descriptor together with its `getfd` command, as
+//! [`Client::send_fd`] does. Named descriptors belong to the connection and
+//! are closed when it ends.
+//!
 //! # Crates considered
 //!
 //! - `qapi` 0.15 / `qapi-qmp` 0.15 (arcnmx/qapi-rs, MIT, marked passively

@@ -251,3 +251,46 @@ fn output_is_ascii_with_unicode_escapes() {
     let v: serde_json::Value = serde_json::from_slice(&line).expect("JSON");
     assert_eq!(v, json!({"return": {"s": "café 😀"}}));
 }
+
+/// Sends `data` with `fd` attached (SCM_RIGHTS) on the raw connection.
+fn send_with_fd(raw: &Raw, data: &[u8], fd: std::os::fd::BorrowedFd<'_>) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let n = sendmsg::<()>(
+        raw.stream.as_raw_fd(),
+        &[std::io::IoSlice::new(data)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    assert_eq!(n, data.len());
+}
+
+fn pipe_with(text: &str) -> std::os::fd::OwnedFd {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    std::io::Write::write_all(&mut std::fs::File::from(w), text.as_bytes()).expect("write");
+    r
+}
+
+#[test]
+fn descriptors_reach_their_getfd_even_when_commands_arrive_in_pieces() {
+    use std::os::fd::AsFd;
+    let srv = test_server();
+    let mut raw = Raw::negotiated(&srv.path);
+    let (a, b) = (pipe_with("first"), pipe_with("second"));
+    // Each fd travels with the first bytes of its getfd; the rest of the
+    // command follows in a later write.
+    send_with_fd(&raw, b"{'execute': 'getfd', 'argu", a.as_fd());
+    raw.send(b"ments': {'fdname': 'a'}}");
+    send_with_fd(&raw, b"{'execute': 'getfd', ", b.as_fd());
+    raw.send(b"'arguments': {'fdname': 'b'}}");
+    assert_eq!(raw.recv(), json!({"return": {}}));
+    assert_eq!(raw.recv(), json!({"return": {}}));
+    drop((a, b));
+    let rsp = raw.cmd("{'execute': 'read-fd', 'arguments': {'fdname': 'b'}}");
+    assert_eq!(rsp, json!({"return": {"text": "second"}}));
+    let rsp = raw.cmd("{'execute': 'read-fd', 'arguments': {'fdname': 'a'}}");
+    assert_eq!(rsp, json!({"return": {"text": "first"}}));
+}
