@@ -2,13 +2,16 @@
 // AXI4-Stream H2C output (m_axis_h2c_*) and its C2H input (s_axis_c2h_*),
 // with one C2H completion (s_axis_c2h_cmpt_*) per looped-back packet.
 //
-// Per packet: the queue id of the first beat selects the owning function
-// through the queue map (svff_regs); the payload is XORed word-wise with that
-// function's key, buffered (up to MAX_BEATS beats of 64 bytes), then sent back
-// on the same queue with ctrl_len known on the first beat, as QDMA requires.
-// The function's counters are updated through a statistics event after the
-// H2C packet and after the completion. One packet is in flight at a time, so
-// the state of one function never mixes with another's.
+// Per packet: the payload is buffered (up to MAX_BEATS beats of 64 bytes,
+// bytes past the end zeroed); after the last beat the queue id selects the
+// owning function through the queue map (svff_regs, registered read) and the
+// function's enable and key are sampled (S_LOOKUP); the packet is then sent
+// back on the same queue with ctrl_len known on the first beat, as QDMA
+// requires, each 32-bit word XORed with the key, and the checksum of what was
+// sent goes into the completion. The function's counters are updated through
+// a statistics event after the H2C packet and after the completion. One packet
+// is in flight at a time, so the state of one function never mixes with
+// another's.
 //
 // Back-pressure: m_axis_h2c_tready is low while a packet is being sent or its
 // events are pending; C2H and completion outputs hold while their tready is low.
@@ -61,7 +64,7 @@ module svff_loopback #(
     output wire          s_axis_c2h_cmpt_tvalid,
     input  wire          s_axis_c2h_cmpt_tready,
 
-    // queue -> function look-up (svff_regs)
+    // queue -> function look-up (svff_regs; answers one cycle later)
     output wire [10:0]   lk_qid,
     input  wire          lk_mapped,
     input  wire [7:0]    lk_fn,
@@ -89,10 +92,11 @@ module svff_loopback #(
     localparam integer BW = (MAX_BEATS > 1) ? $clog2(MAX_BEATS) : 1;
 
     localparam [2:0] S_RX      = 3'd0;   // accepting H2C beats
-    localparam [2:0] S_EV_H2C  = 3'd1;   // posting the H2C statistics
-    localparam [2:0] S_TX      = 3'd2;   // sending C2H beats
-    localparam [2:0] S_CMPT    = 3'd3;   // sending the completion
-    localparam [2:0] S_EV_C2H  = 3'd4;   // posting the C2H statistics
+    localparam [2:0] S_LOOKUP  = 3'd1;   // owner, enable and key of the queue
+    localparam [2:0] S_EV_H2C  = 3'd2;   // posting the H2C statistics
+    localparam [2:0] S_TX      = 3'd3;   // sending C2H beats
+    localparam [2:0] S_CMPT    = 3'd4;   // sending the completion
+    localparam [2:0] S_EV_C2H  = 3'd5;   // posting the C2H statistics
 
     reg [2:0]   state;
     reg         in_pkt;                  // a packet's first beat was taken
@@ -117,24 +121,19 @@ module svff_loopback #(
     assign m_axis_h2c_tready = start_ok & (state == S_RX);
     wire   h2c_fire = m_axis_h2c_tvalid & m_axis_h2c_tready;
     wire   first    = ~in_pkt;
-    assign lk_qid   = m_axis_h2c_tuser_qid;
+    // the first beat's qid while waiting for a packet, the packet's qid after
+    assign lk_qid   = (state == S_RX && first) ? m_axis_h2c_tuser_qid : cur_qid;
 
-    wire [31:0] key_now = first ? lk_key : cur_key;
     wire [6:0]  beat_bytes = m_axis_h2c_tuser_zero_byte ? 7'd0 :
                              (m_axis_h2c_tlast && m_axis_h2c_tuser_mty != 6'd0) ?
                                  (7'd64 - {1'b0, m_axis_h2c_tuser_mty}) : 7'd64;
 
-    // payload after the key, bytes beyond the packet end forced to 0
-    reg [511:0] beat_x;
-    reg [31:0]  beat_csum;
+    // payload as stored: bytes beyond the packet end forced to 0
+    reg [511:0] beat_in;
     integer     i;
     always @(*) begin
-        beat_csum = 32'd0;
         for (i = 0; i < 64; i = i + 1)
-            beat_x[8*i +: 8] = ({25'd0, beat_bytes} > i) ?
-                (m_axis_h2c_tdata[8*i +: 8] ^ key_now[8*(i%4) +: 8]) : 8'd0;
-        for (i = 0; i < 16; i = i + 1)
-            beat_csum = beat_csum ^ beat_x[32*i +: 32];
+            beat_in[8*i +: 8] = ({25'd0, beat_bytes} > i) ? m_axis_h2c_tdata[8*i +: 8] : 8'd0;
     end
 
     wire [31:0] bytes_next = (first ? 32'd0 : cur_bytes) + {25'd0, beat_bytes};
@@ -145,7 +144,7 @@ module svff_loopback #(
 
     always @(posedge clk) begin
         if (h2c_fire && !full)
-            buf_m[wr_idx] <= beat_x;
+            buf_m[wr_idx] <= beat_in;
     end
 
     // ------------------------------------------------------------------
@@ -158,8 +157,21 @@ module svff_loopback #(
     wire        c2h_fire   = s_axis_c2h_tvalid & s_axis_c2h_tready;
     wire        cmpt_fire  = s_axis_c2h_cmpt_tvalid & s_axis_c2h_cmpt_tready;
 
+    // payload as sent: the function's key on the packet's bytes only
+    wire [6:0]  tx_bytes = (tx_last && cur_bytes[5:0] != 6'd0) ? {1'b0, cur_bytes[5:0]} : 7'd64;
+    reg [511:0] beat_out;
+    reg [31:0]  out_csum;
+    always @(*) begin
+        out_csum = 32'd0;
+        for (i = 0; i < 64; i = i + 1)
+            beat_out[8*i +: 8] = buf_m[rcnt][8*i +: 8] ^
+                                 (({25'd0, tx_bytes} > i) ? cur_key[8*(i%4) +: 8] : 8'd0);
+        for (i = 0; i < 16; i = i + 1)
+            out_csum = out_csum ^ beat_out[32*i +: 32];
+    end
+
     assign s_axis_c2h_tvalid        = (state == S_TX);
-    assign s_axis_c2h_tdata         = buf_m[rcnt];
+    assign s_axis_c2h_tdata         = beat_out;
     assign s_axis_c2h_tlast         = tx_last;
     assign s_axis_c2h_mty           = tx_last ? (6'd0 - cur_bytes[5:0]) : 6'd0;
     assign s_axis_c2h_ctrl_len      = cur_bytes[15:0];
@@ -202,8 +214,9 @@ module svff_loopback #(
     assign ev_c2h_bytes = cur_bytes[15:0];
     assign ev_csum      = cur_csum;
 
-    assign busy    = cur_mapped & (in_pkt | (state != S_RX));
-    assign busy_fn = cur_fn;
+    // the function whose packet is held, from the look-up cycle on
+    assign busy    = (state == S_LOOKUP) ? lk_mapped : (cur_mapped & (state != S_RX));
+    assign busy_fn = (state == S_LOOKUP) ? lk_fn : cur_fn;
 
     // ------------------------------------------------------------------
     // control
@@ -231,22 +244,25 @@ module svff_loopback #(
                     if (first) begin
                         cur_qid    <= m_axis_h2c_tuser_qid;
                         cur_port   <= m_axis_h2c_tuser_port_id;
-                        cur_mapped <= lk_mapped;
-                        cur_fn     <= lk_fn;
-                        cur_en     <= lk_enable;
-                        cur_key    <= lk_key;
+                        cur_mapped <= 1'b0;
                     end
                     cur_err      <= (first ? 1'b0 : cur_err) | m_axis_h2c_tuser_err;
                     cur_oversize <= (first ? 1'b0 : cur_oversize) | full;
                     cur_bytes    <= bytes_next;
-                    cur_csum     <= (first ? 32'd0 : cur_csum) ^ beat_csum;
                     if (first)
                         wcnt <= {{BW{1'b0}}, 1'b1};
                     else if (!full)
                         wcnt <= wcnt + 1'b1;
                     in_pkt <= ~m_axis_h2c_tlast;
                     if (m_axis_h2c_tlast)
-                        state <= S_EV_H2C;
+                        state <= S_LOOKUP;
+                end
+                S_LOOKUP: begin
+                    cur_mapped <= lk_mapped;
+                    cur_fn     <= lk_fn;
+                    cur_en     <= lk_enable;
+                    cur_key    <= lk_key;
+                    state      <= S_EV_H2C;
                 end
                 S_EV_H2C: if (ev_ready) begin
                     rcnt <= {BW{1'b0}};
@@ -258,7 +274,8 @@ module svff_loopback #(
                     end
                 end
                 S_TX: if (c2h_fire) begin
-                    rcnt <= rcnt + 1'b1;
+                    rcnt     <= rcnt + 1'b1;
+                    cur_csum <= ((rcnt == {BW{1'b0}}) ? 32'd0 : cur_csum) ^ out_csum;
                     if (tx_last)
                         state <= S_CMPT;
                 end

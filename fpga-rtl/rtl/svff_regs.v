@@ -43,7 +43,8 @@ module svff_regs (
     output reg          s_rvalid,
     input  wire         s_rready,
 
-    // queue/function look-up for the stream engine (combinational)
+    // queue/function look-up for the stream engine: lk_* answer for the lk_qid
+    // of the previous cycle
     input  wire [10:0]  lk_qid,
     output wire         lk_mapped,
     output wire [7:0]   lk_fn,
@@ -321,8 +322,11 @@ module svff_regs (
         endcase
     end
 
-    // stream engine look-up
-    wire [8:0] qent = qmap_m[lk_qid];
+    // stream engine look-up: registered queue-map read (one cycle of latency,
+    // maps to block RAM), then the owner's enable and key from its registers
+    reg [8:0] qent;
+    always @(posedge clk)
+        qent <= qmap_m[lk_qid];
     assign lk_mapped = qent[8];
     assign lk_fn     = qent[7:0];
     assign lk_enable = enable_m[qent[7:0]];

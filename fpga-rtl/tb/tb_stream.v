@@ -10,7 +10,8 @@
 //     queue remapping by PF0;
 //  E. CONTROL.CLEAR of one function leaves the others' counters intact;
 //  F. FLR while the engine holds the function's packet waits for it; FLR of another
-//     function completes meanwhile.
+//     function completes meanwhile;
+//  G. FLR arriving with a packet, at offsets around the engine's look-up cycle.
 // A model of the queue map and of every function's counters is checked against
 // the registers of all 256 functions after every phase.
 
@@ -119,8 +120,8 @@ module tb_stream;
         end
     endtask
 
-    // send one packet and update the model
-    task send(input [10:0] qid, input integer len, input [2:0] port, input integer err_beat);
+    // update the model for one packet about to be sent
+    task model_pkt(input [10:0] qid, input integer len, input [2:0] port, input integer err_beat);
         integer f, b, nb;
         reg [31:0] cs;
         begin
@@ -151,7 +152,36 @@ module tb_stream;
                     m_csum[f]      = cs;
                 end
             end
+        end
+    endtask
+
+    // send one packet and update the model
+    task send(input [10:0] qid, input integer len, input [2:0] port, input integer err_beat);
+        begin
+            model_pkt(qid, len, port, err_beat);
             send_raw(qid, len, port, err_beat);
+            pkt_no = pkt_no + 1;
+        end
+    endtask
+
+    // one-beat packet of function f on queue 8f, with an FLR request for f on
+    // the same edge, when the FLR scan pointer of the DUT is at s0 (white-box
+    // peek used only to line the FLR up with the engine's look-up cycle)
+    task send_with_flr(input integer f, input integer s0);
+        integer n;
+        begin
+            model_pkt(f * 8, 40, 0, -1);
+            n = 0;
+            @(negedge clk);
+            while (dut.u_regs.flr_scan != s0[7:0] || !h2c_tready) begin
+                @(negedge clk);
+                n = n + 1;
+            end
+            h2c_tdata = gen_beat(pkt_no, 0); h2c_qid = f * 8; h2c_port = 0; h2c_err = 0;
+            h2c_tlast = 1'b1; h2c_mty = 6'd24; h2c_zero = 1'b0; h2c_tvalid = 1'b1;
+            flr_fnc = f; flr_set = 1'b1;
+            @(negedge clk);
+            h2c_tvalid = 1'b0; h2c_tlast = 1'b0; flr_set = 1'b0;
             pkt_no = pkt_no + 1;
         end
     endtask
@@ -319,11 +349,12 @@ module tb_stream;
         end
     endtask
 
-    integer f, i, n, len, q, done_seen_50, done_seen_51;
+    integer f, i, n, len, q, off, done_seen_50, done_seen_51, done_all;
     reg [31:0] d;
     reg [1:0]  r;
 
     always @(posedge clk) if (flr_done_vld) begin
+        done_all = done_all + 1;
         if (flr_done_fnc == 8'd50) done_seen_50 = done_seen_50 + 1;
         if (flr_done_fnc == 8'd51) done_seen_51 = done_seen_51 + 1;
     end
@@ -334,7 +365,7 @@ module tb_stream;
             zero_fn_model(f); m_en[f] = 0; m_key[f] = 0;
         end
         m_unmapped = 0;
-        done_seen_50 = 0; done_seen_51 = 0;
+        done_seen_50 = 0; done_seen_51 = 0; done_all = 0;
         do_reset;
 
         // PF0 maps queues 8f..8f+3 to function f; 8f+4..8f+7 stay unmapped
@@ -439,6 +470,23 @@ module tb_stream;
         check_all_fns;
         rd_expect("FLR count", 12'd0, `SVFF_REG_MGMT_FLR_COUNT, 32'd2);
         $display("  phase F done: FLR waits for the function's packet only (cycle %0d)", cycle);
+
+        // G. FLR requested on the packet's edge, at scan offsets around the
+        //    engine's look-up cycle: the packet is looped back with the key it
+        //    was looked up with and the FLR comes after it (counters all zero),
+        //    never half of each
+        for (off = -2; off <= 3; off = off + 1) begin
+            f = 62 + off;
+            n = done_all;
+            send_with_flr(f, (f - 1 - off + 256) % 256);
+            wait_drained;
+            repeat (600) @(posedge clk);
+            check32("FLR on the packet's edge done once", f, done_all - n, 1);
+            zero_fn_model(f); m_en[f] = 0; m_key[f] = 0;
+            check_fn(f);
+        end
+        check_all_fns;
+        $display("  phase G done: FLR racing the look-up cycle (cycle %0d)", cycle);
 
         finish_tb;
     end
