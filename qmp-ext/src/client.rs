@@ -15,13 +15,16 @@ use crate::wire::{Event, Greeting, QmpCommand, QmpError};
 
 /// Largest single message accepted from a server.
 const MAX_LINE: usize = 64 << 20;
+/// Events kept for [`Client::take_events`]; the oldest are dropped beyond.
+const MAX_QUEUED_EVENTS: usize = 4096;
 
 /// A QMP client connection in command mode.
 ///
 /// Every read is bounded by the client's timeout (see
 /// [`Client::set_timeout`]): a silent server yields [`Error::Timeout`], never
 /// a hang. Events that arrive while waiting for a response are kept and can
-/// be read with [`Client::take_events`] or [`Client::wait_event`].
+/// be read with [`Client::take_events`] or [`Client::wait_event`] (the
+/// newest 4096 are kept).
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
@@ -114,10 +117,19 @@ impl Client {
         req.insert("id".into(), json!(id));
         let mut line = Value::Object(req).to_string().into_bytes();
         line.push(b'\n');
-        send_with_fds(self.stream.as_fd(), &line, fds).map_err(|source| Error::Io {
-            peer: self.peer.clone(),
-            what: "sending a command",
-            source,
+        send_with_fds(self.stream.as_fd(), &line, fds).map_err(|source| {
+            if hung_up(&source) {
+                Error::Closed {
+                    peer: self.peer.clone(),
+                    what: format!("the response to {command}"),
+                }
+            } else {
+                Error::Io {
+                    peer: self.peer.clone(),
+                    what: "sending a command",
+                    source,
+                }
+            }
         })?;
 
         let deadline = Instant::now() + self.timeout;
@@ -216,6 +228,9 @@ impl Client {
                 if v.get("event").is_some() {
                     let ev: Event = serde_json::from_value(v)
                         .map_err(|e| self.protocol(format!("bad event: {e}")))?;
+                    if self.events.len() == MAX_QUEUED_EVENTS {
+                        self.events.pop_front();
+                    }
                     self.events.push_back(ev);
                     return Ok(None);
                 }
@@ -260,6 +275,12 @@ impl Client {
                         what: what.to_string(),
                     })
                 }
+                Err(e) if hung_up(&e) => {
+                    return Err(Error::Closed {
+                        peer: self.peer.clone(),
+                        what: what.to_string(),
+                    })
+                }
                 Err(e) => {
                     return Err(Error::Io {
                         peer: self.peer.clone(),
@@ -270,4 +291,12 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether an I/O error means the peer closed the connection.
+fn hung_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
