@@ -55,6 +55,13 @@ impl Client {
         peer: String,
         timeout: Duration,
     ) -> Result<Client, Error> {
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|source| Error::Io {
+                peer: peer.clone(),
+                what: "setting the write timeout",
+                source,
+            })?;
         let mut client = Client {
             stream,
             peer,
@@ -88,9 +95,16 @@ impl Client {
         &self.greeting
     }
 
-    /// Sets how long any single wait (a response, an event) may take.
-    pub fn set_timeout(&mut self, timeout: Duration) {
+    /// Sets how long any single wait (sending, a response, an event) may take.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), Error> {
         self.timeout = timeout;
+        self.stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|source| Error::Io {
+                peer: self.peer.clone(),
+                what: "setting the write timeout",
+                source,
+            })
     }
 
     /// Runs `command` with optional `arguments` (a JSON object) and returns
@@ -118,7 +132,15 @@ impl Client {
         let mut line = Value::Object(req).to_string().into_bytes();
         line.push(b'\n');
         send_with_fds(self.stream.as_fd(), &line, fds).map_err(|source| {
-            if hung_up(&source) {
+            if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                Error::Timeout {
+                    peer: self.peer.clone(),
+                    what: format!("sending {command}"),
+                }
+            } else if hung_up(&source) {
                 Error::Closed {
                     peer: self.peer.clone(),
                     what: format!("the response to {command}"),
