@@ -395,8 +395,9 @@ impl Drop for HelperDaemon {
 }
 
 /// Starts `svff helper` with the socket group 1000, uids 0 and 1000 allowed, and
-/// only the igb PF on the allow-list; returns once it says it listens.
-fn start_helper() -> HelperDaemon {
+/// only the igb PF on the allow-list (with `pf_extra` appended to its entry);
+/// returns once it says it listens.
+fn start_helper(pf_extra: &str) -> HelperDaemon {
     let dir = PathBuf::from(format!("/tmp/svff-lab-helper-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -405,7 +406,7 @@ fn start_helper() -> HelperDaemon {
     fs::write(
         &config,
         format!(
-            "socket = \"{}\"\nsocket_group = \"1000\"\nallowed_uids = [0, 1000]\nallowed_gids = []\n\n[[pf]]\nbdf = \"{}\"\ndriver = \"igb\"\n",
+            "socket = \"{}\"\nsocket_group = \"1000\"\nallowed_uids = [0, 1000]\nallowed_gids = []\n\n[[pf]]\nbdf = \"{}\"\ndriver = \"igb\"\n{pf_extra}\n",
             socket.display(),
             igb_pf()
         ),
@@ -454,7 +455,7 @@ fn as_user(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> Output {
 fn daemon_refuses_uids_not_on_its_list_and_serves_allowed_ones() {
     let _guard = setup();
     let pf = igb_pf();
-    let helper = start_helper();
+    let helper = start_helper("");
     let sock = helper.socket.to_str().unwrap().to_owned();
     let meta = fs::metadata(&helper.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -509,4 +510,54 @@ fn daemon_refuses_uids_not_on_its_list_and_serves_allowed_ones() {
 
     svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "0", "--json"]);
     assert_eq!(numvfs(&pf), 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn program_with_an_external_command_removes_and_rescans_the_pf() {
+    let _guard = setup();
+    let pf = igb_pf();
+    // The "flash tool" records whether the PF was gone while it ran.
+    let dir = PathBuf::from(format!("/tmp/svff-lab-flash-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let tool = dir.join("flash.sh");
+    let seen = dir.join("seen");
+    fs::write(
+        &tool,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then echo present > {}; else echo removed > {}; fi\n",
+            dev(&pf).display(),
+            seen.display(),
+            seen.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&tool, fs::Permissions::from_mode(0o755)).unwrap();
+    let helper = start_helper(&format!(
+        "bitstream = {{ command = [\"{}\"], timeout_s = 60 }}",
+        tool.display()
+    ));
+    let sock = helper.socket.to_str().unwrap().to_owned();
+    svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "2", "--json"]);
+    let out = svff_ok_json(&["--socket", &sock, "program", "--pf", &pf]);
+    let names: Vec<&str> = out["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["disable_vfs", "remove_pf", "program", "rescan"],
+        "{out}"
+    );
+    eprintln!("measure: program (remove, /bin/sh tool, rescan): {out}");
+    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), "removed");
+    assert!(dev(&pf).exists(), "PF back after rescan");
+    assert_eq!(numvfs(&pf), 0);
+    // The PF works again: the daemon can create VFs on it.
+    svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "1", "--json"]);
+    assert_eq!(numvfs(&pf), 1);
+    drop(helper);
+    let _ = fs::remove_dir_all(&dir);
 }
