@@ -602,6 +602,21 @@ mod tests {
     }
 
     #[test]
+    fn results_do_not_depend_on_read_boundaries() {
+        let input: &[u8] =
+            b"{'execute': 'x', 'arguments': {'a': [1, 2.5e-3, \"\\u00e9\"]}, 'id': 'q'}\n\
+            {]\n{\xff{ 'execute': 'y' }{'bad \x01}null\n42 true [{}]";
+        let whole = JsonStream::new().feed(input);
+        // The stray `}` after the bad string is an error of its own, as in QEMU.
+        assert_eq!(whole.len(), 10, "{whole:?}");
+        for step in 1..input.len() {
+            let mut s = JsonStream::new();
+            let split: Vec<_> = input.chunks(step).flat_map(|c| s.feed(c)).collect();
+            assert_eq!(split, whole, "chunks of {step}");
+        }
+    }
+
+    #[test]
     fn deep_nesting_is_rejected_not_overflowing() {
         let r = all(&[b'['; 5000]);
         assert!(!r.is_empty());

@@ -159,3 +159,28 @@ fn waiting_for_an_event_that_never_comes_times_out() {
         .expect_err("no such event");
     assert!(matches!(err, qmp_ext::Error::Timeout { .. }), "{err:?}");
 }
+
+#[test]
+fn add_fd_passes_a_descriptor_that_query_fdsets_lists() {
+    let qemu = Qemu::start();
+    let mut c = qemu.connect();
+    let (r, _w) = nix::unistd::pipe().expect("pipe");
+    let info = c
+        .execute_with_fds(
+            "add-fd",
+            Some(json!({"fdset-id": 7, "opaque": "svff"})),
+            &[r.as_fd()],
+        )
+        .expect("add-fd with SCM_RIGHTS");
+    assert_eq!(info["fdset-id"], json!(7));
+    let qemu_fd = info["fd"].as_i64().expect("fd number in QEMU");
+    let sets = c.execute("query-fdsets", None).expect("query-fdsets");
+    let set = sets
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["fdset-id"] == json!(7))
+        .expect("fdset 7 listed");
+    assert_eq!(set["fds"][0]["fd"].as_i64(), Some(qemu_fd));
+    assert_eq!(set["fds"][0]["opaque"], json!("svff"));
+}
