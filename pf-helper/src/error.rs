@@ -192,6 +192,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The command line asks for something this mode cannot do.
+    #[error("{0}")]
+    Usage(String),
     /// The daemon spoke something that is not the protocol.
     #[error("helper protocol error: {0}")]
     Protocol(String),
@@ -209,7 +212,9 @@ impl Error {
     /// A short stable name for the error, used as `kind` in the daemon protocol.
     pub fn kind(&self) -> &str {
         match self {
-            Error::InvalidPciAddress { .. } | Error::InvalidDriverName { .. } => "invalid_argument",
+            Error::InvalidPciAddress { .. } | Error::InvalidDriverName { .. } | Error::Usage(_) => {
+                "invalid_argument"
+            }
             Error::NoSuchDevice { .. } | Error::OutsideDevices { .. } | Error::NotSriov { .. } => {
                 "no_device"
             }

@@ -103,6 +103,6 @@ pub use error::Error;
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
-pub use sriov::{SriovManager, VfsSetOptions};
+pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
 pub use status::{PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
 pub use sysfs::{RealSysfs, Sysfs};

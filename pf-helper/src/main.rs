@@ -101,7 +101,7 @@ fn require_root() -> Result<(), Error> {
     if nix::unistd::geteuid().is_root() {
         Ok(())
     } else {
-        Err(Error::Protocol(
+        Err(Error::Usage(
             "--direct needs root (or use the helper daemon without --direct)".into(),
         ))
     }
@@ -203,7 +203,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 mgr.set_vf_count(pf, count, &opts)?
             } else {
                 if pf_driver.is_some() {
-                    return Err(Error::Protocol(
+                    return Err(Error::Usage(
                         "--pf-driver needs --direct; the daemon takes the PF driver from its config".into(),
                     ));
                 }
@@ -218,7 +218,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Program { pf } => {
             if cli.direct {
-                return Err(Error::Protocol(
+                return Err(Error::Usage(
                     "program uses the daemon's per-PF bitstream config; run it without --direct"
                         .into(),
                 ));

@@ -12,6 +12,9 @@ use crate::qdma::QdmaProfile;
 use crate::status::{PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
 use crate::sysfs::Sysfs;
 
+/// Most threads used to bind VFs at once.
+pub const BIND_THREADS: usize = 8;
+
 /// What `set_vf_count` does besides writing the count.
 #[derive(Debug, Clone, Default)]
 pub struct VfsSetOptions {
@@ -322,6 +325,41 @@ impl<S: Sysfs> SriovManager<S> {
         Ok(())
     }
 
+    /// Binds every device of `list` to `driver`, spread over up to
+    /// [`BIND_THREADS`] threads. Every device is tried; the first error (in
+    /// list order) is returned.
+    pub fn bind_all(&self, list: &[PciAddress], driver: &DriverName) -> Result<(), Error> {
+        if list.len() <= 1 {
+            return list.iter().try_for_each(|d| self.bind(*d, driver));
+        }
+        let per_thread = list.len().div_ceil(BIND_THREADS);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = list
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        // Bind every device even after a failure; keep the first error.
+                        chunk
+                            .iter()
+                            .map(|d| self.bind(*d, driver))
+                            .fold(Ok(()), Result::and)
+                    })
+                })
+                .collect();
+            let mut first = None;
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first.get_or_insert(e);
+                    }
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            first.map_or(Ok(()), Err)
+        })
+    }
+
     /// Puts the PF on `driver` (its own driver, `pci-pf-stub`, `qdma-pf`...).
     /// VFs are disabled first when the driver has to change.
     pub fn ensure_pf_driver(&self, pf: PciAddress, driver: &DriverName) -> Result<(), Error> {
@@ -437,9 +475,8 @@ impl<S: Sysfs> SriovManager<S> {
         }
         if let Some(driver) = &opts.bind {
             if !vfs.is_empty() {
-                timed(&mut steps, "bind_vfs", || {
-                    vfs.iter().try_for_each(|(_, vf)| self.bind(*vf, driver))
-                })?;
+                let list: Vec<PciAddress> = vfs.iter().map(|(_, vf)| *vf).collect();
+                timed(&mut steps, "bind_vfs", || self.bind_all(&list, driver))?;
             }
         }
         if let Some(profile) = &opts.qdma {

@@ -421,3 +421,40 @@ fn qdma_write_failure_names_setting_and_function() {
         "{err}"
     );
 }
+
+#[test]
+fn parallel_bind_reports_the_failing_vf_and_binds_the_others() {
+    let fake = FakeSysfs::new();
+    fake.add_pf("0000:02:00.0", "0x1b36", "0x0010", 64, "0x0010");
+    fake.preset_driver("0000:02:00.0", "pci-pf-stub");
+    let mgr = SriovManager::new(fake);
+    let nvme = PciAddress::parse("0000:02:00.0").unwrap();
+    mgr.set_vf_count(nvme, 16, &opts(None)).unwrap();
+    mgr.sysfs()
+        .fail_next_write("0000:02:11.2/driver_override", libc::EIO);
+    let err = mgr
+        .set_vf_count(nvme, 16, &opts(Some("vfio-pci")))
+        .unwrap_err();
+    assert!(
+        err.chain().contains("0000:02:11.2/driver_override"),
+        "{}",
+        err.chain()
+    );
+    let st = mgr.pf_status(nvme).unwrap();
+    for vf in &st.vfs {
+        let expected = if vf.bdf.to_string() == "0000:02:11.2" {
+            None
+        } else {
+            Some("vfio-pci")
+        };
+        assert_eq!(vf.driver.as_deref(), expected, "{}", vf.bdf);
+    }
+    // Retrying binds the one that failed.
+    mgr.set_vf_count(nvme, 16, &opts(Some("vfio-pci"))).unwrap();
+    assert!(mgr
+        .pf_status(nvme)
+        .unwrap()
+        .vfs
+        .iter()
+        .all(|v| v.driver.as_deref() == Some("vfio-pci")));
+}

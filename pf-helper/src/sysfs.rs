@@ -98,3 +98,34 @@ impl Sysfs for RealSysfs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_sysfs_writes_existing_attributes_and_never_creates_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("bus/pci")).unwrap();
+        fs::write(dir.path().join("bus/pci/drivers_probe"), "old-and-longer\n").unwrap();
+        let sysfs = RealSysfs::with_root(dir.path());
+        sysfs
+            .write(Path::new("bus/pci/drivers_probe"), "0000:01:00.0")
+            .unwrap();
+        // No truncation (sysfs has no file length); the value lands at offset 0.
+        assert!(fs::read_to_string(dir.path().join("bus/pci/drivers_probe"))
+            .unwrap()
+            .starts_with("0000:01:00.0"));
+        let err = sysfs.write(Path::new("bus/pci/new_attr"), "1").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(!dir.path().join("bus/pci/new_attr").exists());
+        assert_eq!(
+            sysfs
+                .read(Path::new("bus/pci/drivers_probe"))
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+}
