@@ -46,8 +46,6 @@ enum StrState {
     Plain,
     /// After a backslash.
     Escape,
-    /// Inside `\uXXXX`, with this many hex digits still to come.
-    Unicode(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -222,34 +220,9 @@ impl JsonStream {
                     }
                     StrState::Plain if b == b'\\' => StrState::Escape,
                     StrState::Plain => StrState::Plain,
-                    StrState::Escape => match b {
-                        b'"' | b'\'' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                            StrState::Plain
-                        }
-                        b'u' => StrState::Unicode(4),
-                        _ => {
-                            return (
-                                Some(Lexed::Error(format!(
-                                    "JSON parse error, invalid escape '\\{}'",
-                                    describe(b)
-                                ))),
-                                false,
-                            )
-                        }
-                    },
-                    StrState::Unicode(n) => {
-                        if !b.is_ascii_hexdigit() {
-                            return (
-                                Some(Lexed::Error("JSON parse error, invalid \\u escape".into())),
-                                false,
-                            );
-                        }
-                        if n == 1 {
-                            StrState::Plain
-                        } else {
-                            StrState::Unicode(n - 1)
-                        }
-                    }
+                    // Like QEMU, the lexer takes any character after a
+                    // backslash; the parser checks the escape.
+                    StrState::Escape => StrState::Plain,
                 };
                 buf.push(b);
                 self.state = LexState::Str(q, next, buf);
@@ -257,6 +230,16 @@ impl JsonStream {
             }
             LexState::Number(st, mut text) => {
                 use NumState::*;
+                if st == Zero && b.is_ascii_digit() {
+                    // QEMU: a leading zero followed by a digit is a lexical error.
+                    return (
+                        Some(Lexed::Error(format!(
+                            "JSON parse error, stray '{text}{}'",
+                            char::from(b)
+                        ))),
+                        false,
+                    );
+                }
                 let next = match (st, b) {
                     (Minus, b'0') => Some(Zero),
                     (Minus, b'1'..=b'9') => Some(Int),
@@ -468,9 +451,30 @@ fn number(text: &str) -> Result<Value, String> {
         .ok_or_else(|| format!("JSON parse error, number '{text}' out of range"))
 }
 
-/// Decodes the raw bytes of a string token (escapes already checked by the
-/// lexer for shape). Rejects invalid UTF-8, lone surrogates and `\u0000`.
+/// Decodes the raw bytes of a string token: escapes and (modified) UTF-8.
+/// Rejects invalid escapes, invalid UTF-8 and lone surrogates.
 fn decode_string(raw: &[u8]) -> Result<String, String> {
+    // QEMU reads strings as modified UTF-8, where C0 80 encodes U+0000. The
+    // lexer never passes a NUL byte through and C0 is never valid UTF-8, so
+    // rewriting the pair to NUL before strict decoding changes nothing else.
+    let nul_fixed;
+    let raw = if raw.windows(2).any(|w| w == [0xc0, 0x80]) {
+        let mut v = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i..].starts_with(&[0xc0, 0x80]) {
+                v.push(0);
+                i += 2;
+            } else {
+                v.push(raw[i]);
+                i += 1;
+            }
+        }
+        nul_fixed = v;
+        &nul_fixed[..]
+    } else {
+        raw
+    };
     let text = std::str::from_utf8(raw)
         .map_err(|_| "JSON parse error, invalid UTF-8 sequence in string".to_string())?;
     let mut out = String::with_capacity(text.len());
@@ -502,9 +506,6 @@ fn decode_string(raw: &[u8]) -> Result<String, String> {
                 } else {
                     hi
                 };
-                if cp == 0 {
-                    return Err("JSON parse error, \\u0000 is not supported".into());
-                }
                 char::from_u32(cp).ok_or("JSON parse error, invalid \\uXXXX escape")?
             }
             _ => return Err("JSON parse error, invalid escape".into()),

@@ -1,79 +1,14 @@
 //! Our client against real QEMU (`qemu-system-x86_64 -M none`).
 
+mod common;
+
 use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use qmp_ext::{Client, ErrorClass};
+use common::{Qemu, QEMU_TIMEOUT as TIMEOUT};
+
+use qmp_ext::ErrorClass;
 use serde_json::json;
-
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A daemonized QEMU with a QMP socket in a temporary directory, killed on drop.
-struct Qemu {
-    dir: tempfile::TempDir,
-    pid: Option<i32>,
-}
-
-impl Qemu {
-    fn start() -> Qemu {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("qmp.sock");
-        let pidfile = dir.path().join("qemu.pid");
-        // -daemonize: the command returns once QEMU is initialised, so the
-        // socket is listening when it does; no polling needed.
-        let out = Command::new(QEMU)
-            .args([
-                "-M",
-                "none",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-daemonize",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .arg("-pidfile")
-            .arg(&pidfile)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {QEMU} (install qemu-system-x86): {e}"));
-        assert!(
-            out.status.success(),
-            "QEMU failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pid = std::fs::read_to_string(&pidfile)
-            .expect("pidfile")
-            .trim()
-            .parse()
-            .expect("pid");
-        Qemu {
-            dir,
-            pid: Some(pid),
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("qmp.sock")
-    }
-
-    fn connect(&self) -> Client {
-        Client::connect(self.socket(), TIMEOUT).expect("connect to QEMU")
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
 
 #[test]
 fn negotiates_with_qemu_and_queries_status() {

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use qmp_ext::{EventSink, Handler, QmpError, Server, ServerConfig, Session};
@@ -137,4 +138,71 @@ pub fn error_class(rsp: &Value) -> &str {
     rsp["error"]["class"]
         .as_str()
         .unwrap_or_else(|| panic!("not an error response: {rsp}"))
+}
+
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+pub const QEMU_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A daemonized QEMU with a QMP socket in a temporary directory, killed on drop.
+pub struct Qemu {
+    dir: tempfile::TempDir,
+    pid: Option<i32>,
+}
+
+impl Qemu {
+    pub fn start() -> Qemu {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("qmp.sock");
+        let pidfile = dir.path().join("qemu.pid");
+        // -daemonize: the command returns once QEMU is initialised, so the
+        // socket is listening when it does; no polling needed.
+        let out = Command::new(QEMU)
+            .args([
+                "-M",
+                "none",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-daemonize",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .arg("-pidfile")
+            .arg(&pidfile)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {QEMU} (install qemu-system-x86): {e}"));
+        assert!(
+            out.status.success(),
+            "QEMU failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(&pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid");
+        Qemu {
+            dir,
+            pid: Some(pid),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("qmp.sock")
+    }
+
+    pub fn connect(&self) -> qmp_ext::Client {
+        qmp_ext::Client::connect(self.socket(), QEMU_TIMEOUT).expect("connect to QEMU")
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
