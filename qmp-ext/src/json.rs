@@ -245,7 +245,8 @@ impl JsonStream {
                     (Minus, b'1'..=b'9') => Some(Int),
                     (Int, b'0'..=b'9') => Some(Int),
                     (Zero | Int, b'.') => Some(Dot),
-                    (Zero | Int | Frac, b'e' | b'E') => Some(Exp),
+                    // As in QEMU, `0e1` is not a number: no exponent right after a lone zero.
+                    (Int | Frac, b'e' | b'E') => Some(Exp),
                     (Dot | Frac, b'0'..=b'9') => Some(Frac),
                     (Exp, b'+' | b'-') => Some(ExpSign),
                     (Exp | ExpSign | ExpDigits, b'0'..=b'9') => Some(ExpDigits),

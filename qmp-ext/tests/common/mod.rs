@@ -92,7 +92,12 @@ impl Raw {
 
     pub fn recv(&mut self) -> Value {
         let line = self.recv_line();
-        serde_json::from_slice(&line).expect("server sends valid JSON")
+        serde_json::from_slice(&line).unwrap_or_else(|e| {
+            panic!(
+                "server sent invalid JSON ({e}): {:?}",
+                String::from_utf8_lossy(&line)
+            )
+        })
     }
 
     /// The next line as sent, CRLF included.
