@@ -538,7 +538,15 @@ fn program_with_an_external_command_removes_and_rescans_the_pf() {
         tool.display()
     ));
     let sock = helper.socket.to_str().unwrap().to_owned();
-    svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "2", "--json"]);
+    let report = svff_ok_json(&["--socket", &sock, "vfs", "set", "--pf", &pf, "2", "--json"]);
+    assert!(
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["name"] != "qdma_profile"),
+        "{report}"
+    );
     let out = svff_ok_json(&["--socket", &sock, "program", "--pf", &pf]);
     let names: Vec<&str> = out["steps"]
         .as_array()
@@ -560,4 +568,60 @@ fn program_with_an_external_command_removes_and_rescans_the_pf() {
     assert_eq!(numvfs(&pf), 1);
     drop(helper);
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn daemon_serves_on_a_systemd_activated_socket() {
+    let _guard = setup();
+    let dir = PathBuf::from(format!("/tmp/svff-lab-activate-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let activated = dir.join("activated.sock");
+    let configured = dir.join("configured.sock");
+    let config = dir.join("helper.toml");
+    fs::write(
+        &config,
+        format!(
+            "socket = \"{}\"\nallowed_uids = [0]\n[[pf]]\nbdf = \"{}\"\n",
+            configured.display(),
+            igb_pf()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&activated)
+        .args([SVFF, "helper", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) must be installed");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    // Forward everything it and the daemon log; hand the first line to the test.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("activated: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    let result = std::panic::catch_unwind(|| {
+        let line = line.expect("systemd-socket-activate did not start listening within 60 s");
+        assert!(line.contains("Listening on"), "{line}");
+        let status = svff_ok_json(&["--socket", activated.to_str().unwrap(), "status", "--json"]);
+        assert_eq!(status["pfs"][0], sysfs_view(&igb_pf()));
+        assert!(
+            !configured.exists(),
+            "the daemon must use the passed socket, not bind its own"
+        );
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
