@@ -1,0 +1,187 @@
+//! Host tests of the `svff` binary that touch no device: help, argument
+//! checking, error messages, and the daemon's peer check end to end.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const SVFF: &str = env!("CARGO_BIN_EXE_svff");
+
+fn svff(args: &[&str]) -> Output {
+    Command::new(SVFF).args(args).output().expect("run svff")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_command_and_option() {
+    let top = stdout(&svff(&["--help"]));
+    for word in ["status", "vfs", "program", "helper", "--socket", "--direct"] {
+        assert!(top.contains(word), "svff --help lacks {word}:\n{top}");
+    }
+    let set = stdout(&svff(&["vfs", "set", "--help"]));
+    for word in [
+        "--pf <BDF>",
+        "<COUNT>",
+        "--bind <DRIVER>",
+        "--pf-driver <DRIVER>",
+        "--json",
+        "--direct",
+    ] {
+        assert!(
+            set.contains(word),
+            "svff vfs set --help lacks {word}:\n{set}"
+        );
+    }
+    let status = stdout(&svff(&["status", "--help"]));
+    for word in ["--json", "format_version", "--pf <BDF>"] {
+        assert!(
+            status.contains(word),
+            "svff status --help lacks {word}:\n{status}"
+        );
+    }
+    let helper = stdout(&svff(&["helper", "--help"]));
+    assert!(
+        helper.contains("--config <PATH>") && helper.contains("SO_PEERCRED"),
+        "{helper}"
+    );
+    assert!(stdout(&svff(&["program", "--help"])).contains("--pf <BDF>"));
+}
+
+#[test]
+fn malformed_pf_addresses_are_rejected_by_the_cli() {
+    for bad in ["0000:0A:00.0", "00:20.0", "0000:01:00.0/..", "0000:+1:00.0"] {
+        let out = svff(&["--direct", "vfs", "set", "--pf", bad, "1"]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            stderr(&out).contains("invalid PCI address"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+    }
+    let out = svff(&[
+        "vfs",
+        "set",
+        "--pf",
+        "0000:01:00.0",
+        "1",
+        "--bind",
+        "../vfio-pci",
+    ]);
+    assert!(
+        stderr(&out).contains("invalid driver name"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn pf_driver_without_direct_is_a_usage_error() {
+    let out = svff(&[
+        "--socket",
+        "/nonexistent/helper.sock",
+        "vfs",
+        "set",
+        "--pf",
+        "0000:01:00.0",
+        "1",
+        "--pf-driver",
+        "igb",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--pf-driver needs --direct"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unreachable_daemon_is_named_in_the_error() {
+    let out = svff(&["--socket", "/nonexistent/helper.sock", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("helper socket /nonexistent/helper.sock: connect failed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn helper_refuses_a_missing_config() {
+    let out = svff(&["helper", "--config", "/nonexistent/helper.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("config /nonexistent/helper.toml: cannot stat"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn helper_refuses_peers_whose_uid_is_not_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    let config = dir.path().join("helper.toml");
+    let me = nix::unistd::getuid().as_raw();
+    let other = me.wrapping_add(4242);
+    fs::write(
+        &config,
+        format!(
+            "socket = \"{}\"\nallowed_uids = [{other}]\n[[pf]]\nbdf = \"0000:7f:1f.7\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(SVFF)
+        .args(["helper", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30));
+    let result = std::panic::catch_unwind(|| {
+        let line = line.expect("helper started or exited within 30 s");
+        if me == 0 {
+            assert!(line.starts_with("svff helper listening on"), "{line:?}");
+            let out = svff(&["--socket", socket.to_str().unwrap(), "status"]);
+            assert_eq!(out.status.code(), Some(1));
+            assert!(
+                stderr(&out).contains(&format!("permission denied: uid {me} ")),
+                "{}",
+                stderr(&out)
+            );
+        } else {
+            // A config not owned by root is refused before anything else.
+            assert!(line.is_empty(), "{line:?}");
+        }
+    });
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    if me != 0 {
+        assert!(
+            stderr(&output).contains("must be owned by root"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
