@@ -1,0 +1,408 @@
+//! vfio-pause on real VFIO inside the lab (L1, Linux 6.12, emulated nvme and
+//! igb PFs on pci-pf-stub, intel-iommu). Each test sets up the PF itself and
+//! leaves its VFs destroyed.
+
+mod common;
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use svff_lab::guest;
+use vfio_pause::{
+    Container, DeviceOptions, DeviceState, Error, PausableDevice, PausedAccess, Phase, Timings,
+    TrapAllBars, VfSource,
+};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+const GUEST_RAM: usize = 16 << 20;
+
+/// Put `pf` on pci-pf-stub with `n` VFs, bind VF `which` to vfio-pci, return its BDF.
+fn pf_with_vfio_vf(pf: &str, n: u32, which: usize) -> String {
+    guest::modprobe("vfio-pci");
+    guest::bind(pf, "pci-pf-stub");
+    guest::set_numvfs(pf, 0);
+    guest::set_numvfs(pf, n);
+    let vf = guest::vfs_of(pf)[which].clone();
+    guest::bind(&vf, "vfio-pci");
+    vf
+}
+
+/// `sriov_numvfs=0`, timed: returns only once the kernel destroyed every VF,
+/// which blocks forever while any fd of a VF is still open.
+fn numvfs_zero(pf: &str) -> Duration {
+    let t = Instant::now();
+    guest::write_attr(guest::dev_path(pf).join("sriov_numvfs"), "0");
+    t.elapsed()
+}
+
+/// Re-create `n` VFs and bind VF `which` to vfio-pci.
+fn recreate(pf: &str, n: u32, which: usize) -> String {
+    guest::write_attr(guest::dev_path(pf).join("sriov_numvfs"), &n.to_string());
+    let vf = guest::vfs_of(pf)[which].clone();
+    guest::bind(&vf, "vfio-pci");
+    vf
+}
+
+fn fd_links() -> Vec<String> {
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect()
+}
+
+fn fd_count() -> usize {
+    fd_links().len()
+}
+
+fn vm_rss_kib() -> u64 {
+    let s = fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// No fd and no mapping of any VFIO device or of `group` is held by this process.
+fn assert_no_vf_resources(group: u32) {
+    let group_dev = format!("/dev/vfio/{group}");
+    for l in fd_links() {
+        assert!(
+            !l.contains("vfio-device") && l != group_dev,
+            "fd still open after pause: {l}"
+        );
+    }
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(
+        !maps.contains("vfio-device"),
+        "a VFIO device mapping survived the pause:\n{maps}"
+    );
+}
+
+fn guest_ram(container: &Container) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_RAM)]).unwrap();
+    // SAFETY: `mem` is returned to the caller, who keeps it alive until the
+    // container is dropped; the test never forms references into it.
+    unsafe { container.register_guest_memory(&mem) }.unwrap();
+    mem
+}
+
+fn open(container: &Arc<Container>, vf: &str, options: DeviceOptions) -> PausableDevice {
+    PausableDevice::open(
+        "vf0",
+        container.clone(),
+        VfSource::Sysfs(vf.parse().unwrap()),
+        options,
+        Arc::new(TrapAllBars),
+    )
+    .unwrap_or_else(|e| panic!("open {vf}: {}", chain(&e)))
+}
+
+fn chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        s += &format!(": {x}");
+        src = x.source();
+    }
+    s
+}
+
+fn cfg32(dev: &PausableDevice, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.config_read(off, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn bar32(dev: &PausableDevice, bar: u32, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.bar_read(bar, off, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn sysfs(vf: &str) -> VfSource {
+    VfSource::Sysfs(vf.parse().unwrap())
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    let ids = cfg32(&dev, 0);
+    assert_eq!(ids, 0x0010_1b36, "nvme VF ids through vfio config space");
+    // NVMe VS register (BAR0 + 0x08). QEMU's nvme VF is offline until the PF
+    // assigns it queues, and then answers MMIO reads with 0: what matters is
+    // that the read reached the device (not the all-ones of a paused device).
+    let vs = bar32(&dev, 0, 0x08);
+    assert_ne!(vs, u32::MAX, "BAR0 read while attached reached the VF");
+    let cap = bar32(&dev, 0, 0x00);
+    let attached_fds = fd_count();
+    let mut rss_after_first = 0;
+    for cycle in 0..20 {
+        let p = dev
+            .pause()
+            .unwrap_or_else(|e| panic!("pause: {}", chain(&e)));
+        assert_eq!(dev.state(), DeviceState::Paused);
+        assert_no_vf_resources(guest::iommu_group(&vf));
+        // Paused: config from the shadow, BAR reads all-ones.
+        assert_eq!(cfg32(&dev, 0), ids);
+        assert_eq!(bar32(&dev, 0, 0x08), u32::MAX);
+        let removal = numvfs_zero(&pf);
+        let vf2 = recreate(&pf, 2, 0);
+        assert_eq!(vf2, vf, "VF 0 comes back at the same BDF");
+        let u = dev
+            .unpause(sysfs(&vf))
+            .unwrap_or_else(|e| panic!("unpause: {}", chain(&e)));
+        assert!(u.get(Phase::DmaRemap).is_some(), "container lost its DMA");
+        assert_eq!(cfg32(&dev, 0), ids);
+        assert_eq!(bar32(&dev, 0, 0x08), vs);
+        assert_eq!(bar32(&dev, 0, 0x00), cap);
+        assert_eq!(fd_count(), attached_fds, "fd count after cycle {cycle}");
+        if cycle == 0 {
+            rss_after_first = vm_rss_kib();
+        }
+        println!(
+            "cycle {cycle}: sriov_numvfs=0 took {:.1} ms; pause [{p}]; unpause [{u}]",
+            removal.as_secs_f64() * 1e3
+        );
+    }
+    let rss = vm_rss_kib();
+    println!("VmRSS after cycle 1: {rss_after_first} KiB, after cycle 20: {rss} KiB");
+    assert!(
+        rss < rss_after_first + 4096,
+        "VmRSS grew from {rss_after_first} KiB to {rss} KiB over 19 cycles"
+    );
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn unpause_onto_other_identity_fails_naming_both_and_then_unpauses_onto_the_right_one() {
+    guest::require_lab();
+    let nvme_pf = guest::nvme_pf();
+    let igb_pf = guest::igb_pf();
+    let nvme_vf = pf_with_vfio_vf(&nvme_pf, 1, 0);
+    let igb_vf = pf_with_vfio_vf(&igb_pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &nvme_vf, DeviceOptions::default());
+    dev.pause().unwrap();
+    let fds_paused = fd_count();
+    let e = dev.unpause(sysfs(&igb_vf)).unwrap_err();
+    let msg = e.to_string();
+    println!("wrong identity: {msg}");
+    assert!(matches!(e, Error::IdentityMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("1b36:0010") && msg.contains("8086:10ca"),
+        "{msg}"
+    );
+    assert!(msg.contains(&nvme_vf) && msg.contains(&igb_vf), "{msg}");
+    assert_eq!(dev.state(), DeviceState::Paused);
+    assert_eq!(fd_count(), fds_paused, "the igb VF's fds were closed again");
+    assert_no_vf_resources(guest::iommu_group(&igb_vf));
+    dev.unpause(sysfs(&nvme_vf))
+        .unwrap_or_else(|e| panic!("unpause onto the right VF: {}", chain(&e)));
+    assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&nvme_pf, 0);
+    guest::set_numvfs(&igb_pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn unpause_when_the_vf_is_gone_fails_cleanly_and_stays_paused() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    dev.pause().unwrap();
+    numvfs_zero(&pf);
+    let fds = fd_count();
+    let e = dev.unpause(sysfs(&vf)).unwrap_err();
+    println!("gone: {}", chain(&e));
+    assert!(matches!(e, Error::VfGone { .. }), "{}", chain(&e));
+    assert_eq!(dev.state(), DeviceState::Paused);
+    assert_eq!(fd_count(), fds);
+    recreate(&pf, 1, 0);
+    dev.unpause(sysfs(&vf)).unwrap();
+    assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn pause_twice_and_unpause_twice_are_noops_on_real_vfio() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    assert!(!dev.pause().unwrap().noop);
+    let fds = fd_count();
+    assert!(dev.pause().unwrap().noop);
+    assert_eq!(fd_count(), fds);
+    assert!(!dev.unpause(sysfs(&vf)).unwrap().noop);
+    let fds = fd_count();
+    assert!(dev.unpause(sysfs(&vf)).unwrap().noop);
+    assert_eq!(fd_count(), fds);
+    assert_eq!(dev.state(), DeviceState::Attached);
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let options = DeviceOptions {
+        paused_access: PausedAccess::Ignore,
+        mmap_bars: true,
+    };
+    let dev = open(&container, &vf, options);
+    let maps = dev.bar_mmaps();
+    assert!(!maps.is_empty(), "BAR0 of an nvme VF is mmap-able");
+    // SAFETY: host_addr is a live MAP_SHARED mapping of BAR0 (>= 4 KiB); a
+    // volatile 32-bit read of offset 8 (NVMe VS) is a valid MMIO access.
+    let vs_mmio = unsafe { std::ptr::read_volatile((maps[0].host_addr + 8) as *const u32) };
+    assert_eq!(vs_mmio, bar32(&dev, 0, 8), "mmap and read() agree");
+    dev.pause().unwrap();
+    assert!(dev.bar_mmaps().is_empty());
+    assert_no_vf_resources(guest::iommu_group(&vf));
+    numvfs_zero(&pf);
+    let vf = recreate(&pf, 1, 0);
+    // What a privileged helper would hand over with SCM_RIGHTS.
+    let group: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/vfio/{}", guest::iommu_group(&vf)))
+        .unwrap()
+        .into();
+    let u = dev
+        .unpause(VfSource::GroupFd {
+            group,
+            address: vf.parse().unwrap(),
+        })
+        .unwrap_or_else(|e| panic!("unpause via group fd: {}", chain(&e)));
+    println!("unpause via passed group fd: {u}");
+    assert_eq!(bar32(&dev, 0, 8), vs_mmio);
+    let maps = dev.bar_mmaps();
+    // SAFETY: as above, for the new mapping.
+    let vs2 = unsafe { std::ptr::read_volatile((maps[0].host_addr + 8) as *const u32) };
+    assert_eq!(vs2, vs_mmio);
+    dev.pause().unwrap();
+    assert_no_vf_resources(guest::iommu_group(&vf));
+    // Back to an own open by sysfs path in the same container.
+    dev.unpause(sysfs(&vf)).unwrap();
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn c_program_cycles_a_real_vf_through_the_c_abi() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let exe = std::path::Path::new("/tmp/vfio-pause-cycle");
+    common::build_c_cycle(exe);
+    let out = std::process::Command::new(exe)
+        .args(["real", &pf, &vf, "2", "3"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "cycle real failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cycle: ok"));
+    guest::set_numvfs(&pf, 0);
+}
+
+fn summarize(name: &str, runs: &[Timings]) {
+    let mut line = format!("{name} ({} runs):", runs.len());
+    let total: Vec<f64> = runs.iter().map(|t| t.total.as_secs_f64() * 1e3).collect();
+    line += &format!(" total {}", stats(&total));
+    for p in Phase::ALL {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter_map(|t| t.get(p))
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        if !v.is_empty() {
+            line += &format!(", {} {}", p.name(), stats(&v));
+        }
+    }
+    println!("{line}");
+}
+
+fn stats(v: &[f64]) -> String {
+    let n = v.len() as f64;
+    let avg = v.iter().sum::<f64>() / n;
+    let sd = (v.iter().map(|x| (x - avg).powi(2)).sum::<f64>() / n).sqrt();
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    format!("avg {avg:.3} ms (sd {sd:.3}, min {min:.3})")
+}
+
+/// Lab benchmark: prints per-phase times of pause/unpause on a real VF (no
+/// assertion on time), with and without a sriov_numvfs cycle in between.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn lab_bench_prints_per_phase_times_on_real_vfs() {
+    guest::require_lab();
+    let runs: usize = std::env::var("VFIO_PAUSE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    let (mut pauses, mut unpauses) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        pauses.push(dev.pause().unwrap());
+        unpauses.push(dev.unpause(sysfs(&vf)).unwrap());
+    }
+    println!("BENCH real nvme VF {vf}, 16 MiB guest RAM mapped, same VF:");
+    summarize("  pause", &pauses);
+    summarize("  unpause", &unpauses);
+    let (mut pauses, mut unpauses, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        pauses.push(dev.pause().unwrap());
+        let t = Instant::now();
+        numvfs_zero(&pf);
+        recreate(&pf, 1, 0);
+        counts.push(t.elapsed().as_secs_f64() * 1e3);
+        unpauses.push(dev.unpause(sysfs(&vf)).unwrap());
+    }
+    println!("BENCH with sriov_numvfs 1 -> 0 -> 1 + bind between pause and unpause:");
+    summarize("  pause", &pauses);
+    println!("  numvfs cycle + bind: {}", stats(&counts));
+    summarize("  unpause", &unpauses);
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
