@@ -211,17 +211,27 @@ impl Client {
     /// Waits until an event called `name` arrives (or was already received
     /// and not taken), for at most `timeout`. Other events stay queued.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Event, Error> {
+        self.wait_event_where(name, |_| true, timeout)
+    }
+
+    /// Like [`Client::wait_event`], for the first event called `name` that
+    /// `matches` accepts, e.g. `DEVICE_DELETED` of one device among several.
+    pub fn wait_event_where(
+        &mut self,
+        name: &str,
+        mut matches: impl FnMut(&Event) -> bool,
+        timeout: Duration,
+    ) -> Result<Event, Error> {
         let deadline = Instant::now() + timeout;
         let what = format!("event {name}");
-        let mut seen = 0;
         loop {
-            if let Some(pos) = self.events.iter().skip(seen).position(|e| e.name == name) {
-                return Ok(self
-                    .events
-                    .remove(seen + pos)
-                    .expect("position is in range"));
+            if let Some(pos) = self
+                .events
+                .iter()
+                .position(|e| e.name == name && matches(e))
+            {
+                return Ok(self.events.remove(pos).expect("position is in range"));
             }
-            seen = self.events.len();
             // read_message queues events itself; anything else is a stray
             // response, dropped as the spec asks.
             let _ = self.read_message(deadline, &what)?;

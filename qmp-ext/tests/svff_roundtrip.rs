@@ -329,3 +329,37 @@ fn svff_errors_have_qemu_classes() {
         ErrorClass::CommandNotFound
     );
 }
+
+#[test]
+fn wait_event_where_picks_the_matching_event_and_keeps_the_others() {
+    let (_dir, _server, mut c) = vmm();
+    c.call(&SvffVfioPause {
+        id: "vf0".into(),
+        policy: None,
+    })
+    .expect("pause");
+    // Two state events are queued now: pausing, then paused.
+    let paused = c
+        .wait_event_where(
+            "SVFF_VFIO_STATE_CHANGED",
+            |e| {
+                e.decode::<SvffVfioStateChanged>()
+                    .is_ok_and(|d| d.state == SvffVfioState::Paused)
+            },
+            TIMEOUT,
+        )
+        .expect("paused event");
+    assert_eq!(
+        paused.data.as_ref().and_then(|d| d.get("state")),
+        Some(&json!("paused"))
+    );
+    let left = c.take_events();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        left[0]
+            .decode::<SvffVfioStateChanged>()
+            .expect("decode")
+            .state,
+        SvffVfioState::Pausing
+    );
+}
