@@ -41,6 +41,8 @@ fn responses_with_other_ids_are_dropped_and_events_kept() {
     let (_dir, path, l) = listener();
     let peer = std::thread::spawn(move || {
         let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
         let mut line = String::new();
         s.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 1, \"minor\": 2, \"micro\": 3}, \"package\": \"x\"}, \"capabilities\": [\"oob\"]}}\r\n")
