@@ -14,7 +14,7 @@
 //!   single-quoted strings accepted, a lexical error (a control character,
 //!   bytes 0xFE/0xFF) is answered with a `GenericError` and the parser
 //!   resynchronises, so the connection stays usable (`tests/differential.rs`
-//!   checks this against QEMU 10 byte for byte);
+//!   compares it with QEMU 10, response for response);
 //! - `id` is echoed on success and on error, whatever JSON value it is;
 //! - descriptors passed with SCM_RIGHTS are claimed by `getfd {fdname}` and
 //!   released by `closefd`; a [`Handler`] takes them with [`Session::take_fd`];
