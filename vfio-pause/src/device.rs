@@ -836,6 +836,18 @@ impl PausableDevice {
         Ok(())
     }
 
+    /// Number of vectors the VF offers for interrupt `index` (0: none).
+    /// Needs the VF, so only while attached.
+    pub fn irq_count(&self, index: u32) -> Result<u32> {
+        let g = self.lock();
+        match (g.state, g.vf) {
+            (DeviceState::Attached, Some(vf)) => {
+                self.container.with_backend(|b| b.irq_count(vf, index))
+            }
+            (state, _) => Err(self.invalid("query irqs", state)),
+        }
+    }
+
     /// Wire (or, with `None`, unwire) the kernel's device-request IRQ.
     pub fn set_request_irq(&self, fd: Option<EventFd>) -> Result<()> {
         let mut g = self.lock();

@@ -710,3 +710,187 @@ pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
         res.map_err(Fail::Err)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: vp_last_error returns a valid NUL-terminated string.
+        unsafe { CStr::from_ptr(vp_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    const NVME: VpIdentity = VpIdentity {
+        vendor: 0x1b36,
+        device: 0x0010,
+        subsystem_vendor: 0x1af4,
+        subsystem: 0x1100,
+        class_code: 0x010802,
+    };
+
+    fn sim_device() -> (*mut VpContainer, *mut VpDevice) {
+        let mut c = ptr::null_mut();
+        let mut d = ptr::null_mut();
+        // SAFETY: valid out pointers and NUL-terminated literals throughout.
+        unsafe {
+            assert_eq!(vp_container_new_simulated(&mut c), VpStatus::VpOk);
+            assert_eq!(
+                vp_sim_add_vf(c, c"0000:02:00.1".as_ptr(), &NVME),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_open(
+                    c,
+                    c"nvme0".as_ptr(),
+                    c"0000:02:00.1".as_ptr(),
+                    -1,
+                    0,
+                    ptr::null(),
+                    &mut d
+                ),
+                VpStatus::VpOk,
+                "{}",
+                last_error()
+            );
+        }
+        (c, d)
+    }
+
+    #[test]
+    fn null_arguments_are_rejected_with_a_message() {
+        // SAFETY: NULL is allowed by every contract tested here.
+        unsafe {
+            assert_eq!(
+                vp_container_new(ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert!(last_error().contains("out is NULL"));
+            assert_eq!(
+                vp_device_pause(ptr::null_mut(), ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert!(last_error().contains("device is NULL"));
+            assert_eq!(vp_device_close(ptr::null_mut()), VpStatus::VpOk);
+            vp_container_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn bad_bdf_is_an_invalid_argument_and_a_passed_fd_is_closed() {
+        let (c, d) = sim_device();
+        let fd = std::fs::File::open("/dev/null").unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // SAFETY: live handles; `raw` is an fd we own and hand over.
+        unsafe {
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(
+                vp_device_unpause(d, c"02:00.1".as_ptr(), raw, ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert!(last_error().contains("invalid PCI address"));
+            // The library closed the passed fd.
+            assert_eq!(libc::fcntl(raw, libc::F_GETFD), -1);
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+    }
+
+    #[test]
+    fn pause_unpause_identity_state_and_timings_through_the_abi() {
+        let (c, d) = sim_device();
+        let mut t = VpTimings {
+            noop: 9,
+            total_ns: 0,
+            phase_ns: [0; VP_PHASE_COUNT],
+        };
+        let mut state = 99;
+        let mut id = VpIdentity::default();
+        // SAFETY: live handles and valid out pointers.
+        unsafe {
+            assert_eq!(vp_device_identity(d, &mut id), VpStatus::VpOk);
+            assert_eq!((id.vendor, id.class_code), (0x1b36, 0x010802));
+            assert_eq!(vp_device_pause(d, &mut t), VpStatus::VpOk);
+            assert_eq!(t.noop, 0);
+            assert!(t.phase_ns[Phase::Close as usize] > 0);
+            assert_eq!(vp_device_state(d, &mut state), VpStatus::VpOk);
+            assert_eq!(state, DeviceState::Paused as u32);
+            assert_eq!(vp_device_pause(d, &mut t), VpStatus::VpOk);
+            assert_eq!(t.noop, 1);
+            assert_eq!(
+                vp_sim_remove_vf(c, c"0000:02:00.1".as_ptr()),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_unpause(d, c"0000:02:00.1".as_ptr(), -1, &mut t),
+                VpStatus::VpErrVfGone
+            );
+            assert!(last_error().contains("0000:02:00.1"));
+            assert_eq!(
+                vp_sim_add_vf(c, c"0000:02:00.1".as_ptr(), &NVME),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_unpause(d, c"0000:02:00.1".as_ptr(), -1, &mut t),
+                VpStatus::VpOk
+            );
+            assert!(t.phase_ns[Phase::Reopen as usize] > 0);
+            let (mut p, mut u) = (t, t);
+            assert_eq!(vp_device_last_timings(d, &mut p, &mut u), VpStatus::VpOk);
+            assert_eq!(u.total_ns, t.total_ns);
+            assert_eq!(CStr::from_ptr(vp_phase_name(2)), c"irq-teardown");
+            assert!(vp_phase_name(VP_PHASE_COUNT as u32).is_null());
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+    }
+
+    #[test]
+    fn c_hooks_are_called_with_bar_mmaps() {
+        unsafe extern "C" fn unmap(opaque: *mut c_void, _id: *const c_char) -> c_int {
+            // SAFETY: the test passes a pointer to a live [usize; 2].
+            unsafe { (*opaque.cast::<[usize; 2]>())[0] += 1 };
+            0
+        }
+        unsafe extern "C" fn map(
+            opaque: *mut c_void,
+            _id: *const c_char,
+            _areas: *const VpMmapArea,
+            count: usize,
+        ) -> c_int {
+            // SAFETY: as above.
+            unsafe { (*opaque.cast::<[usize; 2]>())[1] += count };
+            0
+        }
+        let mut counts = [0usize; 2];
+        let hooks = VpHooks {
+            opaque: (&mut counts as *mut [usize; 2]).cast(),
+            unmap_bars: Some(unmap),
+            map_bars: Some(map),
+        };
+        let mut c = ptr::null_mut();
+        let mut d = ptr::null_mut();
+        // SAFETY: live handles, valid pointers; `counts` outlives the device.
+        unsafe {
+            assert_eq!(vp_container_new_simulated(&mut c), VpStatus::VpOk);
+            vp_sim_add_vf(c, c"0000:02:00.1".as_ptr(), &NVME);
+            assert_eq!(
+                vp_device_open(
+                    c,
+                    c"n".as_ptr(),
+                    c"0000:02:00.1".as_ptr(),
+                    -1,
+                    5,
+                    &hooks,
+                    &mut d
+                ),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+        assert_eq!(counts, [1, 1]);
+    }
+}

@@ -56,6 +56,7 @@ pub use device::{
 pub use error::{Error, Result};
 pub use fake::{FakeBackend, FakeCall, FakeOp, FakeVf};
 pub use pci::{Identity, PciAddress};
+pub use real::VfioIoctlsBackend;
 
 #[cfg(test)]
 mod tests;

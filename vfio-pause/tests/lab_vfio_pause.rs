@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use svff_lab::guest;
 use vfio_pause::{
-    Container, DeviceOptions, DeviceState, Error, PausableDevice, PausedAccess, Phase, Timings,
-    TrapAllBars, VfSource,
+    irq, Container, DeviceOptions, DeviceState, Error, PausableDevice, PausedAccess, Phase,
+    Timings, TrapAllBars, VfSource,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 const GUEST_RAM: usize = 16 << 20;
 
@@ -122,6 +123,34 @@ fn bar32(dev: &PausableDevice, bar: u32, off: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// Offset of capability `id` in config space, walking the list from 0x34.
+fn find_cap(dev: &PausableDevice, id: u8) -> Option<u64> {
+    let mut b = [0u8; 2];
+    dev.config_read(0x34, &mut b[..1]).unwrap();
+    let mut off = u64::from(b[0] & 0xfc);
+    for _ in 0..48 {
+        if off == 0 {
+            return None;
+        }
+        dev.config_read(off, &mut b).unwrap();
+        if b[0] == id {
+            return Some(off);
+        }
+        off = u64::from(b[1] & 0xfc);
+    }
+    None
+}
+
+/// Kernel log lines that say a remover waited for a VFIO user.
+fn vfio_request_lines() -> usize {
+    let out = std::process::Command::new("dmesg").output().unwrap();
+    assert!(out.status.success(), "dmesg failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("Relaying device request") || l.contains("still in use"))
+        .count()
+}
+
 fn sysfs(vf: &str) -> VfSource {
     VfSource::Sysfs(vf.parse().unwrap())
 }
@@ -144,6 +173,7 @@ fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
     assert_ne!(vs, u32::MAX, "BAR0 read while attached reached the VF");
     let cap = bar32(&dev, 0, 0x00);
     let attached_fds = fd_count();
+    let requests_before = vfio_request_lines();
     let mut rss_after_first = 0;
     for cycle in 0..20 {
         let p = dev
@@ -173,6 +203,11 @@ fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
             removal.as_secs_f64() * 1e3
         );
     }
+    assert_eq!(
+        vfio_request_lines(),
+        requests_before,
+        "the kernel had to ask for the VF back (a remover was blocked)"
+    );
     let rss = vm_rss_kib();
     println!("VmRSS after cycle 1: {rss_after_first} KiB, after cycle 20: {rss} KiB");
     assert!(
@@ -338,6 +373,85 @@ fn c_program_cycles_a_real_vf_through_the_c_abi() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("cycle: ok"));
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn msix_vectors_wired_before_pause_are_wired_again_after_unpause_onto_a_new_vf() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    let msix = find_cap(&dev, 0x11).expect("nvme VF has MSI-X");
+    let ctrl = |dev: &PausableDevice| {
+        let mut b = [0u8; 2];
+        dev.config_read(msix + 2, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    };
+    assert_eq!(ctrl(&dev) & 0x8000, 0, "MSI-X off before wiring");
+    let vectors = dev.irq_count(irq::MSIX).unwrap();
+    println!("nvme VF offers {vectors} MSI-X vectors");
+    assert!(vectors >= 1);
+    let fds: Vec<EventFd> = (0..vectors.min(2))
+        .map(|_| EventFd::new(0).unwrap())
+        .collect();
+    dev.set_irqs(irq::MSIX, fds)
+        .unwrap_or_else(|e| panic!("enable MSI-X: {}", chain(&e)));
+    assert_ne!(
+        ctrl(&dev) & 0x8000,
+        0,
+        "MSI-X enabled by VFIO_DEVICE_SET_IRQS"
+    );
+    dev.pause().unwrap();
+    assert_ne!(ctrl(&dev) & 0x8000, 0, "the shadow keeps the guest's view");
+    numvfs_zero(&pf);
+    recreate(&pf, 1, 0);
+    let u = dev.unpause(sysfs(&vf)).unwrap();
+    println!("unpause with MSI-X: {u}");
+    assert_ne!(ctrl(&dev) & 0x8000, 0, "MSI-X enabled again on the new VF");
+    dev.set_irqs(irq::MSIX, Vec::new()).unwrap();
+    assert_eq!(ctrl(&dev) & 0x8000, 0, "MSI-X disabled");
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// The kernel's request IRQ tells the VMM that a remover waits; a VMM with
+/// svff answers with a pause (not an unplug) and the remover goes on.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    let req = EventFd::new(0).unwrap();
+    dev.set_request_irq(Some(req.try_clone().unwrap())).unwrap();
+    let pf2 = pf.clone();
+    let remover = std::thread::spawn(move || numvfs_zero(&pf2));
+    // Blocks until vfio-pci relays the remover's request to us.
+    let n = req.read().unwrap();
+    assert!(n >= 1);
+    assert!(dev.request_is_unplug(), "attached: a request means unplug");
+    dev.pause().unwrap();
+    assert!(!dev.request_is_unplug(), "paused: requests are not unplugs");
+    let took = remover.join().unwrap();
+    println!(
+        "remover finished {:.1} ms after it started",
+        took.as_secs_f64() * 1e3
+    );
+    assert_eq!(dev.state(), DeviceState::Paused);
+    assert!(guest::vfs_of(&pf).is_empty(), "the VF was removed");
+    recreate(&pf, 1, 0);
+    dev.unpause(sysfs(&vf)).unwrap();
+    assert!(dev.request_is_unplug());
+    drop(dev);
+    drop(container);
     guest::set_numvfs(&pf, 0);
 }
 
