@@ -417,10 +417,18 @@ fn start_helper(pf_extra: &str) -> HelperDaemon {
         .args(["helper", "--config"])
         .arg(&config)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start svff helper");
     let stdout = child.stdout.take().unwrap();
+    // The daemon's log goes to the test's (captured) output.
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("helper: {line}");
+        }
+    });
     let daemon = HelperDaemon { child, dir, socket };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
