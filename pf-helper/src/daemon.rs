@@ -104,7 +104,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
     }
 
     /// Serves one connection: checks the peer, then answers request lines until EOF.
-    pub fn serve_connection(&self, stream: UnixStream) {
+    pub(crate) fn serve_connection(&self, stream: UnixStream) {
         let creds = match getsockopt(&stream, PeerCredentials) {
             Ok(c) => c,
             Err(e) => {

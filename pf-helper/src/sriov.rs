@@ -395,6 +395,12 @@ impl<S: Sysfs> SriovManager<S> {
                     }
                 }
                 Some(libc::EBUSY) => Error::Busy { pf, path, source },
+                // ENOENT from open(2): the PF itself went away.
+                Some(libc::ENOENT) if !self.sysfs.exists(&rel) => Error::Sysfs {
+                    op: "write",
+                    path,
+                    source,
+                },
                 Some(libc::ENOENT) => Error::NoSriovConfigure {
                     pf,
                     driver: self.driver_in(dir).ok().flatten(),
