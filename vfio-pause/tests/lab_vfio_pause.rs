@@ -38,11 +38,23 @@ fn numvfs_zero(pf: &str) -> Duration {
     t.elapsed()
 }
 
+/// Bind a fresh (driverless) VF to the already loaded vfio-pci: just the two
+/// sysfs writes, as the helper does (no modprobe process, slow under TCG).
+fn bind_vfio(vf: &str) {
+    guest::write_attr(guest::dev_path(vf).join("driver_override"), "vfio-pci");
+    guest::write_attr("/sys/bus/pci/drivers_probe", vf);
+    assert_eq!(
+        guest::driver_of(vf).as_deref(),
+        Some("vfio-pci"),
+        "{vf} bound"
+    );
+}
+
 /// Re-create `n` VFs and bind VF `which` to vfio-pci.
 fn recreate(pf: &str, n: u32, which: usize) -> String {
     guest::write_attr(guest::dev_path(pf).join("sriov_numvfs"), &n.to_string());
     let vf = guest::vfs_of(pf)[which].clone();
-    guest::bind(&vf, "vfio-pci");
+    bind_vfio(&vf);
     vf
 }
 
@@ -518,5 +530,85 @@ fn lab_bench_prints_per_phase_times_on_real_vfs() {
     summarize("  unpause", &unpauses);
     drop(dev);
     drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// Lab benchmark of a whole reconf in pause mode for N VFs: every device in
+/// its own container, paused in parallel (parallel FLRs), `sriov_numvfs`
+/// N -> 0 -> N, bind, unpaused in parallel. Prints the breakdown; no
+/// assertion on time.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn lab_bench_parallel_pause_reconf_of_n_vfs() {
+    guest::require_lab();
+    let runs: usize = std::env::var("VFIO_PAUSE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let pf = guest::nvme_pf();
+    for n in [1u32, 4, 10] {
+        guest::modprobe("vfio-pci");
+        guest::bind(&pf, "pci-pf-stub");
+        guest::set_numvfs(&pf, 0);
+        guest::set_numvfs(&pf, n);
+        let vfs = guest::vfs_of(&pf);
+        for vf in &vfs {
+            guest::bind(vf, "vfio-pci");
+        }
+        let mut mems = Vec::new();
+        let mut devs = Vec::new();
+        for vf in &vfs {
+            let c = Container::open_real().unwrap();
+            mems.push(guest_ram(&c));
+            devs.push(open(&c, vf, DeviceOptions::default()));
+        }
+        let (mut pause_ms, mut count_ms, mut bind_ms, mut unpause_ms, mut total_ms) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = devs.iter().map(|d| s.spawn(|| d.pause())).collect();
+                for h in hs {
+                    h.join().unwrap().unwrap();
+                }
+            });
+            let t1 = Instant::now();
+            numvfs_zero(&pf);
+            guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), &n.to_string());
+            let t2 = Instant::now();
+            for vf in guest::vfs_of(&pf) {
+                bind_vfio(&vf);
+            }
+            let t3 = Instant::now();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = devs
+                    .iter()
+                    .zip(&vfs)
+                    .map(|(d, vf)| s.spawn(move || d.unpause(sysfs(vf))))
+                    .collect();
+                for h in hs {
+                    h.join().unwrap().unwrap();
+                }
+            });
+            let t4 = Instant::now();
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            pause_ms.push(ms(t0, t1));
+            count_ms.push(ms(t1, t2));
+            bind_ms.push(ms(t2, t3));
+            unpause_ms.push(ms(t3, t4));
+            total_ms.push(ms(t0, t4));
+        }
+        println!(
+            "BENCH pause-mode reconf, {n} nvme VFs ({runs} runs): total {}; pause(parallel) {}; \
+             sriov_numvfs {n}->0->{n} {}; bind {}; unpause(parallel) {}",
+            stats(&total_ms),
+            stats(&pause_ms),
+            stats(&count_ms),
+            stats(&bind_ms),
+            stats(&unpause_ms)
+        );
+        drop(devs);
+        drop(mems);
+    }
     guest::set_numvfs(&pf, 0);
 }
