@@ -101,6 +101,8 @@ impl<S: Sysfs> SriovManager<S> {
             source,
         };
         cfg.validate().map_err(|r| fail(r, None))?;
+        let span = tracing::info_span!("program", %pf);
+        let _enter = span.enter();
         let mut steps = Vec::new();
         let (_, num) = self.vf_counts(pf)?;
         if num != 0 {

@@ -194,8 +194,9 @@ impl<S: Sysfs> SriovManager<S> {
     fn counts_in(&self, dir: &Path) -> Result<(u16, u16), Error> {
         let total_rel = dir.join("sriov_totalvfs");
         let num_rel = dir.join("sriov_numvfs");
-        let total = parse_u16(&total_rel, &self.read(&total_rel)?)?;
-        let num = parse_u16(&num_rel, &self.read(&num_rel)?)?;
+        let root = self.sysfs.root();
+        let total = parse_u16(&root.join(&total_rel), &self.read(&total_rel)?)?;
+        let num = parse_u16(&root.join(&num_rel), &self.read(&num_rel)?)?;
         Ok((total, num))
     }
 
@@ -425,6 +426,8 @@ impl<S: Sysfs> SriovManager<S> {
         n: u16,
         opts: &VfsSetOptions,
     ) -> Result<VfsSetReport, Error> {
+        let span = tracing::info_span!("vfs_set", %pf, count = n);
+        let _enter = span.enter();
         let mut steps = Vec::new();
         let dir = self.pf_dir(pf)?;
         if let Some(driver) = &opts.pf_driver {
