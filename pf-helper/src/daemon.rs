@@ -453,6 +453,32 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_clients_are_serialized_so_none_sees_ebusy() {
+        let d = daemon(&[me()]);
+        let handles: Vec<_> = (1..=6u16)
+            .map(|n| {
+                let d = Arc::clone(&d);
+                std::thread::spawn(move || {
+                    let line = format!(
+                        r#"{{"op":"vfs_set","pf":"0000:01:00.0","count":{n},"bind":"vfio-pci"}}"#
+                    );
+                    converse(&d, &[&line])
+                })
+            })
+            .collect();
+        for h in handles {
+            let r = h.join().unwrap();
+            assert!(r[0].ok, "{:?}", r[0].error);
+        }
+        let n = d
+            .mgr
+            .vf_counts(PciAddress::parse("0000:01:00.0").unwrap())
+            .unwrap()
+            .1;
+        assert!((1..=6).contains(&n));
+    }
+
+    #[test]
     fn socket_is_created_with_mode_0660_and_stale_sockets_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/helper.sock");

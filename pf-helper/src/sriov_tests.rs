@@ -458,3 +458,32 @@ fn parallel_bind_reports_the_failing_vf_and_binds_the_others() {
         .iter()
         .all(|v| v.driver.as_deref() == Some("vfio-pci")));
 }
+
+#[test]
+fn fake_kernel_answers_erange_above_totalvfs_and_links_vfs_both_ways() {
+    let mgr = igb_on_igb();
+    let dir = pf().sysfs_rel();
+    let err = mgr.write_numvfs(pf(), &dir, 8).unwrap_err();
+    match &err {
+        Error::TooManyVfs {
+            max: 7,
+            requested: 8,
+            source: Some(e),
+            ..
+        } => assert_eq!(e.raw_os_error(), Some(libc::ERANGE)),
+        other => panic!("{other}"),
+    }
+    mgr.set_vf_count(pf(), 2, &opts(None)).unwrap();
+    for (i, vf) in mgr.vfs(pf()).unwrap() {
+        let physfn = mgr
+            .sysfs()
+            .read_link(&vf.sysfs_rel().join("physfn"))
+            .unwrap();
+        assert_eq!(physfn.file_name().unwrap().to_str(), Some(PF));
+        let back = mgr
+            .sysfs()
+            .canonicalize(&dir.join(format!("virtfn{i}")))
+            .unwrap();
+        assert_eq!(back, mgr.sysfs().canonicalize(&vf.sysfs_rel()).unwrap());
+    }
+}
