@@ -229,12 +229,18 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Helper { config } => {
             let config = Config::load(&config)?;
-            let listener = match listener_from_systemd() {
-                Some(l) => l,
-                None => bind_socket(&config.socket, config.socket_group.as_deref())?,
-            };
             // Tell a supervisor (or a test) that the socket is ready.
-            println!("svff helper listening on {}", config.socket.display());
+            let listener = match listener_from_systemd() {
+                Some(l) => {
+                    println!("svff helper listening on the socket passed by systemd");
+                    l
+                }
+                None => {
+                    let l = bind_socket(&config.socket, config.socket_group.as_deref())?;
+                    println!("svff helper listening on {}", config.socket.display());
+                    l
+                }
+            };
             let daemon = Arc::new(Daemon::new(config, RealSysfs::new()));
             daemon.serve(listener)
         }
