@@ -238,6 +238,10 @@ struct Inner {
     host: PciAddress,
     identity: Identity,
     config_size: usize,
+    /// Sizes of BAR0-5 (0: not implemented), for BAR sizing against the shadow.
+    bar_sizes: [u64; 6],
+    /// Low (type) bits of each BAR dword as the VF reported them at pause.
+    shadow_bar_flags: [u32; 6],
     shadow: Vec<u8>,
     pending: Vec<(usize, Vec<u8>)>,
     irqs: BTreeMap<u32, Vec<EventFd>>,
@@ -338,6 +342,7 @@ impl PausableDevice {
                 }
             }
         };
+        let bar_sizes = bar_sizes(&container, vf);
         let (identity, config_size, mmaps) = match setup() {
             Ok(v) => v,
             Err(e) => {
@@ -358,6 +363,8 @@ impl PausableDevice {
                 host,
                 identity,
                 config_size,
+                bar_sizes,
+                shadow_bar_flags: [0; 6],
                 shadow: Vec::new(),
                 pending: Vec::new(),
                 irqs: BTreeMap::new(),
@@ -490,6 +497,7 @@ impl PausableDevice {
                     if let Err(re) = self.release(&mut g, vf, &mut clock) {
                         tracing::warn!("device {}: release after failed rollback: {re}", self.id);
                     }
+                    g.shadow_bar_flags = bar_flags(&shadow);
                     g.shadow = shadow;
                     g.pending.clear();
                     g.state = DeviceState::Paused;
@@ -504,6 +512,7 @@ impl PausableDevice {
         }
 
         let res = self.release(&mut g, vf, &mut clock);
+        g.shadow_bar_flags = bar_flags(&shadow);
         g.shadow = shadow;
         g.pending.clear();
         g.state = DeviceState::Paused;
@@ -590,6 +599,7 @@ impl PausableDevice {
             }
             return Err(e);
         }
+        g.bar_sizes = bar_sizes(c, vf);
         g.vf = Some(vf);
         g.mmaps = mmaps;
         g.host = offered_at;
@@ -748,6 +758,7 @@ impl PausableDevice {
                         what: format!("config write {offset:#x}+{} outside the shadow", data.len()),
                     })?;
                 dst.copy_from_slice(data);
+                emulate_bar_sizing(&mut g, o, data.len());
                 g.pending.push((o, data.to_vec()));
                 g.counters.shadow_writes += 1;
                 Ok(())
@@ -879,6 +890,66 @@ impl Drop for PausableDevice {
                 tracing::warn!("device {}: detach at drop: {e}", self.id);
             }
         }
+    }
+}
+
+fn bar_flags(config: &[u8]) -> [u32; 6] {
+    let mut f = [0u32; 6];
+    for (i, v) in f.iter_mut().enumerate() {
+        let o = cfg::BAR0 + 4 * i;
+        if let Some(b) = config.get(o..o + 4) {
+            let dw = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            *v = if dw & 1 == 1 { dw & 0x3 } else { dw & 0xf };
+        }
+    }
+    f
+}
+
+fn bar_sizes(c: &Container, vf: VfId) -> [u64; 6] {
+    let mut sizes = [0u64; 6];
+    for (i, s) in sizes.iter_mut().enumerate() {
+        *s = c
+            .with_backend(|b| b.region_info(vf, region::BAR0 + i as u32))
+            .map(|r| r.size)
+            .unwrap_or(0);
+    }
+    sizes
+}
+
+/// Make BAR dwords of the shadow read back like hardware after a guest write
+/// (address bits below the BAR size read as zero, type bits are read-only),
+/// so a guest sizing BARs while paused sees the real sizes.
+fn emulate_bar_sizing(g: &mut Inner, offset: usize, len: usize) {
+    let mut i = 0;
+    while i < 6 {
+        let lo = cfg::BAR0 + 4 * i;
+        let size = g.bar_sizes[i];
+        let flags = g.shadow_bar_flags[i];
+        let is_io = flags & 1 == 1;
+        let is_64 = !is_io && (flags >> 1) & 3 == 2;
+        let touched = |o: usize| offset < o + 4 && o < offset + len;
+        let dw = |s: &[u8], o: usize| u32::from_le_bytes([s[o], s[o + 1], s[o + 2], s[o + 3]]);
+        if touched(lo) {
+            let v = dw(&g.shadow, lo);
+            let mask = if size == 0 { 0 } else { !((size - 1) as u32) };
+            let keep = if is_io { 0x3 } else { 0xf };
+            let nv = if size == 0 {
+                0
+            } else {
+                (v & mask & !keep) | (flags & keep)
+            };
+            g.shadow[lo..lo + 4].copy_from_slice(&nv.to_le_bytes());
+        }
+        if is_64 && i + 1 < 6 && touched(lo + 4) {
+            let v = dw(&g.shadow, lo + 4);
+            let mask = if size == 0 {
+                0
+            } else {
+                !(((size - 1) >> 32) as u32)
+            };
+            g.shadow[lo + 4..lo + 8].copy_from_slice(&(v & mask).to_le_bytes());
+        }
+        i += if is_64 { 2 } else { 1 };
     }
 }
 

@@ -686,3 +686,21 @@ fn many_cycles_keep_no_handle_and_no_call_history_in_the_device() {
     let (p, u) = f.dev.last_timings();
     assert!(!p.unwrap().noop && !u.unwrap().noop);
 }
+
+#[test]
+fn bar_sizing_while_paused_reads_back_the_real_size_from_the_shadow() {
+    let f = fx();
+    f.dev.pause().unwrap();
+    f.dev.config_write(0x10, &u32::MAX.to_le_bytes()).unwrap();
+    assert_eq!(cfg_read32(&f.dev, 0x10), 0xffff_c000, "16 KiB BAR0");
+    f.dev.config_write(0x14, &u32::MAX.to_le_bytes()).unwrap();
+    assert_eq!(cfg_read32(&f.dev, 0x14), 0, "BAR1 not implemented");
+    f.dev
+        .config_write(0x10, &0xfe00_0000u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(cfg_read32(&f.dev, 0x10), 0xfe00_0000);
+    recreate(&f.fake, VF1, FakeVf::nvme());
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    let c = f.fake.config_of(&addr(VF1)).unwrap();
+    assert_eq!(&c[0x10..0x14], &0xfe00_0000u32.to_le_bytes());
+}
