@@ -9,7 +9,7 @@ set -euo pipefail
 # Packages from bookworm-backports (the lab's L0 QEMU and the L1 kernel).
 BACKPORTS_PKGS=(qemu-system-x86 linux-image-amd64)
 # Packages from the base suites.
-BASE_PKGS=(busybox-static kmod python3 iverilog verilator tcl cpio gzip g++)
+BASE_PKGS=(busybox-static kmod python3 iverilog verilator tcl cpio gzip g++ util-linux systemd)
 
 missing=()
 for p in "${BACKPORTS_PKGS[@]}" "${BASE_PKGS[@]}"; do
