@@ -101,26 +101,32 @@ pub struct MmapArea {
 /// and closing fuses "close the device fd, take the group out of the
 /// container, close the group", because that is how vfio-ioctls'
 /// `VfioDevice::new` and its `Drop` work in container/group mode.
-pub trait VfioBackend: Send + fmt::Debug {
+///
+/// Every method takes `&self` and may run concurrently with the others (on
+/// different VFs), so the FLRs of opens and closes of many VFs overlap.
+pub trait VfioBackend: Send + Sync + fmt::Debug {
     /// Open a VF: group (own open or passed fd) into the container, device fd.
-    fn open(&mut self, source: VfSource) -> Result<VfId>;
+    fn open(&self, source: VfSource) -> Result<VfId>;
 
     /// Close a VF: device fd, group out of the container, group fd.
     /// Contract: even when this returns `Err`, every fd of the VF is released.
-    fn close(&mut self, vf: VfId) -> Result<()>;
+    fn close(&self, vf: VfId) -> Result<()>;
 
     /// Map `size` bytes at host address `host_addr` for device DMA at `iova`.
     /// Needs at least one open VF (type1 has no IOMMU before the first group).
+    /// Returns `Ok(false)` when exactly this range is already mapped (type1's
+    /// `EEXIST`): that is how a reopen finds out whether the container kept
+    /// its mappings, without a lock across group joins and leaves.
     ///
     /// # Safety
     /// `[host_addr, host_addr + size)` must stay mapped, and must be accessed only
     /// through raw pointers / volatile accesses / syscalls, until it is unmapped
     /// with [`VfioBackend::dma_unmap`] or the container loses its last group
     /// (the rules of vfio-ioctls' `VfioOps::vfio_dma_map`).
-    unsafe fn dma_map(&mut self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()>;
+    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<bool>;
 
     /// Remove a DMA mapping made with [`VfioBackend::dma_map`].
-    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()>;
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
 
     /// Info about region `index` of a VF.
     fn region_info(&self, vf: VfId, index: u32) -> Result<RegionInfo>;
@@ -135,10 +141,10 @@ pub trait VfioBackend: Send + fmt::Debug {
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()>;
 
     /// mmap a whole region.
-    fn mmap_region(&mut self, vf: VfId, index: u32) -> Result<MmapArea>;
+    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea>;
 
     /// Undo [`VfioBackend::mmap_region`].
-    fn munmap_region(&mut self, vf: VfId, area: MmapArea) -> Result<()>;
+    fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()>;
 
     /// Wire interrupt `index` to these eventfds (vector n -> `fds[n]`);
     /// an empty slice disables the whole index.

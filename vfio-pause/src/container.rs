@@ -17,29 +17,26 @@ struct DmaRegion {
     host_addr: usize,
 }
 
-#[derive(Debug)]
-struct Inner {
-    backend: Box<dyn VfioBackend>,
+#[derive(Debug, Default)]
+struct Dma {
     regions: Vec<DmaRegion>,
-    /// Whether `regions` are currently mapped in the IOMMU.
-    mapped: bool,
-    /// VFs currently open in this container.
+    /// VFs open in this container (counted after their group joined and
+    /// before it leaves).
     open_vfs: usize,
 }
 
 /// The VFIO container shared by the pausable devices of one VM.
 ///
-/// Type1 semantics are modelled here: DMA can only be mapped while at least
-/// one group is in the container, and when the last group leaves, every
-/// mapping is dropped. Registered guest memory is therefore (re-)mapped when
-/// the first VF joins, which is the `dma-remap` phase of an unpause.
-///
-/// Opening and closing VFs is serialised per container (the remap decision
-/// must see group joins and leaves in order); to overlap the FLRs of many VFs,
-/// give each VF its own container.
+/// Type1 semantics: DMA can only be mapped while at least one group is in
+/// the container, and when the last group leaves every mapping is dropped.
+/// Registered guest memory is therefore mapped when a VF joins; a region that
+/// is still mapped answers `EEXIST`, which tells "kept" from "lost" without
+/// holding a lock across group joins and leaves. So opens and closes of
+/// different VFs (and their FLRs) run in parallel, also within one container.
 #[derive(Debug)]
 pub struct Container {
-    inner: Mutex<Inner>,
+    backend: Box<dyn VfioBackend>,
+    dma: Mutex<Dma>,
 }
 
 /// What [`Container::open_vf`] did, for the timings.
@@ -53,12 +50,8 @@ impl Container {
     /// A container over any backend.
     pub fn new(backend: Box<dyn VfioBackend>) -> Arc<Self> {
         Arc::new(Container {
-            inner: Mutex::new(Inner {
-                backend,
-                regions: Vec::new(),
-                mapped: false,
-                open_vfs: 0,
-            }),
+            backend,
+            dma: Mutex::new(Dma::default()),
         })
     }
 
@@ -67,8 +60,8 @@ impl Container {
         Ok(Self::new(Box::new(VfioIoctlsBackend::new()?)))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Dma> {
+        self.dma.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Register `size` bytes at `host_addr` for device DMA at `iova`. Mapped now
@@ -81,16 +74,15 @@ impl Container {
     /// into it at any time): the contract of vfio-ioctls' `vfio_dma_map`.
     pub unsafe fn register_dma(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()> {
         let mut g = self.lock();
-        let r = DmaRegion {
+        if g.open_vfs > 0 {
+            // SAFETY: the caller upholds the dma_map contract for this range.
+            unsafe { self.backend.dma_map(iova, size, host_addr) }?;
+        }
+        g.regions.push(DmaRegion {
             iova,
             size,
             host_addr: host_addr as usize,
-        };
-        if g.mapped {
-            // SAFETY: the caller upholds the dma_map contract for this range.
-            unsafe { g.backend.dma_map(iova, size, host_addr) }?;
-        }
-        g.regions.push(r);
+        });
         Ok(())
     }
 
@@ -124,63 +116,53 @@ impl Container {
                 op: format!("unregister dma iova {iova:#x} size {size:#x}"),
                 source: "no such registration".into(),
             })?;
-        if g.mapped {
-            g.backend.dma_unmap(iova, size)?;
+        if g.open_vfs > 0 {
+            self.backend.dma_unmap(iova, size)?;
         }
         g.regions.remove(pos);
         Ok(())
     }
 
-    /// Whether registered memory is currently mapped in the IOMMU.
+    /// Whether a VF is open, i.e. registered memory is mapped in the IOMMU.
     pub fn dma_mapped(&self) -> bool {
-        self.lock().mapped
+        self.lock().open_vfs > 0
     }
 
     pub(crate) fn open_vf(&self, source: VfSource) -> Result<Opened> {
-        let mut g = self.lock();
         let t = Instant::now();
-        let vf = g.backend.open(source)?;
+        let vf = self.backend.open(source)?;
         let open = t.elapsed();
+        let mut g = self.lock();
         g.open_vfs += 1;
-        let mut remap = None;
-        if !g.mapped && !g.regions.is_empty() {
-            let t = Instant::now();
-            let regions = g.regions.clone();
-            for (i, r) in regions.iter().enumerate() {
-                // SAFETY: every registered region was registered under
-                // register_dma's contract, which holds until it is unregistered.
-                let res = unsafe { g.backend.dma_map(r.iova, r.size, r.host_addr as *mut u8) };
-                if let Err(e) = res {
-                    for done in &regions[..i] {
-                        if let Err(u) = g.backend.dma_unmap(done.iova, done.size) {
-                            tracing::warn!("dma unmap during remap cleanup: {u}");
-                        }
-                    }
+        let t = Instant::now();
+        let mut remapped = false;
+        for r in g.regions.clone() {
+            // SAFETY: every registered region was registered under
+            // register_dma's contract, which holds until it is unregistered.
+            match unsafe { self.backend.dma_map(r.iova, r.size, r.host_addr as *mut u8) } {
+                Ok(newly) => remapped |= newly,
+                Err(e) => {
+                    // Leave the container as it was: our group goes, and with
+                    // it whatever this call mapped if it was the only one.
                     g.open_vfs -= 1;
-                    if let Err(c) = g.backend.close(vf) {
+                    drop(g);
+                    if let Err(c) = self.backend.close(vf) {
                         tracing::warn!("close after failed dma remap: {c}");
                     }
                     return Err(e);
                 }
             }
-            remap = Some(t.elapsed());
         }
-        g.mapped = true;
+        let remap = remapped.then(|| t.elapsed());
         Ok(Opened { vf, open, remap })
     }
 
     pub(crate) fn close_vf(&self, vf: VfId) -> Result<()> {
-        let mut g = self.lock();
-        g.open_vfs -= 1;
-        if g.open_vfs == 0 {
-            // The last group leaves: type1 unpins every mapping.
-            g.mapped = false;
-        }
-        g.backend.close(vf)
+        self.lock().open_vfs -= 1;
+        self.backend.close(vf)
     }
 
-    pub(crate) fn with_backend<T>(&self, f: impl FnOnce(&mut dyn VfioBackend) -> T) -> T {
-        let mut g = self.lock();
-        f(g.backend.as_mut())
+    pub(crate) fn with_backend<T>(&self, f: impl FnOnce(&dyn VfioBackend) -> T) -> T {
+        f(self.backend.as_ref())
     }
 }

@@ -276,7 +276,7 @@ fn open_vf(s: &mut State, vf: VfId) -> Result<&mut OpenVf> {
 }
 
 impl VfioBackend for FakeBackend {
-    fn open(&mut self, source: VfSource) -> Result<VfId> {
+    fn open(&self, source: VfSource) -> Result<VfId> {
         let mut s = self.lock();
         let address = source.address().clone();
         s.calls.push(FakeCall::Open {
@@ -314,7 +314,7 @@ impl VfioBackend for FakeBackend {
         Ok(id)
     }
 
-    fn close(&mut self, vf: VfId) -> Result<()> {
+    fn close(&self, vf: VfId) -> Result<()> {
         let mut s = self.lock();
         let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
             address: PciAddress::none(),
@@ -332,7 +332,7 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
-    unsafe fn dma_map(&mut self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<()> {
+    unsafe fn dma_map(&self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<bool> {
         let mut s = self.lock();
         s.calls.push(FakeCall::DmaMap { iova, size });
         if Self::injected(&mut s, FakeOp::DmaMap) {
@@ -347,11 +347,14 @@ impl VfioBackend for FakeBackend {
                 source: Box::new(io::Error::from_raw_os_error(libc::EINVAL)),
             });
         }
+        if s.dma.get(&iova) == Some(&size) {
+            return Ok(false);
+        }
         s.dma.insert(iova, size);
-        Ok(())
+        Ok(true)
     }
 
-    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let mut s = self.lock();
         s.calls.push(FakeCall::DmaUnmap { iova, size });
         if Self::injected(&mut s, FakeOp::DmaUnmap) {
@@ -464,7 +467,7 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
-    fn mmap_region(&mut self, vf: VfId, index: u32) -> Result<MmapArea> {
+    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea> {
         let mut s = self.lock();
         let address = open_vf(&mut s, vf)?.address.clone();
         s.calls.push(FakeCall::Mmap(address.clone(), index));
@@ -487,7 +490,7 @@ impl VfioBackend for FakeBackend {
         Ok(area)
     }
 
-    fn munmap_region(&mut self, vf: VfId, area: MmapArea) -> Result<()> {
+    fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()> {
         let mut s = self.lock();
         let address = open_vf(&mut s, vf)?.address.clone();
         s.calls.push(FakeCall::Munmap(address.clone(), area.index));

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_group_status, vfio_irq_info, vfio_region_info, VFIO_TYPE1v2_IOMMU,
@@ -19,7 +19,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val};
 
@@ -77,7 +77,14 @@ impl RealVf {
 /// sysfs path fails (the IOMMU is already set); the reverse order works.
 pub struct VfioIoctlsBackend {
     container: Arc<VfioContainer>,
-    vfs: HashMap<VfId, RealVf>,
+    table: Mutex<Table>,
+}
+
+/// Open VFs; the lock is held only to look up, insert and remove entries,
+/// never across an ioctl that resets the function.
+#[derive(Default)]
+struct Table {
+    vfs: HashMap<VfId, Arc<RealVf>>,
     next: u64,
     crate_groups: usize,
     raw_groups: usize,
@@ -87,7 +94,7 @@ impl std::fmt::Debug for VfioIoctlsBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioIoctlsBackend")
             .field("container_fd", &self.container.as_raw_fd())
-            .field("open_vfs", &self.vfs.len())
+            .field("open_vfs", &self.lock().vfs.len())
             .finish()
     }
 }
@@ -106,21 +113,26 @@ impl VfioIoctlsBackend {
     pub fn with_container(container: Arc<VfioContainer>) -> Self {
         VfioIoctlsBackend {
             container,
-            vfs: HashMap::new(),
-            next: 1,
-            crate_groups: 0,
-            raw_groups: 0,
+            table: Mutex::new(Table::default()),
         }
     }
 
-    fn vf(&self, vf: VfId) -> Result<&RealVf> {
-        self.vfs.get(&vf).ok_or_else(|| Error::OutOfRange {
-            address: PciAddress::none(),
-            what: format!("no open VF with handle {}", vf.0),
-        })
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn open_sysfs(&mut self, address: &PciAddress) -> Result<Handle> {
+    fn vf(&self, vf: VfId) -> Result<Arc<RealVf>> {
+        self.lock()
+            .vfs
+            .get(&vf)
+            .cloned()
+            .ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::none(),
+                what: format!("no open VF with handle {}", vf.0),
+            })
+    }
+
+    fn open_sysfs(&self, address: &PciAddress) -> Result<Handle> {
         let path = address.sysfs_path();
         let group_link = path.join("iommu_group");
         if std::fs::symlink_metadata(&group_link).is_err() {
@@ -129,7 +141,11 @@ impl VfioIoctlsBackend {
                 path: group_link.display().to_string(),
             });
         }
-        if self.crate_groups == 0 && self.raw_groups > 0 {
+        let mixed = {
+            let t = self.lock();
+            t.crate_groups == 0 && t.raw_groups > 0
+        };
+        if mixed {
             return Err(Error::OutOfRange {
                 address: address.clone(),
                 what: "cannot open by sysfs path into a container holding only passed group fds \
@@ -146,7 +162,7 @@ impl VfioIoctlsBackend {
         Ok(Handle::Crate(dev))
     }
 
-    fn open_group_fd(&mut self, group: OwnedFd, address: &PciAddress) -> Result<Handle> {
+    fn open_group_fd(&self, group: OwnedFd, address: &PciAddress) -> Result<Handle> {
         let group = File::from(group);
         let mut status = vfio_group_status {
             argsz: std::mem::size_of::<vfio_group_status>() as u32,
@@ -185,19 +201,22 @@ impl VfioIoctlsBackend {
                 );
             }
         };
-        if self.crate_groups + self.raw_groups == 0 {
-            // SAFETY: the container fd is open; SET_IOMMU takes the IOMMU type by value.
-            let ret = unsafe {
-                ioctl_with_val(
-                    &*self.container,
-                    VFIO_SET_IOMMU(),
-                    VFIO_TYPE1v2_IOMMU.into(),
-                )
-            };
-            if ret < 0 {
-                let e = Error::last_os(address, "VFIO_SET_IOMMU(type1v2)");
+        // The first group in a container must set up the IOMMU. With our group
+        // in, the kernel answers EINVAL exactly when an IOMMU is already set,
+        // so trying is race-free against groups joining concurrently.
+        // SAFETY: the container fd is open; SET_IOMMU takes the IOMMU type by value.
+        let ret = unsafe {
+            ioctl_with_val(
+                &*self.container,
+                VFIO_SET_IOMMU(),
+                VFIO_TYPE1v2_IOMMU.into(),
+            )
+        };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
                 unset(&group);
-                return Err(e);
+                return Err(Error::io(address, "VFIO_SET_IOMMU(type1v2)", e));
             }
         }
         let name = CString::new(address.to_string()).expect("a PCI address has no NUL byte");
@@ -336,7 +355,7 @@ fn close_handle(address: &PciAddress, handle: Handle) -> Result<()> {
 }
 
 impl VfioBackend for VfioIoctlsBackend {
-    fn open(&mut self, source: VfSource) -> Result<VfId> {
+    fn open(&self, source: VfSource) -> Result<VfId> {
         let address = source.address().clone();
         let handle = match source {
             VfSource::Sysfs(a) => self.open_sysfs(&a)?,
@@ -356,50 +375,70 @@ impl VfioBackend for VfioIoctlsBackend {
                 return Err(e);
             }
         };
+        let mut t = self.lock();
         if is_crate {
-            self.crate_groups += 1;
+            t.crate_groups += 1;
         } else {
-            self.raw_groups += 1;
+            t.raw_groups += 1;
         }
-        let id = VfId(self.next);
-        self.next += 1;
-        self.vfs.insert(
+        t.next += 1;
+        let id = VfId(t.next);
+        t.vfs.insert(
             id,
-            RealVf {
+            Arc::new(RealVf {
                 address,
                 handle,
                 regions,
                 irqs,
-            },
+            }),
         );
         Ok(id)
     }
 
-    fn close(&mut self, vf: VfId) -> Result<()> {
-        let v = self.vfs.remove(&vf).ok_or_else(|| Error::OutOfRange {
-            address: PciAddress::none(),
-            what: format!("no open VF with handle {}", vf.0),
-        })?;
-        match v.handle {
-            Handle::Crate(_) => self.crate_groups -= 1,
-            Handle::Raw { .. } => self.raw_groups -= 1,
-        }
+    fn close(&self, vf: VfId) -> Result<()> {
+        let mut v = {
+            let mut t = self.lock();
+            let v = t.vfs.remove(&vf).ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::none(),
+                what: format!("no open VF with handle {}", vf.0),
+            })?;
+            match v.handle {
+                Handle::Crate(_) => t.crate_groups -= 1,
+                Handle::Raw { .. } => t.raw_groups -= 1,
+            }
+            v
+        };
+        // Another thread may still be inside an access to this VF (callers
+        // serialise per VF, so this is at most one short access): let it end.
+        let v = loop {
+            match Arc::try_unwrap(v) {
+                Ok(v) => break v,
+                Err(shared) => {
+                    v = shared;
+                    std::thread::yield_now();
+                }
+            }
+        };
         close_handle(&v.address, v.handle)
     }
 
-    unsafe fn dma_map(&mut self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()> {
+    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<bool> {
         let len = usize::try_from(size).map_err(|e| Error::Container {
             op: format!("dma map of {size:#x} bytes"),
             source: Box::new(e),
         })?;
         // SAFETY: forwarded from this function's own contract, which is the crate's.
-        unsafe { self.container.vfio_dma_map(iova, len, host_addr) }.map_err(|e| Error::Container {
-            op: format!("dma map iova {iova:#x} size {size:#x}"),
-            source: Box::new(e),
-        })
+        match unsafe { self.container.vfio_dma_map(iova, len, host_addr) } {
+            Ok(()) => Ok(true),
+            Err(VfioError::IommuDmaMap(e)) if e.errno() == libc::EEXIST => Ok(false),
+            Err(e) => Err(Error::Container {
+                op: format!("dma map iova {iova:#x} size {size:#x}"),
+                source: Box::new(e),
+            }),
+        }
     }
 
-    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let len = usize::try_from(size).map_err(|e| Error::Container {
             op: format!("dma unmap of {size:#x} bytes"),
             source: Box::new(e),
@@ -432,7 +471,7 @@ impl VfioBackend for VfioIoctlsBackend {
     // those return () and only log failures.
     fn region_read(&self, vf: VfId, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let v = self.vf(vf)?;
-        let r = check_range(v, index, offset, buf.len())?;
+        let r = check_range(&v, index, offset, buf.len())?;
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -464,7 +503,7 @@ impl VfioBackend for VfioIoctlsBackend {
 
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let v = self.vf(vf)?;
-        let r = check_range(v, index, offset, data.len())?;
+        let r = check_range(&v, index, offset, data.len())?;
         let mut done = 0usize;
         while done < data.len() {
             let rest = &data[done..];
@@ -495,7 +534,7 @@ impl VfioBackend for VfioIoctlsBackend {
     }
 
     // vfio-ioctls has no mmap call.
-    fn mmap_region(&mut self, vf: VfId, index: u32) -> Result<MmapArea> {
+    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea> {
         let v = self.vf(vf)?;
         let r = v.regions.get(index as usize).copied().unwrap_or_default();
         if r.size == 0 || !r.mmap {
@@ -527,7 +566,7 @@ impl VfioBackend for VfioIoctlsBackend {
         })
     }
 
-    fn munmap_region(&mut self, vf: VfId, area: MmapArea) -> Result<()> {
+    fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()> {
         let address = self.vf(vf)?.address.clone();
         // SAFETY: `area` was returned by mmap_region and is unmapped exactly once
         // (the device forgets it after this call).
@@ -600,7 +639,11 @@ fn check_range(v: &RealVf, index: u32, offset: u64, len: usize) -> Result<Region
 
 impl Drop for VfioIoctlsBackend {
     fn drop(&mut self) {
-        for (_, v) in self.vfs.drain() {
+        let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, v) in table.vfs.drain() {
+            let Ok(v) = Arc::try_unwrap(v) else {
+                continue;
+            };
             if let Err(e) = close_handle(&v.address, v.handle) {
                 tracing::warn!("closing VF at backend drop: {e}");
             }

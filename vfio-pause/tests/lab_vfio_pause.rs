@@ -533,10 +533,10 @@ fn lab_bench_prints_per_phase_times_on_real_vfs() {
     guest::set_numvfs(&pf, 0);
 }
 
-/// Lab benchmark of a whole reconf in pause mode for N VFs: every device in
-/// its own container, paused in parallel (parallel FLRs), `sriov_numvfs`
-/// N -> 0 -> N, bind, unpaused in parallel. Prints the breakdown; no
-/// assertion on time.
+/// Lab benchmark of a whole reconf in pause mode for N VFs of one VM (one
+/// shared container with 16 MiB of guest RAM): paused in parallel (parallel
+/// FLRs), `sriov_numvfs` N -> 0 -> N, bind, unpaused in parallel. Prints the
+/// breakdown; no assertion on time.
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn lab_bench_parallel_pause_reconf_of_n_vfs() {
@@ -555,13 +555,12 @@ fn lab_bench_parallel_pause_reconf_of_n_vfs() {
         for vf in &vfs {
             guest::bind(vf, "vfio-pci");
         }
-        let mut mems = Vec::new();
-        let mut devs = Vec::new();
-        for vf in &vfs {
-            let c = Container::open_real().unwrap();
-            mems.push(guest_ram(&c));
-            devs.push(open(&c, vf, DeviceOptions::default()));
-        }
+        let container = Container::open_real().unwrap();
+        let mem = guest_ram(&container);
+        let devs: Vec<PausableDevice> = vfs
+            .iter()
+            .map(|vf| open(&container, vf, DeviceOptions::default()))
+            .collect();
         let (mut pause_ms, mut count_ms, mut bind_ms, mut unpause_ms, mut total_ms) =
             (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
@@ -608,7 +607,62 @@ fn lab_bench_parallel_pause_reconf_of_n_vfs() {
             stats(&unpause_ms)
         );
         drop(devs);
-        drop(mems);
+        drop(container);
+        drop(mem);
     }
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vfs_sharing_a_container_pause_and_unpause_in_parallel_and_dma_is_remapped_once() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf0 = pf_with_vfio_vf(&pf, 2, 0);
+    let vf1 = guest::vfs_of(&pf)[1].clone();
+    bind_vfio(&vf1);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let devs = [
+        open(&container, &vf0, DeviceOptions::default()),
+        open(&container, &vf1, DeviceOptions::default()),
+    ];
+    let vfs = [vf0.clone(), vf1.clone()];
+    std::thread::scope(|s| {
+        for d in &devs {
+            s.spawn(move || d.pause().unwrap());
+        }
+    });
+    assert!(!container.dma_mapped());
+    assert_no_vf_resources(guest::iommu_group(&vf0));
+    assert_no_vf_resources(guest::iommu_group(&vf1));
+    numvfs_zero(&pf);
+    recreate(&pf, 2, 0);
+    bind_vfio(&vf1);
+    let timings: Vec<Timings> = std::thread::scope(|s| {
+        let hs: Vec<_> = devs
+            .iter()
+            .zip(&vfs)
+            .map(|(d, vf)| s.spawn(move || d.unpause(sysfs(vf)).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for t in &timings {
+        println!("parallel unpause: {t}");
+    }
+    let remapped = timings
+        .iter()
+        .filter(|t| t.get(Phase::DmaRemap).is_some())
+        .count();
+    assert_eq!(
+        remapped, 1,
+        "the first VF back maps the RAM, the second finds it mapped"
+    );
+    for d in &devs {
+        assert_eq!(cfg32(d, 0), 0x0010_1b36);
+        assert_eq!(d.state(), DeviceState::Attached);
+    }
+    drop(devs);
+    drop(container);
     guest::set_numvfs(&pf, 0);
 }
