@@ -214,10 +214,7 @@ mod tests {
         let fake = FakeSysfs::new();
         fake.add_pf("0000:03:00.0", "0x10ee", "0x903f", 252, "0xa03f");
         fake.preset_driver("0000:03:00.0", "qdma-pf");
-        (
-            SriovManager::new(fake),
-            PciAddress::parse("0000:03:00.0").unwrap(),
-        )
+        (fake.manager(), PciAddress::parse("0000:03:00.0").unwrap())
     }
 
     fn fpga(fw: &str) -> BitstreamConfig {
@@ -258,7 +255,16 @@ mod tests {
         );
         assert_eq!(mgr.sysfs().fpga_firmware_loaded(), ["user.bin"]);
         let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["disable_vfs", "remove_pf", "program", "rescan"]);
+        assert_eq!(
+            names,
+            [
+                "check_in_use",
+                "disable_vfs",
+                "remove_pf",
+                "program",
+                "rescan"
+            ]
+        );
         // The PF is back, unbound, with no VFs.
         assert_eq!(mgr.vf_counts(pf).unwrap().1, 0);
         assert_eq!(mgr.driver_of(pf).unwrap(), None);

@@ -44,11 +44,11 @@ fn to_value<T: serde::Serialize>(v: &T) -> Response {
 }
 
 impl<S: Sysfs + 'static> Daemon<S> {
-    /// A daemon managing `sysfs` under `config`.
-    pub fn new(config: Config, sysfs: S) -> Self {
+    /// A daemon doing `mgr`'s operations under `config`.
+    pub fn new(config: Config, mgr: SriovManager<S>) -> Self {
         Daemon {
             config,
-            mgr: SriovManager::new(sysfs),
+            mgr,
             busy: Mutex::new(()),
             connections: AtomicUsize::new(0),
         }
@@ -328,7 +328,7 @@ mod tests {
     }
 
     fn daemon(uids: &[u32]) -> Arc<Daemon<FakeSysfs>> {
-        Arc::new(Daemon::new(config(uids), FakeSysfs::with_igb()))
+        Arc::new(Daemon::new(config(uids), FakeSysfs::with_igb().manager()))
     }
 
     fn me() -> u32 {

@@ -96,6 +96,19 @@ pub enum Error {
         /// The missing driver directory.
         path: PathBuf,
     },
+    /// A process holds a VF's VFIO file open; removing or unbinding the VF
+    /// would block in the kernel until it is closed.
+    #[error("PF {pf}: VF {vf} is in use: pid {pid} holds {} open; pause or close it before changing VFs", file.display())]
+    VfInUse {
+        /// The PF.
+        pf: PciAddress,
+        /// The VF (or device) in use.
+        vf: PciAddress,
+        /// A process holding it.
+        pid: u32,
+        /// The VFIO file it holds.
+        file: PathBuf,
+    },
     /// A bind did not leave the device on the wanted driver.
     #[error("binding {bdf} to {driver} failed: the device is bound to {}", actual.as_deref().unwrap_or("no driver"))]
     BindFailed {
@@ -220,6 +233,7 @@ impl Error {
             }
             Error::TooManyVfs { .. } => "too_many_vfs",
             Error::Busy { .. } => "busy",
+            Error::VfInUse { .. } => "vf_in_use",
             Error::NoSriovConfigure { .. } => "no_sriov_configure",
             Error::DriverNotLoaded { .. } => "driver_not_loaded",
             Error::BindFailed { .. } => "bind_failed",

@@ -128,8 +128,29 @@ impl FakeSysfs {
             dir: tempfile::tempdir().expect("tempdir"),
             state: Mutex::new(state),
         };
+        fs::create_dir_all(fake.root().join("proc/1/fd")).unwrap();
+        symlink("/dev/null", fake.root().join("proc/1/fd/0")).unwrap();
         fake.sync();
         fake
+    }
+
+    /// A manager on this fake, looking for VFIO users in the fake's `proc/`.
+    pub fn manager(self) -> crate::sriov::SriovManager<FakeSysfs> {
+        let proc_root = self.root().join("proc");
+        crate::sriov::SriovManager::new(self).with_proc_root(proc_root)
+    }
+
+    /// Makes process `pid` hold `file` open (a `proc/<pid>/fd/N` link).
+    pub fn hold_open(&self, pid: u32, file: &str) {
+        let fd_dir = self.root().join(format!("proc/{pid}/fd"));
+        fs::create_dir_all(&fd_dir).unwrap();
+        let n = fs::read_dir(&fd_dir).unwrap().count() + 3;
+        symlink(file, fd_dir.join(n.to_string())).unwrap();
+    }
+
+    /// Ends process `pid`.
+    pub fn exit_process(&self, pid: u32) {
+        fs::remove_dir_all(self.root().join(format!("proc/{pid}"))).unwrap();
     }
 
     /// The lab's igb PF at 0000:01:00.0 (8 VFs by capability, 7 with igb).

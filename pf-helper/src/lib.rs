@@ -48,8 +48,13 @@
 //!
 //! `svff vfs set --json` prints a [`VfsSetReport`]: `pf`, `from`, `to`,
 //! `changed`, `steps` (`[{"name": "enable_vfs", "ms": 513.6}, ...]`, names
-//! `pf_driver`, `autoprobe_off`, `disable_vfs`, `enable_vfs`, `bind_vfs`,
-//! `qdma_profile`) and `status` (the PF afterwards, as above).
+//! `pf_driver`, `check_in_use`, `autoprobe_off`, `disable_vfs`, `enable_vfs`,
+//! `bind_vfs`, `qdma_profile`) and `status` (the PF afterwards, as above).
+//!
+//! Before VFs are destroyed or a VF leaves `vfio-pci`, the helper looks for
+//! processes holding the VF's VFIO group (`/dev/vfio/<group>`) or cdev open
+//! (`/proc/<pid>/fd`) and refuses with `vf_in_use` instead of letting the
+//! kernel block the write until the VMM lets go.
 //!
 //! # Daemon protocol (version 1)
 //!
@@ -73,7 +78,7 @@
 //! Responses: `{"protocol":1,"ok":true,"result":...}` or
 //! `{"protocol":1,"ok":false,"error":{"kind":"too_many_vfs","message":"PF 0000:01:00.0 supports at most 7 VFs (8 requested)"}}`.
 //! Error kinds ([`Error::kind`]): `invalid_argument`, `no_device`,
-//! `too_many_vfs`, `busy`, `no_sriov_configure`, `driver_not_loaded`,
+//! `too_many_vfs`, `busy`, `vf_in_use`, `no_sriov_configure`, `driver_not_loaded`,
 //! `bind_failed`, `count_mismatch`, `sysfs`, `qdma`, `bitstream`, `config`,
 //! `not_allowed` (PF not on the allow-list, or driver not in `vf_drivers`),
 //! `permission_denied`, `protocol`. Unknown fields, malformed addresses or

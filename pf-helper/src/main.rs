@@ -241,7 +241,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     l
                 }
             };
-            let daemon = Arc::new(Daemon::new(config, RealSysfs::new()));
+            let daemon = Arc::new(Daemon::new(config, SriovManager::new(RealSysfs::new())));
             daemon.serve(listener)
         }
     }

@@ -30,6 +30,7 @@ pub struct VfsSetOptions {
 #[derive(Debug)]
 pub struct SriovManager<S: Sysfs> {
     sysfs: S,
+    proc_root: PathBuf,
 }
 
 /// Times a step and records it.
@@ -60,7 +61,79 @@ fn parse_u16(path: &Path, text: &str) -> Result<u16, Error> {
 impl<S: Sysfs> SriovManager<S> {
     /// Operations on `sysfs`.
     pub fn new(sysfs: S) -> Self {
-        SriovManager { sysfs }
+        SriovManager {
+            sysfs,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    /// Uses `root` instead of `/proc` to find processes holding VFIO files.
+    pub fn with_proc_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.proc_root = root.into();
+        self
+    }
+
+    /// The VFIO files of a device bound to `vfio-pci`: its group
+    /// (`/dev/vfio/<group>`) and its cdevs (`/dev/vfio/devices/vfioN`).
+    fn vfio_files(&self, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+        if self.driver_in(dir)?.as_deref() != Some("vfio-pci") {
+            return Ok(Vec::new());
+        }
+        let mut files = Vec::new();
+        if let Some(group) = self.link_name(&dir.join("iommu_group"))? {
+            files.push(Path::new("/dev/vfio").join(group));
+        }
+        if let Ok(cdevs) = self.sysfs.list(&dir.join("vfio-dev")) {
+            files.extend(cdevs.iter().map(|c| Path::new("/dev/vfio/devices").join(c)));
+        }
+        Ok(files)
+    }
+
+    /// Refuses when a process holds a VFIO file of one of `devices` open: removing
+    /// or unbinding such a device would block in the kernel until it is closed.
+    /// A process that kept only a VFIO device fd (its group fd closed) is not seen.
+    fn check_not_in_use(&self, pf: PciAddress, devices: &[PciAddress]) -> Result<(), Error> {
+        let mut watched: Vec<(PathBuf, PciAddress)> = Vec::new();
+        for dev in devices {
+            let dir = self.device_dir(*dev)?;
+            watched.extend(self.vfio_files(&dir)?.into_iter().map(|f| (f, *dev)));
+        }
+        if watched.is_empty() {
+            return Ok(());
+        }
+        // Without a process list the check cannot be made: refuse rather than risk a hang.
+        let procs = std::fs::read_dir(&self.proc_root).map_err(|source| Error::Sysfs {
+            op: "read",
+            path: self.proc_root.clone(),
+            source,
+        })?;
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Processes come and go, and some fd tables are not readable: skip those.
+            let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if let Some((file, vf)) = watched.iter().find(|(f, _)| *f == target) {
+                    return Err(Error::VfInUse {
+                        pf,
+                        vf: *vf,
+                        pid,
+                        file: file.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The sysfs layer.
@@ -290,10 +363,12 @@ impl<S: Sysfs> SriovManager<S> {
         }
     }
 
-    /// Unbinds the device from its driver, if it has one.
+    /// Unbinds the device from its driver, if it has one, after checking that
+    /// no process holds its VFIO files open (the unbind would block).
     pub fn unbind(&self, bdf: PciAddress) -> Result<(), Error> {
         let dir = self.device_dir(bdf)?;
         if self.driver_in(&dir)?.is_some() {
+            self.check_not_in_use(bdf, &[bdf])?;
             self.write(&dir.join("driver/unbind"), &bdf.to_string())?;
         }
         Ok(())
@@ -309,6 +384,9 @@ impl<S: Sysfs> SriovManager<S> {
             return Ok(());
         }
         self.require_driver_loaded(driver)?;
+        if current.as_deref() == Some("vfio-pci") {
+            self.check_not_in_use(bdf, &[bdf])?;
+        }
         self.write(&dir.join("driver_override"), driver.as_str())?;
         if current.is_some() {
             self.write(&dir.join("driver/unbind"), &bdf.to_string())?;
@@ -371,6 +449,8 @@ impl<S: Sysfs> SriovManager<S> {
         self.require_driver_loaded(driver)?;
         let (_, num) = self.counts_in(&dir)?;
         if num != 0 {
+            let vfs: Vec<PciAddress> = self.vfs_in(&dir)?.into_iter().map(|(_, vf)| vf).collect();
+            self.check_not_in_use(pf, &vfs)?;
             self.write_numvfs(pf, &dir, 0)?;
         }
         self.bind(pf, driver)
@@ -450,6 +530,12 @@ impl<S: Sysfs> SriovManager<S> {
             }
         }
         let changed = n != from;
+        if changed && from != 0 {
+            let vfs: Vec<PciAddress> = self.vfs_in(&dir)?.into_iter().map(|(_, vf)| vf).collect();
+            timed(&mut steps, "check_in_use", || {
+                self.check_not_in_use(pf, &vfs)
+            })?;
+        }
         if changed {
             info!(%pf, from, to = n, "changing VF count");
             let autoprobe = dir.join("sriov_drivers_autoprobe");

@@ -14,7 +14,7 @@ fn drv(name: &str) -> DriverName {
 fn igb_on_igb() -> SriovManager<FakeSysfs> {
     let fake = FakeSysfs::with_igb();
     fake.preset_driver(PF, "igb");
-    SriovManager::new(fake)
+    fake.manager()
 }
 
 fn opts(bind: Option<&str>) -> VfsSetOptions {
@@ -29,7 +29,7 @@ fn discovery_lists_only_sriov_capable_devices() {
     let fake = FakeSysfs::with_igb();
     fake.add_device("0000:00:02.0");
     fake.add_pf("0000:02:00.0", "0x1b36", "0x0010", 64, "0x0010");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let pfs: Vec<String> = mgr
         .list_pfs()
         .unwrap()
@@ -60,7 +60,7 @@ fn status_reports_counts_vfs_drivers_and_groups() {
 #[test]
 fn totalvfs_depends_on_the_pf_driver() {
     let fake = FakeSysfs::with_igb();
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     assert_eq!(mgr.vf_counts(pf()).unwrap(), (8, 0));
     mgr.ensure_pf_driver(pf(), &drv("igb")).unwrap();
     assert_eq!(mgr.vf_counts(pf()).unwrap(), (7, 0));
@@ -86,7 +86,7 @@ fn count_change_goes_through_zero_with_autoprobe_off_first() {
     assert_eq!(numvfs, ["0", "4"]);
     assert_eq!(report.status.vfs.len(), 4);
     let names: Vec<&str> = report.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["disable_vfs", "enable_vfs"]);
+    assert_eq!(names, ["check_in_use", "disable_vfs", "enable_vfs"]);
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn direct_nonzero_to_nonzero_write_is_ebusy_in_the_fake() {
 
 #[test]
 fn unbound_pf_cannot_configure_sriov() {
-    let mgr = SriovManager::new(FakeSysfs::with_igb());
+    let mgr = FakeSysfs::with_igb().manager();
     let err = mgr.set_vf_count(pf(), 1, &opts(None)).unwrap_err();
     assert!(
         matches!(err, Error::NoSriovConfigure { driver: None, .. }),
@@ -188,7 +188,7 @@ fn pf_driver_without_sriov_configure_is_enoent() {
     let fake = FakeSysfs::new();
     fake.add_pf("0000:02:00.0", "0x1b36", "0x0010", 64, "0x0010");
     fake.preset_driver("0000:02:00.0", "nvme");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let nvme = PciAddress::parse("0000:02:00.0").unwrap();
     let err = mgr.set_vf_count(nvme, 4, &opts(None)).unwrap_err();
     assert!(matches!(err, Error::NoSriovConfigure { .. }));
@@ -199,7 +199,7 @@ fn pf_driver_without_sriov_configure_is_enoent() {
 fn pf_stub_handles_64_vfs_and_bind_uses_override_and_probe_never_new_id() {
     let fake = FakeSysfs::new();
     fake.add_pf("0000:02:00.0", "0x1b36", "0x0010", 64, "0x0010");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let nvme = PciAddress::parse("0000:02:00.0").unwrap();
     let o = VfsSetOptions {
         pf_driver: Some(drv("pci-pf-stub")),
@@ -327,7 +327,7 @@ fn probe_that_binds_nothing_is_a_bind_failure() {
 fn not_sriov_and_missing_devices_are_named() {
     let fake = FakeSysfs::with_igb();
     fake.add_device("0000:00:02.0");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let plain = PciAddress::parse("0000:00:02.0").unwrap();
     let err = mgr.pf_status(plain).unwrap_err();
     assert!(matches!(err, Error::NotSriov { .. }));
@@ -341,7 +341,7 @@ fn not_sriov_and_missing_devices_are_named() {
 fn device_links_escaping_the_devices_tree_are_refused() {
     let fake = FakeSysfs::with_igb();
     fake.add_escaping_link("0000:0f:00.0");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let evil = PciAddress::parse("0000:0f:00.0").unwrap();
     let err = mgr.driver_of(evil).unwrap_err();
     assert!(matches!(err, Error::OutsideDevices { .. }), "{err}");
@@ -352,7 +352,7 @@ fn device_links_escaping_the_devices_tree_are_refused() {
 fn qdma_profile_applies_after_vf_creation_on_qdma_pf_only() {
     let fake = FakeSysfs::new();
     fake.add_pf("0000:03:00.0", "0x10ee", "0x903f", 252, "0xa03f");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let q = PciAddress::parse("0000:03:00.0").unwrap();
     let mut profile = QdmaProfile::default();
     profile.pf.insert("qmax".into(), 512);
@@ -404,7 +404,7 @@ fn qdma_profile_applies_after_vf_creation_on_qdma_pf_only() {
 fn qdma_write_failure_names_setting_and_function() {
     let fake = FakeSysfs::new();
     fake.add_pf("0000:03:00.0", "0x10ee", "0x903f", 252, "0xa03f");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let q = PciAddress::parse("0000:03:00.0").unwrap();
     let mut profile = QdmaProfile::default();
     profile.pf.insert("qmax".into(), 4096);
@@ -427,7 +427,7 @@ fn parallel_bind_reports_the_failing_vf_and_binds_the_others() {
     let fake = FakeSysfs::new();
     fake.add_pf("0000:02:00.0", "0x1b36", "0x0010", 64, "0x0010");
     fake.preset_driver("0000:02:00.0", "pci-pf-stub");
-    let mgr = SriovManager::new(fake);
+    let mgr = fake.manager();
     let nvme = PciAddress::parse("0000:02:00.0").unwrap();
     mgr.set_vf_count(nvme, 16, &opts(None)).unwrap();
     mgr.sysfs()
@@ -486,4 +486,43 @@ fn fake_kernel_answers_erange_above_totalvfs_and_links_vfs_both_ways() {
             .unwrap();
         assert_eq!(back, mgr.sysfs().canonicalize(&vf.sysfs_rel()).unwrap());
     }
+}
+
+#[test]
+fn vf_held_open_through_vfio_blocks_the_count_change_before_any_write() {
+    let mgr = igb_on_igb();
+    let r = mgr.set_vf_count(pf(), 2, &opts(Some("vfio-pci"))).unwrap();
+    let group = r.status.vfs[1].iommu_group.unwrap();
+    mgr.sysfs().hold_open(4242, &format!("/dev/vfio/{group}"));
+    mgr.sysfs().clear_writes();
+    let err = mgr
+        .set_vf_count(pf(), 4, &opts(Some("vfio-pci")))
+        .unwrap_err();
+    assert!(matches!(err, Error::VfInUse { pid: 4242, .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!("PF 0000:01:00.0: VF 0000:01:10.1 is in use: pid 4242 holds /dev/vfio/{group} open; pause or close it before changing VFs")
+    );
+    assert!(mgr.sysfs().writes().is_empty());
+    assert_eq!(mgr.vf_counts(pf()).unwrap().1, 2);
+    // Nor may the PF driver change or the VF be moved off vfio-pci meanwhile.
+    let err = mgr.ensure_pf_driver(pf(), &drv("pci-pf-stub")).unwrap_err();
+    assert!(matches!(err, Error::VfInUse { .. }), "{err}");
+    let vf = r.status.vfs[1].bdf;
+    assert!(matches!(mgr.unbind(vf), Err(Error::VfInUse { .. })));
+    mgr.sysfs().exit_process(4242);
+    mgr.set_vf_count(pf(), 4, &opts(Some("vfio-pci"))).unwrap();
+    assert_eq!(mgr.vf_counts(pf()).unwrap().1, 4);
+}
+
+#[test]
+fn unrelated_open_files_and_unbound_vfs_do_not_count_as_in_use() {
+    let mgr = igb_on_igb();
+    mgr.set_vf_count(pf(), 2, &opts(None)).unwrap();
+    // VFs not on vfio-pci have no VFIO files, whatever is open.
+    mgr.sysfs().hold_open(7, "/dev/vfio/vfio");
+    mgr.sysfs().hold_open(7, "/dev/vfio/999");
+    mgr.set_vf_count(pf(), 3, &opts(Some("vfio-pci"))).unwrap();
+    mgr.set_vf_count(pf(), 1, &opts(Some("vfio-pci"))).unwrap();
+    assert_eq!(mgr.vf_counts(pf()).unwrap().1, 1);
 }

@@ -564,7 +564,13 @@ fn program_with_an_external_command_removes_and_rescans_the_pf() {
         .collect();
     assert_eq!(
         names,
-        ["disable_vfs", "remove_pf", "program", "rescan"],
+        [
+            "check_in_use",
+            "disable_vfs",
+            "remove_pf",
+            "program",
+            "rescan"
+        ],
         "{out}"
     );
     eprintln!("measure: program (remove, /bin/sh tool, rescan): {out}");
@@ -632,4 +638,77 @@ fn daemon_serves_on_a_systemd_activated_socket() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A child process holding a file open, killed on drop.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vf_whose_vfio_group_is_held_open_is_not_destroyed() {
+    let _guard = setup();
+    let pf = igb_pf();
+    svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &pf,
+        "2",
+        "--pf-driver",
+        "igb",
+        "--bind",
+        "vfio-pci",
+        "--json",
+    ]);
+    let (_, vf) = sysfs_vfs(&pf).remove(1);
+    let group = link_name(&dev(&vf).join("iommu_group")).unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<>/dev/vfio/{group} && echo open && exec sleep 300"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let holder = Holder(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "open",
+        "the holder could not open /dev/vfio/{group}"
+    );
+    let pid = holder.0.id();
+
+    let out = svff(&[
+        "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "VF {vf} is in use: pid {pid} holds /dev/vfio/{group} open"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(numvfs(&pf), 2);
+    assert_eq!(
+        link_name(&dev(&vf).join("driver")).as_deref(),
+        Some("vfio-pci")
+    );
+
+    drop(holder);
+    svff_ok_json(&[
+        "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci", "--json",
+    ]);
+    assert_all_vfs_on(&pf, "vfio-pci", 3);
 }
