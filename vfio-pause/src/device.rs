@@ -1,30 +1,4 @@
-//! The pausable device and its state machine.
-//!
-//! # States and transitions
-//!
-//! | from     | operation          | success  | failure (state after, fds of the VF) |
-//! |----------|--------------------|----------|---------------------------------------|
-//! | attached | `pause()`          | paused   | see "failed pause" below |
-//! | paused   | `pause()`          | paused (no-op, `Timings::noop`) | - |
-//! | paused   | `unpause(source)`  | attached | paused, no fd of the new VF open; the passed group fd is closed |
-//! | attached | `unpause(source)`  | attached (no-op; a passed group fd is closed) | - |
-//! | attached | `detach()`         | detached | detached, every fd released, first error returned |
-//! | paused   | `detach()`         | detached | - |
-//! | detached | anything           | -        | `Error::InvalidState`, stays detached |
-//!
-//! Failed pause, by step:
-//! 1. VMM hook `unmap_bars` fails: attached, nothing changed.
-//! 2. config snapshot fails: guest BAR mappings are restored (`map_bars`),
-//!    attached. If that hook fails too: `Error::RollbackFailed`, still
-//!    attached (accesses then trap and are forwarded, so the device works).
-//! 3. disabling an interrupt fails: the interrupts already disabled are
-//!    re-enabled and BAR mappings restored, attached. If that rollback fails,
-//!    the pause is completed instead: `Error::RollbackFailed`, paused.
-//! 4. munmap or close fails: paused (the backend releases every fd even when
-//!    it reports an error), the error is returned.
-//!
-//! In no case is a device left half-open: it is either attached with all its
-//! resources, or paused/detached with none.
+//! The pausable device and its state machine (documented on [`PausableDevice`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -253,7 +227,52 @@ struct Inner {
 }
 
 /// A passed-through VF that can release every host resource while the guest
-/// keeps the device. See the module docs for the state machine.
+/// keeps the device.
+///
+/// # States and transitions
+///
+/// | from     | operation          | success  | failure (state after, fds of the VF) |
+/// |----------|--------------------|----------|---------------------------------------|
+/// | attached | `pause()`          | paused   | see "failed pause" below |
+/// | paused   | `pause()`          | paused (no-op, `Timings::noop`) | - |
+/// | paused   | `unpause(source)`  | attached | paused, no fd of the new VF open; the passed group fd is closed |
+/// | attached | `unpause(source)`  | attached (no-op; a passed group fd is closed) | - |
+/// | attached | `detach()`         | detached | detached, every fd released, first error returned |
+/// | paused   | `detach()`         | detached | - |
+/// | detached | anything           | -        | `Error::InvalidState`, stays detached |
+///
+/// Failed pause, by step:
+/// 1. VMM hook `unmap_bars` fails: attached, nothing changed.
+/// 2. config snapshot fails: guest BAR mappings are restored (`map_bars`),
+///    attached. If that hook fails too: `Error::RollbackFailed`, still
+///    attached (accesses then trap and are forwarded, so the device works).
+/// 3. disabling an interrupt fails: the interrupts already disabled are
+///    re-enabled and BAR mappings restored, attached. If that rollback fails,
+///    the pause is completed instead: `Error::RollbackFailed`, paused.
+/// 4. munmap or close fails: paused (the backend releases every fd even when
+///    it reports an error), the error is returned.
+///
+/// In no case is a device left half-open: it is either attached with all its
+/// resources, or paused/detached with none.
+///
+/// # What a pause keeps and an unpause restores
+///
+/// - Config space: snapshot at pause into a shadow that serves guest config
+///   reads while paused; guest writes go to the shadow (BAR sizing is
+///   emulated with the BAR sizes) and are replayed at unpause. The unpause
+///   writes the BARs as the guest programmed them, then the pending writes,
+///   then the command register (decoding enabled last).
+/// - Interrupts: the eventfds the VMM wired with [`PausableDevice::set_irqs`]
+///   (INTx, MSI, MSI-X) and [`PausableDevice::set_request_irq`] are kept and
+///   wired again on the new VF (the guest's MSI/MSI-X messages live in the
+///   VMM's irqfd routes, which do not change). While paused the request IRQ
+///   is not an unplug request ([`PausableDevice::request_is_unplug`]).
+/// - Guest DMA: re-mapped by the [`Container`] if it lost it.
+/// - BAR mappings: with [`DeviceOptions::mmap_bars`], BARs are mmapped again
+///   and handed to [`VmmHooks::map_bars`].
+///
+/// Not restored: device-internal state (queues, registers written through
+/// BARs) — the guest driver must recover it, as after an FLR.
 pub struct PausableDevice {
     id: String,
     container: Arc<Container>,

@@ -13,9 +13,9 @@
 //! Layers:
 //! - [`VfioBackend`]: the VFIO operations, implemented over rust-vmm's
 //!   vfio-ioctls by [`VfioIoctlsBackend`] and by the test double [`FakeBackend`].
-//! - [`Container`]: one per VM (or per VF), owns the backend and the guest
+//! - [`Container`]: one per VM, owns the backend and the guest
 //!   memory registered for DMA.
-//! - [`PausableDevice`]: the state machine; its module documentation has the
+//! - [`PausableDevice`]: the state machine; its documentation has the
 //!   transition table and what each failure leaves behind.
 //! - A C ABI (`vp_*` functions, header `include/vfio_pause.h`) for C VMMs.
 //!
