@@ -211,7 +211,13 @@ impl<S: Sysfs + 'static> Daemon<S> {
             let spawned = std::thread::Builder::new()
                 .name("svff-client".into())
                 .spawn(move || {
-                    daemon.serve_connection(stream);
+                    // A bug in one request must not leak the connection slot.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        daemon.serve_connection(stream)
+                    }));
+                    if served.is_err() {
+                        error!("a client thread panicked");
+                    }
                     daemon.connections.fetch_sub(1, Ordering::SeqCst);
                 });
             if let Err(e) = spawned {
