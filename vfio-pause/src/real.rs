@@ -70,11 +70,8 @@ impl RealVf {
 }
 
 /// The real backend: one vfio-ioctls `VfioContainer` (one VM) and the VFs
-/// opened into it.
-///
-/// Limitation: vfio-ioctls sets up the type1 IOMMU when *its* first group
-/// joins. If the container holds only groups from passed fds, opening a VF by
-/// sysfs path fails (the IOMMU is already set); the reverse order works.
+/// opened into it, by sysfs path (through vfio-ioctls) or from passed group
+/// fds (raw ioctls), in any mix and order.
 pub struct VfioIoctlsBackend {
     container: Arc<VfioContainer>,
     table: Mutex<Table>,
@@ -86,8 +83,6 @@ pub struct VfioIoctlsBackend {
 struct Table {
     vfs: HashMap<VfId, Arc<RealVf>>,
     next: u64,
-    crate_groups: usize,
-    raw_groups: usize,
 }
 
 impl std::fmt::Debug for VfioIoctlsBackend {
@@ -141,25 +136,38 @@ impl VfioIoctlsBackend {
                 path: group_link.display().to_string(),
             });
         }
-        let mixed = {
-            let t = self.lock();
-            t.crate_groups == 0 && t.raw_groups > 0
-        };
-        if mixed {
-            return Err(Error::OutOfRange {
-                address: address.clone(),
-                what: "cannot open by sysfs path into a container holding only passed group fds \
-                       (vfio-ioctls would set the IOMMU twice)"
-                    .into(),
-            });
-        }
         let ops: Arc<dyn VfioOps> = self.container.clone();
-        let dev = VfioDevice::new(&path, ops, false).map_err(|e| Error::Vfio {
-            address: address.clone(),
-            op: format!("open {} through vfio-ioctls", path.display()),
-            source: e,
-        })?;
-        Ok(Handle::Crate(dev))
+        match VfioDevice::new(&path, ops, false) {
+            Ok(dev) => Ok(Handle::Crate(dev)),
+            // vfio-ioctls sets the IOMMU type when *its* first group joins; if
+            // the container holds only groups from passed fds, the IOMMU is
+            // already set and the kernel says EINVAL. The crate has then taken
+            // its group out again: open the group file here and go the raw way.
+            Err(VfioError::ContainerSetIOMMU(e)) if e.errno() == libc::EINVAL => {
+                let link = std::fs::read_link(&group_link)
+                    .map_err(|e| Error::io(address, "read iommu_group link", e))?;
+                let id = link
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .ok_or_else(|| Error::OutOfRange {
+                        address: address.clone(),
+                        what: format!("iommu_group link {} is not a group", link.display()),
+                    })?;
+                let dev_path = format!("/dev/vfio/{id}");
+                let group = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&dev_path)
+                    .map_err(|e| Error::io(address, format!("open {dev_path}"), e))?;
+                self.open_group_fd(group.into(), address)
+            }
+            Err(e) => Err(Error::Vfio {
+                address: address.clone(),
+                op: format!("open {} through vfio-ioctls", path.display()),
+                source: e,
+            }),
+        }
     }
 
     fn open_group_fd(&self, group: OwnedFd, address: &PciAddress) -> Result<Handle> {
@@ -361,7 +369,6 @@ impl VfioBackend for VfioIoctlsBackend {
             VfSource::Sysfs(a) => self.open_sysfs(&a)?,
             VfSource::GroupFd { group, address } => self.open_group_fd(group, &address)?,
         };
-        let is_crate = matches!(handle, Handle::Crate(_));
         let fd = match &handle {
             Handle::Crate(d) => d.as_raw_fd(),
             Handle::Raw { device, .. } => device.as_raw_fd(),
@@ -376,11 +383,6 @@ impl VfioBackend for VfioIoctlsBackend {
             }
         };
         let mut t = self.lock();
-        if is_crate {
-            t.crate_groups += 1;
-        } else {
-            t.raw_groups += 1;
-        }
         t.next += 1;
         let id = VfId(t.next);
         t.vfs.insert(
@@ -396,18 +398,14 @@ impl VfioBackend for VfioIoctlsBackend {
     }
 
     fn close(&self, vf: VfId) -> Result<()> {
-        let mut v = {
-            let mut t = self.lock();
-            let v = t.vfs.remove(&vf).ok_or_else(|| Error::OutOfRange {
+        let mut v = self
+            .lock()
+            .vfs
+            .remove(&vf)
+            .ok_or_else(|| Error::OutOfRange {
                 address: PciAddress::none(),
                 what: format!("no open VF with handle {}", vf.0),
             })?;
-            match v.handle {
-                Handle::Crate(_) => t.crate_groups -= 1,
-                Handle::Raw { .. } => t.raw_groups -= 1,
-            }
-            v
-        };
         // Another thread may still be inside an access to this VF (callers
         // serialise per VF, so this is at most one short access): let it end.
         let v = loop {

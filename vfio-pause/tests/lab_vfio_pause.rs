@@ -467,6 +467,52 @@ fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
     guest::set_numvfs(&pf, 0);
 }
 
+/// A VMM whose first VF came as a passed group fd, then opens another VF of
+/// the same VM by sysfs path: both end up in one container with DMA mapped.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn passed_group_fd_first_then_sysfs_open_share_one_container() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf0 = pf_with_vfio_vf(&pf, 2, 0);
+    let vf1 = guest::vfs_of(&pf)[1].clone();
+    bind_vfio(&vf1);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let group: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/vfio/{}", guest::iommu_group(&vf0)))
+        .unwrap()
+        .into();
+    let a = PausableDevice::open(
+        "a",
+        container.clone(),
+        VfSource::GroupFd {
+            group,
+            address: vf0.parse().unwrap(),
+        },
+        DeviceOptions::default(),
+        Arc::new(TrapAllBars),
+    )
+    .unwrap_or_else(|e| panic!("open from group fd: {}", chain(&e)));
+    let b = open(&container, &vf1, DeviceOptions::default());
+    assert_eq!(cfg32(&a, 0), 0x0010_1b36);
+    assert_eq!(cfg32(&b, 0), 0x0010_1b36);
+    a.pause().unwrap();
+    assert!(container.dma_mapped(), "b keeps the container");
+    a.unpause(sysfs(&vf0))
+        .unwrap_or_else(|e| panic!("unpause by sysfs: {}", chain(&e)));
+    b.pause().unwrap();
+    a.pause().unwrap();
+    assert!(!container.dma_mapped());
+    assert_no_vf_resources(guest::iommu_group(&vf0));
+    assert_no_vf_resources(guest::iommu_group(&vf1));
+    drop((a, b));
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
 fn summarize(name: &str, runs: &[Timings]) {
     let mut line = format!("{name} ({} runs):", runs.len());
     let total: Vec<f64> = runs.iter().map(|t| t.total.as_secs_f64() * 1e3).collect();
