@@ -215,6 +215,50 @@ enum VpStatus vp_device_bar_read(const struct VpDevice *d,
                                  uint8_t *buf,
                                  size_t len);
 
+// Guest config-space write (to the shadow while paused, applied at unpause).
+//
+// # Safety
+// `d` must be a live device handle, `data` readable for `len` bytes.
+enum VpStatus vp_device_config_write(const struct VpDevice *d,
+                                     uint64_t offset,
+                                     const uint8_t *data,
+                                     size_t len);
+
+// Guest BAR write (dropped and counted while paused, or stalled).
+//
+// # Safety
+// `d` must be a live device handle, `data` readable for `len` bytes.
+enum VpStatus vp_device_bar_write(const struct VpDevice *d,
+                                  uint32_t bar,
+                                  uint64_t offset,
+                                  const uint8_t *data,
+                                  size_t len);
+
+// Wire interrupt `index` (0 INTx, 1 MSI, 2 MSI-X) to `count` eventfds
+// (vector n -> `fds[n]`); `count` 0 disables it. The library keeps
+// duplicates of the fds and re-wires them at every unpause.
+//
+// # Safety
+// `d` must be a live device handle; `fds` NULL (with `count` 0) or `count` ints.
+enum VpStatus vp_device_set_irqs(const struct VpDevice *d,
+                                 uint32_t index,
+                                 const int *fds,
+                                 size_t count);
+
+// Wire the kernel's device-request IRQ to eventfd `fd` (-1 unwires it).
+// When it fires, ask `vp_device_request_is_unplug` whether it is an unplug
+// request (only while attached).
+//
+// # Safety
+// `d` must be a live device handle.
+enum VpStatus vp_device_set_request_irq(const struct VpDevice *d, int fd);
+
+// 1 when a request IRQ means "unplug" (device attached), else 0.
+//
+// # Safety
+// `d` must be a live device handle, `out` writable.
+enum VpStatus vp_device_request_is_unplug(const struct VpDevice *d, uint8_t *out);
+
 // Detach (if not yet) and free the device handle. Every fd of the VF is
 // released even when an error is returned.
 //

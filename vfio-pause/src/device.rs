@@ -64,6 +64,9 @@ impl Default for DeviceOptions {
 }
 
 /// What the VMM does for the device's guest BAR mappings.
+///
+/// Hooks run with the device's lock held: they must not call back into the
+/// same [`PausableDevice`].
 pub trait VmmHooks: Send + Sync {
     /// Remove every guest mapping of the device's BARs so guest accesses trap
     /// (and reach [`PausableDevice::bar_read`]/[`PausableDevice::bar_write`]).

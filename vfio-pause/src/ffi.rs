@@ -22,6 +22,7 @@ use crate::device::{
 use crate::error::Error;
 use crate::fake::{FakeBackend, FakeVf};
 use crate::pci::{Identity, PciAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Status of every `vp_*` call. Details: `vp_last_error()`.
 #[repr(C)]
@@ -688,6 +689,143 @@ pub unsafe extern "C" fn vp_device_bar_read(
     })
 }
 
+/// Guest config-space write (to the shadow while paused, applied at unpause).
+///
+/// # Safety
+/// `d` must be a live device handle, `data` readable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_config_write(
+    d: *const VpDevice,
+    offset: u64,
+    data: *const u8,
+    len: usize,
+) -> VpStatus {
+    entry(|| {
+        if data.is_null() {
+            return Err(Fail::Arg("data is NULL".into()));
+        }
+        // SAFETY: non-NULL and readable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts(data, len) };
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.config_write(offset, b)?;
+        Ok(())
+    })
+}
+
+/// Guest BAR write (dropped and counted while paused, or stalled).
+///
+/// # Safety
+/// `d` must be a live device handle, `data` readable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_bar_write(
+    d: *const VpDevice,
+    bar: u32,
+    offset: u64,
+    data: *const u8,
+    len: usize,
+) -> VpStatus {
+    entry(|| {
+        if data.is_null() {
+            return Err(Fail::Arg("data is NULL".into()));
+        }
+        // SAFETY: non-NULL and readable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts(data, len) };
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.bar_write(bar, offset, b)?;
+        Ok(())
+    })
+}
+
+/// Duplicate caller-owned eventfds into library-owned ones.
+///
+/// # Safety
+/// `fds` must be NULL (with `count` 0) or point to `count` ints.
+unsafe fn dup_eventfds(fds: *const c_int, count: usize) -> Result<Vec<EventFd>, Fail> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if fds.is_null() {
+        return Err(Fail::Arg("fds is NULL".into()));
+    }
+    // SAFETY: non-NULL and readable for `count` ints per the contract.
+    let fds = unsafe { std::slice::from_raw_parts(fds, count) };
+    fds.iter()
+        .map(|&fd| {
+            // SAFETY: F_DUPFD_CLOEXEC on a caller-supplied fd only creates a new fd.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Fail::Arg(format!(
+                    "eventfd {fd}: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: `dup` is a new fd owned by nothing else.
+            Ok(unsafe { EventFd::from_raw_fd(dup) })
+        })
+        .collect()
+}
+
+/// Wire interrupt `index` (0 INTx, 1 MSI, 2 MSI-X) to `count` eventfds
+/// (vector n -> `fds[n]`); `count` 0 disables it. The library keeps
+/// duplicates of the fds and re-wires them at every unpause.
+///
+/// # Safety
+/// `d` must be a live device handle; `fds` NULL (with `count` 0) or `count` ints.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_set_irqs(
+    d: *const VpDevice,
+    index: u32,
+    fds: *const c_int,
+    count: usize,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let fds = unsafe { dup_eventfds(fds, count) }?;
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.set_irqs(index, fds)?;
+        Ok(())
+    })
+}
+
+/// Wire the kernel's device-request IRQ to eventfd `fd` (-1 unwires it).
+/// When it fires, ask `vp_device_request_is_unplug` whether it is an unplug
+/// request (only while attached).
+///
+/// # Safety
+/// `d` must be a live device handle.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_set_request_irq(d: *const VpDevice, fd: c_int) -> VpStatus {
+    entry(|| {
+        let e = if fd < 0 {
+            None
+        } else {
+            // SAFETY: `&fd` is one readable int.
+            unsafe { dup_eventfds(&fd, 1) }?.pop()
+        };
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.set_request_irq(e)?;
+        Ok(())
+    })
+}
+
+/// 1 when a request IRQ means "unplug" (device attached), else 0.
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_request_is_unplug(d: *const VpDevice, out: *mut u8) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let v = unsafe { dev(d) }?.request_is_unplug();
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe { *out = v as u8 };
+        Ok(())
+    })
+}
+
 /// Detach (if not yet) and free the device handle. Every fd of the VF is
 /// released even when an error is returned.
 ///
@@ -714,6 +852,7 @@ pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn last_error() -> String {
         // SAFETY: vp_last_error returns a valid NUL-terminated string.
@@ -780,8 +919,18 @@ mod tests {
     #[test]
     fn bad_bdf_is_an_invalid_argument_and_a_passed_fd_is_closed() {
         let (c, d) = sim_device();
-        let fd = std::fs::File::open("/dev/null").unwrap();
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // Hand over the write end of a pipe: once the library closed it, the
+        // read end sees EOF (checking the fd number would race with other
+        // tests reusing it).
+        let mut ends = [0 as c_int; 2];
+        // SAFETY: `ends` has room for the two fds pipe2 writes.
+        assert_eq!(
+            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: pipe2 just created this fd and nothing else owns it.
+        let read_end = unsafe { std::fs::File::from_raw_fd(ends[0]) };
+        let raw = ends[1];
         // SAFETY: live handles; `raw` is an fd we own and hand over.
         unsafe {
             assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
@@ -790,8 +939,9 @@ mod tests {
                 VpStatus::VpErrInvalidArgument
             );
             assert!(last_error().contains("invalid PCI address"));
-            // The library closed the passed fd.
-            assert_eq!(libc::fcntl(raw, libc::F_GETFD), -1);
+            // The library closed the passed fd: EOF on the read end.
+            let mut buf = [0u8; 1];
+            assert_eq!(std::io::Read::read(&mut &read_end, &mut buf).unwrap(), 0);
             assert_eq!(vp_device_close(d), VpStatus::VpOk);
             vp_container_free(c);
         }
@@ -841,6 +991,44 @@ mod tests {
             assert_eq!(u.total_ns, t.total_ns);
             assert_eq!(CStr::from_ptr(vp_phase_name(2)), c"irq-teardown");
             assert!(vp_phase_name(VP_PHASE_COUNT as u32).is_null());
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+    }
+
+    #[test]
+    fn irqs_and_config_writes_through_the_abi_survive_a_pause() {
+        let (c, d) = sim_device();
+        let efd = EventFd::new(0).unwrap();
+        let fds = [efd.as_raw_fd(), efd.as_raw_fd()];
+        let mut unplug = 9;
+        // SAFETY: live handles and valid pointers.
+        unsafe {
+            assert_eq!(vp_device_set_irqs(d, 2, fds.as_ptr(), 2), VpStatus::VpOk);
+            assert_eq!(
+                vp_device_set_request_irq(d, efd.as_raw_fd()),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_request_is_unplug(d, &mut unplug), VpStatus::VpOk);
+            assert_eq!(unplug, 1);
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(vp_device_request_is_unplug(d, &mut unplug), VpStatus::VpOk);
+            assert_eq!(unplug, 0);
+            let v = [0x0bu8];
+            assert_eq!(
+                vp_device_config_write(d, 0x3c, v.as_ptr(), 1),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_bar_write(d, 0, 0, v.as_ptr(), 1), VpStatus::VpOk);
+            let sim = (*c).sim.clone().unwrap();
+            assert_eq!(
+                vp_device_unpause(d, c"0000:02:00.1".as_ptr(), -1, ptr::null_mut()),
+                VpStatus::VpOk
+            );
+            let a: PciAddress = "0000:02:00.1".parse().unwrap();
+            assert_eq!(sim.irqs_enabled(&a).get(&2), Some(&2));
+            assert_eq!(sim.config_of(&a).unwrap()[0x3c], 0x0b);
+            assert_eq!((*d).dev.access_counters().ignored_writes, 1);
             assert_eq!(vp_device_close(d), VpStatus::VpOk);
             vp_container_free(c);
         }
