@@ -924,10 +924,8 @@ mod tests {
         // tests reusing it).
         let mut ends = [0 as c_int; 2];
         // SAFETY: `ends` has room for the two fds pipe2 writes.
-        assert_eq!(
-            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: pipe2 just created this fd and nothing else owns it.
         let read_end = unsafe { std::fs::File::from_raw_fd(ends[0]) };
         let raw = ends[1];
