@@ -144,6 +144,7 @@ impl FakeSysfs {
     pub fn hold_open(&self, pid: u32, file: &str) {
         let fd_dir = self.root().join(format!("proc/{pid}/fd"));
         fs::create_dir_all(&fd_dir).unwrap();
+        fs::write(self.root().join(format!("proc/{pid}/comm")), "fakevmm\n").unwrap();
         let n = fs::read_dir(&fd_dir).unwrap().count() + 3;
         symlink(file, fd_dir.join(n.to_string())).unwrap();
     }

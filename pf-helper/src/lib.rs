@@ -30,7 +30,8 @@
 //!       "totalvfs": 7, "numvfs": 2, "drivers_autoprobe": false,
 //!       "vfs": [
 //!         { "index": 0, "bdf": "0000:01:10.0", "vendor": "0x8086", "device": "0x10ca",
-//!           "driver": "vfio-pci", "iommu_group": 8, "holder": null }
+//!           "driver": "vfio-pci", "iommu_group": 8, "holder": null,
+//!           "held_by": { "pid": 4242, "comm": "qemu-system-x86", "file": "/dev/vfio/8" } }
 //!       ]
 //!     }
 //!   ]
@@ -42,7 +43,11 @@
 //! VFs by `virtfnN` index. `vendor`/`device` are the sysfs attributes verbatim;
 //! `driver` is the name of the `driver` link (`null`: unbound); `iommu_group`
 //! the number of the `iommu_group` link (`null`: no IOMMU); `holder` the VMM
-//! device id holding the VF (`null`: none). With `--direct` every SR-IOV capable
+//! device id holding the VF per the assignment table (`null`: none; always
+//! `null` until the init/reconf orchestration keeps that table); `held_by` a
+//! process that holds the VF's VFIO group or cdev open, from `/proc/<pid>/fd`
+//! (`null`: none visible to the caller; a non-root `--direct` caller sees only
+//! its own processes). With `--direct` every SR-IOV capable
 //! device is listed, through the daemon the PFs of its allow-list. The field
 //! meanings are those of [`Status`], [`PfStatus`] and [`VfStatus`].
 //!
@@ -109,5 +114,5 @@ pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
-pub use status::{PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
+pub use status::{HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
 pub use sysfs::{RealSysfs, Sysfs};

@@ -125,7 +125,7 @@ fn print_status(status: &Status) {
         );
         for vf in &pf.vfs {
             println!(
-                "  VF {:<3} {} [{}:{}] driver {} group {} holder {}",
+                "  VF {:<3} {} [{}:{}] driver {} group {} holder {} held by {}",
                 vf.index,
                 vf.bdf,
                 vf.vendor,
@@ -133,6 +133,9 @@ fn print_status(status: &Status) {
                 vf.driver.as_deref().unwrap_or("-"),
                 vf.iommu_group.map_or("-".to_owned(), |g| g.to_string()),
                 vf.holder.as_deref().unwrap_or("-"),
+                vf.held_by
+                    .as_ref()
+                    .map_or("-".to_owned(), |h| format!("{} (pid {})", h.comm, h.pid)),
             );
         }
     }

@@ -9,7 +9,9 @@ use tracing::{debug, info, warn};
 use crate::error::Error;
 use crate::pci::{DriverName, PciAddress};
 use crate::qdma::QdmaProfile;
-use crate::status::{PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
+use crate::status::{
+    HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION,
+};
 use crate::sysfs::Sysfs;
 
 /// Most threads used to bind VFs at once.
@@ -89,19 +91,24 @@ impl<S: Sysfs> SriovManager<S> {
         Ok(files)
     }
 
-    /// Refuses when a process holds a VFIO file of one of `devices` open: removing
-    /// or unbinding such a device would block in the kernel until it is closed.
-    /// A process that kept only a VFIO device fd (its group fd closed) is not seen.
-    fn check_not_in_use(&self, pf: PciAddress, devices: &[PciAddress]) -> Result<(), Error> {
+    /// The processes holding a VFIO file of one of `devices` open, as
+    /// (device, pid, file), at most one entry per device. Processes whose fd
+    /// table the caller cannot read are not seen, nor a process that kept only a
+    /// VFIO device fd (its group fd closed).
+    fn vfio_holders(
+        &self,
+        devices: &[PciAddress],
+    ) -> Result<Vec<(PciAddress, u32, PathBuf)>, Error> {
         let mut watched: Vec<(PathBuf, PciAddress)> = Vec::new();
         for dev in devices {
             let dir = self.device_dir(*dev)?;
             watched.extend(self.vfio_files(&dir)?.into_iter().map(|f| (f, *dev)));
         }
+        let mut found: Vec<(PciAddress, u32, PathBuf)> = Vec::new();
         if watched.is_empty() {
-            return Ok(());
+            return Ok(found);
         }
-        // Without a process list the check cannot be made: refuse rather than risk a hang.
+        // Without a process list nothing can be said: an error, not "nobody".
         let procs = std::fs::read_dir(&self.proc_root).map_err(|source| Error::Sysfs {
             op: "read",
             path: self.proc_root.clone(),
@@ -123,17 +130,32 @@ impl<S: Sysfs> SriovManager<S> {
                 let Ok(target) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
-                if let Some((file, vf)) = watched.iter().find(|(f, _)| *f == target) {
-                    return Err(Error::VfInUse {
-                        pf,
-                        vf: *vf,
-                        pid,
-                        file: file.clone(),
-                    });
+                for (file, dev) in &watched {
+                    if *file == target && !found.iter().any(|(d, _, _)| d == dev) {
+                        found.push((*dev, pid, file.clone()));
+                    }
                 }
             }
         }
-        Ok(())
+        found.sort();
+        Ok(found)
+    }
+
+    /// The process name (`/proc/<pid>/comm`), empty when unreadable.
+    fn comm(&self, pid: u32) -> String {
+        std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Refuses when a process holds a VFIO file of one of `devices` open:
+    /// removing or unbinding such a device would block in the kernel until it
+    /// is closed.
+    fn check_not_in_use(&self, pf: PciAddress, devices: &[PciAddress]) -> Result<(), Error> {
+        match self.vfio_holders(devices)?.into_iter().next() {
+            Some((vf, pid, file)) => Err(Error::VfInUse { pf, vf, pid, file }),
+            None => Ok(()),
+        }
     }
 
     /// The sysfs layer.
@@ -320,7 +342,9 @@ impl<S: Sysfs> SriovManager<S> {
         let autoprobe_rel = dir.join("sriov_drivers_autoprobe");
         let drivers_autoprobe = self.read(&autoprobe_rel)? != "0";
         let mut vfs = Vec::new();
-        for (index, vf) in self.vfs_in(&dir)? {
+        let list = self.vfs_in(&dir)?;
+        let held = self.vfio_holders(&list.iter().map(|(_, vf)| *vf).collect::<Vec<_>>())?;
+        for (index, vf) in list {
             let vf_dir = self.device_dir(vf)?;
             let iommu_group = match self.link_name(&vf_dir.join("iommu_group"))? {
                 Some(n) => Some(n.parse().map_err(|_| Error::Parse {
@@ -337,6 +361,14 @@ impl<S: Sysfs> SriovManager<S> {
                 driver: self.driver_in(&vf_dir)?,
                 iommu_group,
                 holder: None,
+                held_by: held
+                    .iter()
+                    .find(|(d, _, _)| *d == vf)
+                    .map(|(_, pid, file)| HeldBy {
+                        pid: *pid,
+                        comm: self.comm(*pid),
+                        file: file.display().to_string(),
+                    }),
             });
         }
         Ok(PfStatus {

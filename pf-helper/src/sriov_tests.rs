@@ -494,6 +494,13 @@ fn vf_held_open_through_vfio_blocks_the_count_change_before_any_write() {
     let r = mgr.set_vf_count(pf(), 2, &opts(Some("vfio-pci"))).unwrap();
     let group = r.status.vfs[1].iommu_group.unwrap();
     mgr.sysfs().hold_open(4242, &format!("/dev/vfio/{group}"));
+    let st = mgr.pf_status(pf()).unwrap();
+    assert_eq!(st.vfs[0].held_by, None);
+    let held = st.vfs[1].held_by.as_ref().unwrap();
+    assert_eq!(
+        (held.pid, held.comm.as_str(), held.file.clone()),
+        (4242, "fakevmm", format!("/dev/vfio/{group}"))
+    );
     mgr.sysfs().clear_writes();
     let err = mgr
         .set_vf_count(pf(), 4, &opts(Some("vfio-pci")))

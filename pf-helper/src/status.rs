@@ -56,6 +56,20 @@ pub struct VfStatus {
     /// Id of the VMM device holding this VF per the helper's assignment table;
     /// `null` when no VMM holds it.
     pub holder: Option<String>,
+    /// A process holding the VF's VFIO group (or cdev) open, found in
+    /// `/proc/<pid>/fd`; `null` when none visible to the caller does.
+    pub held_by: Option<HeldBy>,
+}
+
+/// A process holding a VF's VFIO file open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBy {
+    /// Its pid.
+    pub pid: u32,
+    /// Its name (`/proc/<pid>/comm`), e.g. `qemu-system-x86`.
+    pub comm: String,
+    /// The file it holds, e.g. `/dev/vfio/8`.
+    pub file: String,
 }
 
 /// One timed step of an operation.

@@ -119,6 +119,7 @@ fn sysfs_view(pf: &str) -> Value {
                 "driver": link_name(&dev(&vf).join("driver")),
                 "iommu_group": link_name(&dev(&vf).join("iommu_group")).map(|g| g.parse::<u32>().unwrap()),
                 "holder": null,
+                "held_by": null,
             })
         })
         .collect();
@@ -688,6 +689,12 @@ fn vf_whose_vfio_group_is_held_open_is_not_destroyed() {
         "the holder could not open /dev/vfio/{group}"
     );
     let pid = holder.0.id();
+    let status = svff_ok_json(&["--direct", "status", "--json", "--pf", &pf]);
+    let held = &status["pfs"][0]["vfs"][1]["held_by"];
+    assert_eq!(held["pid"], pid, "{status}");
+    assert_eq!(held["comm"], "sleep");
+    assert_eq!(held["file"], format!("/dev/vfio/{group}"));
+    assert_eq!(status["pfs"][0]["vfs"][0]["held_by"], Value::Null);
 
     let out = svff(&[
         "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci",
