@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "vfio_pause.h"
 
@@ -120,6 +122,14 @@ static int run_real(const char *pf, const char *vf, const char *numvfs, int cycl
     CHECK(vp_device_open(c, "vf0", vf, -1, 0, NULL, &d));
     CHECK(vp_device_identity(d, &id));
     printf("opened %s: %04x:%04x class %06x\n", vf, id.vendor, id.device, id.class_code);
+    /* Wire MSI-X vector 0 and the request IRQ; both are re-wired at unpause. */
+    int msix_fd = eventfd(0, EFD_CLOEXEC), req_fd = eventfd(0, EFD_CLOEXEC);
+    if (msix_fd < 0 || req_fd < 0) {
+        perror("cycle: eventfd");
+        return 1;
+    }
+    CHECK(vp_device_set_irqs(d, 2, &msix_fd, 1));
+    CHECK(vp_device_set_request_irq(d, req_fd));
     uint32_t ids = read32(d, 0);
     for (int i = 0; i < cycles; i++) {
         uint32_t bar0 = 0;
@@ -142,8 +152,16 @@ static int run_real(const char *pf, const char *vf, const char *numvfs, int cycl
             return 1;
         }
     }
+    uint8_t unplug = 9;
+    CHECK(vp_device_request_is_unplug(d, &unplug));
+    if (unplug != 1) {
+        fprintf(stderr, "cycle: request IRQ not wired after the cycles\n");
+        return 1;
+    }
     CHECK(vp_device_close(d));
     vp_container_free(c);
+    close(msix_fd);
+    close(req_fd);
     munmap(ram, ram_size);
     printf("cycle: ok\n");
     return 0;

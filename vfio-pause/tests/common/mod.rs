@@ -4,18 +4,30 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Directory holding libvfio_pause.a: the profile dir above `deps/` of this test binary.
-pub fn lib_dir() -> PathBuf {
+/// The libvfio_pause.a built with this test binary. `cargo test` builds the
+/// lib's staticlib into `deps/` next to this binary (`libvfio_pause-<hash>.a`)
+/// but only `cargo build` copies it up to the profile directory, so take the
+/// newest one in `deps/`: the one cargo built just before running the tests.
+pub fn static_lib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    deps.parent().unwrap().to_path_buf()
+    std::fs::read_dir(deps)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libvfio_pause-") && n.ends_with(".a")
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+        .unwrap_or_else(|| panic!("no libvfio_pause-*.a in {}", deps.display()))
 }
 
 /// Compile examples-c/cycle.c against libvfio_pause.a into `out`.
 pub fn build_c_cycle(out: &Path) {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = lib_dir().join("libvfio_pause.a");
-    assert!(lib.exists(), "{} was not built", lib.display());
+    let lib = static_lib();
     let st = Command::new("cc")
         .arg("-std=c11")
         .arg("-Wall")
