@@ -17,17 +17,46 @@ step "Load the kernel modules svff uses (pci-pf-stub, vfio-pci)"
 modprobe pci-pf-stub; modprobe vfio-pci
 echo "    loaded: $(lsmod | awk '$1 ~ /^(pci_pf_stub|vfio_pci|vfio)$/ {print $1}' | tr '\n' ' ')"
 
-if have_svff && svff vfs set --help >/dev/null 2>&1; then
-    step "svff status (before)"
-    svff status
+if have_svff; then
+    dir=$(mktemp -d /tmp/svff-demo.XXXXXX)
+    sock=$dir/helper.sock
+    cat > "$dir/helper.toml" <<TOML
+socket = "$sock"
+allowed_uids = [0]
+vf_drivers = ["vfio-pci"]
+
+[[pf]]
+bdf = "$PF"
+driver = "pci-pf-stub"
+
+[[pf]]
+bdf = "$IGB"
+driver = "igb"
+TOML
+    step "Start the privileged helper daemon (svff helper), config:"
+    sed 's/^/    /' "$dir/helper.toml"
+    svff helper --config "$dir/helper.toml" 2> "$dir/helper.log" &
+    helper=$!
+    trap 'kill $helper 2>/dev/null; wait $helper 2>/dev/null; rm -rf "$dir"' EXIT
+    for _ in $(seq 100); do [ -S "$sock" ] && break; kill -0 $helper 2>/dev/null || break; sleep 0.1; done
+    [ -S "$sock" ] || { echo "helper did not start:"; cat "$dir/helper.log"; exit 1; }
+    S=(--socket "$sock")
+
+    step "svff status (through the daemon)"
+    svff "${S[@]}" status
     for n in 4 8 2; do
-        step "svff vfs set --direct --pf $PF $n --bind vfio-pci"
-        t=$(ms); svff vfs set --direct --pf "$PF" "$n" --bind vfio-pci; took "$t"
+        step "svff vfs set --pf $PF $n --bind vfio-pci   (through 0 when VFs exist)"
+        t=$(ms); svff "${S[@]}" vfs set --pf "$PF" "$n" --bind vfio-pci; took "$t"
     done
     step "svff status (after)"
-    svff status
+    svff "${S[@]}" status --pf "$PF"
+    step "Ask for more VFs than the PF has: a clear error, nothing changed"
+    svff "${S[@]}" vfs set --pf "$PF" 65 || true
+    echo "    sriov_numvfs is still $(cat "/sys/bus/pci/devices/$PF/sriov_numvfs")"
     step "Clean up: back to 0 VFs"
-    svff vfs set --direct --pf "$PF" 0
+    svff "${S[@]}" vfs set --pf "$PF" 0
+    step "What the daemon logged (per-step timings)"
+    sed 's/^/    /' "$dir/helper.log" | tail -n 12
     exit 0
 fi
 
