@@ -233,6 +233,48 @@ fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn igb_vf_with_msix_and_bar_mmaps_survives_three_numvfs_cycles() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let options = DeviceOptions {
+        paused_access: PausedAccess::Ignore,
+        mmap_bars: true,
+    };
+    let dev = open(&container, &vf, options);
+    assert_eq!(cfg32(&dev, 0), 0x10ca_8086, "igb VF ids");
+    let vectors = dev.irq_count(irq::MSIX).unwrap();
+    println!(
+        "igb VF: {vectors} MSI-X vectors, {} BAR mmaps",
+        dev.bar_mmaps().len()
+    );
+    let fds: Vec<EventFd> = (0..vectors).map(|_| EventFd::new(0).unwrap()).collect();
+    dev.set_irqs(irq::MSIX, fds).unwrap();
+    // VTSTATUS (BAR0 + 0x08) of the VF.
+    let status = bar32(&dev, 0, 0x08);
+    assert_ne!(status, u32::MAX, "BAR0 read reached the VF");
+    for cycle in 0..3 {
+        let p = dev.pause().unwrap();
+        assert_no_vf_resources(guest::iommu_group(&vf));
+        numvfs_zero(&pf);
+        recreate(&pf, 2, 0);
+        let u = dev
+            .unpause(sysfs(&vf))
+            .unwrap_or_else(|e| panic!("unpause igb VF: {}", chain(&e)));
+        assert_eq!(cfg32(&dev, 0), 0x10ca_8086);
+        assert_ne!(bar32(&dev, 0, 0x08), u32::MAX);
+        assert!(!dev.bar_mmaps().is_empty());
+        println!("igb cycle {cycle}: pause [{p}]; unpause [{u}]");
+    }
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn unpause_onto_other_identity_fails_naming_both_and_then_unpauses_onto_the_right_one() {
     guest::require_lab();
     let nvme_pf = guest::nvme_pf();
