@@ -148,6 +148,47 @@ pub enum Error {
         /// What it held.
         content: String,
     },
+    /// A BAR that cannot be read as asked: no such BAR, not a memory BAR, or
+    /// an offset outside it.
+    #[error("BAR {bar} of {bdf}: {reason}")]
+    Bar {
+        /// The function.
+        bdf: PciAddress,
+        /// The BAR index.
+        bar: u8,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Opening or mapping a BAR's `resource<N>` file failed.
+    #[error("cannot {op} BAR {bar} of {bdf} ({path})")]
+    BarAccess {
+        /// The function.
+        bdf: PciAddress,
+        /// The BAR index.
+        bar: u8,
+        /// What was being done, e.g. `open`, `map`.
+        op: &'static str,
+        /// The resource file.
+        path: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The function's ID register does not hold the svff magic.
+    #[error(
+        "{bdf} is not an svff function: its ID register (BAR {bar}, offset 0x0) reads {id:#010x}, expected {expected:#010x}{}",
+        if *id == u32::MAX { " (all ones: memory decoding off, function in reset, or device gone)" } else { "" }
+    )]
+    NotSvffFunction {
+        /// The function.
+        bdf: PciAddress,
+        /// The BAR read.
+        bar: u8,
+        /// What the ID register holds.
+        id: u32,
+        /// The svff magic.
+        expected: u32,
+    },
     /// A QDMA setting could not be applied.
     #[error("QDMA setting {setting}={value} on {bdf} failed ({path})")]
     Qdma {
@@ -239,6 +280,8 @@ impl Error {
             Error::BindFailed { .. } => "bind_failed",
             Error::VfCountMismatch { .. } => "count_mismatch",
             Error::Sysfs { .. } | Error::Parse { .. } => "sysfs",
+            Error::Bar { .. } | Error::BarAccess { .. } => "bar",
+            Error::NotSvffFunction { .. } => "not_svff",
             Error::Qdma { .. } => "qdma",
             Error::Bitstream { .. } => "bitstream",
             Error::Config { .. } => "config",

@@ -48,6 +48,8 @@ struct Dev {
     physfn: Option<PciAddress>,
     iommu_group: u32,
     qdma: BTreeMap<String, String>,
+    /// Memory BAR index -> register image (its `resource<N>` file).
+    bars: BTreeMap<u8, Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +185,7 @@ impl FakeSysfs {
                 physfn: None,
                 iommu_group: group,
                 qdma: BTreeMap::new(),
+                bars: BTreeMap::new(),
             },
         );
         drop(st);
@@ -206,6 +209,7 @@ impl FakeSysfs {
                 physfn: None,
                 iommu_group: group,
                 qdma: BTreeMap::new(),
+                bars: BTreeMap::new(),
             },
         );
         drop(st);
@@ -241,6 +245,19 @@ impl FakeSysfs {
         let bdf = PciAddress::parse(bdf).unwrap();
         let mut st = self.state.lock().unwrap();
         st.bind(bdf, driver);
+        drop(st);
+        self.sync();
+    }
+
+    /// Gives the device memory BAR `bar` (0..=5) with `image` as its contents:
+    /// a line in `resource` and a regular file `resource<bar>` (which the BAR
+    /// reader maps like the kernel's). Lost when the device is destroyed.
+    pub fn set_bar(&self, bdf: &str, bar: u8, image: &[u8]) {
+        assert!(bar <= 5);
+        let bdf = PciAddress::parse(bdf).unwrap();
+        let mut st = self.state.lock().unwrap();
+        let dev = st.devices.get_mut(&bdf).expect("device exists");
+        dev.bars.insert(bar, image.to_vec());
         drop(st);
         self.sync();
     }
@@ -398,6 +415,23 @@ fn render_device(st: &State, root: &Path, bdf: PciAddress, dev: &Dev) {
         )
         .unwrap();
     }
+    // As the kernel: one `start end flags` line per resource (BARs 0..5, the
+    // ROM, the SR-IOV BARs), zeros when absent; `resource<N>` for memory BARs.
+    let mut resource = String::new();
+    for i in 0..13u8 {
+        let (start, end, flags) = match dev.bars.get(&i) {
+            Some(image) if !image.is_empty() => {
+                let start = 0xf000_0000u64 + (u64::from(i) << 24);
+                (start, start + image.len() as u64 - 1, 0x0004_0200u64)
+            }
+            _ => (0, 0, 0),
+        };
+        resource.push_str(&format!("{start:#018x} {end:#018x} {flags:#018x}\n"));
+    }
+    fs::write(d.join("resource"), resource).unwrap();
+    for (i, image) in &dev.bars {
+        fs::write(d.join(format!("resource{i}")), image).unwrap();
+    }
     if !dev.qdma.is_empty() {
         fs::create_dir_all(d.join("qdma")).unwrap();
         for (k, v) in &dev.qdma {
@@ -538,6 +572,7 @@ impl State {
                         physfn: Some(pf),
                         iommu_group: group,
                         qdma: BTreeMap::new(),
+                        bars: BTreeMap::new(),
                     },
                 );
                 if s.autoprobe {

@@ -15,6 +15,12 @@
 //!   bitstream programming ([`BitstreamConfig`]). The kernel's answers become
 //!   clear [`Error`]s: `ERANGE` → "PF 0000:01:00.0 supports at most 7 VFs",
 //!   `EBUSY` → busy, `ENOENT` → "PF driver cannot configure SR-IOV".
+//! - [`SriovManager::open_bar`] / [`BarReader`]: 32-bit register reads from a
+//!   function's memory BAR through its sysfs `resource<N>` file (mmap of one
+//!   page, volatile loads, offsets checked against the BAR size), and
+//!   [`SriovManager::read_svff_identity`]: the ID / VERSION / FUNC_INFO
+//!   registers of the svff FPGA user logic on BAR [`SVFF_REGS_BAR`], with the
+//!   offsets and the magic generated from `fpga-rtl/REGISTERS.md`.
 //! - [`Daemon`], [`Config`], [`request`]: the daemon and its client.
 //!
 //! # `svff status --json` (format version 1)
@@ -31,8 +37,24 @@
 //!       "vfs": [
 //!         { "index": 0, "bdf": "0000:01:10.0", "vendor": "0x8086", "device": "0x10ca",
 //!           "driver": "vfio-pci", "iommu_group": 8, "holder": null,
-//!           "held_by": { "pid": 4242, "comm": "qemu-system-x86", "file": "/dev/vfio/8" } }
-//!       ]
+//!           "held_by": { "pid": 4242, "comm": "qemu-system-x86", "file": "/dev/vfio/8" },
+//!           "fpga": null }
+//!       ],
+//!       "fpga": null
+//!     },
+//!     {
+//!       "bdf": "0000:81:00.0",
+//!       "vendor": "0x10ee", "device": "0x903f",
+//!       "driver": "qdma-pf",
+//!       "totalvfs": 64, "numvfs": 1, "drivers_autoprobe": false,
+//!       "vfs": [
+//!         { "index": 0, "bdf": "0000:81:00.4", "vendor": "0x10ee", "device": "0xa03f",
+//!           "driver": "vfio-pci", "iommu_group": 40, "holder": null, "held_by": null,
+//!           "fpga": { "bar": 2, "id": "0x53564646", "version": "0x00010000",
+//!                     "function": 4, "is_pf": false, "error": null } }
+//!       ],
+//!       "fpga": { "bar": 2, "id": "0x53564646", "version": "0x00010000",
+//!                 "function": 0, "is_pf": true, "error": null }
 //!     }
 //!   ]
 //! }
@@ -47,7 +69,19 @@
 //! `null` until the init/reconf orchestration keeps that table); `held_by` a
 //! process that holds the VF's VFIO group or cdev open, from `/proc/<pid>/fd`
 //! (`null`: none visible to the caller; a non-root `--direct` caller sees only
-//! its own processes). With `--direct` every SR-IOV capable
+//! its own processes). `fpga` ([`FpgaStatus`]; added to format 1 later, so an
+//! absent field means `null`) is `null` except for functions of the
+//! svff FPGA design (vendor `0x10ee`, device `0x903f`/`0x913f`/`0x923f`/`0x933f`
+//! for PF0..PF3, `0xa03f`..`0xa33f` for their VFs, per
+//! `fpga-rtl/vivado/svff_qdma.tcl`): for those the helper maps BAR 2 (the svff
+//! register window of `fpga-rtl/REGISTERS.md`) and reports `id` and `version`
+//! (the ID and VERSION registers, `0x%08x`), `function` and `is_pf` (from
+//! FUNC_INFO), `error` `null`. When the BAR cannot be read (no root, BAR
+//! claimed by a driver on a kernel with `CONFIG_IO_STRICT_DEVMEM`, function
+//! gone) or ID is not the svff magic `0x53564646` (another QDMA design),
+//! `error` holds the message, `id` what was read if anything, and the other
+//! fields are `null`: one unreadable function never fails the whole status.
+//! With `--direct` every SR-IOV capable
 //! device is listed, through the daemon the PFs of its allow-list. The field
 //! meanings are those of [`Status`], [`PfStatus`] and [`VfStatus`].
 //!
@@ -84,7 +118,7 @@
 //! `{"protocol":1,"ok":false,"error":{"kind":"too_many_vfs","message":"PF 0000:01:00.0 supports at most 7 VFs (8 requested)"}}`.
 //! Error kinds ([`Error::kind`]): `invalid_argument`, `no_device`,
 //! `too_many_vfs`, `busy`, `vf_in_use`, `no_sriov_configure`, `driver_not_loaded`,
-//! `bind_failed`, `count_mismatch`, `sysfs`, `qdma`, `bitstream`, `config`,
+//! `bind_failed`, `count_mismatch`, `sysfs`, `bar`, `not_svff`, `qdma`, `bitstream`, `config`,
 //! `not_allowed` (PF not on the allow-list, or driver not in `vf_drivers`),
 //! `permission_denied`, `protocol`. Unknown fields, malformed addresses or
 //! driver names are `protocol` errors. Requests are carried out one at a time;
@@ -98,6 +132,7 @@ mod daemon;
 mod error;
 #[cfg(test)]
 mod fake;
+mod fpga;
 mod pci;
 mod protocol;
 mod qdma;
@@ -110,9 +145,12 @@ pub use client::request;
 pub use config::{Config, PfConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH};
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
+pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
-pub use status::{HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION};
+pub use status::{
+    FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION,
+};
 pub use sysfs::{RealSysfs, Sysfs};

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use svff_pf_helper::{
-    bind_socket, listener_from_systemd, request, Config, Daemon, DriverName, Error, PciAddress,
-    RealSysfs, Request, SriovManager, Status, VfsSetOptions, VfsSetReport, DEFAULT_CONFIG_PATH,
-    DEFAULT_SOCKET_PATH,
+    bind_socket, listener_from_systemd, request, Config, Daemon, DriverName, Error, FpgaStatus,
+    PciAddress, RealSysfs, Request, SriovManager, Status, VfsSetOptions, VfsSetReport,
+    DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH,
 };
 
 /// Manage SR-IOV virtual functions of FPGA (and other) PFs for svff.
@@ -33,7 +33,9 @@ enum Command {
     /// Show the SR-IOV PFs, their VF counts, and each VF's driver, IOMMU group and holder.
     ///
     /// Through the daemon: the PFs of its allow-list. With --direct: every
-    /// SR-IOV capable device in /sys/bus/pci/devices.
+    /// SR-IOV capable device in /sys/bus/pci/devices. For functions of the svff
+    /// FPGA design (Xilinx 0x10ee, device 0x903f..0x933f / 0xa03f..0xa33f), the
+    /// ID, VERSION and FUNC_INFO registers read through BAR2 (needs root).
     Status(StatusArgs),
     /// Manage a PF's virtual functions.
     #[command(subcommand)]
@@ -108,6 +110,24 @@ fn require_root() -> Result<(), Error> {
     }
 }
 
+/// One line about a function's svff register window.
+fn fpga_line(indent: &str, fpga: &FpgaStatus) {
+    match (&fpga.error, &fpga.id, &fpga.version, fpga.function) {
+        (None, Some(id), Some(version), Some(function)) => {
+            let kind = if fpga.is_pf == Some(true) { "PF" } else { "VF" };
+            let v = u32::from_str_radix(version.trim_start_matches("0x"), 16).unwrap_or(0);
+            println!(
+                "{indent}fpga: svff ID {id} version {}.{} ({version}) function {function} ({kind}) via BAR{}",
+                v >> 16,
+                v & 0xffff,
+                fpga.bar
+            );
+        }
+        (Some(error), _, _, _) => println!("{indent}fpga: {error}"),
+        _ => println!("{indent}fpga: BAR{}: incomplete answer", fpga.bar),
+    }
+}
+
 fn print_status(status: &Status) {
     if status.pfs.is_empty() {
         println!("no SR-IOV PFs");
@@ -123,6 +143,9 @@ fn print_status(status: &Status) {
             pf.totalvfs,
             if pf.drivers_autoprobe { "on" } else { "off" },
         );
+        if let Some(fpga) = &pf.fpga {
+            fpga_line("  ", fpga);
+        }
         for vf in &pf.vfs {
             println!(
                 "  VF {:<3} {} [{}:{}] driver {} group {} holder {} held by {}",
@@ -137,6 +160,9 @@ fn print_status(status: &Status) {
                     .as_ref()
                     .map_or("-".to_owned(), |h| format!("{} (pid {})", h.comm, h.pid)),
             );
+            if let Some(fpga) = &vf.fpga {
+                fpga_line("    ", fpga);
+            }
         }
     }
 }

@@ -353,11 +353,14 @@ impl<S: Sysfs> SriovManager<S> {
                 })?),
                 None => None,
             };
+            let vendor = self.read(&vf_dir.join("vendor"))?;
+            let device = self.read(&vf_dir.join("device"))?;
+            let fpga = self.fpga_status(vf, &vendor, &device);
             vfs.push(VfStatus {
                 index,
                 bdf: vf,
-                vendor: self.read(&vf_dir.join("vendor"))?,
-                device: self.read(&vf_dir.join("device"))?,
+                vendor,
+                device,
                 driver: self.driver_in(&vf_dir)?,
                 iommu_group,
                 holder: None,
@@ -369,17 +372,22 @@ impl<S: Sysfs> SriovManager<S> {
                         comm: self.comm(*pid),
                         file: file.display().to_string(),
                     }),
+                fpga,
             });
         }
+        let vendor = self.read(&dir.join("vendor"))?;
+        let device = self.read(&dir.join("device"))?;
+        let fpga = self.fpga_status(pf, &vendor, &device);
         Ok(PfStatus {
             bdf: pf,
-            vendor: self.read(&dir.join("vendor"))?,
-            device: self.read(&dir.join("device"))?,
+            vendor,
+            device,
             driver: self.driver_in(&dir)?,
             totalvfs,
             numvfs,
             drivers_autoprobe,
             vfs,
+            fpga,
         })
     }
 

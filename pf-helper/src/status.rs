@@ -36,6 +36,10 @@ pub struct PfStatus {
     pub drivers_autoprobe: bool,
     /// The VFs, in `virtfnN` order.
     pub vfs: Vec<VfStatus>,
+    /// The svff register window, for a PF of the svff QDMA design; `null`
+    /// for other devices.
+    #[serde(default)]
+    pub fpga: Option<FpgaStatus>,
 }
 
 /// One virtual function.
@@ -59,6 +63,33 @@ pub struct VfStatus {
     /// A process holding the VF's VFIO group (or cdev) open, found in
     /// `/proc/<pid>/fd`; `null` when none visible to the caller does.
     pub held_by: Option<HeldBy>,
+    /// The svff register window, for a VF of the svff QDMA design; `null`
+    /// for other devices.
+    #[serde(default)]
+    pub fpga: Option<FpgaStatus>,
+}
+
+/// What a function of the svff QDMA design shows in its register window
+/// (`fpga` in the status), read through its BAR [`crate::SVFF_REGS_BAR`].
+///
+/// On success `id`, `version`, `function` and `is_pf` are set and `error` is
+/// `null`; when the window cannot be read or does not hold the svff magic,
+/// `error` says why (and `id` holds what was read, if anything).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FpgaStatus {
+    /// The BAR the window was read through (2).
+    pub bar: u8,
+    /// The ID register, e.g. `0x53564646` (ASCII "SVFF").
+    pub id: Option<String>,
+    /// The VERSION register, e.g. `0x00010000` (major in bits 31:16, minor in 15:0).
+    pub version: Option<String>,
+    /// FUNC_INFO.FN: the function number QDMA gives this function (0..=3:
+    /// PF0..PF3, 4..=255: the VFs).
+    pub function: Option<u32>,
+    /// FUNC_INFO.IS_PF.
+    pub is_pf: Option<bool>,
+    /// Why the window could not be read, or is not svff's.
+    pub error: Option<String>,
 }
 
 /// A process holding a VF's VFIO file open.

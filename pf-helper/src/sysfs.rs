@@ -48,6 +48,11 @@ pub trait Sysfs: fmt::Debug + Send + Sync {
         self.root().join(rel).exists()
     }
 
+    /// Opens a file read-only, e.g. a BAR's `resource<N>` file to map it.
+    fn open(&self, rel: &Path) -> io::Result<fs::File> {
+        fs::File::open(self.root().join(rel))
+    }
+
     /// The absolute, link-free path.
     fn canonicalize(&self, rel: &Path) -> io::Result<PathBuf> {
         fs::canonicalize(self.root().join(rel))

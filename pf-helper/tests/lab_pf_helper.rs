@@ -120,6 +120,8 @@ fn sysfs_view(pf: &str) -> Value {
                 "iommu_group": link_name(&dev(&vf).join("iommu_group")).map(|g| g.parse::<u32>().unwrap()),
                 "holder": null,
                 "held_by": null,
+                // igb and nvme are not svff FPGA functions: no BAR is read.
+                "fpga": null,
             })
         })
         .collect();
@@ -132,6 +134,7 @@ fn sysfs_view(pf: &str) -> Value {
         "numvfs": numvfs(pf),
         "drivers_autoprobe": attr(pf, "sriov_drivers_autoprobe") != "0",
         "vfs": vfs,
+        "fpga": null,
     })
 }
 
