@@ -160,7 +160,7 @@ pub enum Error {
         reason: String,
     },
     /// Opening or mapping a BAR's `resource<N>` file failed.
-    #[error("cannot {op} BAR {bar} of {bdf} ({path})")]
+    #[error("cannot {op} BAR {bar} of {bdf} ({path}){hint}")]
     BarAccess {
         /// The function.
         bdf: PciAddress,
@@ -170,6 +170,8 @@ pub enum Error {
         op: &'static str,
         /// The resource file.
         path: PathBuf,
+        /// The likely cause for the errno, `""` when none is known.
+        hint: &'static str,
         /// The kernel's answer.
         #[source]
         source: io::Error,

@@ -120,12 +120,20 @@ impl BarReader {
                 self.size
             )));
         }
-        let access = |op: &'static str, errno: Errno| Error::BarAccess {
+        let access = |op: &'static str, errno: Errno| {
+            Error::BarAccess {
             bdf: self.bdf,
             bar: self.bar,
             op,
             path: self.path.clone(),
+            hint: match errno {
+                Errno::EINVAL => {
+                    ": a driver has claimed the BAR and the kernel (CONFIG_IO_STRICT_DEVMEM) refuses to map it"
+                }
+                _ => "",
+            },
             source: errno.into(),
+        }
         };
         let page = page_size().map_err(|e| access("get the page size to map", e))?;
         let page_start = offset - offset % page;
@@ -275,11 +283,15 @@ impl<S: Sysfs> SriovManager<S> {
         }
         let rel = dir.join(format!("resource{bar}"));
         let path = self.sysfs().root().join(&rel);
-        let access = |op: &'static str, source| Error::BarAccess {
+        let access = |op: &'static str, source: std::io::Error| Error::BarAccess {
             bdf,
             bar,
             op,
             path: path.clone(),
+            hint: match source.kind() {
+                std::io::ErrorKind::PermissionDenied => ": reading device registers needs root",
+                _ => "",
+            },
             source,
         };
         let file = self.sysfs().open(&rel).map_err(|e| access("open", e))?;

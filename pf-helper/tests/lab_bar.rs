@@ -123,7 +123,13 @@ fn bar_reader_maps_nvme_registers_of_the_pf_and_its_vfs() {
     assert_eq!(vfs.len(), 2);
     for (_, vf) in vfs {
         assert_eq!(mgr.driver_of(vf).unwrap(), None, "{vf} stays unbound");
-        assert_nvme_registers(&mgr, vf);
+        // A new VF is an NVMe secondary controller in the Offline state until
+        // the PF assigns it resources (Virtualization Management); QEMU then
+        // answers every register but CSTS with 0 (not all ones: the access
+        // reached the VF's BAR).
+        let bar = mgr.open_bar(vf, 0).expect("open the VF's BAR0");
+        assert_eq!(bar.size(), resource_size(vf, 0), "BAR0 size of {vf}");
+        assert_eq!(bar.read_u32(NVME_VS).unwrap(), 0, "VS of offline {vf}");
     }
 }
 
@@ -158,4 +164,51 @@ fn bar_reader_refuses_missing_bars_and_offsets_outside_them_on_the_real_kernel()
     );
     // And `status` reports no fpga entry for it.
     assert_eq!(mgr.pf_status(pf).unwrap().fpga, None);
+}
+
+/// Puts the PF back on pci-pf-stub when the test ends, even when it fails.
+struct BackToStub<'a>(&'a SriovManager<RealSysfs>, PciAddress);
+
+impl Drop for BackToStub<'_> {
+    fn drop(&mut self) {
+        let stub = DriverName::parse("pci-pf-stub").unwrap();
+        if let Err(e) = self.0.ensure_pf_driver(self.1, &stub) {
+            eprintln!(
+                "cleanup: rebinding {} to pci-pf-stub failed: {}",
+                self.1,
+                e.chain()
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn bar_claimed_by_a_driver_gives_a_clear_error_not_a_crash() {
+    modprobe("pci-pf-stub");
+    modprobe("nvme");
+    let pf = PciAddress::parse(&lab_env("SVFF_LAB_NVME_PF")).unwrap();
+    let mgr = SriovManager::new(RealSysfs::new());
+    let _restore = BackToStub(&mgr, pf);
+    // The nvme driver requests BAR0 (pci_request_mem_regions) in its probe.
+    mgr.ensure_pf_driver(pf, &DriverName::parse("nvme").unwrap())
+        .unwrap();
+    let bar = mgr
+        .open_bar(pf, 0)
+        .expect("opening the resource file still works");
+    let err = bar.read_u32(NVME_VS).unwrap_err();
+    let text = err.chain();
+    eprintln!("{text}");
+    match &err {
+        Error::BarAccess { op, source, .. } => {
+            assert_eq!(*op, "map");
+            assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{text}");
+        }
+        other => panic!("expected a map error, got {other:?}"),
+    }
+    assert!(
+        text.starts_with(&format!("cannot map BAR 0 of {pf}")),
+        "{text}"
+    );
+    assert!(text.contains("a driver has claimed the BAR"), "{text}");
 }
