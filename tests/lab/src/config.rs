@@ -28,6 +28,19 @@ pub struct LabConfig {
     pub cpus: u32,
     /// Longest time from QEMU start to the agent's hello.
     pub boot_timeout: Duration,
+    /// Host directories that must be visible in L1 even when they lie under a directory L1
+    /// replaces with a fresh tmpfs (`/tmp`, `/run`, `/var/tmp`, `/root`), e.g. a workspace cloned
+    /// into `/tmp`. Defaults: the current directory and the agent's target directory.
+    pub keep: Vec<PathBuf>,
+}
+
+/// A path that can go on the kernel command line: absolute, no blanks or quotes.
+fn cmdline_safe(p: &Path) -> bool {
+    let s = p.to_string_lossy();
+    p.is_absolute()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c.is_control())
 }
 
 fn version_key(v: &str) -> Vec<u64> {
@@ -157,12 +170,21 @@ impl LabConfig {
             )));
         }
         let agent = find_agent()?;
-        let agent_str = agent.to_string_lossy();
-        if agent_str.chars().any(|c| c.is_whitespace() || c == '"') || !agent.is_absolute() {
+        if !cmdline_safe(&agent) {
             return Err(LabError::Invalid(format!(
-                "agent path {agent_str} must be absolute and free of blanks (it goes on the L1 kernel command line)"
+                "agent path {} must be absolute and free of blanks (it goes on the L1 kernel command line)",
+                agent.display()
             )));
         }
+        // The agent's target directory (target/<profile>/svff-lab -> target) holds the test
+        // binaries too.
+        let target = agent.parent().and_then(Path::parent).map(Path::to_path_buf);
+        let keep: Vec<PathBuf> = std::env::current_dir()
+            .ok()
+            .into_iter()
+            .chain(target)
+            .filter(|p| cmdline_safe(p))
+            .collect();
         Ok(LabConfig {
             qemu,
             kernel,
@@ -172,6 +194,7 @@ impl LabConfig {
             memory_mib: 3072,
             cpus: 2,
             boot_timeout: Duration::from_secs(180),
+            keep,
         })
     }
 }

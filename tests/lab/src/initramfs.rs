@@ -166,12 +166,15 @@ pub fn ensure_initramfs(version: &str, cache_dir: &Path) -> Result<PathBuf, LabE
         return Ok(out);
     }
     fs::create_dir_all(cache_dir).map_err(|e| LabError::io(cache_dir, e))?;
-    let tmp = cache_dir.join(format!(".initramfs-{}.tmp", std::process::id()));
+    // Unique per build, also between threads of one process: concurrent boots may race here.
+    static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_dir.join(format!(".initramfs-{}-{n}.tmp", std::process::id()));
     let build = || -> Result<(), LabError> {
         let f = fs::File::create(&tmp).map_err(|e| LabError::io(&tmp, e))?;
         let mut w = CpioWriter::new(std::io::BufWriter::new(f));
         let io = |e| LabError::io(&tmp, e);
-        for d in ["bin", "dev", "proc", "sys", "host", "modules"] {
+        for d in ["bin", "dev", "proc", "sys", "host", "l0", "modules"] {
             w.dir(d).map_err(io)?;
         }
         w.char_dev("dev/console", 5, 1).map_err(io)?;

@@ -41,10 +41,13 @@ impl Output {
 
 /// How the machine is wired; shared by [`Lab::boot`] and [`shell`].
 fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 intel_iommu=on iommu=pt quiet loglevel=4 panic=-1 rdinit=/init svff.mode={mode} svff.agent={}",
         cfg.agent.display()
     );
+    for k in &cfg.keep {
+        append.push_str(&format!(" svff.keep={}", k.display()));
+    }
     let args = [
         "-machine", "q35,kernel-irqchip=split",
         "-accel", "tcg,thread=multi",

@@ -15,9 +15,34 @@ fn process_exists(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Removes the directory on drop.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn commands_run_as_root_in_l1_with_separate_streams_and_exit_status() {
-    let mut lab = Lab::boot(&config()).expect("boot L1");
+    // The agent lives under /tmp here, as it does for a workspace cloned into /tmp: L1 covers
+    // /tmp with a fresh tmpfs, and `keep` must show the host's directory through it.
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("svff-lab-agent-test.{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let agent = dir.0.join("svff-lab");
+    std::fs::copy(env!("CARGO_BIN_EXE_svff-lab"), &agent).unwrap();
+    let mut cfg = config();
+    cfg.agent = agent;
+    cfg.keep.push(dir.0.clone());
+    let mut lab = Lab::boot(&cfg).expect("boot L1 with the agent under /tmp");
+    let out = lab
+        .sh(
+            &format!("test -x {}/svff-lab && echo seen", dir.0.display()),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(out.stdout, "seen\n", "{out:?}");
     assert_eq!(lab.kernel(), config().kernel_version);
 
     let out = lab
