@@ -44,6 +44,10 @@ const SVFF_DEVICES: [u16; 8] = [
     0x903f, 0x913f, 0x923f, 0x933f, 0xa03f, 0xa13f, 0xa23f, 0xa33f,
 ];
 
+/// Why mapping a BAR fails with `EINVAL` on a stock kernel.
+const CLAIMED_HINT: &str =
+    ": a driver has claimed the BAR and the kernel (CONFIG_IO_STRICT_DEVMEM) refuses to map it";
+
 /// Highest standard BAR index.
 const MAX_BAR: u8 = 5;
 
@@ -120,20 +124,17 @@ impl BarReader {
                 self.size
             )));
         }
-        let access = |op: &'static str, errno: Errno| {
-            Error::BarAccess {
+        let access = |op: &'static str, errno: Errno| Error::BarAccess {
             bdf: self.bdf,
             bar: self.bar,
             op,
             path: self.path.clone(),
-            hint: match errno {
-                Errno::EINVAL => {
-                    ": a driver has claimed the BAR and the kernel (CONFIG_IO_STRICT_DEVMEM) refuses to map it"
-                }
-                _ => "",
+            hint: if op == "map" && errno == Errno::EINVAL {
+                CLAIMED_HINT
+            } else {
+                ""
             },
             source: errno.into(),
-        }
         };
         let page = page_size().map_err(|e| access("get the page size to map", e))?;
         let page_start = offset - offset % page;
