@@ -203,3 +203,75 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .collect();
     assert!(other.is_empty(), "systemd-analyze verify: {other:#?}");
 }
+
+/// A one-shot stand-in for the daemon: answers the first request with `result`.
+fn answer_once(
+    socket: &std::path::Path,
+    result: serde_json::Value,
+) -> std::thread::JoinHandle<String> {
+    use std::io::Write;
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        BufReader::new(&stream).read_line(&mut request).unwrap();
+        let response = serde_json::json!({"protocol": 1, "ok": true, "result": result});
+        writeln!(&stream, "{response}").unwrap();
+        request
+    })
+}
+
+#[test]
+fn status_shows_the_svff_register_window_of_fpga_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("helper.sock");
+    let status = serde_json::json!({
+        "format_version": 1,
+        "pfs": [{
+            "bdf": "0000:81:00.0", "vendor": "0x10ee", "device": "0x903f",
+            "driver": "qdma-pf", "totalvfs": 64, "numvfs": 2, "drivers_autoprobe": false,
+            "fpga": {"bar": 2, "id": "0x53564646", "version": "0x00010000",
+                     "function": 0, "is_pf": true, "error": null},
+            "vfs": [
+                {"index": 0, "bdf": "0000:81:00.4", "vendor": "0x10ee", "device": "0xa03f",
+                 "driver": "vfio-pci", "iommu_group": 40, "holder": null, "held_by": null,
+                 "fpga": {"bar": 2, "id": "0x53564646", "version": "0x00010000",
+                          "function": 4, "is_pf": false, "error": null}},
+                {"index": 1, "bdf": "0000:81:00.5", "vendor": "0x10ee", "device": "0xa03f",
+                 "driver": null, "iommu_group": 41, "holder": null, "held_by": null,
+                 "fpga": {"bar": 2, "id": "0x12345678", "version": null, "function": null,
+                          "is_pf": null, "error": "0000:81:00.5 is not an svff function: its ID register reads 0x12345678"}}
+            ]
+        }]
+    });
+    let daemon = answer_once(&socket, status.clone());
+    let out = svff(&["--socket", socket.to_str().unwrap(), "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(daemon.join().unwrap().trim_end(), r#"{"op":"status"}"#);
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("PF 0000:81:00.0 [0x10ee:0x903f] driver qdma-pf"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[1],
+        "  fpga: svff ID 0x53564646 version 1.0 (0x00010000) function 0 (PF) via BAR2"
+    );
+    assert!(lines[2].starts_with("  VF 0   0000:81:00.4"), "{text}");
+    assert_eq!(
+        lines[3],
+        "    fpga: svff ID 0x53564646 version 1.0 (0x00010000) function 4 (VF) via BAR2"
+    );
+    assert_eq!(
+        lines[5],
+        "    fpga: 0000:81:00.5 is not an svff function: its ID register reads 0x12345678"
+    );
+    // --json passes the entries through unchanged.
+    fs::remove_file(&socket).unwrap();
+    let daemon = answer_once(&socket, status.clone());
+    let out = svff(&["--socket", socket.to_str().unwrap(), "status", "--json"]);
+    daemon.join().unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, status);
+}
