@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
-use crate::proto::{Reply, Request, Stream, PORT_NAME};
+use crate::proto::{Reply, Request, Stream, HEARTBEAT, PORT_NAME};
 use crate::LabError;
 
 /// PCI ids of the lab's PFs, exported to commands as `SVFF_LAB_<NAME>_PF=<BDF>`.
@@ -199,6 +199,12 @@ pub fn serve() -> Result<(), LabError> {
         .trim()
         .to_owned();
     send(&tx, Reply::Ready { kernel });
+    let beat = tx.clone();
+    thread::spawn(move || {
+        while beat.send(Reply::Heartbeat).is_ok() {
+            thread::sleep(HEARTBEAT);
+        }
+    });
     for line in BufReader::new(rx_file).lines() {
         let Ok(line) = line else { break };
         match serde_json::from_str::<Request>(&line) {

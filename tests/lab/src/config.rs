@@ -28,6 +28,8 @@ pub struct LabConfig {
     pub cpus: u32,
     /// Longest time from QEMU start to the agent's hello.
     pub boot_timeout: Duration,
+    /// Longest silence (no heartbeat, no output) before L1 counts as stalled and is killed.
+    pub stall_timeout: Duration,
     /// Host directories that must be visible in L1 even when they lie under a directory L1
     /// replaces with a fresh tmpfs (`/tmp`, `/run`, `/var/tmp`, `/root`), e.g. a workspace cloned
     /// into `/tmp`. Defaults: the current directory and the agent's target directory.
@@ -194,6 +196,7 @@ impl LabConfig {
             memory_mib: 3072,
             cpus: 2,
             boot_timeout: Duration::from_secs(180),
+            stall_timeout: Duration::from_secs(60),
             keep,
         })
     }

@@ -36,6 +36,17 @@ pub enum LabError {
         /// The tail of L1's console log.
         console: String,
     },
+    /// L1 stopped answering (no heartbeat from its agent); it has been killed. Under TCG this
+    /// happens rarely when L1's timers stop firing; it is not a failure of the command.
+    #[error("L1 stalled: no heartbeat from its agent for {} s while {what}; the VM was killed. Last console lines:\n{console}", .silent.as_secs())]
+    Stalled {
+        /// What the lab was waiting for.
+        what: String,
+        /// How long L1 had been silent.
+        silent: Duration,
+        /// The tail of L1's console log.
+        console: String,
+    },
     /// The agent inside L1 reported an error.
     #[error("in L1: {0}")]
     Agent(String),

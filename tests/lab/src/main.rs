@@ -156,31 +156,58 @@ fn cmd_test(filters: &[String], timeout: u64, args: &[String]) -> Result<u8, Lab
     let mut lab = boot(&cfg)?;
     let mut failed = Vec::new();
     let mut passed = 0;
-    for (name, exe) in &bins {
-        eprintln!("\nsvff-lab: ==> {name} (in L1)");
+    let mut stalls = 0;
+    'bins: for (name, exe) in &bins {
         let exe = exe.display().to_string();
         let mut argv = vec![exe.as_str(), "--include-ignored", "--test-threads=1"];
         argv.extend(args.iter().map(String::as_str));
-        let t = Instant::now();
-        match lab.run_streaming(
-            &argv,
-            &[("RUST_BACKTRACE", "1")],
-            Duration::from_secs(timeout),
-            print_chunk,
-        ) {
-            Ok((Some(0), _)) => passed += 1,
-            Ok((code, signal)) => failed.push(format!("{name} (exit {code:?}, signal {signal:?})")),
-            Err(e) => {
-                failed.push(format!("{name}: {e}"));
-                if matches!(e, LabError::Timeout { .. } | LabError::Vm(_)) {
-                    eprintln!("svff-lab: L1 is gone ({e}); the remaining binaries cannot run");
-                    break;
+        // A stalled L1 (TCG, rarely: its timers stop) is not the test's failure: reboot and run
+        // the binary once more, saying so. A second stall of the same binary fails it.
+        for attempt in 1..=2 {
+            eprintln!(
+                "\nsvff-lab: ==> {name} (in L1{})",
+                if attempt > 1 { ", second attempt" } else { "" }
+            );
+            let t = Instant::now();
+            let result = lab.run_streaming(
+                &argv,
+                &[("RUST_BACKTRACE", "1")],
+                Duration::from_secs(timeout),
+                print_chunk,
+            );
+            eprintln!(
+                "svff-lab: <== {name} took {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            match result {
+                Ok((Some(0), _)) => passed += 1,
+                Ok((code, signal)) => {
+                    failed.push(format!("{name} (exit {code:?}, signal {signal:?})"))
+                }
+                Err(e @ LabError::Stalled { .. }) if attempt == 1 => {
+                    stalls += 1;
+                    eprintln!("svff-lab: {e}\nsvff-lab: rebooting L1 to run {name} again");
+                    lab = boot(&cfg)?;
+                    continue;
+                }
+                Err(e) => {
+                    let fatal = matches!(
+                        e,
+                        LabError::Timeout { .. } | LabError::Vm(_) | LabError::Stalled { .. }
+                    );
+                    failed.push(format!("{name}: {e}"));
+                    if fatal {
+                        eprintln!("svff-lab: L1 is gone ({e}); the remaining binaries cannot run");
+                        break 'bins;
+                    }
                 }
             }
+            break;
         }
+    }
+    if stalls > 0 {
         eprintln!(
-            "svff-lab: <== {name} took {:.1} s",
-            t.elapsed().as_secs_f64()
+            "svff-lab: L1 stalled {stalls} time(s) during this run and was rebooted (see above)"
         );
     }
     let not_run = bins.len() - passed - failed.len();

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Name of the virtio-serial port the agent talks on.
 pub const PORT_NAME: &str = "svff.ctl";
 
+/// How often the agent sends [`Reply::Heartbeat`].
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Run `argv` as root in L1.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Request {
@@ -35,6 +38,9 @@ pub enum Stream {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Reply {
+    /// Sent every [`HEARTBEAT`] while the agent runs, so the host can tell a stalled L1 (TCG
+    /// can, rarely, stop firing L1's timers) from a command that is merely slow and silent.
+    Heartbeat,
     /// Sent once when the agent is up.
     Ready {
         /// `uname -r` of L1.

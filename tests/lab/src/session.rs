@@ -165,6 +165,8 @@ pub struct Lab {
     next_id: u64,
     dead: bool,
     kernel: String,
+    up: bool,
+    stall_timeout: Duration,
     /// Time from QEMU start to the agent's hello.
     pub boot_time: Duration,
 }
@@ -219,10 +221,15 @@ impl Lab {
             next_id: 1,
             dead: false,
             kernel: String::new(),
+            up: false,
+            stall_timeout: cfg.stall_timeout,
             boot_time: Duration::ZERO,
         };
         match lab.next_reply(start, deadline, "booting (waiting for the agent in L1)")? {
-            Reply::Ready { kernel } => lab.kernel = kernel,
+            Reply::Ready { kernel } => {
+                lab.kernel = kernel;
+                lab.up = true;
+            }
             other => {
                 return Err(LabError::Vm(format!(
                     "unexpected first message from the agent: {other:?}"
@@ -265,9 +272,15 @@ impl Lab {
         if left.is_zero() {
             return Err(self.timeout(what, started));
         }
+        // Before the agent is up there are no heartbeats: only the deadline counts.
+        let wait = if self.up {
+            left.min(self.stall_timeout)
+        } else {
+            left
+        };
         self.reader
             .get_ref()
-            .set_read_timeout(Some(left))
+            .set_read_timeout(Some(wait))
             .map_err(|e| LabError::io(&self.dir, e))?;
         match self.reader.read_line(&mut line) {
             Ok(0) => Err(self.died(what)),
@@ -283,7 +296,16 @@ impl Lab {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                Err(self.timeout(what, started))
+                if Instant::now() >= deadline {
+                    Err(self.timeout(what, started))
+                } else {
+                    self.kill();
+                    Err(LabError::Stalled {
+                        what: what.to_owned(),
+                        silent: wait,
+                        console: self.console_tail(30),
+                    })
+                }
             }
             Err(e) => Err(LabError::Vm(format!("reading from the agent: {e}"))),
         }
@@ -352,6 +374,7 @@ impl Lab {
         let what = format!("running `{}`", argv.join(" "));
         loop {
             match self.next_reply(started, deadline, &what)? {
+                Reply::Heartbeat => {}
                 Reply::Output {
                     id: rid,
                     stream,

@@ -35,6 +35,7 @@ fn commands_run_as_root_in_l1_with_separate_streams_and_exit_status() {
     let mut cfg = config();
     cfg.agent = agent;
     cfg.keep.push(dir.0.clone());
+    cfg.stall_timeout = Duration::from_secs(15);
     let mut lab = Lab::boot(&cfg).expect("boot L1 with the agent under /tmp");
     let out = lab
         .sh(
@@ -86,8 +87,21 @@ fn commands_run_as_root_in_l1_with_separate_streams_and_exit_status() {
         .unwrap()
         .success());
 
+    // A command that is silent for longer than the stall timeout is fine: heartbeats flow.
+    let out = lab
+        .sh("sleep 25; echo woke", Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(out.stdout, "woke\n", "{out:?}");
+
+    // A frozen L1 (here: QEMU stopped) is detected by its missing heartbeat and killed.
     let (pid, dir) = (lab.qemu_pid(), lab.session_dir().to_owned());
     assert!(process_exists(pid) && dir.exists());
+    // SAFETY: kill(2) with our own QEMU child's pid and SIGSTOP; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let err = lab.run(&["true"], Duration::from_secs(300)).unwrap_err();
+    assert!(matches!(err, LabError::Stalled { .. }), "{err}");
+    assert!(err.to_string().contains("no heartbeat"), "{err}");
+    assert!(!process_exists(pid), "stalled QEMU {pid} must be killed");
     drop(lab);
     assert!(!process_exists(pid), "QEMU {pid} still running after drop");
     assert!(!dir.exists(), "{} left behind", dir.display());
