@@ -34,6 +34,10 @@ pub struct LabConfig {
     /// replaces with a fresh tmpfs (`/tmp`, `/run`, `/var/tmp`, `/root`), e.g. a workspace cloned
     /// into `/tmp`. Defaults: the current directory and the agent's target directory.
     pub keep: Vec<PathBuf>,
+    /// Extra L1 kernel parameters (`SVFF_LAB_APPEND`), for experiments.
+    pub extra_append: String,
+    /// Extra QEMU arguments (`SVFF_LAB_QEMU_ARGS`, split on blanks), for experiments.
+    pub extra_qemu_args: Vec<String>,
 }
 
 /// A path that can go on the kernel command line: absolute, no blanks or quotes.
@@ -198,6 +202,12 @@ impl LabConfig {
             boot_timeout: Duration::from_secs(180),
             stall_timeout: Duration::from_secs(60),
             keep,
+            extra_append: std::env::var("SVFF_LAB_APPEND").unwrap_or_default(),
+            extra_qemu_args: std::env::var("SVFF_LAB_QEMU_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
         })
     }
 }

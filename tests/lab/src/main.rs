@@ -59,7 +59,15 @@ fn boot(cfg: &LabConfig) -> Result<Lab, LabError> {
         cfg.qemu.display(),
         cfg.kernel_version
     );
-    let lab = Lab::boot(cfg)?;
+    let lab = match Lab::boot(cfg) {
+        // A boot that never reached the agent is retried once (a rare TCG stall); anything
+        // missing on the host fails at once.
+        Err(e @ (LabError::Timeout { .. } | LabError::Vm(_))) => {
+            eprintln!("svff-lab: {e}\nsvff-lab: booting L1 again");
+            Lab::boot(cfg)?
+        }
+        other => other?,
+    };
     eprintln!("svff-lab: L1 up in {:.1} s", lab.boot_time.as_secs_f64());
     Ok(lab)
 }

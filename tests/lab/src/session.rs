@@ -48,6 +48,10 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
     for k in &cfg.keep {
         append.push_str(&format!(" svff.keep={}", k.display()));
     }
+    if !cfg.extra_append.is_empty() {
+        append.push(' ');
+        append.push_str(&cfg.extra_append);
+    }
     let args = [
         "-machine", "q35,kernel-irqchip=split",
         "-accel", "tcg,thread=multi",
@@ -65,6 +69,7 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
     ];
     let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    v.extend(cfg.extra_qemu_args.iter().cloned());
     v.extend([
         "-smp".into(),
         cfg.cpus.to_string(),
