@@ -53,6 +53,9 @@ enum Cmd {
     Agent,
 }
 
+/// How often `svff-lab test` runs a binary whose L1 stalled (each time on a fresh boot).
+const STALL_ATTEMPTS: u32 = 3;
+
 fn boot(cfg: &LabConfig) -> Result<Lab, LabError> {
     eprintln!(
         "svff-lab: booting L1 ({}, kernel {}) ...",
@@ -170,12 +173,14 @@ fn cmd_test(filters: &[String], timeout: u64, args: &[String]) -> Result<u8, Lab
         let mut argv = vec![exe.as_str(), "--include-ignored", "--test-threads=1"];
         argv.extend(args.iter().map(String::as_str));
         // A stalled L1 (TCG, rarely: its timers stop) is not the test's failure: reboot and run
-        // the binary once more, saying so. A second stall of the same binary fails it.
-        for attempt in 1..=2 {
-            eprintln!(
-                "\nsvff-lab: ==> {name} (in L1{})",
-                if attempt > 1 { ", second attempt" } else { "" }
-            );
+        // the binary again, saying so, up to STALL_ATTEMPTS times in all.
+        for attempt in 1..=STALL_ATTEMPTS {
+            let again = if attempt > 1 {
+                format!(", attempt {attempt} after a stall")
+            } else {
+                String::new()
+            };
+            eprintln!("\nsvff-lab: ==> {name} (in L1{again})");
             let t = Instant::now();
             let result = lab.run_streaming(
                 &argv,
@@ -192,7 +197,7 @@ fn cmd_test(filters: &[String], timeout: u64, args: &[String]) -> Result<u8, Lab
                 Ok((code, signal)) => {
                     failed.push(format!("{name} (exit {code:?}, signal {signal:?})"))
                 }
-                Err(e @ LabError::Stalled { .. }) if attempt == 1 => {
+                Err(e @ LabError::Stalled { .. }) if attempt < STALL_ATTEMPTS => {
                     stalls += 1;
                     eprintln!("svff-lab: {e}\nsvff-lab: rebooting L1 to run {name} again");
                     lab = boot(&cfg)?;
