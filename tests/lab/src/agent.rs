@@ -160,6 +160,17 @@ fn run_one(req: Request, base_env: &[(String, String)], tx: &mpsc::Sender<Reply>
     }
 }
 
+/// Pins the calling thread to `cpu` (best effort: unpinned beats still prove L1 is alive).
+fn pin_to_cpu(cpu: u32) {
+    // SAFETY: `set` is a plain bit set on our stack, zero-initialised (a valid empty cpu_set_t),
+    // and sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Serves requests on the control port until it closes. Runs in L1 as root.
 pub fn serve() -> Result<(), LabError> {
     let port = find_port()?;
@@ -199,12 +210,17 @@ pub fn serve() -> Result<(), LabError> {
         .trim()
         .to_owned();
     send(&tx, Reply::Ready { kernel });
-    let beat = tx.clone();
-    thread::spawn(move || {
-        while beat.send(Reply::Heartbeat).is_ok() {
-            thread::sleep(HEARTBEAT);
-        }
-    });
+    // SAFETY: sysconf has no memory arguments.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u32;
+    for cpu in 0..cpus {
+        let beat = tx.clone();
+        thread::spawn(move || {
+            pin_to_cpu(cpu);
+            while beat.send(Reply::Heartbeat { cpu }).is_ok() {
+                thread::sleep(HEARTBEAT);
+            }
+        });
+    }
     for line in BufReader::new(rx_file).lines() {
         let Ok(line) = line else { break };
         match serde_json::from_str::<Request>(&line) {

@@ -38,9 +38,13 @@ pub enum Stream {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Reply {
-    /// Sent every [`HEARTBEAT`] while the agent runs, so the host can tell a stalled L1 (TCG
-    /// can, rarely, stop firing L1's timers) from a command that is merely slow and silent.
-    Heartbeat,
+    /// Sent every [`HEARTBEAT`] from a thread pinned to each CPU of L1, so the host can tell a
+    /// stalled L1 (TCG can, rarely, stop one CPU's timer) from a command that is merely slow
+    /// and silent.
+    Heartbeat {
+        /// The CPU the beat came from.
+        cpu: u32,
+    },
     /// Sent once when the agent is up.
     Ready {
         /// `uname -r` of L1.
