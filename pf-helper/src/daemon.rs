@@ -173,7 +173,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
                 Ok(req) => {
                     info!(request = ?req, "request");
                     let r = self.handle(&req);
-                    let ms = start.elapsed().as_secs_f64() * 1e3;
+                    let ms = crate::sriov::elapsed_ms(start);
                     match &r.error {
                         None => info!(ms, "request done"),
                         Some(e) => {

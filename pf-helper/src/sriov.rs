@@ -35,6 +35,11 @@ pub struct SriovManager<S: Sysfs> {
     proc_root: PathBuf,
 }
 
+/// Milliseconds since `start`, rounded to the microsecond (for logs and step reports).
+pub(crate) fn elapsed_ms(start: Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
 /// Times a step and records it.
 pub(crate) fn timed<T>(
     steps: &mut Vec<Step>,
@@ -43,8 +48,7 @@ pub(crate) fn timed<T>(
 ) -> Result<T, Error> {
     let start = Instant::now();
     let result = f();
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    let ms = (ms * 1000.0).round() / 1000.0;
+    let ms = elapsed_ms(start);
     info!(step = name, ms, ok = result.is_ok(), "step done");
     steps.push(Step {
         name: name.to_owned(),
