@@ -12,27 +12,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use svff_lab::guest::{dev_path as dev, igb_pf, modprobe, nvme_pf, read_attr};
 
 const SVFF: &str = env!("CARGO_BIN_EXE_svff");
 /// Upper bound of one CLI call (64 VFs under TCG take seconds, not minutes).
 const CALL_TIMEOUT_S: &str = "180";
-
-fn lab_env(name: &str) -> String {
-    assert_eq!(
-        std::env::var("SVFF_LAB").as_deref(),
-        Ok("1"),
-        "lab test: run it inside L1 with `cargo run -p svff-lab -- test`"
-    );
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} not set in the lab"))
-}
-
-fn igb_pf() -> String {
-    lab_env("SVFF_LAB_IGB_PF")
-}
-
-fn nvme_pf() -> String {
-    lab_env("SVFF_LAB_NVME_PF")
-}
 
 /// Runs a command under `timeout(1)` so that no call can hang the run.
 fn run(prefix: &[&str], args: &[&str]) -> Output {
@@ -63,23 +47,8 @@ fn svff_ok_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("svff printed JSON")
 }
 
-fn modprobe(module: &str) {
-    let status = Command::new("modprobe")
-        .arg(module)
-        .status()
-        .expect("run modprobe");
-    assert!(status.success(), "modprobe {module} failed");
-}
-
-fn dev(bdf: &str) -> PathBuf {
-    Path::new("/sys/bus/pci/devices").join(bdf)
-}
-
 fn attr(bdf: &str, name: &str) -> String {
-    fs::read_to_string(dev(bdf).join(name))
-        .unwrap_or_else(|e| panic!("read {bdf}/{name}: {e}"))
-        .trim_end()
-        .to_owned()
+    read_attr(dev(bdf).join(name))
 }
 
 fn link_name(path: &Path) -> Option<String> {

@@ -18,6 +18,7 @@ pub fn require_lab() {
 }
 
 fn pf(var: &str) -> String {
+    require_lab();
     std::env::var(var)
         .unwrap_or_else(|_| panic!("{var} is not set: the lab did not find that PF in L1"))
 }
