@@ -54,10 +54,6 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
     }
     let args = [
         "-machine", "q35,kernel-irqchip=split",
-        // Single-threaded TCG: with thread=multi, QEMU 10.0.2 now and then loses a vCPU's
-        // LAPIC timer interrupt and that CPU idles forever (~1 boot in 4 under load; 0 of 31
-        // with thread=single, at the same benchmark numbers and a faster boot).
-        "-accel", "tcg,thread=single",
         "-cpu", "max",
         "-nodefaults", "-no-reboot", "-display", "none",
         "-device", "intel-iommu,intremap=on,caching-mode=on",
@@ -72,6 +68,12 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
     ];
     let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    // Single-threaded TCG by default (see `TcgThread`): with thread=multi, QEMU 10.0.2 now and
+    // then loses a vCPU's LAPIC timer interrupt and that CPU idles forever.
+    v.extend([
+        "-accel".into(),
+        format!("tcg,thread={}", cfg.tcg_thread.as_str()),
+    ]);
     v.extend(cfg.extra_qemu_args.iter().cloned());
     v.extend([
         "-smp".into(),
