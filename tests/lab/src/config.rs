@@ -211,7 +211,7 @@ fn find_agent() -> Result<PathBuf, LabError> {
         })
 }
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Ok(d) = std::env::var("SVFF_LAB_CACHE") {
         return PathBuf::from(d);
     }

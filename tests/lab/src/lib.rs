@@ -24,6 +24,7 @@ mod cpio;
 mod error;
 pub mod guest;
 mod initramfs;
+pub mod l2;
 pub mod proto;
 mod session;
 
