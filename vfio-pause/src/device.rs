@@ -11,28 +11,7 @@ use crate::backend::{irq, region, MmapArea, VfId, VfSource};
 use crate::container::Container;
 use crate::error::{Error, Result};
 use crate::pci::{cfg, Identity, PciAddress};
-
-/// Lifecycle state of a [`PausableDevice`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(C)]
-pub enum DeviceState {
-    /// VF open, IRQs wired, guest accesses reach the VF.
-    Attached = 0,
-    /// Every fd of the VF closed; the guest still sees the device.
-    Paused = 1,
-    /// Closed for good.
-    Detached = 2,
-}
-
-impl fmt::Display for DeviceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceState::Attached => "attached",
-            DeviceState::Paused => "paused",
-            DeviceState::Detached => "detached",
-        })
-    }
-}
+pub use svff_types::{DeviceState, Phase};
 
 /// What guest BAR accesses do while the device is paused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,74 +68,6 @@ impl VmmHooks for TrapAllBars {
     }
     fn map_bars(&self, _device: &str, _areas: &[MmapArea]) -> std::result::Result<(), String> {
         Ok(())
-    }
-}
-
-/// A timed step of a pause or unpause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(C)]
-pub enum Phase {
-    /// VMM drops guest BAR mappings.
-    UnmapBars = 0,
-    /// Config-space snapshot into the shadow.
-    Snapshot = 1,
-    /// Device IRQs and the request IRQ disabled.
-    IrqTeardown = 2,
-    /// BAR mmaps released.
-    Munmap = 3,
-    /// Device fd closed (FLR), group out of the container, group fd closed.
-    Close = 4,
-    /// Group opened into the container, device fd (FLR).
-    Reopen = 5,
-    /// Registered guest memory mapped again (only when the container had lost it).
-    DmaRemap = 6,
-    /// Identity check of the new function.
-    Identity = 7,
-    /// Config restore (BARs, pending writes, command).
-    Restore = 8,
-    /// IRQs wired again.
-    IrqSetup = 9,
-    /// BARs mmapped again.
-    Mmap = 10,
-    /// VMM maps BARs into the guest again.
-    MapBars = 11,
-}
-
-impl Phase {
-    /// Number of phases.
-    pub const COUNT: usize = 12;
-    /// Every phase in order.
-    pub const ALL: [Phase; Phase::COUNT] = [
-        Phase::UnmapBars,
-        Phase::Snapshot,
-        Phase::IrqTeardown,
-        Phase::Munmap,
-        Phase::Close,
-        Phase::Reopen,
-        Phase::DmaRemap,
-        Phase::Identity,
-        Phase::Restore,
-        Phase::IrqSetup,
-        Phase::Mmap,
-        Phase::MapBars,
-    ];
-
-    /// Short name, e.g. `irq-teardown`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::UnmapBars => "unmap-bars",
-            Phase::Snapshot => "snapshot",
-            Phase::IrqTeardown => "irq-teardown",
-            Phase::Munmap => "munmap",
-            Phase::Close => "close",
-            Phase::Reopen => "reopen",
-            Phase::DmaRemap => "dma-remap",
-            Phase::Identity => "identity",
-            Phase::Restore => "restore",
-            Phase::IrqSetup => "irq-setup",
-            Phase::Mmap => "mmap",
-            Phase::MapBars => "map-bars",
-        }
     }
 }
 
@@ -457,7 +368,7 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Paused => return Ok(noop()),
-            DeviceState::Detached => return Err(self.invalid("pause", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("pause", g.state)),
             DeviceState::Attached => {}
         }
         let vf = g.vf.expect("attached devices have a VF");
@@ -600,7 +511,7 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => return Ok(noop()),
-            DeviceState::Detached => return Err(self.invalid("unpause", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("unpause", g.state)),
             DeviceState::Paused => {}
         }
         let mut clock = PhaseClock::new();
@@ -697,7 +608,7 @@ impl PausableDevice {
     pub fn detach(&self) -> Result<()> {
         let mut g = self.lock();
         let res = match g.state {
-            DeviceState::Detached => return Err(self.invalid("detach", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("detach", g.state)),
             DeviceState::Paused => Ok(()),
             DeviceState::Attached => {
                 let vf = g.vf.expect("attached devices have a VF");
@@ -756,7 +667,7 @@ impl PausableDevice {
                 g.counters.shadow_reads += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("read config", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("read config", g.state)),
         }
     }
 
@@ -785,7 +696,7 @@ impl PausableDevice {
                 g.counters.shadow_writes += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("write config", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("write config", g.state)),
         }
     }
 
@@ -826,7 +737,7 @@ impl PausableDevice {
                 g.counters.ignored_reads += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("read BAR", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("read BAR", g.state)),
         }
     }
 
@@ -843,7 +754,7 @@ impl PausableDevice {
                 g.counters.ignored_writes += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("write BAR", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("write BAR", g.state)),
         }
     }
 
@@ -859,7 +770,7 @@ impl PausableDevice {
                     .with_backend(|b| b.set_irqs(vf, index, &refs))?;
             }
             DeviceState::Paused => {}
-            DeviceState::Detached => return Err(self.invalid("set irqs", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("set irqs", g.state)),
         }
         if fds.is_empty() {
             g.irqs.remove(&index);
@@ -892,7 +803,7 @@ impl PausableDevice {
                     .with_backend(|b| b.set_irqs(vf, irq::REQ, &refs))?;
             }
             DeviceState::Paused => {}
-            DeviceState::Detached => return Err(self.invalid("set request irq", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("set request irq", g.state)),
         }
         g.request = fd;
         Ok(())

@@ -9,9 +9,9 @@ use crate::pci::{Identity, PciAddress};
 /// (VMM id and/or host BDF) and keeps the OS error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A string is not a PCI address in `DDDD:BB:DD.F` form.
-    #[error("invalid PCI address {0:?} (expected DDDD:BB:DD.F, lower-case hex)")]
-    InvalidAddress(String),
+    /// A string is not a canonical PCI address.
+    #[error(transparent)]
+    InvalidAddress(#[from] svff_types::InvalidPciAddress),
 
     /// The VF does not exist (its sysfs directory or `iommu_group` link is missing).
     #[error("VF {address} is gone: {path} does not exist")]
@@ -127,7 +127,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn io(address: &PciAddress, op: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
-            address: address.clone(),
+            address: *address,
             op: op.into(),
             source,
         }

@@ -270,7 +270,7 @@ impl FakeBackend {
 
 fn open_vf(s: &mut State, vf: VfId) -> Result<&mut OpenVf> {
     s.open.get_mut(&vf).ok_or_else(|| Error::OutOfRange {
-        address: PciAddress::none(),
+        address: PciAddress::zero(),
         what: format!("no open VF with handle {}", vf.0),
     })
 }
@@ -317,7 +317,7 @@ impl VfioBackend for FakeBackend {
     fn close(&self, vf: VfId) -> Result<()> {
         let mut s = self.lock();
         let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
-            address: PciAddress::none(),
+            address: PciAddress::zero(),
             what: format!("no open VF with handle {}", vf.0),
         })?;
         s.calls.push(FakeCall::Close(o.address.clone()));

@@ -219,6 +219,12 @@ impl From<Error> for Fail {
     }
 }
 
+impl From<svff_types::InvalidPciAddress> for Fail {
+    fn from(e: svff_types::InvalidPciAddress) -> Self {
+        Fail::Err(e.into())
+    }
+}
+
 /// Run an entry point: catch panics, translate errors, set the last error.
 fn entry(f: impl FnOnce() -> Result<(), Fail>) -> VpStatus {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -278,7 +284,7 @@ unsafe fn source(bdf: *const c_char, group_fd: c_int) -> Result<VfSource, Fail> 
         Ok(a) => a,
         Err(e) => {
             drop(take_fd());
-            return Err(Fail::Err(e));
+            return Err(e.into());
         }
     };
     Ok(match take_fd() {

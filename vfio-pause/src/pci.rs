@@ -1,75 +1,9 @@
-//! PCI addresses, config-space layout and function identity.
+//! Config-space layout and function identity; the PCI address type is
+//! svff-types' [`PciAddress`], shared by every svff crate.
 
 use std::fmt;
-use std::path::PathBuf;
-use std::str::FromStr;
 
-use crate::error::Error;
-
-/// A PCI function address `DDDD:BB:DD.F`. Built only from a string that
-/// formats back to itself, so sysfs paths built from it are safe.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciAddress {
-    domain: u16,
-    bus: u8,
-    device: u8,
-    function: u8,
-}
-
-impl PciAddress {
-    /// The sysfs directory of this function, `/sys/bus/pci/devices/<BDF>`.
-    pub fn sysfs_path(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/bus/pci/devices/{self}"))
-    }
-
-    /// Placeholder address used for container-wide errors.
-    pub(crate) fn none() -> Self {
-        PciAddress {
-            domain: 0,
-            bus: 0,
-            device: 0,
-            function: 0,
-        }
-    }
-}
-
-impl fmt::Display for PciAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
-    }
-}
-
-impl FromStr for PciAddress {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::InvalidAddress(s.to_string());
-        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (device, function) = rest.split_once('.').ok_or_else(bad)?;
-        let hex = |t: &str| u32::from_str_radix(t, 16).map_err(|_| bad());
-        let domain = hex(domain)?;
-        let (bus, device, function) = (hex(bus)?, hex(device)?, hex(function)?);
-        if domain > 0xffff || bus > 0xff || device > 0x1f || function > 7 {
-            return Err(bad());
-        }
-        let addr = PciAddress {
-            domain: domain as u16,
-            bus: bus as u8,
-            device: device as u8,
-            function: function as u8,
-        };
-        // Parse, don't validate: only the canonical spelling is accepted.
-        if addr.to_string() != s {
-            return Err(bad());
-        }
-        Ok(addr)
-    }
-}
+pub use svff_types::PciAddress;
 
 /// Config-space offsets used here.
 pub(crate) mod cfg {
@@ -141,27 +75,6 @@ impl fmt::Display for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pci_address_accepts_only_canonical_spelling() {
-        let a: PciAddress = "0000:02:00.1".parse().unwrap();
-        assert_eq!(a.to_string(), "0000:02:00.1");
-        assert_eq!(
-            a.sysfs_path(),
-            PathBuf::from("/sys/bus/pci/devices/0000:02:00.1")
-        );
-        for bad in [
-            "0000:02:00.8",
-            "0000:2:00.1",
-            "0000:02:00.1/../x",
-            "0000:02:20.1",
-            "0000:0A:00.1",
-            "",
-            "02:00.1",
-        ] {
-            assert!(bad.parse::<PciAddress>().is_err(), "{bad} accepted");
-        }
-    }
 
     #[test]
     fn identity_is_read_from_config_header() {

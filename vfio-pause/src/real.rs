@@ -122,7 +122,7 @@ impl VfioIoctlsBackend {
             .get(&vf)
             .cloned()
             .ok_or_else(|| Error::OutOfRange {
-                address: PciAddress::none(),
+                address: PciAddress::zero(),
                 what: format!("no open VF with handle {}", vf.0),
             })
     }
@@ -403,7 +403,7 @@ impl VfioBackend for VfioIoctlsBackend {
             .vfs
             .remove(&vf)
             .ok_or_else(|| Error::OutOfRange {
-                address: PciAddress::none(),
+                address: PciAddress::zero(),
                 what: format!("no open VF with handle {}", vf.0),
             })?;
         // Another thread may still be inside an access to this VF (callers

@@ -730,3 +730,10 @@ fn bar_sizing_while_paused_reads_back_the_real_size_from_the_shadow() {
     let c = f.fake.config_of(&addr(VF1)).unwrap();
     assert_eq!(&c[0x10..0x14], &0xfe00_0000u32.to_le_bytes());
 }
+
+#[test]
+fn pci_addresses_with_a_32_bit_domain_parse_as_everywhere_in_svff() {
+    let a: PciAddress = "10000:00:00.0".parse().unwrap();
+    assert_eq!(a.to_string(), "10000:00:00.0");
+    assert!("0000:0a:00.0/..".parse::<PciAddress>().is_err());
+}
