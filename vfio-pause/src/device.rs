@@ -7,27 +7,21 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{irq, region, MmapArea, VfId, VfSource};
+use crate::backend::{irq, region, GroupId, MmapArea, VfId, VfSource};
 use crate::container::Container;
 use crate::error::{Error, Result};
 use crate::pci::{cfg, Identity, PciAddress};
-pub use svff_types::{DeviceState, Phase};
-
-/// What guest BAR accesses do while the device is paused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PausedAccess {
-    /// Reads return all-ones, writes are dropped; both are counted.
-    Ignore,
-    /// The access waits until the device is unpaused (then it is performed)
-    /// or the deadline passes (then it behaves as `Ignore`).
-    Stall(Duration),
-}
+pub use svff_types::{DeviceState, PausePolicy, Phase};
 
 /// Per-device options.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceOptions {
-    /// Paused-access policy.
-    pub paused_access: PausedAccess,
+    /// Paused-access policy of [`PausableDevice::pause`] (a pause can choose
+    /// another with [`PausableDevice::pause_with`]). Default: `ignore`.
+    pub policy: PausePolicy,
+    /// Deadline of each stalled access under the `stall` policy; bounded by
+    /// [`svff_types::MAX_STALL`] whatever is set here.
+    pub stall_deadline: Duration,
     /// mmap every mmap-able BAR at open/unpause and hand the areas to
     /// [`VmmHooks::map_bars`]; they are unmapped at pause.
     pub mmap_bars: bool,
@@ -36,16 +30,63 @@ pub struct DeviceOptions {
 impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
-            paused_access: PausedAccess::Ignore,
+            policy: PausePolicy::Ignore,
+            stall_deadline: svff_types::DEFAULT_STALL,
             mmap_bars: false,
         }
     }
 }
 
+impl DeviceOptions {
+    /// The `stall` policy with this deadline per access.
+    pub fn stall(deadline: Duration) -> Self {
+        DeviceOptions {
+            policy: PausePolicy::Stall,
+            stall_deadline: deadline,
+            ..Self::default()
+        }
+    }
+
+    /// The same options with BAR mmaps on or off.
+    pub fn with_mmap_bars(self, on: bool) -> Self {
+        DeviceOptions {
+            mmap_bars: on,
+            ..self
+        }
+    }
+}
+
+/// Outcome of [`PausableDevice::try_bar_read`] / [`PausableDevice::try_bar_write`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Access {
+    /// The access was performed (attached), or answered per policy (ignored,
+    /// or a stall whose deadline passed).
+    Done,
+    /// Stall policy and the device is not attached: release every lock the
+    /// unpause may need (QEMU's BQL), call [`PausableDevice::wait_unpaused`]
+    /// with the same [`Stall`], take the locks again and retry the access.
+    Retry,
+}
+
+/// A stalled access's deadline, kept across its retries. Start every guest
+/// access with `Stall::default()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stall {
+    deadline: Option<Instant>,
+}
+
+impl Stall {
+    /// When the access stops waiting (set by its first `Retry`).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
 /// What the VMM does for the device's guest BAR mappings.
 ///
-/// Hooks run with the device's lock held: they must not call back into the
-/// same [`PausableDevice`].
+/// Hooks run with the device's lock held (they are short: page-table
+/// updates): they must not call back into the same [`PausableDevice`].
 pub trait VmmHooks: Send + Sync {
     /// Remove every guest mapping of the device's BARs so guest accesses trap
     /// (and reach [`PausableDevice::bar_read`]/[`PausableDevice::bar_write`]).
@@ -123,6 +164,7 @@ pub struct AccessCounters {
 struct Inner {
     state: DeviceState,
     vf: Option<VfId>,
+    group: Option<GroupId>,
     host: PciAddress,
     identity: Identity,
     config_size: usize,
@@ -136,6 +178,9 @@ struct Inner {
     request: Option<EventFd>,
     mmaps: Vec<MmapArea>,
     counters: AccessCounters,
+    /// Policy and stall deadline of the current (or last) pause.
+    policy: PausePolicy,
+    stall: Duration,
     last_pause: Option<Timings>,
     last_unpause: Option<Timings>,
 }
@@ -225,6 +270,14 @@ impl PhaseClock {
         self.phases.push((p, t.elapsed()));
         r
     }
+    fn done_ref(&self) -> Timings {
+        Timings {
+            noop: false,
+            phases: self.phases.clone(),
+            total: self.start.elapsed(),
+        }
+    }
+    #[allow(dead_code)]
     fn done(self) -> Timings {
         Timings {
             noop: false,
@@ -279,7 +332,7 @@ impl PausableDevice {
         let (identity, config_size, mmaps) = match setup() {
             Ok(v) => v,
             Err(e) => {
-                if let Err(c) = container.close_vf(vf) {
+                if let Err(c) = container.close_vf(vf, opened.group) {
                     tracing::warn!("device {id}: close after failed open: {c}");
                 }
                 return Err(e);
@@ -293,6 +346,7 @@ impl PausableDevice {
             inner: Mutex::new(Inner {
                 state: DeviceState::Attached,
                 vf: Some(vf),
+                group: Some(opened.group),
                 host,
                 identity,
                 config_size,
@@ -304,6 +358,8 @@ impl PausableDevice {
                 request: None,
                 mmaps,
                 counters: AccessCounters::default(),
+                policy: options.policy,
+                stall: PausePolicy::bounded_stall(options.stall_deadline),
                 last_pause: None,
                 last_unpause: None,
             }),
@@ -364,12 +420,25 @@ impl PausableDevice {
 
     /// Pause: drop guest BAR mappings, snapshot config, disable IRQs, close
     /// every fd of the VF. When this returns `Ok`, no fd of the VF is open.
+    /// Guest accesses get the device's [`DeviceOptions::policy`].
     pub fn pause(&self) -> Result<Timings> {
+        self.pause_with(self.options.policy, self.options.stall_deadline)
+    }
+
+    /// [`PausableDevice::pause`] with this paused-access policy (and, for
+    /// `stall`, this deadline per access, bounded by [`svff_types::MAX_STALL`])
+    /// instead of the device's default; it holds until the device is attached
+    /// again. A no-op when paused.
+    ///
+    /// The device lock is held only for the quick steps (hooks, snapshot, IRQ
+    /// teardown, munmap); the close with its function reset runs outside it
+    /// in state `pausing`, in which guest accesses are answered as while paused.
+    pub fn pause_with(&self, policy: PausePolicy, stall_deadline: Duration) -> Result<Timings> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Paused => return Ok(noop()),
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("pause", g.state)),
             DeviceState::Attached => {}
+            state => return Err(self.invalid("pause", state)),
         }
         let vf = g.vf.expect("attached devices have a VF");
         let mut clock = PhaseClock::new();
@@ -430,9 +499,7 @@ impl PausableDevice {
                     if let Err(re) = self.release(&mut g, vf, &mut clock) {
                         tracing::warn!("device {}: release after failed rollback: {re}", self.id);
                     }
-                    g.shadow_bar_flags = bar_flags(&shadow);
-                    g.shadow = shadow;
-                    g.pending.clear();
+                    install_shadow(&mut g, shadow, policy, stall_deadline);
                     g.state = DeviceState::Paused;
                     return Err(Error::RollbackFailed {
                         device: self.id.clone(),
@@ -444,14 +511,20 @@ impl PausableDevice {
             }
         }
 
-        let res = self.release(&mut g, vf, &mut clock);
-        g.shadow_bar_flags = bar_flags(&shadow);
-        g.shadow = shadow;
-        g.pending.clear();
+        let mut first = self.munmap(&mut g, vf, &mut clock).err();
+        install_shadow(&mut g, shadow, policy, stall_deadline);
+        let group = g.group.take().expect("open VFs have a group");
+        g.vf = None;
+        g.state = DeviceState::Pausing;
+        drop(g);
+        if let Err(e) = clock.run(Phase::Close, || c.close_vf(vf, group)) {
+            first.get_or_insert(e);
+        }
+        let mut g = self.lock();
         g.state = DeviceState::Paused;
         let t = clock.done();
         g.last_pause = Some(t.clone());
-        res.map(|()| t)
+        first.map_or(Ok(t), Err)
     }
 
     fn rollback_failed(&self, original: Error, reason: String, state: DeviceState) -> Error {
@@ -467,8 +540,8 @@ impl PausableDevice {
         }
     }
 
-    /// munmap every BAR and close the VF; always ends with no fd open.
-    fn release(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
+    /// Release every BAR mmap (the VMM's guest mappings are gone already).
+    fn munmap(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
         let c = &self.container;
         let mut first: Option<Error> = None;
         let mmaps = std::mem::take(&mut g.mmaps);
@@ -479,7 +552,16 @@ impl PausableDevice {
                 }
             }
         });
-        let closed = clock.run(Phase::Close, || c.close_vf(vf));
+        first.map_or(Ok(()), Err)
+    }
+
+    /// munmap every BAR and close the VF, with the lock held (detach and a
+    /// pause that could not roll back); always ends with no fd open.
+    fn release(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
+        let c = &self.container;
+        let mut first = self.munmap(g, vf, clock).err();
+        let group = g.group.take().expect("open VFs have a group");
+        let closed = clock.run(Phase::Close, || c.close_vf(vf, group));
         g.vf = None;
         if let Err(e) = closed {
             first.get_or_insert(e);
@@ -507,64 +589,88 @@ impl PausableDevice {
     /// reopen, check identity, re-map DMA if the container lost it, restore
     /// config, IRQs and BAR mappings. On error the device stays paused with no
     /// fd of the new VF open.
+    ///
+    /// The open (group join, DMA re-map, device fd with its function reset)
+    /// and the identity check run outside the device lock, in state
+    /// `unpausing`, in which guest accesses are answered as while paused;
+    /// the restore runs under it and ends attached.
     pub fn unpause(&self, source: VfSource) -> Result<Timings> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => return Ok(noop()),
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("unpause", g.state)),
             DeviceState::Paused => {}
+            state => return Err(self.invalid("unpause", state)),
         }
+        g.state = DeviceState::Unpausing;
+        let (paused, paused_at) = (g.identity, g.host);
+        drop(g);
         let mut clock = PhaseClock::new();
-        let offered_at = source.address().clone();
+        let offered_at = *source.address();
         let c = &self.container;
-        let opened = c.open_vf(source)?;
+        let opened = match c.open_vf(source) {
+            Ok(o) => o,
+            Err(e) => {
+                self.lock().state = DeviceState::Paused;
+                return Err(e);
+            }
+        };
         let vf = opened.vf;
         clock.phases.push((Phase::Reopen, opened.open));
         if let Some(r) = opened.remap {
             clock.phases.push((Phase::DmaRemap, r));
         }
+        let checked = clock
+            .run(Phase::Identity, || read_identity(c, vf, &offered_at))
+            .and_then(|(offered, _)| {
+                if offered == paused {
+                    Ok(())
+                } else {
+                    Err(Error::IdentityMismatch {
+                        device: self.id.clone(),
+                        paused,
+                        paused_at,
+                        offered,
+                        offered_at,
+                    })
+                }
+            });
         let mut mmaps = Vec::new();
-        let res = self.bring_up(&mut g, vf, &offered_at, &mut clock, &mut mmaps);
+        let res = checked.and_then(|()| {
+            let mut g = self.lock();
+            let r = self.bring_up(&mut g, vf, &mut clock, &mut mmaps);
+            if r.is_ok() {
+                g.bar_sizes = bar_sizes(c, vf);
+                g.vf = Some(vf);
+                g.group = Some(opened.group);
+                g.mmaps = std::mem::take(&mut mmaps);
+                g.host = offered_at;
+                g.state = DeviceState::Attached;
+                g.shadow = Vec::new();
+                g.pending.clear();
+                g.last_unpause = Some(clock.done_ref());
+            }
+            r
+        });
         if let Err(e) = res {
             munmap_all(c, vf, &mut mmaps);
-            if let Err(ce) = c.close_vf(vf) {
+            if let Err(ce) = c.close_vf(vf, opened.group) {
                 tracing::warn!("device {}: close after failed unpause: {ce}", self.id);
             }
+            self.lock().state = DeviceState::Paused;
             return Err(e);
         }
-        g.bar_sizes = bar_sizes(c, vf);
-        g.vf = Some(vf);
-        g.mmaps = mmaps;
-        g.host = offered_at;
-        g.state = DeviceState::Attached;
-        g.shadow = Vec::new();
-        g.pending.clear();
-        let t = clock.done();
-        g.last_unpause = Some(t.clone());
-        drop(g);
         self.unpaused.notify_all();
-        Ok(t)
+        Ok(self.lock().last_unpause.clone().expect("just set"))
     }
 
     fn bring_up(
         &self,
         g: &mut Inner,
         vf: VfId,
-        offered_at: &PciAddress,
         clock: &mut PhaseClock,
         mmaps: &mut Vec<MmapArea>,
     ) -> Result<()> {
         let c = &self.container;
-        let (offered, _) = clock.run(Phase::Identity, || read_identity(c, vf, offered_at))?;
-        if offered != g.identity {
-            return Err(Error::IdentityMismatch {
-                device: self.id.clone(),
-                paused: g.identity,
-                paused_at: g.host.clone(),
-                offered,
-                offered_at: offered_at.clone(),
-            });
-        }
         clock.run(Phase::Restore, || -> Result<()> {
             let bars = g
                 .shadow
@@ -645,7 +751,8 @@ impl PausableDevice {
         res
     }
 
-    /// Guest config-space read. Paused: served from the shadow.
+    /// Guest config-space read. Not attached (pausing, paused, unpausing):
+    /// served from the shadow, without waiting for a transition.
     pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut g = self.lock();
         match g.state {
@@ -654,24 +761,25 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.region_read(vf, region::CONFIG, offset, buf))
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
                 let o = offset as usize;
                 let src = g
                     .shadow
                     .get(o..o + buf.len())
                     .ok_or_else(|| Error::OutOfRange {
-                        address: g.host.clone(),
+                        address: g.host,
                         what: format!("config read {offset:#x}+{} outside the shadow", buf.len()),
                     })?;
                 buf.copy_from_slice(src);
                 g.counters.shadow_reads += 1;
                 Ok(())
             }
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("read config", g.state)),
+            s => Err(self.invalid("read config", s)),
         }
     }
 
-    /// Guest config-space write. Paused: written to the shadow and applied at unpause.
+    /// Guest config-space write. Not attached: written to the shadow and
+    /// applied at unpause.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let mut g = self.lock();
         match g.state {
@@ -680,9 +788,9 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.region_write(vf, region::CONFIG, offset, data))
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
                 let o = offset as usize;
-                let host = g.host.clone();
+                let host = g.host;
                 let dst = g
                     .shadow
                     .get_mut(o..o + data.len())
@@ -696,66 +804,127 @@ impl PausableDevice {
                 g.counters.shadow_writes += 1;
                 Ok(())
             }
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("write config", g.state)),
+            s => Err(self.invalid("write config", s)),
         }
     }
 
-    /// Wait (stall policy) until attached or the deadline; returns the guard.
-    fn paused_wait<'a>(&'a self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
-        if let PausedAccess::Stall(deadline) = self.options.paused_access {
-            if g.state == DeviceState::Paused {
-                g.counters.stalled += 1;
-                let end = Instant::now() + deadline;
-                while g.state == DeviceState::Paused {
-                    let now = Instant::now();
-                    if now >= end {
-                        break;
-                    }
-                    g = self
-                        .unpaused
-                        .wait_timeout(g, end - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
+    /// Under the stall policy, whether the access must wait (again); starts
+    /// its bounded deadline on the first call.
+    fn must_stall(g: &mut Inner, stall: &mut Stall) -> bool {
+        if g.policy != PausePolicy::Stall {
+            return false;
+        }
+        let now = Instant::now();
+        let deadline = *stall.deadline.get_or_insert_with(|| {
+            g.counters.stalled += 1;
+            // g.stall is bounded by MAX_STALL; checked anyway.
+            now.checked_add(g.stall).unwrap_or(now)
+        });
+        now < deadline
+    }
+
+    /// Wait until the device is attached (or detached) or the stall's
+    /// deadline passes. Holds no lock while waiting but the device's own
+    /// (released by the condition variable): call it after releasing every
+    /// lock the unpause may need. Returns at once for a `Stall` that never
+    /// got a `Retry`.
+    pub fn wait_unpaused(&self, stall: &Stall) {
+        let Some(deadline) = stall.deadline else {
+            return;
+        };
+        let mut g = self.lock();
+        while g.state.is_paused_view() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
             }
+            g = self
+                .unpaused
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        g
     }
 
-    /// Guest read of BAR `bar` (a trapped access). Paused: per policy.
-    pub fn bar_read(&self, bar: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let g = self.paused_wait(self.lock());
-        let mut g = g;
+    /// Guest read of BAR `bar` (a trapped access) for a VMM that holds locks
+    /// the unpause needs (QEMU's BQL): never blocks on a pause. Not
+    /// attached: `ignore` answers all-ones; `stall` answers [`Access::Retry`]
+    /// until the device is attached or the deadline kept in `stall` passes,
+    /// then all-ones.
+    pub fn try_bar_read(
+        &self,
+        bar: u32,
+        offset: u64,
+        buf: &mut [u8],
+        stall: &mut Stall,
+    ) -> Result<Access> {
+        let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_read(vf, region::BAR0 + bar, offset, buf))
+                    .with_backend(|b| b.region_read(vf, region::BAR0 + bar, offset, buf))?;
+                Ok(Access::Done)
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
+                if Self::must_stall(&mut g, stall) {
+                    return Ok(Access::Retry);
+                }
                 buf.fill(0xff);
                 g.counters.ignored_reads += 1;
-                Ok(())
+                Ok(Access::Done)
             }
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("read BAR", g.state)),
+            s => Err(self.invalid("read BAR", s)),
         }
     }
 
-    /// Guest write of BAR `bar` (a trapped access). Paused: per policy.
-    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let mut g = self.paused_wait(self.lock());
+    /// Guest write of BAR `bar`, as [`PausableDevice::try_bar_read`]: not
+    /// attached, `ignore` drops it, `stall` retries until attached or the
+    /// deadline, then drops it.
+    pub fn try_bar_write(
+        &self,
+        bar: u32,
+        offset: u64,
+        data: &[u8],
+        stall: &mut Stall,
+    ) -> Result<Access> {
+        let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_write(vf, region::BAR0 + bar, offset, data))
+                    .with_backend(|b| b.region_write(vf, region::BAR0 + bar, offset, data))?;
+                Ok(Access::Done)
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
+                if Self::must_stall(&mut g, stall) {
+                    return Ok(Access::Retry);
+                }
                 g.counters.ignored_writes += 1;
-                Ok(())
+                Ok(Access::Done)
             }
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => Err(self.invalid("write BAR", g.state)),
+            s => Err(self.invalid("write BAR", s)),
         }
+    }
+
+    /// Guest read of BAR `bar` for a VMM whose access path holds no lock the
+    /// unpause needs: [`PausableDevice::try_bar_read`], waiting out `Retry`s
+    /// with [`PausableDevice::wait_unpaused`] (at most the bounded deadline).
+    pub fn bar_read(&self, bar: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut stall = Stall::default();
+        while self.try_bar_read(bar, offset, buf, &mut stall)? == Access::Retry {
+            self.wait_unpaused(&stall);
+        }
+        Ok(())
+    }
+
+    /// Guest write of BAR `bar`, as [`PausableDevice::bar_read`].
+    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let mut stall = Stall::default();
+        while self.try_bar_write(bar, offset, data, &mut stall)? == Access::Retry {
+            self.wait_unpaused(&stall);
+        }
+        Ok(())
     }
 
     /// Wire interrupt `index` (INTx/MSI/MSI-X) to the VMM's eventfds (vector n
@@ -824,6 +993,14 @@ impl Drop for PausableDevice {
             }
         }
     }
+}
+
+fn install_shadow(g: &mut Inner, shadow: Vec<u8>, policy: PausePolicy, stall: Duration) {
+    g.shadow_bar_flags = bar_flags(&shadow);
+    g.shadow = shadow;
+    g.pending.clear();
+    g.policy = policy;
+    g.stall = PausePolicy::bounded_stall(stall);
 }
 
 fn bar_flags(config: &[u8]) -> [u32; 6] {

@@ -10,16 +10,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{irq, region, MmapArea, RegionInfo, VfId, VfSource, VfioBackend};
+use crate::backend::{
+    irq, region, GroupId, Joined, MmapArea, RegionInfo, VfId, VfSource, VfioBackend,
+};
 use crate::error::{Error, Result};
 use crate::pci::{cfg, Identity, PciAddress};
 
 /// Kinds of backend call, for recording and failure injection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FakeOp {
-    /// [`VfioBackend::open`].
+    /// [`VfioBackend::join_group`].
+    Join,
+    /// [`VfioBackend::leave_group`].
+    Leave,
+    /// [`VfioBackend::open_device`] (the function reset of a real open).
     Open,
-    /// [`VfioBackend::close`].
+    /// [`VfioBackend::close_device`] (the function reset of a real close).
     Close,
     /// [`VfioBackend::dma_map`].
     DmaMap,
@@ -40,15 +46,17 @@ pub enum FakeOp {
 /// One recorded backend call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FakeCall {
-    /// A VF was opened (or an open was attempted).
+    /// A VF's group was joined (or a join was attempted).
     Open {
         /// Host address.
         address: PciAddress,
         /// Whether through a passed group fd.
         group_fd: bool,
     },
-    /// A VF was closed.
+    /// A VF's device fd was closed.
     Close(PciAddress),
+    /// A VF's group left the container.
+    Leave(PciAddress),
     /// DMA map.
     DmaMap {
         /// IO virtual address.
@@ -148,19 +156,55 @@ impl FakeVf {
     }
 }
 
+struct FakeGroup {
+    address: PciAddress,
+    /// False once the simulated kernel took the group out itself (its
+    /// function was removed while only the group fd was open).
+    in_container: bool,
+}
+
 struct OpenVf {
     address: PciAddress,
     mmaps: Vec<Box<[u8]>>,
     irqs_enabled: BTreeMap<u32, usize>,
 }
 
+/// A call of kind `op` that, once reached, waits until the test releases it
+/// (see [`FakeBackend::gate`]). It waits outside the backend's lock, like a
+/// slow kernel call (an FLR) would.
+#[derive(Debug)]
+pub struct FakeGate {
+    entered: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl FakeGate {
+    /// Block until the gated call has been reached.
+    pub fn wait_entered(&self) {
+        self.entered.recv().expect("gated call reached");
+    }
+
+    /// Let the gated call go on.
+    pub fn release(&self) {
+        let _ = self.release.send(());
+    }
+}
+
+struct GateEnd {
+    op: FakeOp,
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
 #[derive(Default)]
 struct State {
     present: BTreeMap<PciAddress, FakeVf>,
+    groups: BTreeMap<GroupId, FakeGroup>,
     open: BTreeMap<VfId, OpenVf>,
     dma: BTreeMap<u64, u64>,
     calls: Vec<FakeCall>,
     failures: Vec<(FakeOp, usize)>,
+    gates: Vec<GateEnd>,
     next: u64,
 }
 
@@ -197,19 +241,60 @@ impl FakeBackend {
     }
 
     /// Remove the function at `address` (like `sriov_numvfs=0`). The simulated
-    /// kernel refuses while it is open, as the real one blocks the remover.
+    /// kernel refuses while its device fd is open, as the real one blocks the
+    /// remover; a group fd alone does not block it, but the group is taken
+    /// out of the container (and type1 drops every mapping when it was the last).
     pub fn remove_vf(&self, address: &PciAddress) -> std::result::Result<(), String> {
         let mut s = self.lock();
         if s.open.values().any(|o| &o.address == address) {
             return Err(format!("{address} is still open: the remover would block"));
         }
         s.present.remove(address);
+        for g in s.groups.values_mut().filter(|g| &g.address == address) {
+            g.in_container = false;
+        }
+        if !s.groups.values().any(|g| g.in_container) {
+            s.dma.clear();
+        }
         Ok(())
+    }
+
+    /// Group fds held (in the container or not).
+    pub fn open_groups(&self) -> usize {
+        self.lock().groups.len()
     }
 
     /// Make the `skip`+1-th next call of kind `op` fail with EIO (`skip` = 0: the next one).
     pub fn fail(&self, op: FakeOp, skip: usize) {
         self.lock().failures.push((op, skip));
+    }
+
+    /// Make the next call of kind `op` wait, before it does anything, until
+    /// the returned gate is released.
+    pub fn gate(&self, op: FakeOp) -> FakeGate {
+        let (etx, erx) = std::sync::mpsc::channel();
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        self.lock().gates.push(GateEnd {
+            op,
+            entered: etx,
+            release: rrx,
+        });
+        FakeGate {
+            entered: erx,
+            release: rtx,
+        }
+    }
+
+    fn pass_gate(&self, op: FakeOp) {
+        let end = {
+            let mut s = self.lock();
+            let pos = s.gates.iter().position(|g| g.op == op);
+            pos.map(|p| s.gates.remove(p))
+        };
+        if let Some(g) = end {
+            let _ = g.entered.send(());
+            let _ = g.release.recv();
+        }
     }
 
     /// Every call so far.
@@ -275,18 +360,26 @@ fn open_vf(s: &mut State, vf: VfId) -> Result<&mut OpenVf> {
     })
 }
 
+fn eexist(iova: u64, size: u64) -> Error {
+    Error::Container {
+        op: format!("dma map iova {iova:#x} size {size:#x}"),
+        source: Box::new(io::Error::from_raw_os_error(libc::EEXIST)),
+    }
+}
+
 impl VfioBackend for FakeBackend {
-    fn open(&self, source: VfSource) -> Result<VfId> {
+    fn join_group(&self, source: VfSource) -> Result<Joined> {
+        self.pass_gate(FakeOp::Join);
         let mut s = self.lock();
-        let address = source.address().clone();
+        let address = *source.address();
         s.calls.push(FakeCall::Open {
-            address: address.clone(),
+            address,
             group_fd: source.is_group_fd(),
         });
         // A passed group fd is owned (and here closed) by the backend.
         drop(source);
-        if Self::injected(&mut s, FakeOp::Open) {
-            return Err(Self::eio(&address, "open"));
+        if Self::injected(&mut s, FakeOp::Join) {
+            return Err(Self::eio(&address, "join group"));
         }
         if !s.present.contains_key(&address) {
             return Err(Error::VfGone {
@@ -294,10 +387,70 @@ impl VfioBackend for FakeBackend {
                 address,
             });
         }
-        if s.open.values().any(|o| o.address == address) {
+        if s.groups.values().any(|g| g.address == address) {
             return Err(Error::io(
                 &address,
                 "open group",
+                io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        let first = !s.groups.values().any(|g| g.in_container);
+        s.next += 1;
+        let group = GroupId(s.next);
+        s.groups.insert(
+            group,
+            FakeGroup {
+                address,
+                in_container: true,
+            },
+        );
+        Ok(Joined { group, first })
+    }
+
+    fn leave_group(&self, group: GroupId) -> Result<()> {
+        self.pass_gate(FakeOp::Leave);
+        let mut s = self.lock();
+        let g = s.groups.remove(&group).ok_or_else(|| Error::OutOfRange {
+            address: PciAddress::zero(),
+            what: format!("no group with handle {}", group.0),
+        })?;
+        s.calls.push(FakeCall::Leave(g.address));
+        if !s.groups.values().any(|g| g.in_container) {
+            // type1: the last group leaving the container unpins every mapping.
+            s.dma.clear();
+        }
+        // Even an injected failure releases the group (the trait's contract).
+        if Self::injected(&mut s, FakeOp::Leave) {
+            return Err(Self::eio(&g.address, "leave group"));
+        }
+        Ok(())
+    }
+
+    fn open_device(&self, group: GroupId) -> Result<VfId> {
+        self.pass_gate(FakeOp::Open);
+        let mut s = self.lock();
+        let address = match s.groups.get(&group) {
+            Some(g) if g.in_container => g.address,
+            _ => {
+                return Err(Error::OutOfRange {
+                    address: PciAddress::zero(),
+                    what: format!("no group with handle {} in the container", group.0),
+                })
+            }
+        };
+        if Self::injected(&mut s, FakeOp::Open) {
+            return Err(Self::eio(&address, "open device"));
+        }
+        if !s.present.contains_key(&address) {
+            return Err(Error::VfGone {
+                path: format!("{}", address.sysfs_path().display()),
+                address,
+            });
+        }
+        if s.open.values().any(|o| o.address == address) {
+            return Err(Error::io(
+                &address,
+                "VFIO_GROUP_GET_DEVICE_FD",
                 io::Error::from_raw_os_error(libc::EBUSY),
             ));
         }
@@ -314,17 +467,14 @@ impl VfioBackend for FakeBackend {
         Ok(id)
     }
 
-    fn close(&self, vf: VfId) -> Result<()> {
+    fn close_device(&self, vf: VfId) -> Result<()> {
+        self.pass_gate(FakeOp::Close);
         let mut s = self.lock();
         let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
             address: PciAddress::zero(),
             what: format!("no open VF with handle {}", vf.0),
         })?;
-        s.calls.push(FakeCall::Close(o.address.clone()));
-        if s.open.is_empty() {
-            // type1: the last group leaving the container unpins every mapping.
-            s.dma.clear();
-        }
+        s.calls.push(FakeCall::Close(o.address));
         // Even an injected failure releases everything (the trait's contract).
         if Self::injected(&mut s, FakeOp::Close) {
             return Err(Self::eio(&o.address, "close"));
@@ -332,7 +482,7 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
-    unsafe fn dma_map(&self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<bool> {
+    unsafe fn dma_map(&self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<()> {
         let mut s = self.lock();
         s.calls.push(FakeCall::DmaMap { iova, size });
         if Self::injected(&mut s, FakeOp::DmaMap) {
@@ -341,17 +491,23 @@ impl VfioBackend for FakeBackend {
                 source: Box::new(io::Error::from_raw_os_error(libc::EIO)),
             });
         }
-        if s.open.is_empty() {
+        if !s.groups.values().any(|g| g.in_container) {
             return Err(Error::Container {
                 op: format!("dma map iova {iova:#x}: no group in the container"),
                 source: Box::new(io::Error::from_raw_os_error(libc::EINVAL)),
             });
         }
-        if s.dma.get(&iova) == Some(&size) {
-            return Ok(false);
+        // type1: EEXIST for any overlap, whatever the host address.
+        let end = iova.saturating_add(size);
+        if s
+            .dma
+            .iter()
+            .any(|(&a, &l)| iova < a.saturating_add(l) && a < end)
+        {
+            return Err(eexist(iova, size));
         }
         s.dma.insert(iova, size);
-        Ok(true)
+        Ok(())
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
@@ -361,6 +517,12 @@ impl VfioBackend for FakeBackend {
             return Err(Error::Container {
                 op: format!("dma unmap iova {iova:#x} (injected)"),
                 source: Box::new(io::Error::from_raw_os_error(libc::EIO)),
+            });
+        }
+        if s.dma.get(&iova) != Some(&size) {
+            return Err(Error::Container {
+                op: format!("dma unmap iova {iova:#x} size {size:#x}"),
+                source: "nothing of that size is mapped there".into(),
             });
         }
         s.dma.remove(&iova);

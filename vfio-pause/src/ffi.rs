@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::backend::{MmapArea, VfSource};
 use crate::container::Container;
 use crate::device::{
-    DeviceOptions, DeviceState, PausableDevice, PausedAccess, Phase, Timings, TrapAllBars, VmmHooks,
+    DeviceOptions, DeviceState, PausableDevice, Phase, Timings, TrapAllBars, VmmHooks,
 };
 use crate::error::Error;
 use crate::fake::{FakeBackend, FakeVf};
@@ -505,14 +505,12 @@ pub unsafe extern "C" fn vp_device_open(
         }
         // SAFETY: per the contract `hooks` is NULL or valid.
         let hooks = unsafe { hooks.as_ref() }.copied();
-        let options = DeviceOptions {
-            paused_access: if stall_ms == 0 {
-                PausedAccess::Ignore
-            } else {
-                PausedAccess::Stall(Duration::from_millis(stall_ms))
-            },
-            mmap_bars: hooks.is_some(),
-        };
+        let options = if stall_ms == 0 {
+            DeviceOptions::default()
+        } else {
+            DeviceOptions::stall(Duration::from_millis(stall_ms))
+        }
+        .with_mmap_bars(hooks.is_some());
         let h: Arc<dyn VmmHooks> = match hooks {
             Some(h) => Arc::new(CHooks(h)),
             None => Arc::new(TrapAllBars),

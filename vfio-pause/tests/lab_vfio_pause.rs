@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use svff_lab::guest;
 use vfio_pause::{
-    irq, Container, DeviceOptions, DeviceState, Error, PausableDevice, PausedAccess, Phase,
+    irq, Container, DeviceOptions, DeviceState, Error, PausableDevice, Phase,
     Timings, TrapAllBars, VfSource,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -239,10 +239,7 @@ fn igb_vf_with_msix_and_bar_mmaps_survives_three_numvfs_cycles() {
     let vf = pf_with_vfio_vf(&pf, 2, 0);
     let container = Container::open_real().unwrap();
     let _mem = guest_ram(&container);
-    let options = DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    };
+    let options = DeviceOptions::default().with_mmap_bars(true);
     let dev = open(&container, &vf, options);
     assert_eq!(cfg32(&dev, 0), 0x10ca_8086, "igb VF ids");
     let vectors = dev.irq_count(irq::MSIX).unwrap();
@@ -363,10 +360,7 @@ fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
     let vf = pf_with_vfio_vf(&pf, 1, 0);
     let container = Container::open_real().unwrap();
     let _mem = guest_ram(&container);
-    let options = DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    };
+    let options = DeviceOptions::default().with_mmap_bars(true);
     let dev = open(&container, &vf, options);
     let maps = dev.bar_mmaps();
     assert!(!maps.is_empty(), "BAR0 of an nvme VF is mmap-able");
@@ -504,6 +498,42 @@ fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
     recreate(&pf, 1, 0);
     dev.unpause(sysfs(&vf)).unwrap();
     assert!(dev.request_is_unplug());
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// The request-IRQ flow, repeated: the remover is blocked on the open VF, the
+/// pause closes the device fd, and the remover deletes the VF (and its
+/// `iommu_group` link) at once, possibly before the group leaves the
+/// container. The pause must still succeed, without a panic, and leave no
+/// group fd behind.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vf_removed_right_after_its_device_fd_closes_leaves_no_group_fd_and_no_panic() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    for round in 0..5 {
+        let group = guest::iommu_group(&vf);
+        let req = EventFd::new(0).unwrap();
+        dev.set_request_irq(Some(req.try_clone().unwrap())).unwrap();
+        let pf2 = pf.clone();
+        let remover = std::thread::spawn(move || numvfs_zero(&pf2));
+        assert!(req.read().unwrap() >= 1, "request IRQ relayed");
+        dev.pause()
+            .unwrap_or_else(|e| panic!("round {round}: pause: {}", chain(&e)));
+        remover.join().unwrap();
+        assert_no_vf_resources(group);
+        assert!(!container.dma_mapped(), "round {round}: container empty");
+        recreate(&pf, 1, 0);
+        dev.unpause(sysfs(&vf))
+            .unwrap_or_else(|e| panic!("round {round}: unpause: {}", chain(&e)));
+        assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
+    }
     drop(dev);
     drop(container);
     guest::set_numvfs(&pf, 0);
