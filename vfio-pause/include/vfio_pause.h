@@ -53,6 +53,8 @@ typedef struct VpIdentity {
   uint16_t subsystem;
   // 24-bit class code.
   uint32_t class_code;
+  // Revision id.
+  uint8_t revision;
 } VpIdentity;
 
 // A BAR mmap handed to `map_bars`.

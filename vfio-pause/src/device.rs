@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{irq, region, GroupId, MmapArea, VfId, VfSource};
 use crate::container::Container;
 use crate::error::{Error, Result};
-use crate::pci::{cfg, Identity, PciAddress};
+use crate::pci::{cfg, Identity, PciAddress, Profile};
 pub use svff_types::{DeviceState, PausePolicy, Phase};
 
 /// Per-device options.
@@ -166,7 +166,8 @@ struct Inner {
     vf: Option<VfId>,
     group: Option<GroupId>,
     host: PciAddress,
-    identity: Identity,
+    /// What a replacement function must match (identity, BARs, MSI-X, capabilities).
+    profile: Profile,
     config_size: usize,
     /// Sizes of BAR0-5 (0: not implemented), for BAR sizing against the shadow.
     bar_sizes: [u64; 6],
@@ -307,8 +308,8 @@ impl PausableDevice {
         let host = source.address().clone();
         let opened = container.open_vf(source)?;
         let vf = opened.vf;
-        let setup = || -> Result<(Identity, usize, Vec<MmapArea>)> {
-            let (identity, config_size) = read_identity(&container, vf, &host)?;
+        let setup = || -> Result<(Profile, usize, Vec<MmapArea>)> {
+            let (identity, config_size) = read_profile(&container, vf, &host)?;
             let mut mmaps = Vec::new();
             let r = (|| {
                 if options.mmap_bars {
@@ -348,7 +349,7 @@ impl PausableDevice {
                 vf: Some(vf),
                 group: Some(opened.group),
                 host,
-                identity,
+                profile: identity,
                 config_size,
                 bar_sizes,
                 shadow_bar_flags: [0; 6],
@@ -391,7 +392,7 @@ impl PausableDevice {
 
     /// Identity of the function first attached (what unpause checks against).
     pub fn identity(&self) -> Identity {
-        self.lock().identity
+        self.lock().profile.identity
     }
 
     /// Host address of the VF currently (or, when paused, last) attached.
@@ -602,7 +603,7 @@ impl PausableDevice {
             state => return Err(self.invalid("unpause", state)),
         }
         g.state = DeviceState::Unpausing;
-        let (paused, paused_at) = (g.identity, g.host);
+        let (paused, paused_at) = (g.profile.clone(), g.host);
         drop(g);
         let mut clock = PhaseClock::new();
         let offered_at = *source.address();
@@ -619,25 +620,26 @@ impl PausableDevice {
         if let Some(r) = opened.remap {
             clock.phases.push((Phase::DmaRemap, r));
         }
+        // Nothing is written to the new function before it passed this check.
         let checked = clock
-            .run(Phase::Identity, || read_identity(c, vf, &offered_at))
-            .and_then(|(offered, _)| {
-                if offered == paused {
-                    Ok(())
-                } else {
-                    Err(Error::IdentityMismatch {
-                        device: self.id.clone(),
-                        paused,
-                        paused_at,
-                        offered,
-                        offered_at,
-                    })
-                }
+            .run(Phase::Identity, || read_profile(c, vf, &offered_at))
+            .and_then(|(offered, _)| match paused.difference(&offered) {
+                None => Ok(()),
+                Some(what) => Err(Error::IdentityMismatch {
+                    device: self.id.clone(),
+                    what,
+                    paused: paused.identity,
+                    paused_at,
+                    offered: offered.identity,
+                    offered_at,
+                }),
             });
         let mut mmaps = Vec::new();
         let res = checked.and_then(|()| {
             let mut g = self.lock();
-            let r = self.bring_up(&mut g, vf, &mut clock, &mut mmaps);
+            let r = self
+                .check_irqs_fit(&g, vf, &paused, &offered_at)
+                .and_then(|()| self.bring_up(&mut g, vf, &mut clock, &mut mmaps));
             if r.is_ok() {
                 g.bar_sizes = bar_sizes(c, vf);
                 g.vf = Some(vf);
@@ -661,6 +663,36 @@ impl PausableDevice {
         }
         self.unpaused.notify_all();
         Ok(self.lock().last_unpause.clone().expect("just set"))
+    }
+
+    /// The interrupt vectors the VMM wired must exist on the new function.
+    fn check_irqs_fit(
+        &self,
+        g: &Inner,
+        vf: VfId,
+        paused: &Profile,
+        offered_at: &PciAddress,
+    ) -> Result<()> {
+        let mut wired: Vec<(u32, usize)> = g.irqs.iter().map(|(&i, f)| (i, f.len())).collect();
+        if g.request.is_some() {
+            wired.push((irq::REQ, 1));
+        }
+        for (index, n) in wired {
+            let offered = self.container.with_backend(|b| b.irq_count(vf, index))?;
+            if n > offered as usize {
+                return Err(Error::IdentityMismatch {
+                    device: self.id.clone(),
+                    what: format!(
+                        "{n} vectors of interrupt index {index} are wired, the new function offers {offered}"
+                    ),
+                    paused: paused.identity,
+                    paused_at: g.host,
+                    offered: paused.identity,
+                    offered_at: *offered_at,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn bring_up(
@@ -938,8 +970,8 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.set_irqs(vf, index, &refs))?;
             }
-            DeviceState::Paused => {}
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("set irqs", g.state)),
+            DeviceState::Paused | DeviceState::Pausing | DeviceState::Unpausing => {}
+            DeviceState::Detached => return Err(self.invalid("set irqs", g.state)),
         }
         if fds.is_empty() {
             g.irqs.remove(&index);
@@ -971,8 +1003,8 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.set_irqs(vf, irq::REQ, &refs))?;
             }
-            DeviceState::Paused => {}
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("set request irq", g.state)),
+            DeviceState::Paused | DeviceState::Pausing | DeviceState::Unpausing => {}
+            DeviceState::Detached => return Err(self.invalid("set request irq", g.state)),
         }
         g.request = fd;
         Ok(())
@@ -1063,18 +1095,23 @@ fn emulate_bar_sizing(g: &mut Inner, offset: usize, len: usize) {
     }
 }
 
-fn read_identity(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Identity, usize)> {
-    let mut hdr = [0u8; cfg::HEADER_SIZE];
-    let size = c.with_backend(|b| -> Result<u64> {
-        b.region_read(vf, region::CONFIG, 0, &mut hdr)?;
-        Ok(b.region_info(vf, region::CONFIG)?.size)
+fn read_profile(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Profile, usize)> {
+    let (config, size, bars) = c.with_backend(|b| -> Result<(Vec<u8>, usize, [u64; 6])> {
+        let size = (b.region_info(vf, region::CONFIG)?.size as usize)
+            .clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
+        let mut config = vec![0u8; size];
+        b.region_read(vf, region::CONFIG, 0, &mut config)?;
+        let mut bars = [0u64; 6];
+        for (i, s) in bars.iter_mut().enumerate() {
+            *s = b.region_info(vf, region::BAR0 + i as u32)?.size;
+        }
+        Ok((config, size, bars))
     })?;
-    let id = Identity::from_config(&hdr).ok_or_else(|| Error::OutOfRange {
-        address: at.clone(),
+    let profile = Profile::from_config(&config, bars).ok_or_else(|| Error::OutOfRange {
+        address: *at,
         what: "config header too short".into(),
     })?;
-    let size = (size as usize).clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
-    Ok((id, size))
+    Ok((profile, size))
 }
 
 fn mmap_bars(c: &Container, vf: VfId, out: &mut Vec<MmapArea>) -> Result<()> {

@@ -58,12 +58,15 @@ pub enum Error {
 
     /// The function offered at unpause is not the one that was paused.
     #[error(
-        "device {device}: identity mismatch: paused function was {paused} (at {paused_at}), \
+        "device {device}: identity mismatch ({what}): paused function was {paused} (at {paused_at}), \
          {offered_at} is {offered}; device stays paused"
     )]
     IdentityMismatch {
         /// VMM id of the device.
         device: String,
+        /// The first difference (ids, revision, a BAR, MSI-X, capabilities,
+        /// or wired interrupt vectors the new function lacks).
+        what: String,
         /// Identity of the paused function.
         paused: Identity,
         /// Host BDF the device was attached to before the pause.

@@ -108,11 +108,13 @@ pub enum FakeCall {
     },
 }
 
-/// A simulated function: config space, one 16 KiB BAR0, MSI-X with 8 vectors.
+/// A simulated function: config space with an MSI-X capability at 0x40,
+/// one 16 KiB memory BAR0, MSI-X with 8 vectors (table and PBA in BAR0).
 #[derive(Clone, Debug)]
 pub struct FakeVf {
     config: Vec<u8>,
     bar0: Vec<u8>,
+    msix_vectors: u32,
 }
 
 impl FakeVf {
@@ -122,15 +124,62 @@ impl FakeVf {
         config[cfg::VENDOR_ID..cfg::VENDOR_ID + 2].copy_from_slice(&identity.vendor.to_le_bytes());
         config[cfg::DEVICE_ID..cfg::DEVICE_ID + 2].copy_from_slice(&identity.device.to_le_bytes());
         config[cfg::REVISION_CLASS..cfg::REVISION_CLASS + 4]
-            .copy_from_slice(&(identity.class << 8).to_le_bytes());
+            .copy_from_slice(&(identity.class << 8 | u32::from(identity.revision)).to_le_bytes());
         config[cfg::SUBSYS_VENDOR_ID..cfg::SUBSYS_VENDOR_ID + 2]
             .copy_from_slice(&identity.subsystem_vendor.to_le_bytes());
         config[cfg::SUBSYS_ID..cfg::SUBSYS_ID + 2]
             .copy_from_slice(&identity.subsystem.to_le_bytes());
+        // Status: capability list; first capability MSI-X at 0x40.
+        config[0x06] = 0x10;
+        config[0x34] = 0x40;
+        config[0x40] = 0x11;
+        config[0x41] = 0x00;
         let mut bar0 = vec![0u8; 0x4000];
         // A recognisable register at BAR0 offset 0 (like NVMe CAP).
         bar0[0..4].copy_from_slice(&0x0040_0fffu32.to_le_bytes());
-        FakeVf { config, bar0 }
+        let mut vf = FakeVf {
+            config,
+            bar0,
+            msix_vectors: 0,
+        };
+        vf.set_msix_vectors(8);
+        vf
+    }
+
+    fn set_msix_vectors(&mut self, n: u32) {
+        self.msix_vectors = n;
+        let ctrl = (n.saturating_sub(1) as u16).to_le_bytes();
+        self.config[0x42..0x44].copy_from_slice(&ctrl);
+        // Table in BAR0 at 0x2000, PBA at 0x3000.
+        self.config[0x44..0x48].copy_from_slice(&0x2000u32.to_le_bytes());
+        self.config[0x48..0x4c].copy_from_slice(&0x3000u32.to_le_bytes());
+    }
+
+    /// The same function with another revision id.
+    pub fn with_revision(mut self, revision: u8) -> Self {
+        self.config[cfg::REVISION_CLASS] = revision;
+        self
+    }
+
+    /// The same function with a BAR0 of `size` bytes (a power of two).
+    pub fn with_bar0_size(mut self, size: usize) -> Self {
+        self.bar0.resize(size, 0);
+        self
+    }
+
+    /// The same function with `n` MSI-X vectors.
+    pub fn with_msix_vectors(mut self, n: u32) -> Self {
+        self.set_msix_vectors(n);
+        self
+    }
+
+    /// The same function with a second capability (id `id`) at `offset`
+    /// (>= 0x50, dword aligned), after MSI-X.
+    pub fn with_capability(mut self, id: u8, offset: u8) -> Self {
+        self.config[0x41] = offset;
+        self.config[offset as usize] = id;
+        self.config[offset as usize + 1] = 0;
+        self
     }
 
     /// An emulated-NVMe-like VF (1b36:0010, class 010802).
@@ -141,6 +190,7 @@ impl FakeVf {
             subsystem_vendor: 0x1af4,
             subsystem: 0x1100,
             class: 0x010802,
+            revision: 0,
         })
     }
 
@@ -152,6 +202,7 @@ impl FakeVf {
             subsystem_vendor: 0x8086,
             subsystem: 0x0000,
             class: 0x020000,
+            revision: 0,
         })
     }
 }
@@ -531,10 +582,11 @@ impl VfioBackend for FakeBackend {
 
     fn region_info(&self, vf: VfId, index: u32) -> Result<RegionInfo> {
         let mut s = self.lock();
-        open_vf(&mut s, vf)?;
+        let address = open_vf(&mut s, vf)?.address;
+        let bar0 = s.present.get(&address).map_or(0, |f| f.bar0.len() as u64);
         Ok(match index {
             region::BAR0 => RegionInfo {
-                size: 0x4000,
+                size: bar0,
                 offset: 0,
                 read: true,
                 write: true,
@@ -553,10 +605,11 @@ impl VfioBackend for FakeBackend {
 
     fn irq_count(&self, vf: VfId, index: u32) -> Result<u32> {
         let mut s = self.lock();
-        open_vf(&mut s, vf)?;
+        let address = open_vf(&mut s, vf)?.address;
+        let msix = s.present.get(&address).map_or(0, |f| f.msix_vectors);
         Ok(match index {
             irq::INTX | irq::REQ => 1,
-            irq::MSIX => 8,
+            irq::MSIX => msix,
             _ => 0,
         })
     }

@@ -77,6 +77,8 @@ pub struct VpIdentity {
     pub subsystem: u16,
     /// 24-bit class code.
     pub class_code: u32,
+    /// Revision id.
+    pub revision: u8,
 }
 
 /// Number of timed phases (`VpTimings::phase_ns` entries).
@@ -406,6 +408,7 @@ pub unsafe extern "C" fn vp_sim_add_vf(
                 subsystem_vendor: id.subsystem_vendor,
                 subsystem: id.subsystem,
                 class: id.class_code,
+                revision: id.revision,
             }),
         );
         Ok(())
@@ -599,6 +602,7 @@ pub unsafe extern "C" fn vp_device_identity(d: *const VpDevice, out: *mut VpIden
                 subsystem_vendor: i.subsystem_vendor,
                 subsystem: i.subsystem,
                 class_code: i.class,
+                revision: i.revision,
             }
         };
         Ok(())
@@ -871,6 +875,7 @@ mod tests {
         subsystem_vendor: 0x1af4,
         subsystem: 0x1100,
         class_code: 0x010802,
+        revision: 0,
     };
 
     fn sim_device() -> (*mut VpContainer, *mut VpDevice) {

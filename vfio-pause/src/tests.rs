@@ -916,3 +916,71 @@ fn the_policy_is_chosen_per_pause_and_ignore_is_the_default() {
     assert_eq!(b, [0xff; 4]);
     assert_eq!(DeviceOptions::default().policy, PausePolicy::Ignore);
 }
+
+/// Unpause onto a re-created VF that differs from the paused one in `how`:
+/// refused with an identity mismatch naming the difference, before anything
+/// is written to the new function, and the device stays paused.
+fn refused_before_any_write(new: FakeVf, names: &str) {
+    let f = fx();
+    f.dev.pause().unwrap();
+    recreate(&f.fake, VF1, new);
+    f.fake.clear_calls();
+    let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
+    assert!(matches!(e, Error::IdentityMismatch { .. }), "{names}: {e}");
+    assert!(e.to_string().contains(names), "{names}: {e}");
+    let writes: Vec<FakeCall> = f
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, FakeCall::Write { .. } | FakeCall::SetIrqs { .. }))
+        .collect();
+    assert!(writes.is_empty(), "{names}: written before refusing: {writes:?}");
+    assert_eq!(f.dev.state(), DeviceState::Paused);
+    assert_eq!(f.fake.open_handles(), 0);
+    recreate(&f.fake, VF1, FakeVf::nvme());
+    f.dev.unpause(sysfs(VF1)).unwrap();
+}
+
+#[test]
+fn unpause_onto_another_revision_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_revision(2), "revision");
+}
+
+#[test]
+fn unpause_onto_other_bar_sizes_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_bar0_size(0x2000), "BAR0");
+}
+
+#[test]
+fn unpause_onto_another_msix_table_size_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_msix_vectors(4), "MSI-X");
+}
+
+#[test]
+fn unpause_onto_another_capability_layout_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_capability(0x10, 0x60), "capabilit");
+}
+
+#[test]
+fn wired_irq_vectors_must_fit_the_new_vf() {
+    let f = fx();
+    f.dev.pause().unwrap();
+    // 9 MSI-X vectors wired while paused; the VF offers 8.
+    let fds: Vec<EventFd> = (0..9).map(|_| EventFd::new(0).unwrap()).collect();
+    f.dev.set_irqs(irq::MSIX, fds).unwrap();
+    f.fake.clear_calls();
+    let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
+    assert!(e.to_string().contains("9") && e.to_string().contains("8"), "{e}");
+    assert!(
+        !f.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, FakeCall::Write { .. } | FakeCall::SetIrqs { .. })),
+        "written before refusing"
+    );
+    assert_eq!(f.dev.state(), DeviceState::Paused);
+    f.dev
+        .set_irqs(irq::MSIX, vec![EventFd::new(0).unwrap()])
+        .unwrap();
+    f.dev.unpause(sysfs(VF1)).unwrap();
+}
