@@ -102,13 +102,13 @@ mod tests {
     #[test]
     fn a_rejected_address_is_the_helpers_invalid_argument() {
         let err: Error = PciAddress::parse("0000:01:00.0/..").unwrap_err().into();
-        assert!(
-            matches!(err, Error::InvalidPciAddress { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, Error::InvalidPciAddress { .. }), "{err}");
         assert_eq!(err.kind(), "invalid_argument");
         let ok: PciAddress = serde_json::from_str("\"0000:01:00.0\"").unwrap();
-        assert_eq!(ok.sysfs_rel(), PathBuf::from("bus/pci/devices/0000:01:00.0"));
+        assert_eq!(
+            ok.sysfs_rel(),
+            PathBuf::from("bus/pci/devices/0000:01:00.0")
+        );
     }
 
     #[test]

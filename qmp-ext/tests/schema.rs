@@ -681,10 +681,16 @@ fn rust_enums_have_no_variants_beyond_the_schema() {
     let policy_name = |p: P| match p {
         P::Ignore | P::Stall => serde_json::to_value(p).expect("enum"),
     };
-    let states: Vec<Value> = [S::Attached, S::Pausing, S::Paused, S::Unpausing, S::Detached]
-        .into_iter()
-        .map(state_name)
-        .collect();
+    let states: Vec<Value> = [
+        S::Attached,
+        S::Pausing,
+        S::Paused,
+        S::Unpausing,
+        S::Detached,
+    ]
+    .into_iter()
+    .map(state_name)
+    .collect();
     let policies: Vec<Value> = [P::Ignore, P::Stall].into_iter().map(policy_name).collect();
     for (name, got) in [("SvffVfioState", states), ("SvffVfioPausePolicy", policies)] {
         let DefinitionKind::Enum(vals) = lookup(name).kind else {
@@ -713,12 +719,18 @@ fn qmp_states_policies_and_phase_names_are_the_svff_types_ones() {
         .map(|s| s.name())
         .collect();
     assert_eq!(values("SvffVfioState"), states);
-    let policies: Vec<&str> = [svff_types::PausePolicy::Ignore, svff_types::PausePolicy::Stall]
+    let policies: Vec<&str> = [
+        svff_types::PausePolicy::Ignore,
+        svff_types::PausePolicy::Stall,
+    ]
+    .into_iter()
+    .map(|p| p.name())
+    .collect();
+    assert_eq!(values("SvffVfioPausePolicy"), policies);
+    let phases: Vec<&str> = svff_types::Phase::ALL
         .into_iter()
         .map(|p| p.name())
         .collect();
-    assert_eq!(values("SvffVfioPausePolicy"), policies);
-    let phases: Vec<&str> = svff_types::Phase::ALL.into_iter().map(|p| p.name()).collect();
     assert_eq!(values("SvffVfioPhaseName"), phases);
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use qmp_ext::svff::{
     self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausePolicy,
-    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioPhaseName, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings,
-    SvffVfioUnpause,
+    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioPhaseName, SvffVfioState, SvffVfioStateChanged,
+    SvffVfioTimings, SvffVfioUnpause,
 };
 use qmp_ext::{Client, ErrorClass, EventSink, Handler, QmpError, Server, ServerConfig, Session};
 use serde_json::{json, Map, Value};

@@ -95,8 +95,12 @@ pub struct RegionInfo {
     pub read: bool,
     /// Writable.
     pub write: bool,
-    /// mmap-able.
+    /// mmap-able (in whole, or the areas of [`VfioBackend::mmap_areas`]).
     pub mmap: bool,
+    /// The kernel says the MSI-X table in this BAR may be mmapped
+    /// (`VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`). Guest accesses to the table
+    /// must still trap to the VMM, so it is never handed out for guest mapping.
+    pub msix_mappable: bool,
 }
 
 /// An mmap of a region of an open VF. While it exists the VF's device file
@@ -105,6 +109,8 @@ pub struct RegionInfo {
 pub struct MmapArea {
     /// Region index.
     pub index: u32,
+    /// Offset of the mapped area within the region (the BAR).
+    pub offset: u64,
     /// Host virtual address of the mapping.
     pub host_addr: usize,
     /// Length in bytes.
@@ -170,8 +176,14 @@ pub trait VfioBackend: Send + Sync + fmt::Debug {
     /// Write to a region at `offset`.
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()>;
 
-    /// mmap a whole region.
-    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea>;
+    /// The areas of region `index` the kernel lets user space mmap, as
+    /// (offset, length): the sparse-mmap capability's areas, the whole region
+    /// when it is mmap-able without one, none when it is not mmap-able.
+    fn mmap_areas(&self, vf: VfId, index: u32) -> Result<Vec<(u64, u64)>>;
+
+    /// mmap `len` bytes of region `index` at `offset` (within an area of
+    /// [`VfioBackend::mmap_areas`]).
+    fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea>;
 
     /// Undo [`VfioBackend::mmap_region`].
     fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()>;

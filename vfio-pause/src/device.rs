@@ -81,6 +81,11 @@ impl Stall {
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
+
+    /// A stall with this deadline (for carrying it across an ABI).
+    pub fn with_deadline(deadline: Option<Instant>) -> Self {
+        Stall { deadline }
+    }
 }
 
 /// What the VMM does for the device's guest BAR mappings.
@@ -174,7 +179,9 @@ struct Inner {
     /// Low (type) bits of each BAR dword as the VF reported them at pause.
     shadow_bar_flags: [u32; 6],
     shadow: Vec<u8>,
-    pending: Vec<(usize, Vec<u8>)>,
+    /// One flag per shadow byte: written by the guest while not attached,
+    /// to be written to the function at unpause (a mask, not a log).
+    dirty: Vec<bool>,
     irqs: BTreeMap<u32, Vec<EventFd>>,
     request: Option<EventFd>,
     mmaps: Vec<MmapArea>,
@@ -220,7 +227,8 @@ struct Inner {
 /// - Config space: snapshot at pause into a shadow that serves guest config
 ///   reads while paused; guest writes go to the shadow (BAR sizing is
 ///   emulated with the BAR sizes) and are replayed at unpause. The unpause
-///   writes the BARs as the guest programmed them, then the pending writes,
+///   writes the BARs as the guest programmed them, then every other byte the
+///   guest wrote while paused (a dirty mask over the shadow, not a log),
 ///   then the command register (decoding enabled last).
 /// - Interrupts: the eventfds the VMM wired with [`PausableDevice::set_irqs`]
 ///   (INTx, MSI, MSI-X) and [`PausableDevice::set_request_irq`] are kept and
@@ -315,10 +323,16 @@ impl PausableDevice {
                 if options.mmap_bars {
                     mmap_bars(&container, vf, &mut mmaps)?;
                 }
-                hooks.map_bars(&id, &mmaps).map_err(|reason| Error::Hook {
-                    device: id.clone(),
-                    hook: "map_bars",
-                    reason,
+                hooks.map_bars(&id, &mmaps).map_err(|reason| {
+                    // Undo a map that failed half-way before the munmap below.
+                    if let Err(r) = hooks.unmap_bars(&id) {
+                        tracing::warn!("device {id}: unmap_bars after failed map_bars: {r}");
+                    }
+                    Error::Hook {
+                        device: id.clone(),
+                        hook: "map_bars",
+                        reason,
+                    }
                 })
             })();
             match r {
@@ -354,7 +368,7 @@ impl PausableDevice {
                 bar_sizes,
                 shadow_bar_flags: [0; 6],
                 shadow: Vec::new(),
-                pending: Vec::new(),
+                dirty: Vec::new(),
                 irqs: BTreeMap::new(),
                 request: None,
                 mmaps,
@@ -648,7 +662,7 @@ impl PausableDevice {
                 g.host = offered_at;
                 g.state = DeviceState::Attached;
                 g.shadow = Vec::new();
-                g.pending.clear();
+                g.dirty = Vec::new();
                 g.last_unpause = Some(clock.done_ref());
             }
             r
@@ -713,8 +727,8 @@ impl PausableDevice {
                 for (i, dw) in bars.chunks(4).enumerate() {
                     b.region_write(vf, region::CONFIG, (cfg::BAR0 + 4 * i) as u64, dw)?;
                 }
-                for (off, data) in &g.pending {
-                    b.region_write(vf, region::CONFIG, *off as u64, data)?;
+                for (off, len) in dirty_runs(&g.dirty) {
+                    b.region_write(vf, region::CONFIG, off as u64, &g.shadow[off..off + len])?;
                 }
                 if let Some(cmd) = g.shadow.get(cfg::COMMAND..cfg::COMMAND + 2) {
                     b.region_write(vf, region::CONFIG, cfg::COMMAND as u64, cmd)?;
@@ -734,11 +748,22 @@ impl PausableDevice {
         }
         clock
             .run(Phase::MapBars, || self.hooks.map_bars(&self.id, mmaps))
-            .map_err(|reason| Error::Hook {
-                device: self.id.clone(),
-                hook: "map_bars",
-                reason,
+            .map_err(|reason| {
+                // The hook may have mapped some areas before it failed: the
+                // guest must not keep mappings of what is munmapped next.
+                self.undo_map_bars();
+                Error::Hook {
+                    device: self.id.clone(),
+                    hook: "map_bars",
+                    reason,
+                }
             })
+    }
+
+    fn undo_map_bars(&self) {
+        if let Err(r) = self.hooks.unmap_bars(&self.id) {
+            tracing::warn!("device {}: unmap_bars after failed map_bars: {r}", self.id);
+        }
     }
 
     /// Close for good (hot-unplug). Ends detached with every fd released, even
@@ -746,7 +771,9 @@ impl PausableDevice {
     pub fn detach(&self) -> Result<()> {
         let mut g = self.lock();
         let res = match g.state {
-            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => return Err(self.invalid("detach", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => {
+                return Err(self.invalid("detach", g.state))
+            }
             DeviceState::Paused => Ok(()),
             DeviceState::Attached => {
                 let vf = g.vf.expect("attached devices have a VF");
@@ -789,20 +816,14 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                check_config(&g, offset, buf.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
                     .with_backend(|b| b.region_read(vf, region::CONFIG, offset, buf))
             }
             s if s.is_paused_view() => {
-                let o = offset as usize;
-                let src = g
-                    .shadow
-                    .get(o..o + buf.len())
-                    .ok_or_else(|| Error::OutOfRange {
-                        address: g.host,
-                        what: format!("config read {offset:#x}+{} outside the shadow", buf.len()),
-                    })?;
-                buf.copy_from_slice(src);
+                let o = check_config(&g, offset, buf.len())?;
+                buf.copy_from_slice(&g.shadow[o..o + buf.len()]);
                 g.counters.shadow_reads += 1;
                 Ok(())
             }
@@ -816,23 +837,16 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                check_config(&g, offset, data.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
                     .with_backend(|b| b.region_write(vf, region::CONFIG, offset, data))
             }
             s if s.is_paused_view() => {
-                let o = offset as usize;
-                let host = g.host;
-                let dst = g
-                    .shadow
-                    .get_mut(o..o + data.len())
-                    .ok_or_else(|| Error::OutOfRange {
-                        address: host,
-                        what: format!("config write {offset:#x}+{} outside the shadow", data.len()),
-                    })?;
-                dst.copy_from_slice(data);
+                let o = check_config(&g, offset, data.len())?;
+                g.shadow[o..o + data.len()].copy_from_slice(data);
                 emulate_bar_sizing(&mut g, o, data.len());
-                g.pending.push((o, data.to_vec()));
+                g.dirty[o..o + data.len()].fill(true);
                 g.counters.shadow_writes += 1;
                 Ok(())
             }
@@ -893,12 +907,14 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                let index = check_bar(&g, bar, offset, buf.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_read(vf, region::BAR0 + bar, offset, buf))?;
+                    .with_backend(|b| b.region_read(vf, index, offset, buf))?;
                 Ok(Access::Done)
             }
             s if s.is_paused_view() => {
+                check_bar(&g, bar, offset, buf.len())?;
                 if Self::must_stall(&mut g, stall) {
                     return Ok(Access::Retry);
                 }
@@ -923,12 +939,14 @@ impl PausableDevice {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                let index = check_bar(&g, bar, offset, data.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_write(vf, region::BAR0 + bar, offset, data))?;
+                    .with_backend(|b| b.region_write(vf, index, offset, data))?;
                 Ok(Access::Done)
             }
             s if s.is_paused_view() => {
+                check_bar(&g, bar, offset, data.len())?;
                 if Self::must_stall(&mut g, stall) {
                     return Ok(Access::Retry);
                 }
@@ -1010,7 +1028,20 @@ impl PausableDevice {
         Ok(())
     }
 
-    /// Host mmaps of the BARs currently held (empty while paused).
+    /// What the kernel says about region `index` of the attached VF
+    /// (size, flags, whether the MSI-X table may be mmapped).
+    pub fn region_info(&self, index: u32) -> Result<crate::backend::RegionInfo> {
+        let g = self.lock();
+        match (g.state, g.vf) {
+            (DeviceState::Attached, Some(vf)) => {
+                self.container.with_backend(|b| b.region_info(vf, index))
+            }
+            (state, _) => Err(self.invalid("query a region", state)),
+        }
+    }
+
+    /// Host mmaps of the BARs currently held (empty while paused): the
+    /// mmap-able areas of each BAR without the MSI-X table and PBA pages.
     pub fn bar_mmaps(&self) -> Vec<MmapArea> {
         self.lock().mmaps.clone()
     }
@@ -1027,10 +1058,59 @@ impl Drop for PausableDevice {
     }
 }
 
+/// Check a config access against the config size; returns the offset.
+fn check_config(g: &Inner, offset: u64, len: usize) -> Result<usize> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= g.config_size as u64 => Ok(offset as usize),
+        _ => Err(Error::OutOfRange {
+            address: g.host,
+            what: format!(
+                "config access {offset:#x}+{len} outside config space (size {:#x})",
+                g.config_size
+            ),
+        }),
+    }
+}
+
+/// Check a BAR access (BAR 0-5 only: index 7 would be config space) against
+/// the BAR's size; returns the VFIO region index.
+fn check_bar(g: &Inner, bar: u32, offset: u64, len: usize) -> Result<u32> {
+    let size = g.bar_sizes.get(bar as usize).copied().unwrap_or(0);
+    match offset.checked_add(len as u64) {
+        Some(end) if size > 0 && end <= size => Ok(region::BAR0 + bar),
+        _ => Err(Error::OutOfRange {
+            address: g.host,
+            what: format!("BAR {bar} access {offset:#x}+{len} outside the BAR (size {size:#x})"),
+        }),
+    }
+}
+
+/// Runs of dirty bytes outside the BARs and the command register (written
+/// separately), split at dword boundaries, as (offset, length).
+fn dirty_runs(dirty: &[bool]) -> Vec<(usize, usize)> {
+    let skip = |o: usize| {
+        (cfg::BAR0..cfg::BAR_END).contains(&o) || (cfg::COMMAND..cfg::COMMAND + 2).contains(&o)
+    };
+    let mut runs = Vec::new();
+    let mut o = 0;
+    while o < dirty.len() {
+        if !dirty[o] || skip(o) {
+            o += 1;
+            continue;
+        }
+        let start = o;
+        while o < dirty.len() && dirty[o] && !skip(o) && (o == start || o % 4 != 0) {
+            o += 1;
+        }
+        runs.push((start, o - start));
+    }
+    runs
+}
+
 fn install_shadow(g: &mut Inner, shadow: Vec<u8>, policy: PausePolicy, stall: Duration) {
     g.shadow_bar_flags = bar_flags(&shadow);
+    g.dirty = vec![false; shadow.len()];
     g.shadow = shadow;
-    g.pending.clear();
     g.policy = policy;
     g.stall = PausePolicy::bounded_stall(stall);
 }
@@ -1099,8 +1179,23 @@ fn read_profile(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Profile, us
     let (config, size, bars) = c.with_backend(|b| -> Result<(Vec<u8>, usize, [u64; 6])> {
         let size = (b.region_info(vf, region::CONFIG)?.size as usize)
             .clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
+        // The standard part whole; of the extended part only the capability
+        // headers (a 4 KiB read costs milliseconds under emulation).
         let mut config = vec![0u8; size];
-        b.region_read(vf, region::CONFIG, 0, &mut config)?;
+        let std_len = size.min(0x100);
+        b.region_read(vf, region::CONFIG, 0, &mut config[..std_len])?;
+        let mut off = 0x100usize;
+        for _ in 0..64 {
+            if off < 0x100 || off + 4 > size {
+                break;
+            }
+            b.region_read(vf, region::CONFIG, off as u64, &mut config[off..off + 4])?;
+            let hdr = u32::from_le_bytes(config[off..off + 4].try_into().expect("4 bytes"));
+            if hdr == 0 || hdr == u32::MAX {
+                break;
+            }
+            off = (hdr >> 20) as usize & 0xffc;
+        }
         let mut bars = [0u64; 6];
         for (i, s) in bars.iter_mut().enumerate() {
             *s = b.region_info(vf, region::BAR0 + i as u32)?.size;
@@ -1114,12 +1209,87 @@ fn read_profile(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Profile, us
     Ok((profile, size))
 }
 
+/// Byte ranges (BAR, start, end) of the MSI-X table and PBA of an open VF,
+/// from its MSI-X capability.
+fn msix_ranges(c: &Container, vf: VfId) -> Result<Vec<(u32, u64, u64)>> {
+    let mut config = [0u8; 0x100];
+    c.with_backend(|b| b.region_read(vf, region::CONFIG, 0, &mut config))?;
+    let r8 = |o: usize| config.get(o).copied().unwrap_or(0);
+    let r16 = |o: usize| u16::from_le_bytes([r8(o), r8(o + 1)]);
+    let r32 = |o: usize| u32::from_le_bytes([r8(o), r8(o + 1), r8(o + 2), r8(o + 3)]);
+    if r16(cfg::STATUS) & cfg::STATUS_CAP_LIST == 0 {
+        return Ok(Vec::new());
+    }
+    let mut off = usize::from(r8(cfg::CAP_PTR) & 0xfc);
+    for _ in 0..48 {
+        if off < cfg::HEADER_SIZE {
+            break;
+        }
+        if r8(off) == cfg::CAP_ID_MSIX {
+            let vectors = u64::from(r16(off + 2) & 0x7ff) + 1;
+            let (table, pba) = (r32(off + 4), r32(off + 8));
+            return Ok(vec![
+                (
+                    table & 7,
+                    u64::from(table & !7),
+                    u64::from(table & !7) + 16 * vectors,
+                ),
+                (
+                    pba & 7,
+                    u64::from(pba & !7),
+                    u64::from(pba & !7) + 8 * vectors.div_ceil(64),
+                ),
+            ]);
+        }
+        off = usize::from(r8(off + 1) & 0xfc);
+    }
+    Ok(Vec::new())
+}
+
+/// `area` minus the page-aligned `holes`, as (offset, length) pieces.
+fn subtract(area: (u64, u64), holes: &[(u64, u64)], page: u64) -> Vec<(u64, u64)> {
+    let mut pieces = vec![(area.0, area.0.saturating_add(area.1))];
+    for &(lo, hi) in holes {
+        let (lo, hi) = (lo / page * page, hi.div_ceil(page).saturating_mul(page));
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if hi <= a || b <= lo {
+                    vec![(a, b)]
+                } else {
+                    [(a, lo.max(a)), (hi.min(b), b)]
+                        .into_iter()
+                        .filter(|(x, y)| x < y)
+                        .collect()
+                }
+            })
+            .collect();
+    }
+    pieces.into_iter().map(|(a, b)| (a, b - a)).collect()
+}
+
+/// mmap the areas of every BAR that the kernel lets us mmap, except the pages
+/// of the MSI-X table and PBA: guest accesses there must trap to the VMM
+/// (which emulates the table), so they are never handed out for guest mapping.
 fn mmap_bars(c: &Container, vf: VfId, out: &mut Vec<MmapArea>) -> Result<()> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => 4096,
+    };
+    let msix = msix_ranges(c, vf)?;
     c.with_backend(|b| -> Result<()> {
         for bar in 0..6 {
-            let r = b.region_info(vf, region::BAR0 + bar)?;
-            if r.size > 0 && r.mmap {
-                out.push(b.mmap_region(vf, region::BAR0 + bar)?);
+            let index = region::BAR0 + bar;
+            let holes: Vec<(u64, u64)> = msix
+                .iter()
+                .filter(|(bir, _, _)| *bir == bar)
+                .map(|&(_, lo, hi)| (lo, hi))
+                .collect();
+            for area in b.mmap_areas(vf, index)? {
+                for (offset, len) in subtract(area, &holes, page) {
+                    out.push(b.mmap_region(vf, index, offset, len)?);
+                }
             }
         }
         Ok(())

@@ -550,8 +550,7 @@ impl VfioBackend for FakeBackend {
         }
         // type1: EEXIST for any overlap, whatever the host address.
         let end = iova.saturating_add(size);
-        if s
-            .dma
+        if s.dma
             .iter()
             .any(|(&a, &l)| iova < a.saturating_add(l) && a < end)
         {
@@ -591,6 +590,7 @@ impl VfioBackend for FakeBackend {
                 read: true,
                 write: true,
                 mmap: true,
+                msix_mappable: true,
             },
             region::CONFIG => RegionInfo {
                 size: 0x100,
@@ -598,6 +598,7 @@ impl VfioBackend for FakeBackend {
                 read: true,
                 write: true,
                 mmap: false,
+                msix_mappable: false,
             },
             _ => RegionInfo::default(),
         })
@@ -682,7 +683,18 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
-    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea> {
+    fn mmap_areas(&self, vf: VfId, index: u32) -> Result<Vec<(u64, u64)>> {
+        let mut s = self.lock();
+        let address = open_vf(&mut s, vf)?.address;
+        let bar0 = s.present.get(&address).map_or(0, |f| f.bar0.len() as u64);
+        Ok(if index == region::BAR0 {
+            vec![(0, bar0)]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea> {
         let mut s = self.lock();
         let address = open_vf(&mut s, vf)?.address.clone();
         s.calls.push(FakeCall::Mmap(address.clone(), index));
@@ -695,9 +707,10 @@ impl VfioBackend for FakeBackend {
                 what: format!("region {index} is not mmap-able"),
             });
         }
-        let mut mem = vec![0u8; 0x4000].into_boxed_slice();
+        let mut mem = vec![0u8; len as usize].into_boxed_slice();
         let area = MmapArea {
             index,
+            offset,
             host_addr: mem.as_mut_ptr() as usize,
             len: mem.len(),
         };

@@ -43,6 +43,7 @@ mod backend;
 mod container;
 mod device;
 mod error;
+#[cfg(any(test, feature = "sim"))]
 mod fake;
 mod ffi;
 mod pci;
@@ -54,10 +55,10 @@ pub use backend::{
 pub use container::Container;
 pub use device::{
     Access, AccessCounters, DeviceOptions, DeviceState, PausableDevice, PausePolicy, Phase, Stall,
-    Timings,
-    TrapAllBars, VmmHooks,
+    Timings, TrapAllBars, VmmHooks,
 };
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "sim"))]
 pub use fake::{FakeBackend, FakeCall, FakeGate, FakeOp, FakeVf};
 pub use pci::{Identity, PciAddress};
 pub use real::VfioIoctlsBackend;

@@ -156,10 +156,7 @@ impl Profile {
             return Some("ids differ".into());
         }
         if a.revision != b.revision {
-            return Some(format!(
-                "revision {:02x} vs {:02x}",
-                a.revision, b.revision
-            ));
+            return Some(format!("revision {:02x} vs {:02x}", a.revision, b.revision));
         }
         for (i, (x, y)) in self.bars.iter().zip(&other.bars).enumerate() {
             if x != y {

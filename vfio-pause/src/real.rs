@@ -57,6 +57,8 @@ struct RealVf {
     address: PciAddress,
     device: File,
     regions: Vec<RegionInfo>,
+    /// Per region, the mmap-able areas (offset, length).
+    areas: Vec<Vec<(u64, u64)>>,
     irqs: Vec<u32>,
 }
 
@@ -71,6 +73,11 @@ impl RealVf {
 /// fds (raw ioctls), in any mix and order.
 pub struct VfioIoctlsBackend {
     container: Arc<VfioContainer>,
+    /// The VM's KVM VFIO device (`KVM_DEV_TYPE_VFIO`), if the VMM gave one:
+    /// every group in the container is registered with it (the kernel then
+    /// knows the VM does non-coherent DMA and lets the group's devices use
+    /// the VM's KVM features).
+    kvm_vfio: Option<kvm_ioctls::DeviceFd>,
     table: Mutex<Table>,
 }
 
@@ -102,12 +109,51 @@ impl VfioIoctlsBackend {
         Ok(Self::with_container(Arc::new(container)))
     }
 
-    /// Use a container the VMM already has (e.g. one created with its KVM VFIO device).
+    /// Use a container the VMM already has.
     pub fn with_container(container: Arc<VfioContainer>) -> Self {
         VfioIoctlsBackend {
             container,
+            kvm_vfio: None,
             table: Mutex::new(Table::default()),
         }
+    }
+
+    /// Open a new container whose groups (opened here by sysfs path or passed
+    /// as fds alike) are registered with the VM's KVM VFIO device
+    /// (`KVM_DEV_VFIO_FILE_ADD` at join, `_DEL` at leave).
+    pub fn with_kvm_vfio_device(kvm_vfio: kvm_ioctls::DeviceFd) -> Result<Self> {
+        let mut b = Self::new()?;
+        b.kvm_vfio = Some(kvm_vfio);
+        Ok(b)
+    }
+
+    /// Register (`add`) or unregister a group file with the KVM VFIO device.
+    fn kvm_file(&self, group: &File, add: bool, address: &PciAddress) -> Result<()> {
+        let Some(dev) = &self.kvm_vfio else {
+            return Ok(());
+        };
+        let fd: RawFd = group.as_raw_fd();
+        let attr = kvm_bindings::kvm_device_attr {
+            flags: 0,
+            group: kvm_bindings::KVM_DEV_VFIO_FILE,
+            attr: u64::from(if add {
+                kvm_bindings::KVM_DEV_VFIO_FILE_ADD
+            } else {
+                kvm_bindings::KVM_DEV_VFIO_FILE_DEL
+            }),
+            addr: &fd as *const RawFd as u64,
+        };
+        dev.set_device_attr(&attr).map_err(|e| {
+            Error::io(
+                address,
+                if add {
+                    "KVM_DEV_VFIO_FILE_ADD"
+                } else {
+                    "KVM_DEV_VFIO_FILE_DEL"
+                },
+                io::Error::from_raw_os_error(e.errno()),
+            )
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -226,9 +272,104 @@ fn unset_container(group: &File, address: &PciAddress) -> Option<Error> {
 /// Query region and irq info. Raw ioctls because vfio-ioctls' accessors
 /// return 0 for a region it failed to query (and do not exist for the raw
 /// path), and we need the errno.
-fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u32>)> {
+/// Region info, irq counts and, per region, the mmap-able areas.
+type Info = (Vec<RegionInfo>, Vec<u32>, Vec<Vec<(u64, u64)>>);
+
+/// `VFIO_REGION_INFO_FLAG_CAPS`, `VFIO_REGION_INFO_CAP_SPARSE_MMAP`,
+/// `VFIO_REGION_INFO_CAP_MSIX_MAPPABLE` (<linux/vfio.h>).
+const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+const CAP_SPARSE_MMAP: u16 = 1;
+const CAP_MSIX_MAPPABLE: u16 = 3;
+/// Bound on the capability chain we walk and on the info size we accept.
+const MAX_REGION_INFO: u32 = 64 * 1024;
+
+/// Read region `index`'s capability chain: the sparse-mmap areas (if that
+/// capability is present) and whether the MSI-X table may be mmapped.
+fn region_caps(
+    dev: &Fd,
+    index: u32,
+    argsz: u32,
+    address: &PciAddress,
+) -> Result<(Option<Vec<(u64, u64)>>, bool)> {
+    if argsz > MAX_REGION_INFO {
+        return Err(Error::OutOfRange {
+            address: *address,
+            what: format!("region {index} info of {argsz} bytes"),
+        });
+    }
+    let words = (argsz as usize).div_ceil(8);
+    let mut buf = vec![0u64; words];
+    let base = std::mem::size_of::<vfio_region_info>();
+    {
+        // SAFETY: `buf` is at least `base` bytes, 8-byte aligned, and
+        // vfio_region_info is plain old data.
+        let head = unsafe { &mut *(buf.as_mut_ptr() as *mut vfio_region_info) };
+        head.argsz = argsz;
+        head.index = index;
+    }
+    // SAFETY: `buf` holds `argsz` writable bytes starting with a
+    // vfio_region_info whose argsz says so; the kernel writes at most that.
+    let ret = unsafe { ioctl_with_ptr(dev, VFIO_DEVICE_GET_REGION_INFO(), buf.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(Error::last_os(
+            address,
+            format!("VFIO_DEVICE_GET_REGION_INFO({index}) with capabilities"),
+        ));
+    }
+    // SAFETY: as above; the buffer is initialised (zeroed, then filled by the kernel).
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, words * 8) };
+    let r16 = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let r32 = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let r64 = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let flags = r32(4).unwrap_or(0);
+    let mut sparse = None;
+    let mut msix_mappable = false;
+    if flags & REGION_INFO_FLAG_CAPS == 0 {
+        return Ok((sparse, msix_mappable));
+    }
+    let mut off = r32(12).unwrap_or(0) as usize;
+    let mut hops = 0;
+    while off >= base && hops < 32 {
+        hops += 1;
+        let (Some(id), Some(next)) = (r16(off), r32(off + 4)) else {
+            break;
+        };
+        match id {
+            CAP_SPARSE_MMAP => {
+                let n = r32(off + 8).unwrap_or(0).min(256) as usize;
+                let mut areas = Vec::with_capacity(n);
+                for i in 0..n {
+                    let a = off + 16 + 16 * i;
+                    if let (Some(o), Some(l)) = (r64(a), r64(a + 8)) {
+                        areas.push((o, l));
+                    }
+                }
+                sparse = Some(areas);
+            }
+            CAP_MSIX_MAPPABLE => msix_mappable = true,
+            _ => {}
+        }
+        off = next as usize;
+    }
+    Ok((sparse, msix_mappable))
+}
+
+fn query_info(fd: RawFd, address: &PciAddress) -> Result<Info> {
     let dev = Fd(fd);
     let mut regions = Vec::with_capacity(NUM_REGIONS as usize);
+    let mut areas = Vec::with_capacity(NUM_REGIONS as usize);
     for index in 0..NUM_REGIONS {
         let mut ri = vfio_region_info {
             argsz: std::mem::size_of::<vfio_region_info>() as u32,
@@ -242,6 +383,7 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
             // The VGA region (index 8) does not exist on non-VGA functions: EINVAL.
             if e.raw_os_error() == Some(libc::EINVAL) && index == 8 {
                 regions.push(RegionInfo::default());
+                areas.push(Vec::new());
                 continue;
             }
             return Err(Error::io(
@@ -250,12 +392,25 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
                 e,
             ));
         }
+        let mmap = ri.flags & VFIO_REGION_INFO_FLAG_MMAP != 0;
+        let base = std::mem::size_of::<vfio_region_info>() as u32;
+        let (sparse, msix_mappable) = if ri.argsz > base {
+            region_caps(&dev, index, ri.argsz, address)?
+        } else {
+            (None, false)
+        };
+        areas.push(match (mmap, sparse) {
+            (false, _) => Vec::new(),
+            (true, Some(a)) => a,
+            (true, None) => vec![(0, ri.size)],
+        });
         regions.push(RegionInfo {
             size: ri.size,
             offset: ri.offset,
             read: ri.flags & VFIO_REGION_INFO_FLAG_READ != 0,
             write: ri.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
-            mmap: ri.flags & VFIO_REGION_INFO_FLAG_MMAP != 0,
+            mmap,
+            msix_mappable,
         });
     }
     let mut irqs = Vec::with_capacity(NUM_IRQS as usize);
@@ -282,7 +437,7 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
         }
         irqs.push(ii.count);
     }
-    Ok((regions, irqs))
+    Ok((regions, irqs, areas))
 }
 
 /// A borrowed raw fd usable with vmm-sys-util's ioctl helpers.
@@ -300,6 +455,11 @@ impl VfioBackend for VfioIoctlsBackend {
             VfSource::GroupFd { group, address } => (File::from(group), address),
         };
         let first = self.join_file(&file, &address)?;
+        // Passed and own-opened groups alike.
+        if let Err(e) = self.kvm_file(&file, true, &address) {
+            unset_container(&file, &address);
+            return Err(e);
+        }
         let mut t = self.lock();
         t.next += 1;
         let id = GroupId(t.next);
@@ -319,7 +479,8 @@ impl VfioBackend for VfioIoctlsBackend {
         // Only open_device borrows a group, briefly; it cannot be running for
         // a group being left (the caller closed its device first).
         let g = unwrap_arc(g);
-        let res = unset_container(&g.file, &g.address);
+        let unregistered = self.kvm_file(&g.file, false, &g.address).err();
+        let res = unset_container(&g.file, &g.address).or(unregistered);
         // Closing the group fd also takes it out of the container.
         drop(g);
         res.map_or(Ok(()), Err)
@@ -361,7 +522,7 @@ impl VfioBackend for VfioIoctlsBackend {
                 io::Error::from_raw_os_error(libc::ENODEV),
             ));
         }
-        let (regions, irqs) = query_info(device.as_raw_fd(), &address)?;
+        let (regions, irqs, areas) = query_info(device.as_raw_fd(), &address)?;
         let mut t = self.lock();
         t.next += 1;
         let id = VfId(t.next);
@@ -371,6 +532,7 @@ impl VfioBackend for VfioIoctlsBackend {
                 address,
                 device,
                 regions,
+                areas,
                 irqs,
             }),
         );
@@ -400,11 +562,9 @@ impl VfioBackend for VfioIoctlsBackend {
         // SAFETY: forwarded from this function's own contract, which is the crate's.
         // EEXIST is an error like any other: type1 answers it for any overlap,
         // whatever host memory is behind the existing mapping.
-        unsafe { self.container.vfio_dma_map(iova, len, host_addr) }.map_err(|e| {
-            Error::Container {
-                op: format!("dma map iova {iova:#x} size {size:#x}"),
-                source: Box::new(e),
-            }
+        unsafe { self.container.vfio_dma_map(iova, len, host_addr) }.map_err(|e| Error::Container {
+            op: format!("dma map iova {iova:#x} size {size:#x}"),
+            source: Box::new(e),
         })
     }
 
@@ -503,19 +663,31 @@ impl VfioBackend for VfioIoctlsBackend {
         Ok(())
     }
 
+    fn mmap_areas(&self, vf: VfId, index: u32) -> Result<Vec<(u64, u64)>> {
+        let v = self.vf(vf)?;
+        Ok(v.areas.get(index as usize).cloned().unwrap_or_default())
+    }
+
     // vfio-ioctls has no mmap call.
-    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea> {
+    fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea> {
         let v = self.vf(vf)?;
         let r = v.regions.get(index as usize).copied().unwrap_or_default();
-        if r.size == 0 || !r.mmap {
+        let inside = v.areas.get(index as usize).is_some_and(|a| {
+            a.iter()
+                .any(|&(o, l)| offset >= o && offset.checked_add(len).is_some_and(|e| e <= o + l))
+        });
+        if len == 0 || !inside {
             return Err(Error::OutOfRange {
-                address: v.address.clone(),
-                what: format!("region {index} is not mmap-able"),
+                address: v.address,
+                what: format!("region {index} {offset:#x}+{len:#x} is not in an mmap-able area"),
             });
         }
-        let len = r.size as usize;
+        let len = usize::try_from(len).map_err(|_| Error::OutOfRange {
+            address: v.address,
+            what: format!("mmap of {len:#x} bytes"),
+        })?;
         // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL) of the
-        // device fd at the region's offset; it overlaps no Rust object.
+        // device fd inside an mmap-able area of the region; it overlaps no Rust object.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -523,7 +695,7 @@ impl VfioBackend for VfioIoctlsBackend {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 v.fd(),
-                r.offset as libc::off_t,
+                (r.offset + offset) as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
@@ -531,6 +703,7 @@ impl VfioBackend for VfioIoctlsBackend {
         }
         Ok(MmapArea {
             index,
+            offset,
             host_addr: p as usize,
             len,
         })
@@ -623,11 +796,20 @@ fn unwrap_arc<T>(mut a: Arc<T>) -> T {
 
 impl Drop for VfioIoctlsBackend {
     fn drop(&mut self) {
-        let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
+        let (vfs, groups) = {
+            let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut table.vfs),
+                std::mem::take(&mut table.groups),
+            )
+        };
         // Device fds first: a group with an open device cannot leave.
-        table.vfs.clear();
-        for (_, g) in table.groups.drain() {
+        drop(vfs);
+        for (_, g) in groups {
             if let Ok(g) = Arc::try_unwrap(g) {
+                if let Err(e) = self.kvm_file(&g.file, false, &g.address) {
+                    tracing::warn!("unregistering from the KVM VFIO device at backend drop: {e}");
+                }
                 if let Some(e) = unset_container(&g.file, &g.address) {
                     tracing::warn!("leaving the container at backend drop: {e}");
                 }

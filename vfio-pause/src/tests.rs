@@ -743,7 +743,11 @@ fn unregister_while_one_vf_closes_and_another_opens_leaves_no_stale_mapping() {
     f.fake.add_vf(&addr(VF2), FakeVf::nvme());
     let mut extra = vec![0u8; 4096];
     // SAFETY: the fake backend never touches the memory; it is leaked below.
-    unsafe { f.container.register_dma(0x10_0000, 4096, extra.as_mut_ptr()) }.unwrap();
+    unsafe {
+        f.container
+            .register_dma(0x10_0000, 4096, extra.as_mut_ptr())
+    }
+    .unwrap();
     std::mem::forget(extra);
     let other = PausableDevice::open(
         "nvme1",
@@ -811,11 +815,7 @@ fn access_during(gated: FakeOp, pause_first: bool) -> (DeviceState, u32, [u8; 4]
         // transition, which waits for the gate): the order is the assertion.
         let first = rx.recv_timeout(Duration::from_secs(30));
         gate.release();
-        assert_eq!(
-            first,
-            Ok("access"),
-            "the access waited for the transition"
-        );
+        assert_eq!(first, Ok("access"), "the access waited for the transition");
         assert_eq!(rx.recv().unwrap(), "transition");
         seen = Some(srx.recv().unwrap());
     });
@@ -901,7 +901,9 @@ fn a_stalled_access_holds_no_lock_the_unpause_needs() {
 #[test]
 fn the_policy_is_chosen_per_pause_and_ignore_is_the_default() {
     let f = fx();
-    f.dev.pause_with(PausePolicy::Stall, Duration::from_millis(1)).unwrap();
+    f.dev
+        .pause_with(PausePolicy::Stall, Duration::from_millis(1))
+        .unwrap();
     let mut b = [0u8; 4];
     f.dev.bar_read(0, 0, &mut b).unwrap();
     assert_eq!(f.dev.access_counters().stalled, 1);
@@ -934,7 +936,10 @@ fn refused_before_any_write(new: FakeVf, names: &str) {
         .into_iter()
         .filter(|c| matches!(c, FakeCall::Write { .. } | FakeCall::SetIrqs { .. }))
         .collect();
-    assert!(writes.is_empty(), "{names}: written before refusing: {writes:?}");
+    assert!(
+        writes.is_empty(),
+        "{names}: written before refusing: {writes:?}"
+    );
     assert_eq!(f.dev.state(), DeviceState::Paused);
     assert_eq!(f.fake.open_handles(), 0);
     recreate(&f.fake, VF1, FakeVf::nvme());
@@ -970,7 +975,10 @@ fn wired_irq_vectors_must_fit_the_new_vf() {
     f.dev.set_irqs(irq::MSIX, fds).unwrap();
     f.fake.clear_calls();
     let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
-    assert!(e.to_string().contains("9") && e.to_string().contains("8"), "{e}");
+    assert!(
+        e.to_string().contains("9") && e.to_string().contains("8"),
+        "{e}"
+    );
     assert!(
         !f.fake
             .calls()
@@ -983,4 +991,95 @@ fn wired_irq_vectors_must_fit_the_new_vf() {
         .set_irqs(irq::MSIX, vec![EventFd::new(0).unwrap()])
         .unwrap();
     f.dev.unpause(sysfs(VF1)).unwrap();
+}
+
+#[test]
+fn bar_index_7_does_not_reach_config_space_and_bad_ranges_are_errors() {
+    let f = fx();
+    f.fake.clear_calls();
+    let mut b = [0u8; 4];
+    for bar in [6u32, 7, u32::MAX] {
+        assert!(f.dev.bar_read(bar, 0, &mut b).is_err(), "BAR {bar} read");
+        assert!(f.dev.bar_write(bar, 0, &b).is_err(), "BAR {bar} write");
+    }
+    assert!(
+        f.fake.calls().is_empty(),
+        "an out-of-range BAR reached the backend: {:?}",
+        f.fake.calls()
+    );
+    assert!(f.dev.bar_read(0, u64::MAX - 1, &mut b).is_err());
+    assert!(
+        f.dev.bar_read(0, 0x4000 - 2, &mut b).is_err(),
+        "past BAR0's end"
+    );
+    f.dev.pause().unwrap();
+    assert!(f.dev.config_read(u64::MAX - 1, &mut b).is_err());
+    assert!(f.dev.config_write(u64::MAX - 1, &b).is_err());
+    assert!(f.dev.bar_read(7, 0, &mut b).is_err(), "paused BAR 7");
+}
+
+/// Paused config writes are kept as the shadow plus a dirty mask: many
+/// writes to one register cost one write at unpause, not a replay of each.
+#[test]
+fn paused_config_writes_are_a_dirty_mask_not_a_log() {
+    let f = fx();
+    f.dev.pause().unwrap();
+    for i in 0..10_000u32 {
+        f.dev.config_write(0x3c, &[(i % 251) as u8]).unwrap();
+    }
+    f.fake.clear_calls();
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    let writes: Vec<(u64, Vec<u8>)> = f
+        .fake
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            FakeCall::Write {
+                index,
+                offset,
+                data,
+                ..
+            } if index == region::CONFIG && (0x3c..0x40).contains(&offset) => Some((offset, data)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![(0x3c, vec![(9_999 % 251) as u8])]);
+}
+
+/// The areas handed to the VMM for guest mapping leave out the pages of
+/// the MSI-X table and PBA: the VMM must trap those accesses to emulate them.
+#[test]
+fn mappable_areas_handed_to_the_vmm_leave_out_the_msix_table_and_pba() {
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
+    let areas = f.dev.bar_mmaps();
+    assert!(!areas.is_empty());
+    for a in &areas {
+        assert_eq!(a.index, 0);
+        let (lo, hi) = (a.offset, a.offset + a.len as u64);
+        for msix in [0x2000u64, 0x3000] {
+            assert!(
+                !(lo <= msix && msix < hi),
+                "area {lo:#x}..{hi:#x} covers the MSI-X structure at {msix:#x}"
+            );
+        }
+    }
+    assert!(
+        areas.iter().any(|a| a.offset == 0),
+        "the registers before the table stay mappable"
+    );
+}
+
+#[test]
+fn failed_map_hook_at_unpause_removes_guest_mappings_before_munmap() {
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
+    f.dev.pause().unwrap();
+    f.hooks.fail_map.store(1, Ordering::SeqCst);
+    assert!(f.dev.unpause(sysfs(VF1)).is_err());
+    let log = f.hooks.log();
+    assert_eq!(
+        &log[log.len() - 2..],
+        ["map nvme0 1", "unmap nvme0"],
+        "a map_bars that failed half-way is undone: {log:?}"
+    );
+    assert_eq!(f.fake.open_handles(), 0);
 }
