@@ -273,13 +273,35 @@ fn counts_change_in_both_directions_and_to_zero() {
 #[test]
 fn missing_vf_driver_fails_before_touching_the_count() {
     let mgr = igb_on_igb();
-    mgr.sysfs().unload_driver("vfio-pci");
+    mgr.sysfs().remove_module("vfio-pci");
     let err = mgr
         .set_vf_count(pf(), 2, &opts(Some("vfio-pci")))
         .unwrap_err();
-    assert!(matches!(err, Error::DriverNotLoaded { .. }), "{err}");
-    assert!(err.to_string().contains("modprobe"));
+    assert!(matches!(err, Error::ModuleLoad { .. }), "{err}");
+    assert_eq!(err.kind(), "driver_not_loaded");
+    assert!(err.chain().contains("Module vfio-pci not found"), "{}", err.chain());
     assert_eq!(mgr.vf_counts(pf()).unwrap().1, 0);
+}
+
+#[test]
+fn unloaded_pf_and_vf_drivers_are_loaded_by_the_helper() {
+    let fake = FakeSysfs::with_igb();
+    fake.unload_driver("igb");
+    fake.unload_driver("vfio-pci");
+    let mgr = fake.manager();
+    let o = VfsSetOptions {
+        pf_driver: Some(drv("igb")),
+        bind: Some(drv("vfio-pci")),
+        qdma: None,
+    };
+    let r = mgr.set_vf_count(pf(), 4, &o).unwrap();
+    assert_eq!(mgr.sysfs().module_loads(), ["igb", "vfio-pci"]);
+    assert_eq!(r.status.driver.as_deref(), Some("igb"));
+    assert!(r
+        .status
+        .vfs
+        .iter()
+        .all(|v| v.driver.as_deref() == Some("vfio-pci")));
 }
 
 #[test]
