@@ -1,8 +1,8 @@
 //! Programming the FPGA behind a PF: through the Linux FPGA manager or an
 //! external command, with the PF removed from the PCI bus around it.
 
-use std::path::{Component, Path};
 use std::os::unix::process::CommandExt;
+use std::path::{Component, Path};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -339,14 +339,14 @@ mod tests {
             .open(&fifo)
             .unwrap();
         // The tool leaves a background child holding the fifo's write end.
-        let script = format!(
-            "(echo started; exec sleep 300) > {} & wait",
-            fifo.display()
-        );
+        let script = format!("(echo started; exec sleep 300) > {} & wait", fifo.display());
         let err = mgr
             .program_bitstream(pf, &command(&["/bin/sh", "-c", &script], 2))
             .unwrap_err();
-        assert!(err.to_string().contains("did not finish within 2 s"), "{err}");
+        assert!(
+            err.to_string().contains("did not finish within 2 s"),
+            "{err}"
+        );
         // EOF on the fifo comes only once every writer, the background child
         // included, is gone. The read runs on a thread with a hang guard.
         let (tx, rx) = std::sync::mpsc::channel();

@@ -201,7 +201,10 @@ mod tests {
         assert_eq!(c.pfs[1].qdma.as_ref().unwrap().pf["qmax"], 512);
         assert!(c.peer_allowed(0, 5, &[]) && c.peer_allowed(1000, 990, &[]));
         assert!(!c.peer_allowed(1000, 1000, &[1000, 4]));
-        assert!(c.peer_allowed(1000, 1000, &[4, 990]), "a supplementary group lets the peer in");
+        assert!(
+            c.peer_allowed(1000, 1000, &[4, 990]),
+            "a supplementary group lets the peer in"
+        );
     }
 
     #[test]

@@ -167,8 +167,8 @@ impl<S: Sysfs + 'static> Daemon<S> {
             match &*running {
                 Some(r) if pfs.contains(&r.pf) => {
                     if r.stuck {
-                        let deadline =
-                            *stuck_deadline.get_or_insert_with(|| Instant::now() + STUCK_STATUS_WAIT);
+                        let deadline = *stuck_deadline
+                            .get_or_insert_with(|| Instant::now() + STUCK_STATUS_WAIT);
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
                             return Err(r.busy());
@@ -248,7 +248,9 @@ impl<S: Sysfs + 'static> Daemon<S> {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             running.take_if(|r| r.id == id);
             self.running_changed.notify_all();
-            return Err(Error::Internal(format!("cannot start a worker thread: {e}")));
+            return Err(Error::Internal(format!(
+                "cannot start a worker thread: {e}"
+            )));
         }
         match rx.recv_timeout(watchdog) {
             Ok(result) => result,
@@ -268,7 +270,8 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     // It ended just now.
                     _ => {
                         drop(running);
-                        rx.recv().unwrap_or_else(|_| Err(Error::Internal("the worker vanished".into())))
+                        rx.recv()
+                            .unwrap_or_else(|_| Err(Error::Internal("the worker vanished".into())))
                     }
                 }
             }
@@ -295,7 +298,13 @@ impl<S: Sysfs + 'static> Daemon<S> {
         if self.config.peer_allowed(uid, gid, &groups) {
             return Ok(Peer { pid, uid, gid });
         }
-        warn!(pid, uid, gid, ?groups, "peer refused: uid/gids not in allowed_uids/allowed_gids");
+        warn!(
+            pid,
+            uid,
+            gid,
+            ?groups,
+            "peer refused: uid/gids not in allowed_uids/allowed_gids"
+        );
         Err(Some(Response::err(
             "permission_denied",
             format!("permission denied: uid {uid} gid {gid} is not allowed to use the svff helper"),
@@ -304,7 +313,12 @@ impl<S: Sysfs + 'static> Daemon<S> {
 
     /// Serves one admitted connection: answers request lines until EOF, an
     /// idle timeout, a line deadline, or an eviction (the slot's socket is shut down).
-    pub(crate) fn serve_connection(self: &Arc<Self>, stream: UnixStream, peer: Peer, slot: Option<u64>) {
+    pub(crate) fn serve_connection(
+        self: &Arc<Self>,
+        stream: UnixStream,
+        peer: Peer,
+        slot: Option<u64>,
+    ) {
         let span = info_span!("client", pid = peer.pid, uid = peer.uid, gid = peer.gid);
         let _enter = span.enter();
         let mut writer = match stream.try_clone() {
@@ -553,7 +567,12 @@ fn read_request_line(reader: &mut BufReader<UnixStream>) -> Result<Option<String
             .map_err(LineError::Io)?;
         let avail = match reader.fill_buf() {
             Ok(b) => b,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(expired())
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -577,9 +596,12 @@ fn read_request_line(reader: &mut BufReader<UnixStream>) -> Result<Option<String
             return Err(LineError::TooLong);
         }
         if done {
-            return String::from_utf8(buf)
-                .map(Some)
-                .map_err(|_| LineError::Io(io::Error::new(io::ErrorKind::InvalidData, "request line is not UTF-8")));
+            return String::from_utf8(buf).map(Some).map_err(|_| {
+                LineError::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "request line is not UTF-8",
+                ))
+            });
         }
     }
 }
@@ -642,11 +664,13 @@ pub fn listener_from_systemd() -> Result<Option<UnixListener>, Error> {
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     std::env::remove_var("LISTEN_PID");
     std::env::remove_var("LISTEN_FDS");
-    adopt_listener(fd).map(Some).map_err(|source| Error::Socket {
-        path: "fd 3 passed by systemd".into(),
-        op: "setting FD_CLOEXEC",
-        source,
-    })
+    adopt_listener(fd)
+        .map(Some)
+        .map_err(|source| Error::Socket {
+            path: "fd 3 passed by systemd".into(),
+            op: "setting FD_CLOEXEC",
+            source,
+        })
 }
 
 /// Takes an inherited listening socket, marking it close-on-exec so that no
@@ -921,7 +945,11 @@ mod tests {
         let r = converse(&d, &[&set(0)]);
         let e = r[0].error.as_ref().unwrap();
         assert_eq!(e.kind, "stuck", "{}", e.message);
-        assert!(e.message.contains("has not finished after 1 s"), "{}", e.message);
+        assert!(
+            e.message.contains("has not finished after 1 s"),
+            "{}",
+            e.message
+        );
         let r = converse(
             &d,
             &[
@@ -934,7 +962,11 @@ mod tests {
         assert!(r[0].ok, "{:?}", r[0].error);
         assert_eq!(r[1].error.as_ref().unwrap().kind, "busy");
         assert!(
-            r[1].error.as_ref().unwrap().message.contains("is stuck in the kernel"),
+            r[1].error
+                .as_ref()
+                .unwrap()
+                .message
+                .contains("is stuck in the kernel"),
             "{:?}",
             r[1].error
         );

@@ -493,9 +493,16 @@ fn render_device(st: &State, root: &Path, bdf: PciAddress, dev: &Dev) {
     // a PM capability at 0x40, the SR-IOV capability at 0x100 on PFs.
     let mut cfg = vec![0u8; 4096];
     let hex = |t: &str| u16::from_str_radix(t.trim_start_matches("0x"), 16).unwrap_or(0xffff);
-    let put16 = |cfg: &mut Vec<u8>, at: usize, v: u16| cfg[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    put16(&mut cfg, 0, hex(&dev.vendor));
-    put16(&mut cfg, 2, hex(&dev.device));
+    let put16 =
+        |cfg: &mut Vec<u8>, at: usize, v: u16| cfg[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    // A VF's vendor and device ids read all ones (SR-IOV); sysfs has the real ones.
+    let ids = if dev.physfn.is_some() {
+        (0xffff, 0xffff)
+    } else {
+        (hex(&dev.vendor), hex(&dev.device))
+    };
+    put16(&mut cfg, 0, ids.0);
+    put16(&mut cfg, 2, ids.1);
     // A VF's own memory space bit is hardwired to 0; its PF's VF MSE decides.
     let mse = dev.physfn.is_none() && !st.decoding_off.contains(&bdf);
     put16(&mut cfg, 4, 0x0004 | if mse { 0x0002 } else { 0 });
@@ -506,7 +513,11 @@ fn render_device(st: &State, root: &Path, bdf: PciAddress, dev: &Dev) {
     put16(&mut cfg, 0x44, u16::from(power & 3));
     if let Some(s) = &dev.sriov {
         cfg[0x100..0x104].copy_from_slice(&(0x0010u32 | 1 << 16).to_le_bytes());
-        let vf_mse = if st.decoding_off.contains(&bdf) { 0 } else { 0x8 };
+        let vf_mse = if st.decoding_off.contains(&bdf) {
+            0
+        } else {
+            0x8
+        };
         put16(&mut cfg, 0x108, if s.num > 0 { 0x1 | vf_mse } else { 0 });
     }
     fs::write(d.join("config"), cfg).unwrap();

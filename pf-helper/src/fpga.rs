@@ -237,7 +237,9 @@ impl BarReader {
         if n < 64 {
             return Err(not_read(format!("config space too short ({n} bytes)")));
         }
-        if le16(&cfg, 0) == 0xffff {
+        // A VF's vendor and device ids always read all ones; a function that
+        // does not answer reads all ones in its command and status too.
+        if cfg[..8].iter().all(|b| *b == 0xff) {
             return Err(not_read(
                 "the function does not answer (config space reads all ones)".into(),
             ));
@@ -271,15 +273,21 @@ impl BarReader {
                 }
             }
         }
-        let state = match &self.power_state {
+        // The kernel's view first (it says "unknown" for functions it does not
+        // power-manage, e.g. unbound ones), then the PM capability itself.
+        let kernel_state = match &self.power_state {
             Some(f) => {
                 let mut buf = [0u8; 32];
                 let n = read_full_at(f, &mut buf).map_err(config_err)?;
                 let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
-                (text != "D0").then_some(text)
+                ["D1", "D2", "D3hot", "D3cold"]
+                    .contains(&text.as_str())
+                    .then_some(text)
             }
-            None => pm_state(&cfg).filter(|s| *s != 0).map(|s| format!("D{s}")),
+            None => None,
         };
+        let state =
+            kernel_state.or_else(|| pm_state(&cfg).filter(|s| *s != 0).map(|s| format!("D{s}")));
         if let Some(state) = state {
             return Err(not_read(format!("the function is in {state}, not D0")));
         }
@@ -458,16 +466,14 @@ impl<S: Sysfs> SriovManager<S> {
             return Err(bad("not implemented (empty resource file)".into()));
         }
         let open_attr = |rel: PathBuf| {
-            self.sysfs()
-                .open(&rel)
-                .map_err(|source| Error::BarAccess {
-                    bdf,
-                    bar,
-                    op: "open",
-                    path: self.sysfs().root().join(&rel),
-                    hint: "",
-                    source,
-                })
+            self.sysfs().open(&rel).map_err(|source| Error::BarAccess {
+                bdf,
+                bar,
+                op: "open",
+                path: self.sysfs().root().join(&rel),
+                hint: "",
+                source,
+            })
         };
         let config = open_attr(dir.join("config"))?;
         let pf_config = if self.sysfs().exists(&dir.join("physfn")) {
@@ -622,12 +628,17 @@ mod tests {
         let pf = pf_status(&mgr);
         let fpga = pf.fpga.as_ref().unwrap();
         let e = fpga.error.as_deref().unwrap();
-        assert!(e.contains("BAR 2 of 0000:81:00.0: not read: memory decoding off"), "{e}");
+        assert!(
+            e.contains("BAR 2 of 0000:81:00.0: not read: memory decoding off"),
+            "{e}"
+        );
         assert_eq!(fpga.id, None, "nothing was read");
         // The PF's VF memory space enable is off too: no VF BAR is read.
         let e = pf.vfs[0].fpga.as_ref().unwrap().error.as_deref().unwrap();
         assert!(
-            e.contains("BAR 2 of 0000:81:10.0: not read: memory decoding off (VF memory space enable"),
+            e.contains(
+                "BAR 2 of 0000:81:10.0: not read: memory decoding off (VF memory space enable"
+            ),
             "{e}"
         );
         mgr.sysfs().set_decoding(FPGA_PF, true);
@@ -636,7 +647,22 @@ mod tests {
         assert_eq!(pf.vfs[0].fpga.as_ref().unwrap().error, None);
         mgr.sysfs().set_power_state(FPGA_PF, 3);
         let e = pf_status(&mgr).fpga.unwrap().error.unwrap();
-        assert!(e.contains("not read: the function is in D3hot, not D0"), "{e}");
+        assert!(
+            e.contains("not read: the function is in D3hot, not D0"),
+            "{e}"
+        );
+        // The kernel says "unknown" for functions it does not power-manage:
+        // the PM capability decides.
+        let power_state = mgr
+            .sysfs()
+            .root()
+            .join("devices/pci0000:00/0000:81:00.0/power_state");
+        std::fs::write(&power_state, "unknown\n").unwrap();
+        let e = pf_status(&mgr).fpga.unwrap().error.unwrap();
+        assert!(e.contains("not read: the function is in D3, not D0"), "{e}");
+        mgr.sysfs().set_power_state(FPGA_PF, 0);
+        std::fs::write(&power_state, "unknown\n").unwrap();
+        assert_eq!(pf_status(&mgr).fpga.unwrap().error, None);
     }
 
     #[test]

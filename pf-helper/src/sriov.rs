@@ -47,7 +47,11 @@ struct Holders {
 /// A text file of /proc read up to `max` bytes; `None` when unreadable.
 fn read_bounded(path: &Path, max: u64) -> Option<String> {
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::io::Read::take(std::fs::File::open(path).ok()?, max), &mut text).ok()?;
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path).ok()?, max),
+        &mut text,
+    )
+    .ok()?;
     Some(text)
 }
 
@@ -138,7 +142,10 @@ impl<S: Sysfs> SriovManager<S> {
                 path: root.join(&dir),
                 source,
             })?;
-        let canonical_root = self.sysfs.canonicalize(Path::new("")).unwrap_or(root.to_owned());
+        let canonical_root = self
+            .sysfs
+            .canonicalize(Path::new(""))
+            .unwrap_or(root.to_owned());
         let rel = real.strip_prefix(&canonical_root).unwrap_or(&real);
         Ok(Watched {
             dev,
@@ -172,7 +179,11 @@ impl<S: Sysfs> SriovManager<S> {
         let mut found: Vec<(PciAddress, u32, PathBuf)> = Vec::new();
         let mut unidentified: Vec<(u32, PathBuf)> = Vec::new();
         if watched.is_empty() {
-            return Ok(Holders { found, unidentified, watched });
+            return Ok(Holders {
+                found,
+                unidentified,
+                watched,
+            });
         }
         // Without a process list nothing can be said: an error, not "nobody".
         let procs = std::fs::read_dir(&self.proc_root).map_err(|source| Error::Sysfs {
@@ -247,7 +258,8 @@ impl<S: Sysfs> SriovManager<S> {
                     // fd: which device is not shown, so every watched one on
                     // vfio-pci may be it.
                     for w in watched.iter().filter(|w| !w.files.is_empty()) {
-                        let what = PathBuf::from(format!("{VFIO_DEVICE_INODE} (a mapped VFIO region)"));
+                        let what =
+                            PathBuf::from(format!("{VFIO_DEVICE_INODE} (a mapped VFIO region)"));
                         add(&mut found, w.dev, pid, what);
                     }
                     continue;
@@ -259,7 +271,12 @@ impl<S: Sysfs> SriovManager<S> {
                             .and_then(|n| n.to_str())
                             .is_some_and(|n| n.starts_with("resource"));
                     if is_bar {
-                        add(&mut found, w.dev, pid, PathBuf::from(format!("{path} (mapped)")));
+                        add(
+                            &mut found,
+                            w.dev,
+                            pid,
+                            PathBuf::from(format!("{path} (mapped)")),
+                        );
                     }
                 }
             }
@@ -313,7 +330,11 @@ impl<S: Sysfs> SriovManager<S> {
                             pf,
                             vf: w.dev,
                             pid: *pid,
-                            file: PathBuf::from(format!("{} while {} is busy", what.display(), group.display())),
+                            file: PathBuf::from(format!(
+                                "{} while {} is busy",
+                                what.display(),
+                                group.display()
+                            )),
                         },
                         None => Error::VfHeldUnseen {
                             pf,

@@ -279,7 +279,11 @@ fn missing_vf_driver_fails_before_touching_the_count() {
         .unwrap_err();
     assert!(matches!(err, Error::ModuleLoad { .. }), "{err}");
     assert_eq!(err.kind(), "driver_not_loaded");
-    assert!(err.chain().contains("Module vfio-pci not found"), "{}", err.chain());
+    assert!(
+        err.chain().contains("Module vfio-pci not found"),
+        "{}",
+        err.chain()
+    );
     assert_eq!(mgr.vf_counts(pf()).unwrap().1, 0);
 }
 

@@ -122,7 +122,10 @@ fn modprobe(name: &str) -> io::Result<()> {
     if !valid_module_name(name) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("refusing to load module {:?}: not a plain module name", name.escape_debug().to_string()),
+            format!(
+                "refusing to load module {:?}: not a plain module name",
+                name.escape_debug().to_string()
+            ),
         ));
     }
     let Some(tool) = MODPROBE.iter().find(|p| Path::new(p).exists()) else {
@@ -148,7 +151,10 @@ fn modprobe(name: &str) -> io::Result<()> {
             let _ = child.wait();
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("{tool} {name} did not finish within {} s and was killed", MODPROBE_TIMEOUT.as_secs()),
+                format!(
+                    "{tool} {name} did not finish within {} s and was killed",
+                    MODPROBE_TIMEOUT.as_secs()
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -176,7 +182,10 @@ impl Sysfs for RealSysfs {
         if self.root != Path::new("/sys") {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("cannot load module {name}: sysfs root {} is not /sys", self.root.display()),
+                format!(
+                    "cannot load module {name}: sysfs root {} is not /sys",
+                    self.root.display()
+                ),
             ));
         }
         modprobe(name)
@@ -204,15 +213,36 @@ mod tests {
 
     #[test]
     fn module_names_are_plain_and_trees_other_than_sys_load_nothing() {
-        for good in ["igb", "vfio-pci", "vfio_pci", "pci-pf-stub", "qdma-pf", "8139cp"] {
+        for good in [
+            "igb",
+            "vfio-pci",
+            "vfio_pci",
+            "pci-pf-stub",
+            "qdma-pf",
+            "8139cp",
+        ] {
             assert!(valid_module_name(good), "{good}");
         }
-        for bad in ["", "-r", "../x", "a b", "Igb", "x/y", "a;b", &"a".repeat(57)] {
+        for bad in [
+            "",
+            "-r",
+            "../x",
+            "a b",
+            "Igb",
+            "x/y",
+            "a;b",
+            &"a".repeat(57),
+        ] {
             assert!(!valid_module_name(bad), "{bad}");
-            assert_eq!(modprobe(bad).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(
+                modprobe(bad).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
         }
         let dir = tempfile::tempdir().unwrap();
-        let err = RealSysfs::with_root(dir.path()).load_module("igb").unwrap_err();
+        let err = RealSysfs::with_root(dir.path())
+            .load_module("igb")
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
     }
 

@@ -806,7 +806,12 @@ fn vfio_device_fd(vf: &str) -> OwnedFd {
     // SAFETY: VFIO_GROUP_SET_CONTAINER reads one int (the container fd) from
     // the pointer, which points to `container_fd` on the stack; both files are open.
     let rc = unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_SET_CONTAINER, &container_fd) };
-    assert_eq!(rc, 0, "VFIO_GROUP_SET_CONTAINER: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "VFIO_GROUP_SET_CONTAINER: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: VFIO_SET_IOMMU takes its argument by value; no memory is passed.
     let rc = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU) };
     assert_eq!(rc, 0, "VFIO_SET_IOMMU: {}", std::io::Error::last_os_error());
@@ -814,7 +819,11 @@ fn vfio_device_fd(vf: &str) -> OwnedFd {
     // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated device name from
     // the pointer, which points to `name`, alive across the call.
     let fd = unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD, name.as_ptr()) };
-    assert!(fd >= 0, "VFIO_GROUP_GET_DEVICE_FD {vf}: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "VFIO_GROUP_GET_DEVICE_FD {vf}: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: the ioctl returned a new fd that nothing else owns.
     let device = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(group);
@@ -841,7 +850,9 @@ fn set_vfs_on_vfio_pci(pf: &str, n: u16) {
 /// `svff --direct vfs set --pf <pf> 3 --bind vfio-pci` must refuse because
 /// `pid` holds `vf`, with a message naming both and `what`.
 fn assert_refused_in_use(pf: &str, vf: &str, pid: u32, what: &str) {
-    let out = svff(&["--direct", "vfs", "set", "--pf", pf, "3", "--bind", "vfio-pci"]);
+    let out = svff(&[
+        "--direct", "vfs", "set", "--pf", pf, "3", "--bind", "vfio-pci",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -875,11 +886,16 @@ fn vf_held_only_by_a_vfio_device_fd_or_a_bar_mapping_is_not_destroyed() {
 
     // The device fd in flight in a unix socket: in no process's fd table.
     let held = in_flight(vfio_device_fd(&vf));
-    let out = svff(&["--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci"]);
+    let out = svff(&[
+        "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("VF {vf} is in use: /dev/vfio/{} is held through an fd no process shows", svff_lab::guest::iommu_group(&vf))),
+        stderr.contains(&format!(
+            "VF {vf} is in use: /dev/vfio/{} is held through an fd no process shows",
+            svff_lab::guest::iommu_group(&vf)
+        )),
         "{stderr}"
     );
     assert_eq!(numvfs(&pf), 2);
@@ -974,7 +990,10 @@ fn stuck_sriov_numvfs_write_leaves_ping_and_status_answering() {
         let st = raw_request(&helper.socket, &format!(r#"{{"op":"status","pf":"{pf}"}}"#));
         assert_eq!(st["error"]["kind"], "busy", "{st}");
         // Another PF's status is read as usual.
-        let st = raw_request(&helper.socket, &format!(r#"{{"op":"status","pf":"{nvme}"}}"#));
+        let st = raw_request(
+            &helper.socket,
+            &format!(r#"{{"op":"status","pf":"{nvme}"}}"#),
+        );
         assert_eq!(st["ok"], true, "{st}");
         assert_eq!(st["result"]["pfs"][0], sysfs_view(&nvme));
         let again = raw_request(
@@ -1009,7 +1028,11 @@ fn vfs_set_direct_loads_the_pf_and_vf_drivers_itself() {
     let _guard = setup();
     let pf = igb_pf();
     let out = run(&["modprobe", "-r"], &["vfio_pci", "igb"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for d in ["igb", "vfio-pci"] {
         assert!(
             !Path::new("/sys/bus/pci/drivers").join(d).exists(),
