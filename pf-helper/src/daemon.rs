@@ -97,7 +97,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
     /// needs no lock; `status` waits for a change running on one of its PFs
     /// (whose attributes the kernel locks meanwhile) until it ends or is
     /// declared stuck, then answers `busy`; changes run one at a time on a
-    /// worker thread under a watchdog (see [`Daemon::change`]).
+    /// worker thread under a watchdog (`watchdog_s` of the config).
     pub fn handle(self: &Arc<Self>, req: &Request) -> Response {
         let result = match req {
             Request::Ping {} => Ok(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })),

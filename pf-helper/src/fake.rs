@@ -162,6 +162,37 @@ impl FakeSysfs {
         symlink(file, fd_dir.join(n.to_string())).unwrap();
     }
 
+    /// Makes process `pid` hold a VFIO device fd of `bdf` whose fdinfo names
+    /// the device (Linux >= 6.13 style), or does not (`named` false, as 6.12).
+    pub fn hold_device_fd(&self, pid: u32, bdf: &str, named: bool) {
+        self.hold_open(pid, "anon_inode:[vfio-device]");
+        let fd_dir = self.root().join(format!("proc/{pid}/fd"));
+        let n = fs::read_dir(&fd_dir).unwrap().count() + 2;
+        let info_dir = self.root().join(format!("proc/{pid}/fdinfo"));
+        fs::create_dir_all(&info_dir).unwrap();
+        let mut info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\n".to_owned();
+        if named {
+            info.push_str(&format!(
+                "vfio-device-syspath: /sys/devices/pci0000:00/{bdf}\n"
+            ));
+        }
+        fs::write(info_dir.join(n.to_string()), info).unwrap();
+    }
+
+    /// Adds a shared mapping of `path` to process `pid`'s `maps`.
+    pub fn map_file(&self, pid: u32, path: &str) {
+        let dir = self.root().join(format!("proc/{pid}"));
+        fs::create_dir_all(dir.join("fd")).unwrap();
+        fs::write(dir.join("comm"), "fakevmm\n").unwrap();
+        let mut maps = fs::read_to_string(dir.join("maps")).unwrap_or_default();
+        let start = 0x7f00_0000_0000u64 + (maps.lines().count() as u64) * 0x1000;
+        maps.push_str(&format!(
+            "{start:x}-{:x} rw-s 00000000 00:15 4242                       {path}\n",
+            start + 0x1000
+        ));
+        fs::write(dir.join("maps"), maps).unwrap();
+    }
+
     /// Ends process `pid`.
     pub fn exit_process(&self, pid: u32) {
         fs::remove_dir_all(self.root().join(format!("proc/{pid}"))).unwrap();
