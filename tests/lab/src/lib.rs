@@ -27,9 +27,11 @@ mod initramfs;
 pub mod l2;
 pub mod proto;
 mod session;
+mod signals;
 
 pub use agent::serve as serve_agent;
 pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
 pub use session::{shell, Lab, Output};
+pub use signals::{await_signal_cleanup, exit_cleanly_on_signals};
