@@ -288,7 +288,7 @@ impl FakeBackend {
 
     /// Create (or replace) a function at `address`.
     pub fn add_vf(&self, address: &PciAddress, vf: FakeVf) {
-        self.lock().present.insert(address.clone(), vf);
+        self.lock().present.insert(*address, vf);
     }
 
     /// Remove the function at `address` (like `sriov_numvfs=0`). The simulated
@@ -617,9 +617,9 @@ impl VfioBackend for FakeBackend {
 
     fn region_read(&self, vf: VfId, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::Read {
-            address: address.clone(),
+            address,
             index,
             offset,
             len: buf.len(),
@@ -651,9 +651,9 @@ impl VfioBackend for FakeBackend {
 
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::Write {
-            address: address.clone(),
+            address,
             index,
             offset,
             data: data.to_vec(),
@@ -696,8 +696,8 @@ impl VfioBackend for FakeBackend {
 
     fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
-        s.calls.push(FakeCall::Mmap(address.clone(), index));
+        let address = open_vf(&mut s, vf)?.address;
+        s.calls.push(FakeCall::Mmap(address, index));
         if Self::injected(&mut s, FakeOp::Mmap) {
             return Err(Self::eio(&address, "mmap"));
         }
@@ -720,8 +720,8 @@ impl VfioBackend for FakeBackend {
 
     fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
-        s.calls.push(FakeCall::Munmap(address.clone(), area.index));
+        let address = open_vf(&mut s, vf)?.address;
+        s.calls.push(FakeCall::Munmap(address, area.index));
         let fail = Self::injected(&mut s, FakeOp::Munmap);
         let o = open_vf(&mut s, vf)?;
         // munmap cannot really fail for a valid mapping; the injected error
@@ -735,9 +735,9 @@ impl VfioBackend for FakeBackend {
 
     fn set_irqs(&self, vf: VfId, index: u32, fds: &[&EventFd]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::SetIrqs {
-            address: address.clone(),
+            address,
             index,
             count: fds.len(),
         });
@@ -753,8 +753,21 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
+    fn trigger_irq(&self, vf: VfId, index: u32, vector: u32) -> Result<()> {
+        let mut s = self.lock();
+        let o = open_vf(&mut s, vf)?;
+        match o.irqs_enabled.get(&index) {
+            Some(&n) if (vector as usize) < n => Ok(()),
+            _ => Err(Error::io(
+                &o.address,
+                format!("trigger index {index} vector {vector}: not wired"),
+                io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        }
+    }
+
     fn address(&self, vf: VfId) -> Result<PciAddress> {
         let mut s = self.lock();
-        Ok(open_vf(&mut s, vf)?.address.clone())
+        Ok(open_vf(&mut s, vf)?.address)
     }
 }
