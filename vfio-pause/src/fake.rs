@@ -320,8 +320,9 @@ impl FakeBackend {
         self.lock().failures.push((op, skip));
     }
 
-    /// Make the next call of kind `op` wait, before it does anything, until
-    /// the returned gate is released.
+    /// Make the next call of kind `op` wait until the returned gate is
+    /// released: before it does anything, except [`FakeOp::Close`], which
+    /// waits after the device fd is closed (when a real remover goes on).
     pub fn gate(&self, op: FakeOp) -> FakeGate {
         let (etx, erx) = std::sync::mpsc::channel();
         let (rtx, rrx) = std::sync::mpsc::channel();
@@ -519,18 +520,24 @@ impl VfioBackend for FakeBackend {
     }
 
     fn close_device(&self, vf: VfId) -> Result<()> {
+        let res = {
+            let mut s = self.lock();
+            let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::zero(),
+                what: format!("no open VF with handle {}", vf.0),
+            })?;
+            s.calls.push(FakeCall::Close(o.address));
+            // Even an injected failure releases everything (the trait's contract).
+            if Self::injected(&mut s, FakeOp::Close) {
+                Err(Self::eio(&o.address, "close"))
+            } else {
+                Ok(())
+            }
+        };
+        // Gated after the fd is closed: the moment a remover blocked on it
+        // goes on (the real close returns after the function reset).
         self.pass_gate(FakeOp::Close);
-        let mut s = self.lock();
-        let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
-            address: PciAddress::zero(),
-            what: format!("no open VF with handle {}", vf.0),
-        })?;
-        s.calls.push(FakeCall::Close(o.address));
-        // Even an injected failure releases everything (the trait's contract).
-        if Self::injected(&mut s, FakeOp::Close) {
-            return Err(Self::eio(&o.address, "close"));
-        }
-        Ok(())
+        res
     }
 
     unsafe fn dma_map(&self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<()> {

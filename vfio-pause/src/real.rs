@@ -253,14 +253,14 @@ impl VfioIoctlsBackend {
     }
 }
 
-/// Take a group out of its container. EINVAL means it is in none: the kernel
-/// took it out itself when its last device was removed.
+/// Take a group out of its container. EINVAL (or ENODEV) means it is in
+/// none: the kernel took it out itself when its last device was removed.
 fn unset_container(group: &File, address: &PciAddress) -> Option<Error> {
     // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
     let ret = unsafe { ioctl_with_val(group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
     if ret < 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) {
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
             tracing::debug!("VF {address}: group already out of the container (VF removed)");
             return None;
         }

@@ -1102,3 +1102,42 @@ fn failed_map_hook_at_unpause_removes_guest_mappings_before_munmap() {
     );
     assert_eq!(f.fake.open_handles(), 0);
 }
+
+/// The request-IRQ flow in the fake: a VF's device fd is closed, the remover
+/// deletes the VF at once, and the kernel takes its group out of the
+/// container (dropping every mapping, it was the only group) before our
+/// leave runs. Another VF joining in that window must be told it is first
+/// and map the guest RAM again, although our count still has the old group.
+#[test]
+fn a_group_the_kernel_detached_before_our_leave_does_not_hide_lost_mappings() {
+    let f = fx();
+    f.fake.add_vf(&addr(VF2), FakeVf::nvme());
+    let other = PausableDevice::open(
+        "nvme1",
+        f.container.clone(),
+        sysfs(VF2),
+        DeviceOptions::default(),
+        Arc::new(TrapAllBars),
+    )
+    .unwrap();
+    other.pause().unwrap();
+    let gate = f.fake.gate(FakeOp::Close);
+    thread::scope(|s| {
+        let pausing = s.spawn(|| f.dev.pause());
+        gate.wait_entered();
+        // VF1's device fd is closed, its group not yet left: remove VF1.
+        f.fake.remove_vf(&addr(VF1)).unwrap();
+        assert!(
+            f.fake.dma_mappings().is_empty(),
+            "type1 dropped the mappings"
+        );
+        other.unpause(sysfs(VF2)).unwrap();
+        gate.release();
+        pausing.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        f.fake.dma_mappings().get(&0),
+        Some(&4096),
+        "the VF that joined after the kernel's detach mapped the RAM again"
+    );
+}

@@ -778,6 +778,34 @@ fn unpause_through_a_passed_group_fd_opens_from_it() {
     );
 }
 
+/// The window that made vfio-ioctls' `VfioDevice` drop panic, made
+/// deterministic with the backend's own steps: the device fd is closed, the
+/// VF is removed (nothing blocks the remover now), and only then does the
+/// group leave. The kernel has taken the group out of the container itself;
+/// the leave succeeds and no fd of the group stays open.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn group_leaves_cleanly_when_its_vf_was_removed_between_device_close_and_leave() {
+    use vfio_pause::VfioBackend;
+    guest::require_lab();
+    let pf = Pf::nvme(1, &[0]);
+    let vf = pf.vfs[0].clone();
+    let group = guest::iommu_group(&vf);
+    let backend = vfio_pause::VfioIoctlsBackend::new().unwrap();
+    let joined = backend
+        .join_group(sysfs(&vf))
+        .unwrap_or_else(|e| panic!("join: {}", chain(&e)));
+    assert!(joined.first, "an empty container: first group");
+    let dev = backend.open_device(joined.group).unwrap();
+    backend.close_device(dev).unwrap();
+    numvfs_zero(&pf.pf);
+    assert!(guest::vfs_of(&pf.pf).is_empty(), "the VF was removed");
+    backend
+        .leave_group(joined.group)
+        .unwrap_or_else(|e| panic!("leave after removal: {}", chain(&e)));
+    assert_no_vf_resources(group);
+}
+
 /// A VMM whose first VF came as a passed group fd, then opens another VF of
 /// the same VM by sysfs path: both end up in one container with DMA mapped.
 #[test]
