@@ -269,10 +269,8 @@ fn unpause_with_a_passed_fd_hands_it_to_the_backend_which_closes_it() {
     f.dev.pause().unwrap();
     let mut ends = [0 as libc::c_int; 2];
     // SAFETY: `ends` has room for the two fds pipe2 writes.
-    assert_eq!(
-        unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
-        0
-    );
+    let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0);
     // SAFETY: pipe2 just created these fds and nothing else owns them.
     let (read_end, write_end) = unsafe {
         use std::os::fd::FromRawFd;
