@@ -35,6 +35,11 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/svff/helper.sock";
 /// driver = "qdma-pf"
 /// qdma = { pf = { qmax = 512 }, vf = { qmax = 64 } }
 /// bitstream = { fpga_manager = "fpga0", firmware = "svff_user.bin" }
+///
+/// [[pf]]
+/// bdf = "0000:02:00.0"
+/// driver = "nvme"                    # the nvme profile: VFs are NVMe secondary controllers
+/// nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }   # every VF, VF 3 apart
 /// ```
 ///
 /// The file must be owned by root and not writable by group or others.
@@ -81,6 +86,10 @@ pub struct PfConfig {
     /// How to program the FPGA behind this PF.
     #[serde(default)]
     pub bitstream: Option<BitstreamConfig>,
+    /// NVMe VF resources (nvme profile, PF on the `nvme` driver), applied
+    /// after VF creation: `nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }`.
+    #[serde(default)]
+    pub nvme: Option<crate::nvme::NvmeProfile>,
 }
 
 fn default_socket() -> PathBuf {
@@ -110,6 +119,10 @@ impl Config {
             }
             if let Some(q) = &pf.qdma {
                 q.validate().map_err(bad)?;
+            }
+            if let Some(n) = &pf.nvme {
+                n.resources()
+                    .map_err(|r| bad(format!("PF {}: {r}", pf.bdf)))?;
             }
             if let Some(b) = &pf.bitstream {
                 b.validate()
@@ -225,6 +238,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("twice"));
+    }
+
+    #[test]
+    fn nvme_profile_parses_and_bad_tables_are_refused() {
+        let c = parse(
+            "allowed_uids = [0]\n[[pf]]\nbdf = \"0000:02:00.0\"\ndriver = \"nvme\"\nnvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }\n",
+        )
+        .unwrap();
+        let r = c.pfs[0].nvme.as_ref().unwrap().resources().unwrap();
+        assert_eq!(r.for_vf(0), Some(crate::nvme::VfResources { vq: 2, vi: 1 }));
+        assert_eq!(r.for_vf(3), Some(crate::nvme::VfResources { vq: 4, vi: 2 }));
+        for bad in [
+            "nvme = { vq = 2 }",
+            "nvme = { vf = { x = { vq = 2, vi = 1 } } }",
+            "nvme = { vq = 2, vi = 1, qmax = 4 }",
+        ] {
+            let text = format!("allowed_uids = [0]\n[[pf]]\nbdf = \"0000:02:00.0\"\n{bad}\n");
+            assert!(parse(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

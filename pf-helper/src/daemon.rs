@@ -112,7 +112,12 @@ impl<S: Sysfs + 'static> Daemon<S> {
                 })
                 .and_then(|s| to_value(&s))
             }
-            Request::VfsSet { pf, count, bind } => self.allowed_pf(*pf).and_then(|pfc| {
+            Request::VfsSet {
+                pf,
+                count,
+                bind,
+                resources,
+            } => self.allowed_pf(*pf).and_then(|pfc| {
                 if let Some(driver) = bind {
                     if !self.config.vf_drivers.contains(driver) {
                         return Err(Error::DriverNotAllowed {
@@ -125,6 +130,19 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     bind: bind.clone(),
                     qdma: pfc.qdma.clone(),
                 };
+                let nvme = match resources {
+                    Some(r) => Some(r.clone()),
+                    None => pfc
+                        .nvme
+                        .as_ref()
+                        .map(|p| {
+                            p.resources().map_err(|reason| Error::Config {
+                                path: "helper config".into(),
+                                reason,
+                            })
+                        })
+                        .transpose()?,
+                };
                 let (pf, count) = (*pf, *count);
                 self.change(
                     pf,
@@ -132,7 +150,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     self.config.watchdog(),
                     move |d| {
                         d.mgr
-                            .set_vf_count(pf, count, &opts)
+                            .set_vf_count_with(pf, count, &opts, nvme.as_ref())
                             .and_then(|r| to_value(&r))
                     },
                 )
@@ -1091,6 +1109,7 @@ mod tests {
                 pf: PciAddress::parse("0000:01:00.0").unwrap(),
                 count: 9,
                 bind: None,
+                resources: None,
             },
         )
         .unwrap_err();

@@ -300,6 +300,39 @@ pub enum Error {
     /// The daemon spoke something that is not the protocol.
     #[error("helper protocol error: {0}")]
     Protocol(String),
+    /// The NVMe controller of a PF cannot be found or opened.
+    #[error("PF {pf}: NVMe controller: {reason}")]
+    NvmeController {
+        /// The PF.
+        pf: PciAddress,
+        /// What is wrong.
+        reason: String,
+        /// The OS error, if any.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// An NVMe admin command failed.
+    #[error("{controller}: {command} failed{}", status.map(|s| format!(": {}", crate::nvme::status_text(s))).unwrap_or_default())]
+    NvmeAdmin {
+        /// The controller, e.g. `/dev/nvme0 (PF 0000:02:00.0)`.
+        controller: String,
+        /// The command, naming the secondary controller and VF.
+        command: String,
+        /// The NVMe completion status, when the controller answered.
+        status: Option<u16>,
+        /// The ioctl's error, when it did not get that far.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// Requested NVMe VF resources were refused (before anything was written)
+    /// or did not come out as requested.
+    #[error("PF {pf}: NVMe VF resources: {reason}")]
+    NvmeResources {
+        /// The PF.
+        pf: PciAddress,
+        /// Which VF and resource, and why.
+        reason: String,
+    },
     /// The daemon refused or failed the request; the text is the daemon's message.
     #[error("helper: {message}")]
     Remote {
@@ -339,6 +372,8 @@ impl Error {
             Error::Socket { .. } => "socket",
             Error::Protocol(_) => "protocol",
             Error::Remote { kind, .. } => kind,
+            Error::NvmeController { .. } | Error::NvmeAdmin { .. } => "nvme",
+            Error::NvmeResources { .. } => "nvme_resources",
         }
     }
 

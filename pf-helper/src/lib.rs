@@ -153,6 +153,7 @@ mod error;
 #[cfg(test)]
 mod fake;
 mod fpga;
+mod nvme;
 mod pci;
 mod protocol;
 mod qdma;
@@ -166,6 +167,11 @@ pub use config::{Config, PfConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH};
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
 pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
+pub use nvme::{
+    AdminCommand, AdminError, DevNvmeOpener, NvmeAdmin, NvmeDevice, NvmeOpener, NvmeProfile,
+    NvmeResources, NvmeStatus, PrimaryCaps, ResourceType, SecondaryController, SecondaryStatus,
+    VfResources, VirtAction, NVME_PF_DRIVER,
+};
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;

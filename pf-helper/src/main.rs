@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use svff_pf_helper::{
     bind_socket, listener_from_systemd, request, Config, Daemon, DriverName, Error, FpgaStatus,
-    PciAddress, RealSysfs, Request, SriovManager, Status, VfsSetOptions, VfsSetReport,
-    DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH,
+    NvmeResources, PciAddress, RealSysfs, Request, SriovManager, Status, VfsSetOptions,
+    VfsSetReport, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH,
 };
 
 /// Manage SR-IOV virtual functions of FPGA (and other) PFs for svff.
@@ -87,7 +87,23 @@ enum VfsCommand {
         /// Print the report (steps with timings, resulting PF status) as JSON.
         #[arg(long)]
         json: bool,
+        /// NVMe profile (PF on the nvme driver): per-VF resources, e.g.
+        /// 0=vq:2,vi:1,1=vq:4,vi:2 (VF index = N of virtfnN). Each VF is set
+        /// offline, given its VQ then VI resources and set online, before
+        /// binding. vq:0,vi:0 leaves a VF offline.
+        #[arg(long, value_name = "SPEC", value_parser = parse_resources)]
+        resources: Option<NvmeResources>,
+        /// NVMe profile: VQ resources of every VF not in --resources (with --vi).
+        #[arg(long, value_name = "N", requires = "vi")]
+        vq: Option<u16>,
+        /// NVMe profile: VI resources of every VF not in --resources (with --vq).
+        #[arg(long, value_name = "N", requires = "vq")]
+        vi: Option<u16>,
     },
+}
+
+fn parse_resources(s: &str) -> Result<NvmeResources, String> {
+    NvmeResources::parse_spec(s)
 }
 
 fn init_tracing(default: &str) {
@@ -146,6 +162,23 @@ fn print_status(status: &Status) {
         if let Some(fpga) = &pf.fpga {
             fpga_line("  ", fpga);
         }
+        if let Some(n) = &pf.nvme {
+            match (&n.error, &n.controller) {
+                (Some(e), _) => println!("  nvme: {e}"),
+                (None, c) => println!(
+                    "  nvme: {} VQ {}/{} assigned (primary {}, max {} per VF) VI {}/{} assigned (primary {}, max {} per VF)",
+                    c.as_deref().unwrap_or("-"),
+                    n.vq_assigned.unwrap_or(0),
+                    n.vq_total.unwrap_or(0),
+                    n.vq_primary.unwrap_or(0),
+                    n.vq_max_per_vf.unwrap_or(0),
+                    n.vi_assigned.unwrap_or(0),
+                    n.vi_total.unwrap_or(0),
+                    n.vi_primary.unwrap_or(0),
+                    n.vi_max_per_vf.unwrap_or(0),
+                ),
+            }
+        }
         for vf in &pf.vfs {
             println!(
                 "  VF {:<3} {} [{}:{}] driver {} group {} holder {} held by {}",
@@ -162,6 +195,15 @@ fn print_status(status: &Status) {
             );
             if let Some(fpga) = &vf.fpga {
                 fpga_line("    ", fpga);
+            }
+            if let Some(n) = &vf.nvme {
+                println!(
+                    "    nvme: secondary controller {} {} vq {} vi {}",
+                    n.scid,
+                    if n.online { "online" } else { "offline" },
+                    n.vq,
+                    n.vi
+                );
             }
         }
     }
@@ -221,7 +263,20 @@ fn run(cli: Cli) -> Result<(), Error> {
             bind,
             pf_driver,
             json,
+            resources,
+            vq,
+            vi,
         }) => {
+            let resources = match (resources, vq.zip(vi)) {
+                (None, None) => None,
+                (r, uniform) => {
+                    let mut r = r.unwrap_or_default();
+                    if let Some((vq, vi)) = uniform {
+                        r.default = Some(svff_pf_helper::VfResources { vq, vi });
+                    }
+                    Some(r)
+                }
+            };
             let report: VfsSetReport = if cli.direct {
                 require_root()?;
                 let mgr = SriovManager::new(RealSysfs::new());
@@ -230,14 +285,22 @@ fn run(cli: Cli) -> Result<(), Error> {
                     bind,
                     qdma: None,
                 };
-                mgr.set_vf_count(pf, count, &opts)?
+                mgr.set_vf_count_with(pf, count, &opts, resources.as_ref())?
             } else {
                 if pf_driver.is_some() {
                     return Err(Error::Usage(
                         "--pf-driver needs --direct; the daemon takes the PF driver from its config".into(),
                     ));
                 }
-                decode(request(&cli.socket, &Request::VfsSet { pf, count, bind })?)?
+                decode(request(
+                    &cli.socket,
+                    &Request::VfsSet {
+                        pf,
+                        count,
+                        bind,
+                        resources,
+                    },
+                )?)?
             };
             if json {
                 json_out(&report)

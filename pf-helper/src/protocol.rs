@@ -35,6 +35,9 @@ pub enum Request {
         /// Bind the VFs to this driver (must be in the config's `vf_drivers`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bind: Option<DriverName>,
+        /// NVMe VF resources (nvme profile), overriding the PF's config.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resources: Option<crate::nvme::NvmeResources>,
     },
     /// Programs the PF's configured bitstream; the result is `{"steps": [...]}`.
     Program {
@@ -113,6 +116,7 @@ mod tests {
                 pf: PciAddress::parse("0000:01:00.0").unwrap(),
                 count: 4,
                 bind: Some(DriverName::vfio_pci()),
+                resources: None,
             }
         );
         assert_eq!(
@@ -123,6 +127,38 @@ mod tests {
             serde_json::to_string(&Request::Status { pf: None }).unwrap(),
             r#"{"op":"status"}"#
         );
+    }
+
+    #[test]
+    fn vfs_set_carries_nvme_resources() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"vfs_set","pf":"0000:02:00.0","count":2,"resources":{"default":{"vq":2,"vi":1},"vfs":{"1":{"vq":4,"vi":2}}}}"#,
+        )
+        .unwrap();
+        let Request::VfsSet {
+            resources: Some(res),
+            ..
+        } = &r
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(
+            res.for_vf(0),
+            Some(crate::nvme::VfResources { vq: 2, vi: 1 })
+        );
+        assert_eq!(
+            res.for_vf(1),
+            Some(crate::nvme::VfResources { vq: 4, vi: 2 })
+        );
+        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        for bad in [
+            r#"{"op":"vfs_set","pf":"0000:02:00.0","count":2,"resources":{"vfs":{"x":{"vq":2,"vi":1}}}}"#,
+            r#"{"op":"vfs_set","pf":"0000:02:00.0","count":2,"resources":{"default":{"vq":2}}}"#,
+            r#"{"op":"vfs_set","pf":"0000:02:00.0","count":2,"resources":{"default":{"vq":2,"vi":1,"qmax":3}}}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

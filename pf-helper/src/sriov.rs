@@ -8,6 +8,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::nvme::{NvmeOpener, NvmeResources, NVME_PF_DRIVER};
 use crate::pci::{DriverName, PciAddress};
 use crate::qdma::QdmaProfile;
 use crate::status::{
@@ -71,6 +72,7 @@ pub struct VfsSetOptions {
 pub struct SriovManager<S: Sysfs> {
     sysfs: S,
     proc_root: PathBuf,
+    nvme: std::sync::Arc<dyn NvmeOpener>,
 }
 
 /// Milliseconds since `start`, rounded to the microsecond (for logs and step reports).
@@ -105,10 +107,26 @@ fn parse_u16(path: &Path, text: &str) -> Result<u16, Error> {
 impl<S: Sysfs> SriovManager<S> {
     /// Operations on `sysfs`.
     pub fn new(sysfs: S) -> Self {
+        let nvme = std::sync::Arc::new(crate::nvme::DevNvmeOpener {
+            sysfs_root: sysfs.root().to_owned(),
+        });
         SriovManager {
             sysfs,
             proc_root: PathBuf::from("/proc"),
+            nvme,
         }
+    }
+
+    /// Uses `opener` to reach the NVMe controller of nvme-profile PFs
+    /// (default: `/dev/nvmeN` found under the sysfs root).
+    pub fn with_nvme_opener(mut self, opener: std::sync::Arc<dyn NvmeOpener>) -> Self {
+        self.nvme = opener;
+        self
+    }
+
+    /// The opener of NVMe controllers.
+    pub fn nvme_opener(&self) -> &dyn NvmeOpener {
+        &*self.nvme
     }
 
     /// Uses `root` instead of `/proc` to find processes holding VFIO files.
@@ -536,6 +554,13 @@ impl<S: Sysfs> SriovManager<S> {
         let autoprobe_rel = dir.join("sriov_drivers_autoprobe");
         let drivers_autoprobe = self.read(&autoprobe_rel)? != "0";
         let mut vfs = Vec::new();
+        let pf_driver = self.driver_in(&dir)?;
+        let (nvme, secondaries) = if pf_driver.as_deref() == Some(NVME_PF_DRIVER) {
+            let (st, secs) = crate::nvme::read_status(&*self.nvme, pf);
+            (Some(st), secs)
+        } else {
+            (None, Default::default())
+        };
         let list = self.vfs_in(&dir)?;
         let held = self.vfio_holders(&list.iter().map(|(_, vf)| *vf).collect::<Vec<_>>())?;
         for (index, vf) in list {
@@ -567,6 +592,7 @@ impl<S: Sysfs> SriovManager<S> {
                         file: file.display().to_string(),
                     }),
                 fpga,
+                nvme: secondaries.get(&index).copied(),
             });
         }
         let vendor = self.read(&dir.join("vendor"))?;
@@ -576,12 +602,13 @@ impl<S: Sysfs> SriovManager<S> {
             bdf: pf,
             vendor,
             device,
-            driver: self.driver_in(&dir)?,
+            driver: pf_driver,
             totalvfs,
             numvfs,
             drivers_autoprobe,
             vfs,
             fpga,
+            nvme,
         })
     }
 
@@ -754,6 +781,22 @@ impl<S: Sysfs> SriovManager<S> {
         n: u16,
         opts: &VfsSetOptions,
     ) -> Result<VfsSetReport, Error> {
+        self.set_vf_count_with(pf, n, opts, None)
+    }
+
+    /// [`SriovManager::set_vf_count`], then (nvme profile) gives the VFs the
+    /// NVMe resources of `resources` before they are bound: checked against
+    /// the PF's controller before anything is written (step `nvme_check`;
+    /// the PF must be on the `nvme` driver), applied after the VFs exist
+    /// (step `nvme_resources`: offline, assign VQ, assign VI, online). See
+    /// the crate docs' nvme section.
+    pub fn set_vf_count_with(
+        &self,
+        pf: PciAddress,
+        n: u16,
+        opts: &VfsSetOptions,
+        resources: Option<&NvmeResources>,
+    ) -> Result<VfsSetReport, Error> {
         let span = tracing::info_span!("vfs_set", %pf, count = n);
         let _enter = span.enter();
         let mut steps = Vec::new();
@@ -777,6 +820,28 @@ impl<S: Sysfs> SriovManager<S> {
                 self.require_driver_loaded(driver)?;
             }
         }
+        let nvme_plan = match resources {
+            Some(req) => {
+                let driver = self.driver_in(&dir)?;
+                if driver.as_deref() != Some(NVME_PF_DRIVER) {
+                    return Err(Error::NvmeResources {
+                        pf,
+                        reason: format!(
+                            "VF resources need the PF on the nvme driver (bound: {})",
+                            driver.as_deref().unwrap_or("none")
+                        ),
+                    });
+                }
+                Some(timed(&mut steps, "nvme_check", || {
+                    let ctrl = self.nvme.open(pf)?;
+                    let caps = crate::nvme::primary_caps(&*ctrl)?;
+                    let secs = crate::nvme::secondary_controllers(&*ctrl)?;
+                    let plan = crate::nvme::check_plan(pf, &caps, &secs, n, req)?;
+                    Ok((ctrl, plan))
+                })?)
+            }
+            None => None,
+        };
         let changed = n != from;
         if changed && from != 0 {
             let vfs: Vec<PciAddress> = self.vfs_in(&dir)?.into_iter().map(|(_, vf)| vf).collect();
@@ -815,6 +880,12 @@ impl<S: Sysfs> SriovManager<S> {
                 expected: n,
                 actual: vfs.len() as u16,
             });
+        }
+        if let Some((ctrl, plan)) = &nvme_plan {
+            timed(&mut steps, "nvme_resources", || {
+                let bdf = |i: u16| vfs.iter().find(|(x, _)| *x == i).map(|(_, b)| *b);
+                crate::nvme::apply_plan(pf, &**ctrl, plan, &bdf).map(|_| ())
+            })?;
         }
         if let Some(driver) = &opts.bind {
             if !vfs.is_empty() {

@@ -40,6 +40,10 @@ pub struct PfStatus {
     /// for other devices.
     #[serde(default)]
     pub fpga: Option<FpgaStatus>,
+    /// The NVMe controller's flexible resources, for a PF on the `nvme`
+    /// driver (the nvme profile); `null` for other PFs.
+    #[serde(default)]
+    pub nvme: Option<crate::nvme::NvmeStatus>,
 }
 
 /// One virtual function.
@@ -67,6 +71,10 @@ pub struct VfStatus {
     /// for other devices.
     #[serde(default)]
     pub fpga: Option<FpgaStatus>,
+    /// This VF's NVMe secondary controller (state and resources), for a VF
+    /// of a PF on the `nvme` driver; `null` otherwise.
+    #[serde(default)]
+    pub nvme: Option<crate::nvme::SecondaryStatus>,
 }
 
 /// What a function of the svff QDMA design shows in its register window
