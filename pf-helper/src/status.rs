@@ -42,7 +42,7 @@ pub struct PfStatus {
     pub fpga: Option<FpgaStatus>,
     /// The NVMe controller's flexible resources, for a PF on the `nvme`
     /// driver (the nvme profile); `null` for other PFs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<crate::nvme::NvmeStatus>,
 }
 
@@ -73,7 +73,7 @@ pub struct VfStatus {
     pub fpga: Option<FpgaStatus>,
     /// This VF's NVMe secondary controller (state and resources), for a VF
     /// of a PF on the `nvme` driver; `null` otherwise.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<crate::nvme::SecondaryStatus>,
 }
 
