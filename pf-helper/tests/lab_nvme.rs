@@ -169,6 +169,53 @@ impl Drop for Restore {
     }
 }
 
+/// Keeps a device in D0 (`power/control` = `on`) until dropped.
+struct RuntimePmOn(PathBuf, String);
+
+impl RuntimePmOn {
+    fn new(bdf: &str) -> Self {
+        let path = guest::dev_path(bdf).join("power/control");
+        let old = guest::read_attr(&path);
+        guest::write_attr(&path, "on");
+        RuntimePmOn(path, old)
+    }
+}
+
+impl Drop for RuntimePmOn {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.0, &self.1);
+    }
+}
+
+/// Sets PCI_COMMAND's memory space bit through sysfs `config` until dropped.
+struct CommandMemoryOn(PathBuf, [u8; 2]);
+
+impl CommandMemoryOn {
+    fn new(bdf: &str) -> Self {
+        use std::os::unix::fs::FileExt;
+        let path = guest::dev_path(bdf).join("config");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut old = [0u8; 2];
+        f.read_exact_at(&mut old, 4).unwrap();
+        let new = (u16::from_le_bytes(old) | 0x2).to_le_bytes();
+        f.write_all_at(&new, 4).unwrap();
+        CommandMemoryOn(path, old)
+    }
+}
+
+impl Drop for CommandMemoryOn {
+    fn drop(&mut self) {
+        use std::os::unix::fs::FileExt;
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(&self.0) {
+            let _ = f.write_all_at(&self.1, 4);
+        }
+    }
+}
+
 fn setup() -> (String, Restore) {
     guest::require_lab();
     guest::modprobe("nvme");
@@ -241,6 +288,12 @@ fn vfs_set_with_the_nvme_profile_gives_online_vfs_with_the_requested_resources()
             Some("vfio-pci"),
             "{vf}"
         );
+        // vfio-pci keeps an unopened device in D3hot (runtime PM): hold it in
+        // D0 for the read. QEMU's VF decodes its BAR only with the memory bit
+        // of its own PCI_COMMAND set (vfio-pci sets it when a VMM opens the
+        // device); set it for the read and put it back afterwards.
+        let _d0 = RuntimePmOn::new(&vf.to_string());
+        let _mem = CommandMemoryOn::new(&vf.to_string());
         let bar = mgr.open_bar(*vf, 0).unwrap();
         let vs = bar.read_u32(0x8).unwrap();
         let cap_lo = bar.read_u32(0x0).unwrap();
