@@ -22,6 +22,24 @@
 //!   registers of the svff FPGA user logic on BAR [`SVFF_REGS_BAR`], with the
 //!   offsets and the magic generated from `fpga-rtl/REGISTERS.md`.
 //! - [`Daemon`], [`Config`], [`request`]: the daemon and its client.
+//! - The **nvme profile** (PF bound to the kernel's `nvme` driver, VFs are NVMe
+//!   secondary controllers): [`SriovManager::set_vf_count_with`] gives VFs
+//!   flexible queue (VQ) and interrupt (VI) resources ([`NvmeResources`]),
+//!   checked against the controller's Primary Controller Capabilities before
+//!   anything is written and applied after VF creation with NVMe
+//!   Virtualization Management (each secondary offline, assign VQ, assign
+//!   VI, online), before the VFs are bound. The helper issues the admin
+//!   commands itself through the kernel's passthrough ioctl
+//!   (`NVME_IOCTL_ADMIN_CMD` on `/dev/nvmeN`, [`NvmeDevice`]) rather than
+//!   running nvme-cli: no shell-out from privileged code, every command
+//!   bounded by the kernel's `timeout_ms` (10 s), the encoding unit-tested,
+//!   no extra package. `svff vfs set --resources 0=vq:2,vi:1,1=vq:4,vi:2` or
+//!   `--vq 2 --vi 1` (every VF); in the daemon's config
+//!   `nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }`.
+//!   A VF given resources needs at least 2 VQ and 1 VI to go online;
+//!   `vq:0,vi:0` leaves it offline. Refusals (`nvme_resources`) name the PF,
+//!   the VF and the resource, e.g. "PF 0000:02:00.0: NVMe VF resources: VF 1:
+//!   3 VQ requested, at most 2 per secondary controller (VQFRSM)".
 //!
 //! # `svff status --json` (format version 1)
 //!
@@ -60,6 +78,18 @@
 //! }
 //! ```
 //!
+//! For a PF on the `nvme` driver (nvme profile), the PF entry also has
+//! `"nvme": {"controller": "/dev/nvme0 (PF 0000:02:00.0)", "vq_total": 128,
+//! "vq_assigned": 6, "vq_primary": 0, "vq_max_per_vf": 2, "vi_total": 64,
+//! "vi_assigned": 3, "vi_primary": 0, "vi_max_per_vf": 1, "error": null}`
+//! ([`NvmeStatus`]: VQFRT, VQRFA, VQRFAP, VQFRSM and the VI counterparts from
+//! Identify Primary Controller Capabilities; when the controller cannot be
+//! read, `error` says why and the rest is `null`), and each of its VFs
+//! `"nvme": {"scid": 1, "online": true, "vq": 2, "vi": 1}`
+//! ([`SecondaryStatus`]: its secondary controller from the Secondary
+//! Controller List, matched by VF number). Both were added to format 1: they
+//! are absent (meaning `null`) for other PFs and their VFs.
+//!
 //! `format_version` ([`STATUS_FORMAT_VERSION`]) changes only on incompatible
 //! changes; new fields may appear without a bump. PFs are sorted by address,
 //! VFs by `virtfnN` index. `vendor`/`device` are the sysfs attributes verbatim;
@@ -92,8 +122,8 @@
 //!
 //! `svff vfs set --json` prints a [`VfsSetReport`]: `pf`, `from`, `to`,
 //! `changed`, `steps` (`[{"name": "enable_vfs", "ms": 513.6}, ...]`, names
-//! `pf_driver`, `check_in_use`, `autoprobe_off`, `disable_vfs`, `enable_vfs`,
-//! `bind_vfs`, `qdma_profile`) and `status` (the PF afterwards, as above).
+//! `pf_driver`, `nvme_check`, `check_in_use`, `autoprobe_off`, `disable_vfs`,
+//! `enable_vfs`, `nvme_resources`, `bind_vfs`, `qdma_profile`) and `status` (the PF afterwards, as above).
 //!
 //! Before VFs are destroyed or a VF leaves `vfio-pci`, the helper looks for
 //! every holder of the VF (the `held_by` sources above, then a probe of the
@@ -123,7 +153,7 @@
 //! |---|---|
 //! | `{"op":"ping"}` | `{"version":"0.1.0"}` |
 //! | `{"op":"status"}` or `{"op":"status","pf":"0000:01:00.0"}` | a status object as above |
-//! | `{"op":"vfs_set","pf":"0000:01:00.0","count":4,"bind":"vfio-pci"}` (`bind` optional) | a [`VfsSetReport`] |
+//! | `{"op":"vfs_set","pf":"0000:01:00.0","count":4,"bind":"vfio-pci"}` (`bind` optional; `"resources": {"default": {"vq": 2, "vi": 1}, "vfs": {"1": {"vq": 2, "vi": 1}}}` optional, nvme profile, overrides the PF's `nvme` config) | a [`VfsSetReport`] |
 //! | `{"op":"program","pf":"0000:81:00.0"}` | `{"steps":[...]}` |
 //!
 //! Responses: `{"protocol":1,"ok":true,"result":...}` or
@@ -131,6 +161,8 @@
 //! Error kinds ([`Error::kind`]): `invalid_argument`, `no_device`,
 //! `too_many_vfs`, `busy`, `stuck`, `vf_in_use`, `no_sriov_configure`, `driver_not_loaded`,
 //! `bind_failed`, `count_mismatch`, `sysfs`, `bar`, `not_svff`, `qdma`, `bitstream`, `config`,
+//! `nvme` (controller not found, or an admin command failed: the NVMe status is in the message),
+//! `nvme_resources` (requested VF resources refused, or not what the controller shows afterwards),
 //! `not_allowed` (PF not on the allow-list, or driver not in `vf_drivers`),
 //! `permission_denied`, `protocol`, `internal`. Unknown fields (on every
 //! request, `ping` included), malformed addresses or driver names are
@@ -168,9 +200,12 @@ pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
 pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
 pub use nvme::{
-    AdminCommand, AdminError, DevNvmeOpener, NvmeAdmin, NvmeDevice, NvmeOpener, NvmeProfile,
-    NvmeResources, NvmeStatus, PrimaryCaps, ResourceType, SecondaryController, SecondaryStatus,
-    VfResources, VirtAction, NVME_PF_DRIVER,
+    apply_plan as nvme_apply_plan, check_plan as nvme_check_plan,
+    primary_caps as nvme_primary_caps, read_status as nvme_read_status,
+    secondary_controllers as nvme_secondary_controllers, AdminCommand, AdminError, DevNvmeOpener,
+    NvmeAdmin, NvmeDevice, NvmeOpener, NvmeProfile, NvmeResources, NvmeStatus, PassthruCmd,
+    PlannedVf, PrimaryCaps, ResourceType, SecondaryController, SecondaryStatus, VfResources,
+    VirtAction, NVME_PF_DRIVER,
 };
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};

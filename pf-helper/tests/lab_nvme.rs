@@ -221,6 +221,17 @@ fn setup() -> (String, Restore) {
     guest::modprobe("nvme");
     guest::modprobe("vfio-pci");
     let pf = guest::nvme_pf();
+    // Every test (this file's included) leaves the PF off nvme with 0 VFs.
+    assert_ne!(
+        guest::driver_of(&pf).as_deref(),
+        Some("nvme"),
+        "left on nvme"
+    );
+    assert_eq!(
+        guest::read_attr(guest::dev_path(&pf).join("sriov_numvfs")),
+        "0",
+        "VFs left behind"
+    );
     let restore = Restore::new(&pf);
     (pf, restore)
 }

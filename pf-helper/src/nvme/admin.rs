@@ -338,7 +338,7 @@ pub struct NvmeDevice {
 impl NvmeDevice {
     /// Opens the NVMe controller of `pf`: the one `nvmeN` entry of
     /// `<sysfs>/bus/pci/devices/<pf>/nvme/`, waited for (at most
-    /// [`LIVE_TIMEOUT`]) until its `state` is `live`, then `/dev/nvmeN`,
+    /// 15 s) until its `state` is `live`, then `/dev/nvmeN`,
     /// checked to be the character device whose number the controller's
     /// sysfs `dev` attribute gives.
     pub fn open(sysfs_root: &Path, pf: PciAddress) -> Result<Self, Error> {

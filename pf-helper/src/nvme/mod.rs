@@ -44,7 +44,7 @@ use tracing::info;
 
 pub use admin::{
     parse_secondary_list, status_text, AdminCommand, AdminError, NvmeAdmin, NvmeDevice,
-    PrimaryCaps, ResourceType, SecondaryController, VirtAction, CNS_PRIMARY_CTRL_CAPS,
+    PassthruCmd, PrimaryCaps, ResourceType, SecondaryController, VirtAction, CNS_PRIMARY_CTRL_CAPS,
     CNS_SECONDARY_CTRL_LIST, IDENTIFY_LEN,
 };
 

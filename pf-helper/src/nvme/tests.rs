@@ -1,4 +1,3 @@
-use super::admin::PassthruCmd;
 use super::fake::FakeNvme;
 use super::*;
 
