@@ -884,7 +884,7 @@ impl<S: Sysfs> SriovManager<S> {
         if let Some((ctrl, plan)) = &nvme_plan {
             timed(&mut steps, "nvme_resources", || {
                 let bdf = |i: u16| vfs.iter().find(|(x, _)| *x == i).map(|(_, b)| *b);
-                crate::nvme::apply_plan(pf, &**ctrl, plan, &bdf).map(|_| ())
+                crate::nvme::apply_plan(pf, &**ctrl, plan, changed, &bdf).map(|_| ())
             })?;
         }
         if let Some(driver) = &opts.bind {

@@ -218,8 +218,6 @@ impl Drop for CommandMemoryOn {
 
 fn setup() -> (String, Restore) {
     guest::require_lab();
-    guest::modprobe("nvme");
-    guest::modprobe("vfio-pci");
     let pf = guest::nvme_pf();
     // Every test (this file's included) leaves the PF off nvme with 0 VFs.
     assert_ne!(
@@ -232,7 +230,10 @@ fn setup() -> (String, Restore) {
         "0",
         "VFs left behind"
     );
+    // Recorded before nvme is loaded: loading it binds an unbound PF.
     let restore = Restore::new(&pf);
+    guest::modprobe("nvme");
+    guest::modprobe("vfio-pci");
     (pf, restore)
 }
 
@@ -416,5 +417,45 @@ fn too_many_resources_are_refused_with_a_clear_error_and_nothing_changed() {
     for i in 0..4 {
         let s = secondary_of_vf(&before, i);
         assert!(s.online && (s.nvq, s.nvi) == (2, 1), "VF {i}: {s:?}");
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn count_changes_on_the_nvme_driver_give_the_new_vfs_their_resources() {
+    let (pf, _restore) = setup();
+    for count in ["4", "2", "3"] {
+        let out = svff(&[
+            "--direct",
+            "vfs",
+            "set",
+            "--pf",
+            &pf,
+            count,
+            "--pf-driver",
+            "nvme",
+            "--bind",
+            "vfio-pci",
+            "--vq",
+            "2",
+            "--vi",
+            "1",
+        ]);
+        assert!(out.status.success(), "vfs set {count}");
+    }
+    let list = read_secondaries(&pf);
+    eprintln!("after 4 -> 2 -> 3: {list:?}");
+    for i in 0..3 {
+        let s = secondary_of_vf(&list, i);
+        assert!(s.online && (s.nvq, s.nvi) == (2, 1), "VF {i}: {s:?}");
+    }
+    let mgr = SriovManager::new(RealSysfs::new());
+    let vfs = mgr.vfs(PciAddress::parse(&pf).unwrap()).unwrap();
+    assert_eq!(vfs.len(), 3);
+    for (i, vf) in &vfs {
+        let _d0 = RuntimePmOn::new(&vf.to_string());
+        let _mem = CommandMemoryOn::new(&vf.to_string());
+        let vs = mgr.open_bar(*vf, 0).unwrap().read_u32(0x8).unwrap();
+        assert_eq!(vs, QEMU_NVME_VS, "VF {i} {vf} after the count changes");
     }
 }

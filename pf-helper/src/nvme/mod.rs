@@ -476,14 +476,16 @@ pub fn check_plan(
 }
 
 /// Carries out `plan` (from [`check_plan`]) on the controller: every
-/// secondary whose state differs from the plan is set offline, then each of
-/// those gets its VQ and VI counts and is set online (unless planned
-/// offline). Reads the list back and checks every planned secondary.
-/// Returns the number of secondaries changed.
+/// secondary whose state differs from the plan (with `force`: every planned
+/// secondary, as after a VF count change, where the VFs are new devices) is
+/// set offline, then each of those gets its VQ and VI counts and is set
+/// online (unless planned offline). Reads the list back and checks every
+/// planned secondary. Returns the number of secondaries changed.
 pub fn apply_plan(
     pf: PciAddress,
     ctrl: &dyn NvmeAdmin,
     plan: &[PlannedVf],
+    force: bool,
     vf_bdf: &dyn Fn(u16) -> Option<PciAddress>,
 ) -> Result<usize, Error> {
     let before = secondary_controllers(ctrl)?;
@@ -494,7 +496,10 @@ pub fn apply_plan(
                 || offline && !s.online && s.nvq == 0 && s.nvi == 0
         })
     };
-    let todo: Vec<&PlannedVf> = plan.iter().filter(|p| !is_done(p, &before)).collect();
+    let todo: Vec<&PlannedVf> = plan
+        .iter()
+        .filter(|p| force || !is_done(p, &before))
+        .collect();
     let who = |p: &PlannedVf| match vf_bdf(p.index) {
         Some(b) => format!("secondary controller {} (VF {} {b})", p.scid, p.index),
         None => format!("secondary controller {} (VF {})", p.scid, p.index),

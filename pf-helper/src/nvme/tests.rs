@@ -195,7 +195,7 @@ fn apply_sets_offline_then_assigns_vq_then_vi_then_online() {
     let req = NvmeResources::parse_spec("0=vq:2,vi:1,1=vq:4,vi:2").unwrap();
     let plan = plan_for(&fake, 2, &req).unwrap();
     fake.model().log.clear();
-    let changed = apply_plan(pf(), &fake, &plan, &|_| None).unwrap();
+    let changed = apply_plan(pf(), &fake, &plan, false, &|_| None).unwrap();
     assert_eq!(changed, 2);
     let vm: Vec<(u32, u32)> = fake
         .log()
@@ -236,10 +236,21 @@ fn apply_sets_offline_then_assigns_vq_then_vi_then_online() {
             nvi: 2
         }
     );
-    // Applying the same plan again touches nothing.
+    // Applying the same plan again touches nothing, unless forced (new VFs).
     fake.model().log.clear();
-    assert_eq!(apply_plan(pf(), &fake, &plan, &|_| None).unwrap(), 0);
+    assert_eq!(apply_plan(pf(), &fake, &plan, false, &|_| None).unwrap(), 0);
     assert!(fake.log().iter().all(|(op, _, _)| *op == 0x06));
+    assert_eq!(apply_plan(pf(), &fake, &plan, true, &|_| None).unwrap(), 2);
+    assert_eq!(
+        fake.sec(2),
+        fake::Sec {
+            scid: 2,
+            online: true,
+            vfn: 2,
+            nvq: 4,
+            nvi: 2
+        }
+    );
 }
 
 #[test]
@@ -250,7 +261,7 @@ fn a_refused_command_names_the_controller_the_vf_and_the_nvme_status() {
     fake.model().log.clear();
     fake.model().fail_at = Some((2, 0x4121));
     let vf = PciAddress::parse("0000:02:00.1").unwrap();
-    let err = apply_plan(pf(), &fake, &plan, &|i| (i == 0).then_some(vf)).unwrap_err();
+    let err = apply_plan(pf(), &fake, &plan, false, &|i| (i == 0).then_some(vf)).unwrap_err();
     let text = err.to_string();
     assert_eq!(err.kind(), "nvme");
     assert!(
