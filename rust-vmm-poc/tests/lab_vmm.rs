@@ -1,47 +1,135 @@
-//! The minimal VMM on KVM inside L1 (nested KVM over L0's emulated SVM), so it runs the same on
-//! every machine that runs the lab, with or without a /dev/kvm of its own.
+//! svff-vmm on KVM inside L1 (nested KVM over L0's emulated SVM), so it runs the same on every
+//! machine that runs the lab, with or without a /dev/kvm of its own. Every check reads what the
+//! guest itself wrote to its serial port, or how the VM ended.
 
-use rust_vmm_poc::{MiniVm, PortIo, VmmError};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
 use svff_lab::guest;
-
-/// Writes "OK" to port 0x3f8, reads port 0x60, halts.
-const PROG: &[u8] = &[
-    0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
-    0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
-    0xe4, 0x60, // in al, 0x60
-    0xf4, // hlt
-];
+use svff_vmm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig};
 
 fn kvm_ready() {
     guest::require_lab();
     guest::modprobe("kvm-amd");
 }
 
-#[test]
-#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
-fn real_mode_guest_port_io_reaches_the_vmm_in_order_then_halts() {
-    kvm_ready();
-    let mut vm = MiniVm::new(1 << 20).unwrap();
-    vm.load_real_mode(0x1000, PROG).unwrap();
-    let io = vm.run_until_halt(100).unwrap();
-    assert_eq!(
-        io,
-        [
-            PortIo::Out(0x3f8, vec![b'O']),
-            PortIo::Out(0x3f8, vec![b'K']),
-            PortIo::In(0x60, 1)
-        ]
-    );
+/// A serial sink the test can read.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// 32-bit code: print `s` on COM1.
+fn print(s: &str) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in s.bytes() {
+        c.extend([0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    c
+}
+
+/// 32-bit code: write `code` to the debug exit port, then halt forever.
+fn debug_exit(code: u8) -> Vec<u8> {
+    vec![0x66, 0xba, 0x01, 0x05, 0xb0, code, 0xee, 0xf4, 0xeb, 0xfd]
+}
+
+fn run_raw(code: Vec<u8>, cpus: u8) -> (Result<ExitReason, svff_vmm::Error>, String) {
+    let cap = Capture::default();
+    let vm = Vm::new(VmConfig {
+        cpus,
+        serial: SerialOutput::Writer(Box::new(cap.clone())),
+        guest: GuestImage::Raw(code),
+        ..Default::default()
+    })
+    .expect("build the VM");
+    (vm.run(), cap.text())
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn vcpu_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("svff-vcpu"))
+        .count()
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
-fn a_guest_that_never_halts_is_stopped_by_the_exit_budget() {
+fn protected_mode_guest_prints_on_com1_and_ends_the_vm_through_the_debug_exit_port() {
     kvm_ready();
-    let mut vm = MiniVm::new(1 << 20).unwrap();
-    // out 0x80, al; jmp back to it
-    vm.load_real_mode(0x1000, &[0xe6, 0x80, 0xeb, 0xfc])
-        .unwrap();
-    assert!(matches!(vm.run_until_halt(5), Err(VmmError::NoHalt(5))));
+    let mut code = print("hello from svff-vmm\n");
+    code.extend(debug_exit(42));
+    let (reason, out) = run_raw(code, 1);
+    assert_eq!(reason.unwrap(), ExitReason::DebugExit(42));
+    assert_eq!(out, "hello from svff-vmm\n");
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn i8042_reset_command_ends_the_vm_as_a_guest_reset() {
+    kvm_ready();
+    let mut code = print("resetting\n");
+    code.extend([0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]); // mov al, 0xfe; out 0x64, al; hlt
+    let (reason, out) = run_raw(code, 1);
+    assert_eq!(reason.unwrap(), ExitReason::GuestReset);
+    assert_eq!(out, "resetting\n");
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn a_triple_fault_ends_the_vm_as_a_guest_shutdown() {
+    kvm_ready();
+    // ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault -> KVM_EXIT_SHUTDOWN.
+    let mut code = print("faulting\n");
+    code.extend([0x0f, 0x0b]);
+    let (reason, out) = run_raw(code, 1);
+    assert_eq!(reason.unwrap(), ExitReason::GuestShutdown);
+    assert_eq!(out, "faulting\n");
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn pause_parks_every_vcpu_thread_and_quit_joins_them_all_and_closes_every_fd() {
+    kvm_ready();
+    let fds_before = fd_count();
+    assert_eq!(vcpu_threads(), 0);
+    let vm = Vm::new(VmConfig {
+        cpus: 3,
+        serial: SerialOutput::Null,
+        guest: GuestImage::Raw(vec![0xeb, 0xfe]), // jmp $
+        ..Default::default()
+    })
+    .unwrap();
+    let h = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    // pause() returns once all three vCPU threads are up and parked.
+    h.pause().expect("pause");
+    assert_eq!(h.state(), RunState::Paused);
+    assert_eq!(vcpu_threads(), 3, "one thread per vCPU");
+    h.resume();
+    assert_eq!(h.state(), RunState::Running);
+    h.pause().expect("pause again");
+    h.resume();
+    h.request_exit(ExitReason::Quit);
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::Quit);
+    assert_eq!(vcpu_threads(), 0, "every vCPU thread joined");
+    assert_eq!(fd_count(), fds_before, "every fd of the VM closed");
 }
