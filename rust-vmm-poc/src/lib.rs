@@ -17,10 +17,14 @@
 mod boot;
 mod devices;
 mod error;
+mod pci;
 mod vm;
 
 pub use boot::{GUEST_LOAD_ADDR, GUEST_STACK_TOP};
 pub use devices::{SerialSink, COM1_BASE, DEBUG_EXIT_PORT};
 pub use error::Error;
+pub use pci::{
+    BarKind, BarSpec, ConfigSpace, DevFn, PciBus, PciDevice, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR,
+};
 pub use vm::memory::{MMIO_WINDOW_END, MMIO_WINDOW_START};
 pub use vm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig, VmHandle, MAX_CPUS};

@@ -2,12 +2,17 @@
 
 mod legacy;
 mod serial;
+mod test_device;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub use legacy::{DEBUG_EXIT_PORT, I8042_COMMAND, I8042_DATA, I8042_RESET, POST_PORT};
 pub use serial::{SerialPort, SerialSink, COM1_BASE, COM1_IRQ};
+pub use test_device::{
+    TestDevice, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
+};
 
+use crate::pci::{PciBus, CONF1_ADDRESS};
 use crate::vm::ExitReason;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -18,13 +23,20 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub(crate) struct Devices {
     serial: Mutex<SerialPort>,
+    pci: Mutex<PciBus>,
 }
 
 impl Devices {
-    pub(crate) fn new(serial: SerialPort) -> Self {
+    pub(crate) fn new(serial: SerialPort, pci: PciBus) -> Self {
         Devices {
             serial: Mutex::new(serial),
+            pci: Mutex::new(pci),
         }
+    }
+
+    /// The PCI bus (QMP and tests reach devices through it).
+    pub(crate) fn pci(&self) -> MutexGuard<'_, PciBus> {
+        lock(&self.pci)
     }
 
     /// `in` from `port`: fills `data`. Unclaimed ports read all-ones, as on a PC.
@@ -33,6 +45,7 @@ impl Devices {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
                 data[0] = lock(&self.serial).read((p - COM1_BASE) as u8);
             }
+            CONF1_ADDRESS..=0xcff => lock(&self.pci).pio_read(port, data),
             I8042_DATA | I8042_COMMAND | POST_PORT => data.fill(0),
             _ => data.fill(0xff),
         }
@@ -45,19 +58,28 @@ impl Devices {
                 lock(&self.serial).write((p - COM1_BASE) as u8, *v);
                 None
             }
+            (CONF1_ADDRESS..=0xcff, _) => {
+                lock(&self.pci).pio_write(port, data);
+                None
+            }
             (I8042_COMMAND, [I8042_RESET]) => Some(ExitReason::GuestReset),
             (DEBUG_EXIT_PORT, [code, ..]) => Some(ExitReason::DebugExit(*code)),
             _ => None,
         }
     }
 
-    /// MMIO read at guest-physical `addr` that no memory slot covers: all-ones.
-    pub(crate) fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    /// MMIO read at guest-physical `addr` that no memory slot covers: the BAR that decodes
+    /// it, else all-ones (as an unclaimed PCI read).
+    pub(crate) fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !lock(&self.pci).mmio_read(addr, data) {
+            data.fill(0xff);
+        }
     }
 
-    /// MMIO write outside every slot: dropped.
-    pub(crate) fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    /// MMIO write outside every slot: to the BAR that decodes it, else dropped.
+    pub(crate) fn mmio_write(&self, addr: u64, data: &[u8]) {
+        lock(&self.pci).mmio_write(addr, data);
+    }
 
     /// Flushes the serial sink (at exit).
     pub(crate) fn flush(&self) {

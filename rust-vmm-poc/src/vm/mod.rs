@@ -17,8 +17,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-use crate::devices::{Devices, SerialPort, SerialSink, COM1_IRQ};
+use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, COM1_IRQ};
 use crate::error::{io, kvm, Error};
+use crate::pci::PciBus;
 pub(crate) use control::Control;
 pub use control::RunState;
 
@@ -73,6 +74,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// The guest.
     pub guest: GuestImage,
+    /// Number of emulated `svff-test` PCI functions, at 00:01.0, 00:02.0, ...
+    pub test_devices: u8,
 }
 
 impl Default for VmConfig {
@@ -83,6 +86,7 @@ impl Default for VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             serial: SerialOutput::Stdout,
             guest: GuestImage::Raw(vec![0xf4, 0xeb, 0xfd]), // hlt; jmp back
+            test_devices: 0,
         }
     }
 }
@@ -209,7 +213,14 @@ impl Vm {
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm("KVM_IRQFD for the serial port (GSI 4)"))?;
         let serial = SerialPort::new(serial_irq, serial_sink(config.serial)?);
-        let devices = Arc::new(Devices::new(serial));
+        let mut pci = PciBus::new(memory::MMIO_WINDOW_START, memory::MMIO_WINDOW_END)?;
+        for _ in 0..config.test_devices {
+            let df = pci
+                .next_free_device()
+                .ok_or_else(|| Error::Config("no free PCI slot for a test device".into()))?;
+            pci.add(df, Box::new(TestDevice::default()))?;
+        }
+        let devices = Arc::new(Devices::new(serial, pci));
 
         let ctl = Arc::new(Control::new(config.cpus.into())?);
         let cpuid = vcpu::supported_cpuid(&kvm_sys)?;
