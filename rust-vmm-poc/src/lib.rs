@@ -17,14 +17,20 @@
 mod boot;
 mod devices;
 mod error;
+mod guest;
 mod pci;
 mod vm;
 
 pub use boot::{GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-pub use devices::{SerialSink, COM1_BASE, DEBUG_EXIT_PORT};
+pub use devices::{
+    SerialSink, TestDevice, COM1_BASE, DEBUG_EXIT_PORT, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE,
+    TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
+};
 pub use error::Error;
+pub use guest::{parse_counters, GuestCounters, TestGuest};
 pub use pci::{
-    BarKind, BarSpec, ConfigSpace, DevFn, PciBus, PciDevice, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR,
+    reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
+    COMMAND_MASTER, COMMAND_MEMORY, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use vm::memory::{MMIO_WINDOW_END, MMIO_WINDOW_START};
 pub use vm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig, VmHandle, MAX_CPUS};

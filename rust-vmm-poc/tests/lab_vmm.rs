@@ -4,9 +4,13 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use svff_lab::guest;
-use svff_vmm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig};
+use svff_vmm::{
+    parse_counters, DevFn, ExitReason, GuestCounters, GuestImage, RunState, SerialOutput,
+    TestGuest, Vm, VmConfig, TEST_DEVICE_ID,
+};
 
 fn kvm_ready() {
     guest::require_lab();
@@ -132,4 +136,114 @@ fn pause_parks_every_vcpu_thread_and_quit_joins_them_all_and_closes_every_fd() {
     assert_eq!(runner.join().unwrap().unwrap(), ExitReason::Quit);
     assert_eq!(vcpu_threads(), 0, "every vCPU thread joined");
     assert_eq!(fd_count(), fds_before, "every fd of the VM closed");
+}
+
+fn test_guest_vm(test_devices: u8, guest: TestGuest) -> (Vm, Capture) {
+    let cap = Capture::default();
+    let vm = Vm::new(VmConfig {
+        serial: SerialOutput::Writer(Box::new(cap.clone())),
+        guest: GuestImage::Test(guest),
+        test_devices,
+        ..Default::default()
+    })
+    .expect("build the VM");
+    (vm, cap)
+}
+
+fn last_counters(out: &str, dev: &str) -> GuestCounters {
+    out.lines()
+        .filter_map(parse_counters)
+        .filter(|c| c.dev == dev)
+        .last()
+        .unwrap_or_else(|| panic!("no counter line for {dev} in:\n{out}"))
+}
+
+/// Waits (bounded) until the guest's output satisfies `cond`.
+fn wait_output(cap: &Capture, what: &str, cond: impl Fn(&str) -> bool) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !cond(&cap.text()) {
+        assert!(
+            Instant::now() < end,
+            "guest never printed {what}:\n{}",
+            cap.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn test_guest_enumerates_bus_0_and_reads_every_test_device_bar0_validly() {
+    kvm_ready();
+    let (vm, cap) = test_guest_vm(
+        2,
+        TestGuest {
+            rounds: 50,
+            report_every: 25,
+        },
+    );
+    assert_eq!(vm.run().unwrap(), ExitReason::DebugExit(0));
+    let out = cap.text();
+    println!("{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "svff-guest: start");
+    assert_eq!(
+        &lines[1..5],
+        &[
+            "svff-guest: found 00:00.0 vendor=1b36 device=0008 class=060000",
+            "svff-guest: found 00:01.0 vendor=1234 device=5ff0 class=ff0000",
+            "svff-guest: found 00:02.0 vendor=1234 device=5ff0 class=ff0000",
+            "svff-guest: enumerated 3 functions, 2 targets",
+        ]
+    );
+    for dev in ["00:01.0", "00:02.0"] {
+        let c = last_counters(&out, dev);
+        assert_eq!(c.round, 50);
+        assert_eq!(c.reads, 100, "two reads per round: {c:?}");
+        assert_eq!((c.ok, c.ones, c.gone, c.back), (100, 0, 0, 0), "{c:?}");
+        assert_eq!(c.id, TEST_DEVICE_ID);
+        assert!(c.max_tsc > 0, "a BAR read that exits to the VMM takes time");
+    }
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("svff-guest: dev=00:01.0 "))
+            .count(),
+        2,
+        "a report every 25 rounds"
+    );
+    assert_eq!(lines.last(), Some(&"svff-guest: done rounds=50"));
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn test_guest_notices_a_function_leaving_config_space_and_coming_back() {
+    kvm_ready();
+    let (vm, cap) = test_guest_vm(
+        1,
+        TestGuest {
+            rounds: 0,
+            report_every: 20,
+        },
+    );
+    let h = vm.handle();
+    let runner = std::thread::spawn(move || vm.run());
+    let df = DevFn::new(1, 0).unwrap();
+    wait_output(&cap, "a first report", |o| {
+        o.contains("svff-guest: dev=00:01.0 round=")
+    });
+    h.set_device_present(df, false).unwrap();
+    wait_output(&cap, "event=gone", |o| o.contains("dev=00:01.0 event=gone"));
+    h.set_device_present(df, true).unwrap();
+    wait_output(&cap, "event=back", |o| o.contains("dev=00:01.0 event=back"));
+    let reports_before = cap.text().lines().filter_map(parse_counters).count();
+    wait_output(&cap, "a report after the return", |o| {
+        o.lines().filter_map(parse_counters).count() > reports_before
+    });
+    h.request_exit(ExitReason::Quit);
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::Quit);
+    let out = cap.text();
+    let c = last_counters(&out, "00:01.0");
+    assert_eq!((c.gone, c.back), (1, 1), "{c:?}");
+    assert_eq!(c.ones, 0, "a hidden function is skipped, not read: {c:?}");
+    assert_eq!(c.id, TEST_DEVICE_ID, "valid reads after the return");
 }

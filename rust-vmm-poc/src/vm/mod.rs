@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
 use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, COM1_IRQ};
 use crate::error::{io, kvm, Error};
-use crate::pci::PciBus;
+use crate::guest::TestGuest;
+use crate::pci::{DevFn, PciBus};
 pub(crate) use control::Control;
 pub use control::RunState;
 
@@ -59,6 +60,8 @@ pub enum GuestImage {
     /// 32-bit flat protected-mode code, loaded at [`GUEST_LOAD_ADDR`] and entered there with the
     /// stack at [`GUEST_STACK_TOP`], interrupts off, paging off.
     Raw(Vec<u8>),
+    /// The built-in test guest (see [`TestGuest`]), loaded and entered the same way.
+    Test(TestGuest),
 }
 
 /// Everything needed to build a VM.
@@ -127,6 +130,8 @@ impl ExitReason {
 #[derive(Debug, Clone)]
 pub struct VmHandle {
     ctl: Arc<Control>,
+    // Weak: a handle kept by QMP must not keep device fds open after the VM ended.
+    devices: Weak<Devices>,
 }
 
 impl VmHandle {
@@ -148,6 +153,25 @@ impl VmHandle {
     /// Running, paused or shutting down.
     pub fn state(&self) -> RunState {
         self.ctl.state()
+    }
+
+    /// Shows or hides the PCI function at `devfn`: hidden, it reads all-ones in config space
+    /// and decodes no BAR, as a function that was removed (for testing how guests notice).
+    pub fn set_device_present(&self, devfn: DevFn, present: bool) -> Result<(), Error> {
+        self.devices()?.pci().set_present(devfn, present)
+    }
+
+    fn devices(&self) -> Result<Arc<Devices>, Error> {
+        self.devices
+            .upgrade()
+            .ok_or_else(|| Error::Config("the VM has ended".into()))
+    }
+
+    /// `(devfn, name)` of every PCI function.
+    pub fn pci_functions(&self) -> Vec<(DevFn, String)> {
+        self.devices()
+            .map(|d| d.pci().functions())
+            .unwrap_or_default()
     }
 }
 
@@ -246,8 +270,13 @@ impl Vm {
 
     fn load(&self, guest: &GuestImage) -> Result<(), Error> {
         boot::write_gdt(&self.mem)?;
+        let test_image;
         let code = match guest {
             GuestImage::Raw(code) => code,
+            GuestImage::Test(t) => {
+                test_image = t.image();
+                &test_image
+            }
         };
         self.mem
             .write_slice(code, GuestAddress(GUEST_LOAD_ADDR))
@@ -268,6 +297,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             ctl: self.ctl.clone(),
+            devices: Arc::downgrade(&self.devices),
         }
     }
 
