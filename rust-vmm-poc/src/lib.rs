@@ -19,6 +19,7 @@ mod devices;
 mod error;
 mod guest;
 mod pci;
+mod qmp;
 mod vm;
 
 pub use boot::{GUEST_LOAD_ADDR, GUEST_STACK_TOP};
@@ -32,5 +33,6 @@ pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
     COMMAND_MASTER, COMMAND_MEMORY, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
-pub use vm::memory::{MMIO_WINDOW_END, MMIO_WINDOW_START};
+pub use qmp::{parse_devfn, QmpHandler};
+pub use vm::memory::{check_ram_size, MMIO_WINDOW_END, MMIO_WINDOW_START};
 pub use vm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig, VmHandle, MAX_CPUS};

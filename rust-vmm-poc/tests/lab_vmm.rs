@@ -247,3 +247,134 @@ fn test_guest_notices_a_function_leaving_config_space_and_coming_back() {
     assert_eq!(c.ones, 0, "a hidden function is skipped, not read: {c:?}");
     assert_eq!(c.id, TEST_DEVICE_ID, "valid reads after the return");
 }
+
+/// Polls `cond` (bounded) until it holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn svff_vmm_serves_qmp_and_quit_ends_the_process_cleanly() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::os::fd::AsFd;
+
+    kvm_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let serial = dir.path().join("serial.log");
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+            .args([
+                "--cpus",
+                "2",
+                "--test-devices",
+                "1",
+                "--guest-report-every",
+                "20",
+            ])
+            .arg("--qmp")
+            .arg(&sock)
+            .arg(format!("--serial=file:{}", serial.display()))
+            .spawn()
+            .expect("spawn svff-vmm"),
+    );
+    let pid = child.0.id();
+    wait_until("the QMP socket", || sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(10)).expect("QMP connect");
+    let guest_out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_until("a counter report", || {
+        guest_out().contains("svff-guest: dev=00:01.0 round=")
+    });
+
+    assert_eq!(
+        qmp.execute("query-status", None).unwrap(),
+        json!({"running": true, "status": "running"})
+    );
+    qmp.execute("stop", None).unwrap();
+    qmp.wait_event("STOP", Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        qmp.execute("query-status", None).unwrap()["status"],
+        "paused"
+    );
+    qmp.execute("cont", None).unwrap();
+    qmp.wait_event("RESUME", Duration::from_secs(10)).unwrap();
+    assert_eq!(qmp.execute("query-status", None).unwrap()["running"], true);
+    assert!(qmp.execute("query-status", Some(json!({"x": 1}))).is_err());
+    assert!(qmp.execute("no-such-command", None).is_err());
+
+    // getfd / closefd with a descriptor passed over SCM_RIGHTS.
+    let f = std::fs::File::open("/dev/null").unwrap();
+    qmp.send_fd("nullfd", f.as_fd()).unwrap();
+    qmp.execute("closefd", Some(json!({"fdname": "nullfd"})))
+        .unwrap();
+    assert!(qmp
+        .execute("closefd", Some(json!({"fdname": "nullfd"})))
+        .is_err());
+
+    // The guest sees a hidden function vanish from config space and return.
+    qmp.execute(
+        "x-svff-set-present",
+        Some(json!({"device": "00:01.0", "present": false})),
+    )
+    .unwrap();
+    wait_until("event=gone", || {
+        guest_out().contains("dev=00:01.0 event=gone")
+    });
+    qmp.execute(
+        "x-svff-set-present",
+        Some(json!({"device": "00:01.0", "present": true})),
+    )
+    .unwrap();
+    wait_until("event=back", || {
+        guest_out().contains("dev=00:01.0 event=back")
+    });
+    assert!(qmp
+        .execute(
+            "x-svff-set-present",
+            Some(json!({"device": "00:09.0", "present": false}))
+        )
+        .is_err());
+
+    // Garbage and a client that disconnects mid-command leave the VMM serving.
+    {
+        use std::io::Write;
+        let mut raw = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        raw.write_all(b"\xff\xfe{garbage\n{\"execute\": \"qmp_capab")
+            .unwrap();
+    }
+    assert_eq!(qmp.execute("query-status", None).unwrap()["running"], true);
+
+    qmp.execute("quit", None).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "svff-vmm still running after quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "quit exits 0");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "no process left"
+    );
+    assert!(!sock.exists(), "the QMP socket is removed");
+    let out = guest_out();
+    let c = last_counters(&out, "00:01.0");
+    assert_eq!((c.gone, c.back, c.ones), (1, 1, 0), "{c:?}");
+}
