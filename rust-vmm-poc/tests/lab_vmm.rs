@@ -188,12 +188,16 @@ fn test_guest_enumerates_bus_0_and_reads_every_test_device_bar0_validly() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "svff-guest: start");
     assert_eq!(
-        &lines[1..5],
+        &lines[1..8],
         &[
             "svff-guest: found 00:00.0 vendor=1b36 device=0008 class=060000",
             "svff-guest: found 00:01.0 vendor=1234 device=5ff0 class=ff0000",
             "svff-guest: found 00:02.0 vendor=1234 device=5ff0 class=ff0000",
             "svff-guest: enumerated 3 functions, 2 targets",
+            // COM1's IRQ 4: vm-superio -> eventfd -> KVM irqfd -> in-kernel PIC -> LINT0.
+            "svff-guest: serial irqs=1",
+            "svff-guest: dev=00:01.0 msix vector=64",
+            "svff-guest: dev=00:02.0 msix vector=65",
         ]
     );
     for dev in ["00:01.0", "00:02.0"] {
@@ -203,10 +207,14 @@ fn test_guest_enumerates_bus_0_and_reads_every_test_device_bar0_validly() {
         assert_eq!((c.ok, c.ones, c.gone, c.back), (100, 0, 0, 0), "{c:?}");
         assert_eq!(c.id, TEST_DEVICE_ID);
         assert!(c.max_tsc > 0, "a BAR read that exits to the VMM takes time");
+        // One doorbell per round, each delivered as MSI-X through a GSI route and irqfd
+        // before the guest's next instruction.
+        assert_eq!(c.irqs, 50, "{c:?}");
     }
     assert_eq!(
         out.lines()
-            .filter(|l| l.starts_with("svff-guest: dev=00:01.0 "))
+            .filter_map(parse_counters)
+            .filter(|c| c.dev == "00:01.0")
             .count(),
         2,
         "a report every 25 rounds"
@@ -244,7 +252,9 @@ fn test_guest_notices_a_function_leaving_config_space_and_coming_back() {
     let out = cap.text();
     let c = last_counters(&out, "00:01.0");
     assert_eq!((c.gone, c.back), (1, 1), "{c:?}");
-    assert_eq!(c.ones, 0, "a hidden function is skipped, not read: {c:?}");
+    // A hidden function is skipped, not read; only the (at most two) reads of the round in
+    // which it vanished, after its config check, can see all-ones.
+    assert!(c.ones <= 2, "{c:?}");
     assert_eq!(c.id, TEST_DEVICE_ID, "valid reads after the return");
 }
 
@@ -376,5 +386,9 @@ fn svff_vmm_serves_qmp_and_quit_ends_the_process_cleanly() {
     assert!(!sock.exists(), "the QMP socket is removed");
     let out = guest_out();
     let c = last_counters(&out, "00:01.0");
-    assert_eq!((c.gone, c.back, c.ones), (1, 1, 0), "{c:?}");
+    assert_eq!((c.gone, c.back), (1, 1), "{c:?}");
+    assert!(
+        c.ones <= 2,
+        "all-ones only in the round the function vanished: {c:?}"
+    );
 }

@@ -11,8 +11,21 @@
 //! | 0x08   | STATUS  | `1` (ready) |
 //! | 0x0c   | READS   | number of BAR0 reads so far, this one included |
 //! | 0x10   | SCRATCH | read/write |
+//! | 0x14   | DOORBELL| write `v`: raise MSI-X vector `v` (write-only, reads 0) |
+//!
+//! MSI-X (capability at 0x40, the only one): 2 vectors, table at BAR0 + 0x800, PBA at
+//! BAR0 + 0xC00, delivered through KVM GSI routes and irqfds.
 
-use crate::pci::{BarKind, BarSpec, ConfigSpace, PciDevice};
+use std::sync::{Arc, Mutex};
+
+use crate::error::Error;
+use crate::pci::{BarKind, BarSpec, ConfigSpace, Msix, PciDevice};
+use crate::vm::GsiRouter;
+
+const MSIX_CAP: usize = 0x40;
+const MSIX_VECTORS: u16 = 2;
+const MSIX_TABLE: u64 = 0x800;
+const MSIX_PBA: u64 = 0xc00;
 
 /// Vendor ID of the test device.
 pub const TEST_DEVICE_VENDOR: u16 = 0x1234;
@@ -29,9 +42,28 @@ pub struct TestDevice {
     config: ConfigSpace,
     reads: u32,
     scratch: u32,
+    msix: Option<Msix>,
+}
+
+impl TestDevice {
+    /// A test device with MSI-X, its vectors routed through `router`.
+    pub fn with_msix(router: Arc<Mutex<GsiRouter>>) -> Result<Self, Error> {
+        let mut d = TestDevice::default();
+        d.msix = Some(Msix::new(
+            &mut d.config,
+            MSIX_CAP,
+            MSIX_VECTORS,
+            0,
+            MSIX_TABLE as u32,
+            MSIX_PBA as u32,
+            router,
+        )?);
+        Ok(d)
+    }
 }
 
 impl Default for TestDevice {
+    /// A test device without MSI-X (no KVM needed: unit tests).
     fn default() -> Self {
         let mut config = ConfigSpace::new(TEST_DEVICE_VENDOR, TEST_DEVICE_DEVICE, 0xff_0000, 1);
         config.set_bar(
@@ -46,6 +78,7 @@ impl Default for TestDevice {
             config,
             reads: 0,
             scratch: 0,
+            msix: None,
         }
     }
 }
@@ -60,10 +93,24 @@ impl PciDevice for TestDevice {
     fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.config
     }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        if let Some(m) = &mut self.msix {
+            m.config_written(&self.config);
+        }
+    }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if bar != 0 {
             data.fill(0xff);
             return;
+        }
+        if let Some(m) = &self.msix {
+            if (MSIX_TABLE..MSIX_TABLE + 16 * u64::from(MSIX_VECTORS)).contains(&offset) {
+                return m.table_read(offset - MSIX_TABLE, data);
+            }
+            if (MSIX_PBA..MSIX_PBA + 8).contains(&offset) {
+                return m.pba_read(offset - MSIX_PBA, data);
+            }
         }
         self.reads = self.reads.wrapping_add(1);
         let v = match offset & !3 {
@@ -81,8 +128,23 @@ impl PciDevice for TestDevice {
         }
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if bar == 0 && offset == 0x10 && data.len() == 4 {
-            self.scratch = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let Ok(b) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(b);
+        match (bar, offset) {
+            (0, 0x10) => self.scratch = v,
+            (0, 0x14) => {
+                if let Some(m) = &mut self.msix {
+                    m.fire(v as usize);
+                }
+            }
+            (0, o) if (MSIX_TABLE..MSIX_TABLE + 16 * u64::from(MSIX_VECTORS)).contains(&o) => {
+                if let Some(m) = &mut self.msix {
+                    m.table_write(o - MSIX_TABLE, data);
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -12,14 +12,22 @@
 //! 3. takes every function that is not a bridge (class 0x06) and has a memory BAR0 below
 //!    4 GiB as a *target* (at most 32), enabling its memory decoding, then prints
 //!    `svff-guest: enumerated N functions, M targets`;
-//! 4. loops in *rounds*: per target, reads its vendor ID in config space (0xffff: the
+//! 4. sets up interrupts: an IDT (exceptions print `svff-guest: exception` and end the VM
+//!    with debug exit 0xee), the 8259 PICs at vectors 0x20/0x28 with only IRQ 4 open, the
+//!    LAPIC software-enabled, `sti`; enables COM1's THR-empty interrupt once and prints
+//!    `svff-guest: serial irqs=N` (1 when IRQ 4 arrived through the VMM's irqfd, 0 if not);
+//!    then, for each target with an MSI-X capability, points table entry 0 at vector
+//!    0x40 + target index, enables MSI-X and prints `svff-guest: dev=00:DD.F msix vector=V`;
+//! 5. loops in *rounds*: per target, reads its vendor ID in config space (0xffff: the
 //!    function is gone: prints `svff-guest: dev=00:DD.F event=gone` once; when it returns,
 //!    re-enables decoding and prints `... event=back`), then reads BAR0+0 (identity) and
-//!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads;
-//! 5. every `report_every` rounds prints, per target,
-//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N id=XXXXXXXX`
-//!    (`max_tsc`: the longest single BAR read in TSC ticks; `id`: the last BAR0+0 value, hex);
-//! 6. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
+//!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
+//!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
+//! 6. every `report_every` rounds prints, per target,
+//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N id=XXXXXXXX`
+//!    (`max_tsc`: the longest single BAR read in TSC ticks; `irqs`: MSI-X interrupts taken;
+//!    `id`: the last BAR0+0 value, hex);
+//! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
 //!    debug exit port; otherwise it loops until the VMM ends.
 //!
 //! [`parse_counters`] reads the counter lines back.
@@ -98,6 +106,8 @@ pub struct GuestCounters {
     pub back: u64,
     /// Longest single BAR read, TSC ticks.
     pub max_tsc: u64,
+    /// MSI-X interrupts taken.
+    pub irqs: u64,
     /// Last value of BAR0+0.
     pub id: u32,
 }
@@ -116,6 +126,7 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
         gone: 0,
         back: 0,
         max_tsc: 0,
+        irqs: 0,
         id: 0,
     };
     let mut seen = 0;
@@ -133,13 +144,14 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
                     "gone" => c.gone = n,
                     "back" => c.back = n,
                     "max_tsc" => c.max_tsc = n,
+                    "irqs" => c.irqs = n,
                     _ => return None,
                 }
             }
         }
         seen += 1;
     }
-    (seen == 8).then_some(c)
+    (seen == 9).then_some(c)
 }
 
 #[cfg(test)]
@@ -163,12 +175,12 @@ mod tests {
     #[test]
     fn counter_lines_parse_and_other_lines_do_not() {
         let c = parse_counters(
-            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 id=53564646",
+            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 id=53564646",
         )
         .unwrap();
         assert_eq!(c.dev, "00:01.0");
         assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
-        assert_eq!((c.max_tsc, c.id), (1234, 0x5356_4646));
+        assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
         assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
         assert!(parse_counters("svff-guest: start").is_none());
     }

@@ -25,9 +25,15 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_cur_hdr:    .long 0
 .Lg_rounds:     .long 0
 .Lg_countdown:  .long 0
+.Lg_serial_irqs: .long 0
+.Lg_idtr:       .word 256 * 8 - 1
+                .long 0x100000 + .Lg_idt - svff_guest_start
+.p2align 3
+.Lg_idt:        .fill 256 * 8, 1, 0
 # One 64-byte entry per target function (at most 32):
 #   +0 conf1 address of its dword 0, +4 BAR0 address, +8 ok, +12 ones, +16 gone, +20 back,
-#   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads
+#   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
+#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none)
 .p2align 6
 .Lg_targets:    .fill 32 * 64, 1, 0
 
@@ -51,6 +57,10 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_max:      .asciz " max_tsc="
 .Lg_s_id:       .asciz " id="
 .Lg_s_done:     .asciz "svff-guest: done rounds="
+.Lg_s_irqs:     .asciz " irqs="
+.Lg_s_serial:   .asciz "svff-guest: serial irqs="
+.Lg_s_msix:     .asciz " msix vector="
+.Lg_s_exc:      .asciz "svff-guest: exception\n"
 
 # ---- output helpers --------------------------------------------------------------------
 # putc: al -> COM1. Clobbers nothing.
@@ -185,6 +195,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     addl $(0x100000 + .Lg_targets - svff_guest_start), %eax
     movl %edi, 0(%eax)
     movl %ecx, 4(%eax)
+    movl (0x100000 + .Lg_cur_id - svff_guest_start), %edx
+    movl %edx, 44(%eax)
     incl (0x100000 + .Lg_ntargets - svff_guest_start)
     call .Lg_enable_mem
 9:  ret
@@ -266,6 +278,9 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl $(0x100000 + .Lg_s_max - svff_guest_start), %esi
     movl 24(%ebp), %eax
     call .Lg_field
+    movl $(0x100000 + .Lg_s_irqs - svff_guest_start), %esi
+    movl 40(%ebp), %eax
+    call .Lg_field
     movl $(0x100000 + .Lg_s_id - svff_guest_start), %esi
     call .Lg_puts
     movl 32(%ebp), %eax
@@ -278,6 +293,179 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 9:  popl %ebp
     popl %ebx
     ret
+
+# ---- interrupts ---------------------------------------------------------------------------
+# set_gate: eax = vector, edx = handler address: 32-bit interrupt gate. Clobbers ecx, edx.
+.Lg_set_gate:
+    leal (0x100000 + .Lg_idt - svff_guest_start)(,%eax,8), %ecx
+    movw %dx, (%ecx)
+    movw $0x08, 2(%ecx)
+    movw $0x8e00, 4(%ecx)
+    shrl $16, %edx
+    movw %dx, 6(%ecx)
+    ret
+
+.Lg_isr_default:                        # spurious or unexpected: ignore
+    iret
+
+.Lg_isr_exc:                            # any CPU exception: say so, end the VM with 0xee
+    movl $(0x100000 + .Lg_s_exc - svff_guest_start), %esi
+    call .Lg_puts
+    movw $0x501, %dx
+    movb $0xee, %al
+    outb %al, %dx
+2:  hlt
+    jmp 2b
+
+.Lg_isr_serial:                         # COM1 THR-empty on IRQ 4 (PIC vector 0x24)
+    pushl %eax
+    pushl %edx
+    incl (0x100000 + .Lg_serial_irqs - svff_guest_start)
+    movw $0x3fa, %dx                    # IIR: acknowledges THR empty
+    inb %dx, %al
+    movw $0x3f9, %dx                    # IER = 0: no more
+    xorl %eax, %eax
+    outb %al, %dx
+    movb $0x20, %al                     # PIC EOI
+    outb %al, $0x20
+    popl %edx
+    popl %eax
+    iret
+
+# MSI-X: target i takes vector 0x40 + i; stub i is at .Lg_isr_stubs + 16 * i.
+.p2align 4
+.Lg_isr_stubs:
+.irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .p2align 4
+    pushl %eax
+    movl $\n, %eax
+    jmp .Lg_isr_msix
+.endr
+.Lg_isr_msix:
+    shll $6, %eax
+    incl (0x100000 + .Lg_targets - svff_guest_start + 40)(%eax)
+    movl $0, 0xfee000b0                 # LAPIC EOI
+    popl %eax
+    iret
+
+# setup_interrupts: IDT, 8259 PICs remapped to 0x20/0x28 with only IRQ 4 open, LAPIC
+# software-enabled, sti. Clobbers eax, ecx, edx.
+.Lg_setup_interrupts:
+    xorl %eax, %eax
+2:  movl $(0x100000 + .Lg_isr_default - svff_guest_start), %edx
+    call .Lg_set_gate
+    incl %eax
+    cmpl $256, %eax
+    jb 2b
+    xorl %eax, %eax
+3:  movl $(0x100000 + .Lg_isr_exc - svff_guest_start), %edx
+    call .Lg_set_gate
+    incl %eax
+    cmpl $32, %eax
+    jb 3b
+    movl $0x24, %eax
+    movl $(0x100000 + .Lg_isr_serial - svff_guest_start), %edx
+    call .Lg_set_gate
+    xorl %eax, %eax
+4:  movl %eax, %edx
+    shll $4, %edx
+    addl $(0x100000 + .Lg_isr_stubs - svff_guest_start), %edx
+    pushl %eax
+    addl $0x40, %eax
+    call .Lg_set_gate
+    popl %eax
+    incl %eax
+    cmpl $32, %eax
+    jb 4b
+    lidt (0x100000 + .Lg_idtr - svff_guest_start)
+    movb $0x11, %al                     # ICW1: edge, cascade, ICW4
+    outb %al, $0x20
+    outb %al, $0xa0
+    movb $0x20, %al                     # ICW2: vector bases
+    outb %al, $0x21
+    movb $0x28, %al
+    outb %al, $0xa1
+    movb $0x04, %al                     # ICW3: slave on IRQ 2
+    outb %al, $0x21
+    movb $0x02, %al
+    outb %al, $0xa1
+    movb $0x01, %al                     # ICW4: 8086 mode
+    outb %al, $0x21
+    outb %al, $0xa1
+    movb $0xef, %al                     # masks: only IRQ 4
+    outb %al, $0x21
+    movb $0xff, %al
+    outb %al, $0xa1
+    movl $0x1ff, 0xfee000f0             # LAPIC SVR: enabled, spurious vector 0xff
+    sti
+    ret
+
+# setup_msix: ebp = target entry, ebx = its index: finds the MSI-X capability, points table
+# entry 0 at vector 0x40 + index on the boot CPU, unmasks it and enables MSI-X.
+# Clobbers eax, ecx, edx, esi, edi.
+.Lg_setup_msix:
+    movl 0(%ebp), %eax
+    orl $4, %eax
+    call .Lg_cfg_read
+    testl $0x100000, %eax               # Status: capabilities list
+    jz 9f
+    movl 0(%ebp), %eax
+    orl $0x34, %eax
+    call .Lg_cfg_read
+    andl $0xfc, %eax
+    movl %eax, %esi
+    movl $48, %edi                      # bound the walk
+2:  testl %esi, %esi
+    jz 9f
+    decl %edi
+    jz 9f
+    movl 0(%ebp), %eax
+    orl %esi, %eax
+    call .Lg_cfg_read
+    cmpb $0x11, %al
+    je 3f
+    shrl $8, %eax
+    andl $0xfc, %eax
+    movl %eax, %esi
+    jmp 2b
+3:  movl 0(%ebp), %eax                  # esi = capability offset
+    orl %esi, %eax
+    addl $4, %eax
+    call .Lg_cfg_read                   # table offset | BIR
+    movl %eax, %edi
+    andl $7, %eax
+    leal 0x10(,%eax,4), %ecx
+    movl 0(%ebp), %eax
+    orl %ecx, %eax
+    call .Lg_cfg_read                   # that BAR
+    testl $1, %eax
+    jnz 9f
+    andl $0xfffffff0, %eax
+    jz 9f
+    andl $0xfffffff8, %edi
+    addl %edi, %eax
+    movl %eax, 48(%ebp)
+    movl $0xfee00000, 0(%eax)           # entry 0: APIC ID 0, physical
+    movl $0, 4(%eax)
+    leal 0x40(%ebx), %ecx
+    movl %ecx, 8(%eax)                  # fixed, edge, vector 0x40 + index
+    movl $0, 12(%eax)                   # unmasked
+    movl 0(%ebp), %eax                  # Message Control: Enable, no Function Mask
+    orl %esi, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfe, %dx
+    inw %dx, %ax
+    orw $0x8000, %ax
+    andw $0xbfff, %ax
+    outw %ax, %dx
+    movl $(0x100000 + .Lg_s_msix - svff_guest_start), %esi
+    call .Lg_print_event
+    leal 0x40(%ebx), %eax
+    call .Lg_put_dec
+    movb $0x0a, %al
+    call .Lg_putc
+9:  ret
 
 # ---- main ---------------------------------------------------------------------------------
 .Lg_entry:
@@ -363,7 +551,32 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     call .Lg_put_dec
     movl $(0x100000 + .Lg_s_targets - svff_guest_start), %esi
     call .Lg_puts
-    movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
+
+    call .Lg_setup_interrupts
+    movw $0x3f9, %dx                    # IER: THR empty -> IRQ 4 at once
+    movb $0x02, %al
+    outb %al, %dx
+    movl $100000000, %ecx               # bounded wait for it
+2:  cmpl $0, (0x100000 + .Lg_serial_irqs - svff_guest_start)
+    jne 3f
+    pause
+    loop 2b
+3:  movl $(0x100000 + .Lg_s_serial - svff_guest_start), %esi
+    movl (0x100000 + .Lg_serial_irqs - svff_guest_start), %eax
+    call .Lg_field
+    movb $0x0a, %al
+    call .Lg_putc
+
+    xorl %ebx, %ebx
+4:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae 5f
+    movl %ebx, %ebp
+    shll $6, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    call .Lg_setup_msix
+    incl %ebx
+    jmp 4b
+5:  movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
     movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
 
 .Lg_round:
@@ -399,6 +612,12 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl 4(%ebp), %edi                  # BAR0 + 8: status
     addl $8, %edi
     call .Lg_read_reg
+    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
+    jne .Lg_target_next
+    cmpl $0, 48(%ebp)
+    je .Lg_target_next
+    movl 4(%ebp), %edi
+    movl $0, 0x14(%edi)
 .Lg_target_next:
     incl %ebx
     jmp .Lg_target

@@ -198,6 +198,24 @@ impl ConfigSpace {
         }
     }
 
+    /// Links a capability at config offset `cap` into the capability list (sets the Status
+    /// register's Capabilities List bit). Its first byte must be written as its ID afterwards;
+    /// its next pointer is left 0.
+    pub fn add_capability_list(&mut self, cap: usize) {
+        assert!((0x40..0x100).contains(&cap) && cap % 4 == 0);
+        self.regs[reg::COMMAND / 4] |= 1 << 20;
+        let mut at = reg::CAP_PTR;
+        for _ in 0..48 {
+            let next = ((self.regs[at / 4] >> ((at % 4) * 8)) & 0xfc) as usize;
+            if next == 0 {
+                break;
+            }
+            at = next + 1;
+        }
+        let shift = (at % 4) * 8;
+        self.regs[at / 4] = (self.regs[at / 4] & !(0xff << shift)) | ((cap as u32) << shift);
+    }
+
     /// Sets a register and its write mask directly (device models use this for their own
     /// registers, e.g. capabilities).
     pub fn init_reg(&mut self, offset: usize, value: u32, wmask: u32) {

@@ -4,6 +4,7 @@
 mod bus;
 mod config;
 mod device;
+mod msix;
 #[cfg(test)]
 mod tests;
 
@@ -12,3 +13,4 @@ pub use config::{
     reg, BarKind, BarSpec, ConfigSpace, COMMAND_MASTER, COMMAND_MEMORY, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use device::{HostBridge, PciDevice, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR};
+pub use msix::{Msix, CAP_ID_MSIX};

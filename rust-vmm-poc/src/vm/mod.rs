@@ -1,6 +1,7 @@
 //! The VM: KVM, guest RAM, the in-kernel irqchip and PIT, vCPU threads, and their run control.
 
 mod control;
+mod irq;
 pub(crate) mod memory;
 mod vcpu;
 
@@ -8,7 +9,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -23,6 +24,7 @@ use crate::guest::TestGuest;
 use crate::pci::{DevFn, PciBus};
 pub(crate) use control::Control;
 pub use control::RunState;
+pub(crate) use irq::GsiRouter;
 
 /// Where the KVM TSS lives (3 pages just below the BIOS area, never RAM a guest uses).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
@@ -183,7 +185,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     devices: Arc<Devices>,
     ctl: Arc<Control>,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
 }
@@ -219,7 +221,7 @@ impl Vm {
         }
         memory::check_ram_size(config.memory)?;
         let kvm_sys = open_kvm(&config.kvm_device)?;
-        let vm = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         let mem = memory::create(config.memory)?;
         memory::register(&vm, &mem)?;
 
@@ -237,12 +239,14 @@ impl Vm {
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm("KVM_IRQFD for the serial port (GSI 4)"))?;
         let serial = SerialPort::new(serial_irq, serial_sink(config.serial)?);
+        let router = Arc::new(Mutex::new(GsiRouter::new(vm.clone())));
         let mut pci = PciBus::new(memory::MMIO_WINDOW_START, memory::MMIO_WINDOW_END)?;
         for _ in 0..config.test_devices {
             let df = pci
                 .next_free_device()
                 .ok_or_else(|| Error::Config("no free PCI slot for a test device".into()))?;
-            pci.add(df, Box::new(TestDevice::default()))?;
+            let dev = TestDevice::with_msix(router.clone())?;
+            pci.add(df, Box::new(dev))?;
         }
         let devices = Arc::new(Devices::new(serial, pci));
 

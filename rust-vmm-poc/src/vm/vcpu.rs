@@ -112,6 +112,23 @@ pub(crate) fn run_loop(id: u8, mut vcpu: VcpuFd, devices: Arc<Devices>, ctl: Arc
         match step {
             Step::Continue => {}
             Step::Interrupted => vcpu.set_kvm_immediate_exit(0),
+            Step::Exit(ExitReason::VcpuFailed { cpu, reason }) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                let run = vcpu.get_kvm_run();
+                let detail = if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+                    // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal`
+                    // member of the exit union.
+                    format!(" (suberror {})", unsafe {
+                        run.__bindgen_anon_1.internal.suberror
+                    })
+                } else {
+                    String::new()
+                };
+                ctl.request_exit(ExitReason::VcpuFailed {
+                    cpu,
+                    reason: format!("{reason}{detail} at rip {rip:#x}"),
+                })
+            }
             Step::Exit(r) => ctl.request_exit(r),
             Step::Failed(e) => ctl.request_exit(ExitReason::VcpuFailed {
                 cpu: id,
