@@ -50,9 +50,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A guest kernel could not be loaded (not a bzImage, bad command line, ...).
+    #[error("boot: {0}")]
+    Boot(String),
     /// The PCI layer could not place or add a device.
     #[error("PCI: {0}")]
     Pci(String),
+    /// vfio-pause refused or failed an operation on a passed-through VF.
+    #[error("VFIO device {device}: {source}")]
+    Vfio {
+        /// The VMM id and host address.
+        device: String,
+        /// vfio-pause's error.
+        #[source]
+        source: vfio_pause::Error,
+    },
     /// The QMP socket could not be set up.
     #[error("QMP socket {}: {source}", path.display())]
     Qmp {

@@ -22,17 +22,20 @@ mod pci;
 mod qmp;
 mod vm;
 
-pub use boot::{GUEST_LOAD_ADDR, GUEST_STACK_TOP};
+pub use boot::{LinuxBoot, DEFAULT_CMDLINE, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
 pub use devices::{
-    SerialSink, TestDevice, COM1_BASE, DEBUG_EXIT_PORT, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE,
-    TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
+    SerialSink, TestDevice, VfioPci, COM1_BASE, DEBUG_EXIT_PORT, TEST_DEVICE_BAR0_SIZE,
+    TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 pub use error::Error;
 pub use guest::{parse_counters, GuestCounters, TestGuest};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
-    COMMAND_MASTER, COMMAND_MEMORY, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
+    CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,
+    HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use qmp::{parse_devfn, QmpHandler};
 pub use vm::memory::{check_ram_size, MMIO_WINDOW_END, MMIO_WINDOW_START};
-pub use vm::{ExitReason, GuestImage, RunState, SerialOutput, Vm, VmConfig, VmHandle, MAX_CPUS};
+pub use vm::{
+    ExitReason, GuestImage, RunState, SerialOutput, VfioSpec, Vm, VmConfig, VmHandle, MAX_CPUS,
+};

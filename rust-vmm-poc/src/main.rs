@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use qmp_ext::{EventSink, Server, ServerConfig, VersionInfo};
-use svff_vmm::{Error, GuestImage, QmpHandler, SerialOutput, TestGuest, Vm, VmConfig};
+use svff_vmm::{
+    Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, TestGuest, VfioSpec, Vm, VmConfig,
+    DEFAULT_CMDLINE,
+};
 
 /// Exit status for errors of the VMM itself (bad configuration, KVM unavailable, ...). Command
 /// line syntax errors exit 2 (clap); a VM that ran exits with its reason's code.
@@ -53,7 +56,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// svff-vmm: a minimal KVM VMM (rust-vmm crates) for svff's pausable VFIO passthrough.
 ///
-/// Boots the built-in test guest (or, later, a Linux kernel) with an in-kernel irqchip and
+/// Boots the built-in test guest or a Linux kernel with an in-kernel irqchip and
 /// PIT, COM1 at 0x3f8 (IRQ 4), PCI bus 0 behind conf1 with a host bridge at 00:00.0 and
 /// emulated `svff-test` functions from 00:01.0 on, and serves QMP on a unix socket.
 ///
@@ -104,21 +107,24 @@ struct Cli {
           value_parser = clap::value_parser!(u8).range(0..=16))]
     test_devices: u8,
 
-    /// Linux bzImage to boot directly (reserved: direct boot is not implemented yet; the size
-    /// is checked against --memory).
+    /// Linux bzImage to boot directly (64-bit boot protocol, e820, MP table, no ACPI); the
+    /// Debian kernel needs --memory 256M or more.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
 
-    /// Initramfs for --kernel (reserved, with --kernel).
+    /// Initramfs for --kernel, placed at the top of RAM below 3 GiB.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
 
-    /// Kernel command line for --kernel (reserved, with --kernel).
+    /// Kernel command line for --kernel [default: console=ttyS0 reboot=k panic=1 pci=conf1
+    /// acpi=off]. `reboot=k` makes a guest reboot end the VMM (i8042 reset, exit status 0).
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
 
-    /// Pass a VF through: `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall]`, repeatable
-    /// (reserved: VFIO passthrough is not implemented yet).
+    /// Pass a VF (bound to vfio-pci) through: `<BDF or sysfs path>[,id=<id>][,policy=ignore]`,
+    /// repeatable; placed on bus 0 after the test devices. Config space goes through
+    /// vfio-pause (BARs and ROM shadowed), BAR accesses are trapped and forwarded. Not yet:
+    /// BAR mmaps, MSI-X, pause/unpause, policy=stall.
     #[arg(long, value_name = "SPEC")]
     vfio: Vec<String>,
 
@@ -134,6 +140,37 @@ fn file_size(what: &'static str, p: &PathBuf) -> Result<u64, Error> {
             what: format!("{what} {}", p.display()),
             source,
         })
+}
+
+/// Parses `<BDF or /sys/bus/pci/devices/BDF>[,id=<id>][,policy=ignore|stall]`.
+fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
+    let mut parts = spec.split(',');
+    let dev = parts.next().unwrap_or_default();
+    let bdf = dev
+        .strip_prefix("/sys/bus/pci/devices/")
+        .unwrap_or(dev)
+        .trim_end_matches('/');
+    let host: vfio_pause::PciAddress = bdf.parse().map_err(|_| {
+        Error::Config(format!(
+            "--vfio {spec}: '{dev}' is not a PCI address (DDDD:BB:DD.F) or its sysfs path"
+        ))
+    })?;
+    let mut id = format!("vfio{index}");
+    for p in parts {
+        match p.split_once('=') {
+            Some(("id", v)) if !v.is_empty() => id = v.to_string(),
+            Some(("policy", "ignore")) => {}
+            Some(("policy", "stall")) => {
+                return Err(Error::NotImplemented("--vfio policy=stall"));
+            }
+            _ => {
+                return Err(Error::Config(format!(
+                    "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall)"
+                )))
+            }
+        }
+    }
+    Ok(VfioSpec { host, id })
 }
 
 fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
@@ -153,13 +190,23 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
                 });
             }
         }
-        return Err(Error::NotImplemented("Linux direct boot (--kernel)"));
     }
-    if !cli.vfio.is_empty() {
-        return Err(Error::NotImplemented("VFIO passthrough (--vfio)"));
-    }
-    let guest = match cli.guest {
-        GuestKind::Test => GuestImage::Test(TestGuest {
+    let vfio = cli
+        .vfio
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_vfio(s, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let guest = match (&cli.kernel, cli.guest) {
+        (Some(k), _) => GuestImage::Linux(LinuxBoot {
+            kernel: k.clone(),
+            initrd: cli.initrd.clone(),
+            cmdline: cli
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        }),
+        (None, GuestKind::Test) => GuestImage::Test(TestGuest {
             rounds: cli.guest_rounds,
             report_every: cli.guest_report_every,
         }),
@@ -175,6 +222,7 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
         },
         guest,
         test_devices: cli.test_devices,
+        vfio,
     })
 }
 
@@ -253,6 +301,23 @@ mod tests {
         );
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());
+    }
+
+    #[test]
+    fn vfio_specs_parse_by_bdf_or_sysfs_path_with_an_id() {
+        let s = parse_vfio("0000:01:10.0,id=vf0", 0).unwrap();
+        assert_eq!(
+            (s.host.to_string(), s.id.as_str()),
+            ("0000:01:10.0".into(), "vf0")
+        );
+        let s = parse_vfio("/sys/bus/pci/devices/0000:01:10.2/", 3).unwrap();
+        assert_eq!(
+            (s.host.to_string(), s.id.as_str()),
+            ("0000:01:10.2".into(), "vfio3")
+        );
+        assert!(parse_vfio("01:10.0", 0).is_err());
+        assert!(parse_vfio("0000:01:10.0,bogus=1", 0).is_err());
+        assert!(parse_vfio("0000:01:10.0,policy=stall", 0).is_err());
     }
 
     #[test]

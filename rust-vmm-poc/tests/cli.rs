@@ -111,8 +111,12 @@ fn a_missing_kernel_file_is_an_error_naming_it() {
 }
 
 #[test]
-fn vfio_is_reserved_and_says_so() {
-    let o = vmm(&["--vfio", "0000:01:10.0", "--kvm-device", "/nonexistent/kvm"]);
+fn a_malformed_vfio_address_is_refused_naming_it() {
+    let o = vmm(&["--vfio", "01:10.0", "--kvm-device", "/nonexistent/kvm"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("not implemented yet"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--vfio 01:10.0: '01:10.0' is not a PCI address"),
+        "{}",
+        stderr(&o)
+    );
 }

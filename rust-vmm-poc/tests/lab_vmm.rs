@@ -152,9 +152,9 @@ fn test_guest_vm(test_devices: u8, guest: TestGuest) -> (Vm, Capture) {
 
 fn last_counters(out: &str, dev: &str) -> GuestCounters {
     out.lines()
+        .rev()
         .filter_map(parse_counters)
-        .filter(|c| c.dev == dev)
-        .last()
+        .find(|c| c.dev == dev)
         .unwrap_or_else(|| panic!("no counter line for {dev} in:\n{out}"))
 }
 

@@ -3,14 +3,19 @@
 mod legacy;
 mod serial;
 mod test_device;
+mod vfio;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-pub use legacy::{DEBUG_EXIT_PORT, I8042_COMMAND, I8042_DATA, I8042_RESET, POST_PORT};
+pub use legacy::{
+    CMOS_DATA, CMOS_INDEX, DEBUG_EXIT_PORT, I8042_COMMAND, I8042_DATA, I8042_RESET, POST_PORT,
+};
 pub use serial::{SerialPort, SerialSink, COM1_BASE, COM1_IRQ};
 pub use test_device::{
     TestDevice, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
+
+pub use vfio::VfioPci;
 
 use crate::pci::{PciBus, CONF1_ADDRESS};
 use crate::vm::ExitReason;
@@ -46,7 +51,7 @@ impl Devices {
                 data[0] = lock(&self.serial).read((p - COM1_BASE) as u8);
             }
             CONF1_ADDRESS..=0xcff => lock(&self.pci).pio_read(port, data),
-            I8042_DATA | I8042_COMMAND | POST_PORT => data.fill(0),
+            I8042_DATA | I8042_COMMAND | POST_PORT | CMOS_INDEX | CMOS_DATA => data.fill(0),
             _ => data.fill(0xff),
         }
     }

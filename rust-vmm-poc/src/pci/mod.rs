@@ -13,4 +13,5 @@ pub use config::{
     reg, BarKind, BarSpec, ConfigSpace, COMMAND_MASTER, COMMAND_MEMORY, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use device::{HostBridge, PciDevice, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR};
-pub use msix::{Msix, CAP_ID_MSIX};
+pub(crate) use msix::Msix;
+pub use msix::CAP_ID_MSIX;

@@ -17,8 +17,8 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::{self, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, COM1_IRQ};
+use crate::boot::{self, LinuxBoot, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
+use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioPci, COM1_IRQ};
 use crate::error::{io, kvm, Error};
 use crate::guest::TestGuest;
 use crate::pci::{DevFn, PciBus};
@@ -64,6 +64,8 @@ pub enum GuestImage {
     Raw(Vec<u8>),
     /// The built-in test guest (see [`TestGuest`]), loaded and entered the same way.
     Test(TestGuest),
+    /// A Linux bzImage, booted directly in long mode with an MP table for its CPUs.
+    Linux(LinuxBoot),
 }
 
 /// Everything needed to build a VM.
@@ -81,6 +83,17 @@ pub struct VmConfig {
     pub guest: GuestImage,
     /// Number of emulated `svff-test` PCI functions, at 00:01.0, 00:02.0, ...
     pub test_devices: u8,
+    /// VFs to pass through (after the test devices on bus 0).
+    pub vfio: Vec<VfioSpec>,
+}
+
+/// A VF to pass through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioSpec {
+    /// Host address (bound to vfio-pci).
+    pub host: vfio_pause::PciAddress,
+    /// The VMM's id for it (QMP commands name it so).
+    pub id: String,
 }
 
 impl Default for VmConfig {
@@ -92,6 +105,7 @@ impl Default for VmConfig {
             serial: SerialOutput::Stdout,
             guest: GuestImage::Raw(vec![0xf4, 0xeb, 0xfd]), // hlt; jmp back
             test_devices: 0,
+            vfio: Vec::new(),
         }
     }
 }
@@ -185,6 +199,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     devices: Arc<Devices>,
     ctl: Arc<Control>,
+    // After the devices (which hold its VFs), before guest RAM (which it maps for DMA).
+    _container: Option<Arc<vfio_pause::Container>>,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
@@ -248,6 +264,28 @@ impl Vm {
             let dev = TestDevice::with_msix(router.clone())?;
             pci.add(df, Box::new(dev))?;
         }
+        let container = if config.vfio.is_empty() {
+            None
+        } else {
+            let c = vfio_pause::Container::open_real().map_err(|e| Error::Vfio {
+                device: "container".into(),
+                source: e,
+            })?;
+            // SAFETY: `mem` stays mapped until after the container is dropped (Vm's field
+            // order), and guest RAM is only touched through vm-memory's volatile accessors.
+            unsafe { c.register_guest_memory(&mem) }.map_err(|e| Error::Vfio {
+                device: "container (guest RAM for DMA)".into(),
+                source: e,
+            })?;
+            Some(c)
+        };
+        for spec in &config.vfio {
+            let df = pci.next_free_device().ok_or_else(|| {
+                Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
+            })?;
+            let c = container.clone().expect("created above for VFIO devices");
+            pci.add(df, Box::new(VfioPci::open(c, &spec.host, &spec.id)?))?;
+        }
         let devices = Arc::new(Devices::new(serial, pci));
 
         let ctl = Arc::new(Control::new(config.cpus.into())?);
@@ -264,15 +302,34 @@ impl Vm {
             vcpus,
             devices,
             ctl,
+            _container: container,
             _vm: vm,
             _kvm: kvm_sys,
             mem,
         };
-        vm_obj.load(&config.guest)?;
+        vm_obj.load(&config.guest, config.memory)?;
         Ok(vm_obj)
     }
 
-    fn load(&self, guest: &GuestImage) -> Result<(), Error> {
+    fn load(&self, guest: &GuestImage, mem_size: u64) -> Result<(), Error> {
+        let bsp = &self.vcpus[0];
+        let mut sregs = bsp.get_sregs().map_err(kvm("KVM_GET_SREGS on vCPU 0"))?;
+        let mut regs = bsp.get_regs().map_err(kvm("KVM_GET_REGS on vCPU 0"))?;
+        if let GuestImage::Linux(l) = guest {
+            let entry = boot::load_linux(&self.mem, mem_size, l)?;
+            boot::write_mptable(&self.mem, self.vcpus.len() as u8)?;
+            boot::enter_long_mode(entry, &mut sregs, &mut regs);
+            let fpu = kvm_bindings::kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
+            bsp.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU on vCPU 0"))?;
+            bsp.set_sregs(&sregs)
+                .map_err(kvm("KVM_SET_SREGS on vCPU 0"))?;
+            bsp.set_regs(&regs).map_err(kvm("KVM_SET_REGS on vCPU 0"))?;
+            return Ok(());
+        }
         boot::write_gdt(&self.mem)?;
         let test_image;
         let code = match guest {
@@ -281,15 +338,13 @@ impl Vm {
                 test_image = t.image();
                 &test_image
             }
+            GuestImage::Linux(_) => unreachable!("handled above"),
         };
         self.mem
             .write_slice(code, GuestAddress(GUEST_LOAD_ADDR))
             .map_err(|e| {
                 Error::Memory(format!("loading {} bytes of guest code: {e}", code.len()))
             })?;
-        let bsp = &self.vcpus[0];
-        let mut sregs = bsp.get_sregs().map_err(kvm("KVM_GET_SREGS on vCPU 0"))?;
-        let mut regs = bsp.get_regs().map_err(kvm("KVM_GET_REGS on vCPU 0"))?;
         boot::enter_protected_mode(&mut sregs, &mut regs, GUEST_LOAD_ADDR, GUEST_STACK_TOP);
         bsp.set_sregs(&sregs)
             .map_err(kvm("KVM_SET_SREGS on vCPU 0"))?;

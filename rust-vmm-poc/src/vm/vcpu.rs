@@ -31,6 +31,7 @@ pub(crate) fn configure(vcpu: &VcpuFd, id: u8, cpus: u8, base: &CpuId) -> Result
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(cpus) << 16);
                 e.edx |= 1 << 28; // HTT: the count in EBX[23:16] is valid
+                e.ecx |= 1 << 31; // running under a hypervisor: guests look for KVM's leaves
             }
             0xb | 0x1f => e.edx = u32::from(id),
             _ => {}
