@@ -150,12 +150,18 @@ fn test_guest_vm(test_devices: u8, guest: TestGuest) -> (Vm, Capture) {
     (vm, cap)
 }
 
-fn last_counters(out: &str, dev: &str) -> GuestCounters {
-    out.lines()
+/// The last complete counter line of `dev` (a line still being printed is ignored).
+fn last_counters_opt(out: &str, dev: &str) -> Option<GuestCounters> {
+    let complete = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
         .rev()
         .filter_map(parse_counters)
         .find(|c| c.dev == dev)
-        .unwrap_or_else(|| panic!("no counter line for {dev} in:\n{out}"))
+}
+
+fn last_counters(out: &str, dev: &str) -> GuestCounters {
+    last_counters_opt(out, dev).unwrap_or_else(|| panic!("no counter line for {dev} in:\n{out}"))
 }
 
 /// Waits (bounded) until the guest's output satisfies `cond`.
@@ -243,9 +249,8 @@ fn test_guest_notices_a_function_leaving_config_space_and_coming_back() {
     wait_output(&cap, "event=gone", |o| o.contains("dev=00:01.0 event=gone"));
     h.set_device_present(df, true).unwrap();
     wait_output(&cap, "event=back", |o| o.contains("dev=00:01.0 event=back"));
-    let reports_before = cap.text().lines().filter_map(parse_counters).count();
     wait_output(&cap, "a report after the return", |o| {
-        o.lines().filter_map(parse_counters).count() > reports_before
+        last_counters_opt(o, "00:01.0").is_some_and(|c| c.back == 1)
     });
     h.request_exit(ExitReason::Quit);
     assert_eq!(runner.join().unwrap().unwrap(), ExitReason::Quit);
@@ -353,6 +358,9 @@ fn svff_vmm_serves_qmp_and_quit_ends_the_process_cleanly() {
     wait_until("event=back", || {
         guest_out().contains("dev=00:01.0 event=back")
     });
+    wait_until("a report after the return", || {
+        last_counters_opt(&guest_out(), "00:01.0").is_some_and(|c| c.back == 1)
+    });
     assert!(qmp
         .execute(
             "x-svff-set-present",
@@ -386,7 +394,7 @@ fn svff_vmm_serves_qmp_and_quit_ends_the_process_cleanly() {
     assert!(!sock.exists(), "the QMP socket is removed");
     let out = guest_out();
     let c = last_counters(&out, "00:01.0");
-    assert_eq!((c.gone, c.back), (1, 1), "{c:?}");
+    assert_eq!((c.gone, c.back), (1, 1), "{c:?} in:\n{out}");
     assert!(
         c.ones <= 2,
         "all-ones only in the round the function vanished: {c:?}"
