@@ -9,6 +9,7 @@ use svff_vmm::{
     Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, TestGuest, VfioSpec, Vm, VmConfig,
     DEFAULT_CMDLINE,
 };
+use vfio_pause::PausedAccess;
 
 /// Exit status for errors of the VMM itself (bad configuration, KVM unavailable, ...). Command
 /// line syntax errors exit 2 (clap); a VM that ran exits with its reason's code.
@@ -83,7 +84,8 @@ struct Cli {
     serial: SerialArg,
 
     /// Serve QMP on a unix socket at this path (must not exist). Commands: qmp_capabilities,
-    /// query-version, query-status, stop, cont, quit, getfd, closefd, x-svff-set-present.
+    /// query-version, query-status, stop, cont, quit, getfd, closefd, x-svff-set-present,
+    /// svff-vfio-pause, svff-vfio-unpause, query-svff-vfio.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
 
@@ -121,10 +123,12 @@ struct Cli {
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     cmdline: Option<String>,
 
-    /// Pass a VF (bound to vfio-pci) through: `<BDF or sysfs path>[,id=<id>][,policy=ignore]`,
-    /// repeatable; placed on bus 0 after the test devices. Config space goes through
-    /// vfio-pause (BARs and ROM shadowed), BAR accesses are trapped and forwarded. Not yet:
-    /// BAR mmaps, MSI-X, pause/unpause, policy=stall.
+    /// Pass a VF (bound to vfio-pci) through:
+    /// `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall]`, repeatable; placed on bus 0
+    /// after the test devices; id defaults to vfio<N>. Config space goes through vfio-pause
+    /// (BARs and ROM shadowed), BAR accesses are trapped and forwarded. QMP svff-vfio-pause /
+    /// svff-vfio-unpause pause it; while paused, BAR reads give all-ones (ignore) or wait up
+    /// to 10 s for the unpause (stall). Not yet: BAR mmaps, MSI-X of VFs.
     #[arg(long, value_name = "SPEC")]
     vfio: Vec<String>,
 
@@ -142,6 +146,10 @@ fn file_size(what: &'static str, p: &PathBuf) -> Result<u64, Error> {
         })
 }
 
+/// How long a vCPU waits on a paused device's BAR under `policy=stall` before it gets
+/// all-ones.
+const STALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Parses `<BDF or /sys/bus/pci/devices/BDF>[,id=<id>][,policy=ignore|stall]`.
 fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
     let mut parts = spec.split(',');
@@ -156,13 +164,12 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
         ))
     })?;
     let mut id = format!("vfio{index}");
+    let mut policy = PausedAccess::Ignore;
     for p in parts {
         match p.split_once('=') {
             Some(("id", v)) if !v.is_empty() => id = v.to_string(),
-            Some(("policy", "ignore")) => {}
-            Some(("policy", "stall")) => {
-                return Err(Error::NotImplemented("--vfio policy=stall"));
-            }
+            Some(("policy", "ignore")) => policy = PausedAccess::Ignore,
+            Some(("policy", "stall")) => policy = PausedAccess::Stall(STALL_DEADLINE),
             _ => {
                 return Err(Error::Config(format!(
                     "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall)"
@@ -170,7 +177,7 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
             }
         }
     }
-    Ok(VfioSpec { host, id })
+    Ok(VfioSpec { host, id, policy })
 }
 
 fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
@@ -317,7 +324,11 @@ mod tests {
         );
         assert!(parse_vfio("01:10.0", 0).is_err());
         assert!(parse_vfio("0000:01:10.0,bogus=1", 0).is_err());
-        assert!(parse_vfio("0000:01:10.0,policy=stall", 0).is_err());
+        assert_eq!(
+            parse_vfio("0000:01:10.0,policy=stall", 0).unwrap().policy,
+            PausedAccess::Stall(STALL_DEADLINE)
+        );
+        assert!(parse_vfio("0000:01:10.0,policy=wait", 0).is_err());
     }
 
     #[test]

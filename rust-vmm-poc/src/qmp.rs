@@ -10,6 +10,12 @@
 //! | `cont` | none | resumes; event `RESUME` |
 //! | `quit` | none | ends the VM: the VMM joins its threads, closes its fds and exits 0 |
 //! | `x-svff-set-present` | `{"device": "00:DD.F", "present": bool}` | hides/shows an emulated function in config space (tests of how guests notice a removal) |
+//! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
+//! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
+//! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
+//!
+//! The policy of a pause is the one the device was opened with (`--vfio ...,policy=`): a
+//! `policy` argument must name that one.
 //!
 //! When the VM ends the VMM emits `SHUTDOWN` with `guest` and `reason` (`host-qmp-quit`,
 //! `guest-shutdown`, `guest-reset`, `guest-panic` for a debug exit, `vcpu-failed`).
@@ -17,10 +23,51 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use qmp_ext::{decode_arguments, EventSink, Handler, QmpError, Session};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use qmp_ext::svff::{
+    self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausePolicy,
+    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings,
+    SvffVfioUnpause,
+};
+use qmp_ext::{decode_arguments, EventSink, Handler, QmpCommand, QmpError, Session};
+use vfio_pause::{DeviceState, PausedAccess, PciAddress, Timings, VfSource};
+
+use crate::devices::VfioEntry;
 use crate::pci::DevFn;
 use crate::vm::{ExitReason, RunState, VmHandle};
+
+fn policy_of(p: PausedAccess) -> SvffVfioPausePolicy {
+    match p {
+        PausedAccess::Ignore => SvffVfioPausePolicy::Ignore,
+        PausedAccess::Stall(_) => SvffVfioPausePolicy::Stall,
+    }
+}
+
+fn timings(t: &Timings) -> SvffVfioTimings {
+    SvffVfioTimings {
+        total_ns: t.total.as_nanos() as u64,
+        phases: t
+            .phases
+            .iter()
+            .map(|(p, d)| SvffVfioPhase {
+                name: p.name().into(),
+                ns: d.as_nanos() as u64,
+            })
+            .collect(),
+    }
+}
+
+fn parse_host(s: &str) -> Result<PciAddress, QmpError> {
+    let bdf = s
+        .strip_prefix("/sys/bus/pci/devices/")
+        .unwrap_or(s)
+        .trim_end_matches('/');
+    bdf.parse()
+        .map_err(|_| QmpError::generic(format!("'{s}' is not a PCI address or its sysfs path")))
+}
 
 /// The svff-vmm QMP command handler.
 #[derive(Debug)]
@@ -75,10 +122,19 @@ impl QmpHandler {
 impl Handler for QmpHandler {
     fn execute(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         command: &str,
         arguments: Map<String, Value>,
     ) -> Result<Value, QmpError> {
+        if matches!(
+            command,
+            SvffVfioPause::NAME | SvffVfioUnpause::NAME | QuerySvffVfio::NAME
+        ) {
+            if let Some(r) = svff::dispatch(self, session, command, arguments) {
+                return r;
+            }
+            return Err(QmpError::command_not_found(command));
+        }
         let no_args = |a: Map<String, Value>| decode_arguments::<NoArgs>(command, a).map(|_| ());
         match command {
             "query-status" => {
@@ -133,6 +189,108 @@ impl Handler for QmpHandler {
             }
             _ => Err(QmpError::command_not_found(command)),
         }
+    }
+}
+
+impl QmpHandler {
+    fn entry(&self, id: &str) -> Result<Arc<VfioEntry>, QmpError> {
+        self.vm
+            .vfio()
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))
+    }
+
+    fn changed(&self, id: &str, state: SvffVfioState) {
+        self.events.emit_event(&SvffVfioStateChanged {
+            id: id.into(),
+            state,
+        });
+    }
+}
+
+impl PausableDevices for QmpHandler {
+    fn pause(&self, args: SvffVfioPause) -> Result<SvffVfioTimings, QmpError> {
+        let e = self.entry(&args.id)?;
+        if let Some(p) = args.policy {
+            if p != policy_of(e.policy) {
+                return Err(QmpError::generic(format!(
+                    "device '{}' was opened with policy {:?}; per-pause policies are not supported",
+                    e.id,
+                    policy_of(e.policy)
+                )));
+            }
+        }
+        let was = e.dev.state();
+        let t = e
+            .dev
+            .pause()
+            .map_err(|err| QmpError::generic(format!("pausing '{}': {err}", e.id)))?;
+        if was == DeviceState::Attached {
+            e.pauses.fetch_add(1, Ordering::Relaxed);
+            self.changed(&e.id, SvffVfioState::Paused);
+        }
+        Ok(timings(&t))
+    }
+
+    fn unpause(
+        &self,
+        args: SvffVfioUnpause,
+        group_fd: Option<OwnedFd>,
+    ) -> Result<SvffVfioTimings, QmpError> {
+        let e = self.entry(&args.id)?;
+        let host = match &args.host {
+            Some(h) => parse_host(h)?,
+            None => e.dev.host(),
+        };
+        let source = match group_fd {
+            Some(group) => VfSource::GroupFd {
+                group,
+                address: host,
+            },
+            None => VfSource::Sysfs(host),
+        };
+        let was = e.dev.state();
+        let t = e
+            .dev
+            .unpause(source)
+            .map_err(|err| QmpError::generic(format!("unpausing '{}': {err}", e.id)))?;
+        if was == DeviceState::Paused {
+            self.changed(&e.id, SvffVfioState::Attached);
+        }
+        Ok(timings(&t))
+    }
+
+    fn query(&self) -> Result<Vec<SvffVfioInfo>, QmpError> {
+        Ok(self
+            .vm
+            .vfio()
+            .iter()
+            .map(|e| {
+                let state = match e.dev.state() {
+                    DeviceState::Attached => SvffVfioState::Attached,
+                    DeviceState::Paused | DeviceState::Detached => SvffVfioState::Paused,
+                };
+                let c = e.dev.access_counters();
+                let (lp, lu) = e.dev.last_timings();
+                SvffVfioInfo {
+                    id: e.id.clone(),
+                    state,
+                    host: e.dev.host().to_string(),
+                    guest: format!("0000:{}", e.guest),
+                    policy: (state != SvffVfioState::Attached).then(|| policy_of(e.policy)),
+                    pause_count: e.pauses.load(Ordering::Relaxed),
+                    paused_accesses: SvffVfioPausedAccesses {
+                        config_reads: c.shadow_reads,
+                        config_writes: c.shadow_writes,
+                        bar_reads: c.ignored_reads,
+                        bar_writes: c.ignored_writes,
+                    },
+                    last_pause: lp.as_ref().map(timings),
+                    last_unpause: lu.as_ref().map(timings),
+                }
+            })
+            .collect())
     }
 }
 

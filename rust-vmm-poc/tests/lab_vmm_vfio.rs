@@ -114,3 +114,116 @@ fn vfs_that_do_not_exist_or_are_not_on_vfio_pci_are_refused_naming_them() {
         "{err}"
     );
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn two_vfs_paused_over_a_numvfs_cycle_and_unpaused_never_leave_the_guests_config_space() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--vfio={},id=vf1,policy=ignore", vfs[1]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // The last complete counter line of `dev`.
+    let last = |dev: &str| {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == dev)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("first reports", &|| last("00:02.0").is_some());
+    let before: Vec<_> = ["00:01.0", "00:02.0"].map(|d| last(d).unwrap()).into();
+
+    for id in ["vf0", "vf1"] {
+        let t = qmp
+            .execute(
+                "svff-vfio-pause",
+                Some(json!({"id": id, "policy": "ignore"})),
+            )
+            .unwrap();
+        println!("pause {id}: {t}");
+        assert!(t["total-ns"].as_u64().unwrap() > 0);
+    }
+    // Every fd of both VFs is closed: the count change does not block.
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 2);
+    let new_vfs = vfs_of(&pf);
+    for vf in &new_vfs {
+        bind(vf, "vfio-pci");
+    }
+    for (id, vf) in ["vf0", "vf1"].iter().zip(&new_vfs) {
+        let t = qmp
+            .execute("svff-vfio-unpause", Some(json!({"id": id, "host": vf})))
+            .unwrap();
+        println!("unpause {id}: {t}");
+    }
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    println!("{info:#}");
+    let paused_bar_reads: u64 = info
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["state"], "attached");
+            assert_eq!(d["pause-count"], 1);
+            d["paused-accesses"]["bar-reads"].as_u64().unwrap()
+        })
+        .sum();
+    // Two reports after the unpause, so every read of the pause window is counted.
+    let round_now = last("00:02.0").unwrap().round;
+    wait("reports after the unpause", &|| {
+        last("00:02.0").is_some_and(|c| c.round >= round_now + 40)
+    });
+    let after: Vec<_> = ["00:01.0", "00:02.0"].map(|d| last(d).unwrap()).into();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    let mut guest_ones = 0;
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            a.gone, 0,
+            "the guest never saw {} leave config space",
+            a.dev
+        );
+        assert!(
+            a.ok > b.ok,
+            "valid reads again after the unpause: {b:?} -> {a:?}"
+        );
+        assert_ne!(a.id, u32::MAX, "{a:?}");
+        guest_ones += a.ones;
+    }
+    // All-ones only inside the pause window: exactly the BAR reads vfio-pause ignored.
+    assert_eq!(guest_ones, paused_bar_reads);
+}

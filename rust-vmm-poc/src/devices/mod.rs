@@ -5,7 +5,7 @@ mod serial;
 mod test_device;
 mod vfio;
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use legacy::{
     CMOS_DATA, CMOS_INDEX, DEBUG_EXIT_PORT, I8042_COMMAND, I8042_DATA, I8042_RESET, POST_PORT,
@@ -17,7 +17,7 @@ pub use test_device::{
 
 pub use vfio::VfioPci;
 
-use crate::pci::{PciBus, CONF1_ADDRESS};
+use crate::pci::{DevFn, PciBus, CONF1_ADDRESS};
 use crate::vm::ExitReason;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -29,14 +29,36 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Devices {
     serial: Mutex<SerialPort>,
     pci: Mutex<PciBus>,
+    vfio: Vec<Arc<VfioEntry>>,
+}
+
+/// A passed-through VF as QMP sees it.
+#[derive(Debug)]
+pub(crate) struct VfioEntry {
+    /// The VMM id.
+    pub(crate) id: String,
+    /// Its address on the guest's bus 0.
+    pub(crate) guest: DevFn,
+    /// The policy it was opened with.
+    pub(crate) policy: vfio_pause::PausedAccess,
+    /// The device.
+    pub(crate) dev: Arc<vfio_pause::PausableDevice>,
+    /// Completed pauses.
+    pub(crate) pauses: std::sync::atomic::AtomicU64,
 }
 
 impl Devices {
-    pub(crate) fn new(serial: SerialPort, pci: PciBus) -> Self {
+    pub(crate) fn new(serial: SerialPort, pci: PciBus, vfio: Vec<Arc<VfioEntry>>) -> Self {
         Devices {
             serial: Mutex::new(serial),
             pci: Mutex::new(pci),
+            vfio,
         }
+    }
+
+    /// The passed-through VFs.
+    pub(crate) fn vfio(&self) -> &[Arc<VfioEntry>] {
+        &self.vfio
     }
 
     /// The PCI bus (QMP and tests reach devices through it).

@@ -3,13 +3,18 @@
 //! from the VF's sysfs `resource` file, addresses as the guest programs them; never forwarded),
 //! and every BAR access trapped and forwarded (no BAR is mapped into the guest yet).
 //!
+//! Paused (QMP `svff-vfio-pause`), config space is served from vfio-pause's shadow and BAR
+//! accesses follow the device's policy (all-ones, or the vCPU waits for the unpause).
+//!
 //! Not yet: BAR mmaps into KVM slots, MSI/MSI-X wiring (the VF's MSI-X table is not reachable
-//! through trapped accesses), pause/unpause over QMP.
+//! through trapped accesses).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use vfio_pause::{Container, DeviceOptions, PausableDevice, PciAddress, TrapAllBars, VfSource};
+use vfio_pause::{
+    Container, DeviceOptions, PausableDevice, PausedAccess, PciAddress, TrapAllBars, VfSource,
+};
 
 use crate::error::{io, Error};
 use crate::pci::{reg, BarKind, BarSpec, ConfigSpace, PciDevice, MIN_BAR_SIZE, NUM_BARS};
@@ -62,7 +67,7 @@ pub fn parse_resource(text: &str, what: &str) -> Result<Vec<(usize, BarSpec)>, E
 /// A passed-through VF.
 pub struct VfioPci {
     name: String,
-    dev: PausableDevice,
+    dev: Arc<PausableDevice>,
     shadow: ConfigSpace,
 }
 
@@ -79,7 +84,12 @@ fn shadowed(offset: usize) -> bool {
 
 impl VfioPci {
     /// Opens the VF at `host` (bound to vfio-pci) into `container`, under the VMM id `id`.
-    pub fn open(container: Arc<Container>, host: &PciAddress, id: &str) -> Result<Self, Error> {
+    pub fn open(
+        container: Arc<Container>,
+        host: &PciAddress,
+        id: &str,
+        paused_access: PausedAccess,
+    ) -> Result<Self, Error> {
         let res = host.sysfs_path().join("resource");
         if !Path::new(&host.sysfs_path()).exists() {
             return Err(Error::Pci(format!("--vfio {host}: no such PCI function")));
@@ -100,7 +110,10 @@ impl VfioPci {
             id,
             container,
             VfSource::Sysfs(host.clone()),
-            DeviceOptions::default(),
+            DeviceOptions {
+                paused_access,
+                mmap_bars: false,
+            },
             Arc::new(TrapAllBars),
         )
         .map_err(|e| Error::Vfio {
@@ -114,9 +127,14 @@ impl VfioPci {
         }
         Ok(VfioPci {
             name: format!("vfio {id} ({host})"),
-            dev,
+            dev: Arc::new(dev),
             shadow,
         })
+    }
+
+    /// The pausable device (QMP pauses and unpauses it without the bus lock).
+    pub fn device(&self) -> Arc<PausableDevice> {
+        self.dev.clone()
     }
 }
 

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, LinuxBoot, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioPci, COM1_IRQ};
+use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioEntry, VfioPci, COM1_IRQ};
 use crate::error::{io, kvm, Error};
 use crate::guest::TestGuest;
 use crate::pci::{DevFn, PciBus};
@@ -94,6 +94,8 @@ pub struct VfioSpec {
     pub host: vfio_pause::PciAddress,
     /// The VMM's id for it (QMP commands name it so).
     pub id: String,
+    /// What guest BAR accesses do while it is paused.
+    pub policy: vfio_pause::PausedAccess,
 }
 
 impl Default for VmConfig {
@@ -181,6 +183,13 @@ impl VmHandle {
         self.devices
             .upgrade()
             .ok_or_else(|| Error::Config("the VM has ended".into()))
+    }
+
+    /// The passed-through VFs (empty once the VM ended).
+    pub(crate) fn vfio(&self) -> Vec<Arc<VfioEntry>> {
+        self.devices()
+            .map(|d| d.vfio().to_vec())
+            .unwrap_or_default()
     }
 
     /// `(devfn, name)` of every PCI function.
@@ -279,14 +288,29 @@ impl Vm {
             })?;
             Some(c)
         };
+        let mut vfio = Vec::new();
         for spec in &config.vfio {
+            if vfio.iter().any(|e: &Arc<VfioEntry>| e.id == spec.id) {
+                return Err(Error::Config(format!(
+                    "two VFIO devices with id {}",
+                    spec.id
+                )));
+            }
             let df = pci.next_free_device().ok_or_else(|| {
                 Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
             })?;
             let c = container.clone().expect("created above for VFIO devices");
-            pci.add(df, Box::new(VfioPci::open(c, &spec.host, &spec.id)?))?;
+            let dev = VfioPci::open(c, &spec.host, &spec.id, spec.policy)?;
+            vfio.push(Arc::new(VfioEntry {
+                id: spec.id.clone(),
+                guest: df,
+                policy: spec.policy,
+                dev: dev.device(),
+                pauses: Default::default(),
+            }));
+            pci.add(df, Box::new(dev))?;
         }
-        let devices = Arc::new(Devices::new(serial, pci));
+        let devices = Arc::new(Devices::new(serial, pci, vfio));
 
         let ctl = Arc::new(Control::new(config.cpus.into())?);
         let cpuid = vcpu::supported_cpuid(&kvm_sys)?;
