@@ -227,3 +227,68 @@ fn two_vfs_paused_over_a_numvfs_cycle_and_unpaused_never_leave_the_guests_config
     // All-ones only inside the pause window: exactly the BAR reads vfio-pause ignored.
     assert_eq!(guest_ones, paused_bar_reads);
 }
+
+fn fds_and_rss_kib(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn fifty_pause_unpause_cycles_leave_the_vmm_with_the_same_fds() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--serial", "none"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let cycle = |qmp: &mut Client| {
+        qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+            .unwrap();
+        qmp.execute("svff-vfio-unpause", Some(json!({"id": "vf0"})))
+            .unwrap();
+    };
+    cycle(&mut qmp); // first-use allocations
+    let (fds0, rss0) = fds_and_rss_kib(pid);
+    let start = Instant::now();
+    for _ in 0..50 {
+        cycle(&mut qmp);
+    }
+    let per_cycle = start.elapsed() / 50;
+    let (fds1, rss1) = fds_and_rss_kib(pid);
+    println!(
+        "50 pause/unpause cycles: {per_cycle:?} per cycle; fds {fds0} -> {fds1}; RSS {rss0} -> {rss1} KiB"
+    );
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    assert!(status.success());
+    assert_eq!(info[0]["pause-count"], 51);
+    assert_eq!(fds1, fds0, "no fd leaked over 50 cycles");
+}
