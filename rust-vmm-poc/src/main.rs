@@ -9,7 +9,7 @@ use svff_vmm::{
     Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, TestGuest, VfioSpec, Vm, VmConfig,
     DEFAULT_CMDLINE,
 };
-use vfio_pause::PausedAccess;
+use vfio_pause::PausePolicy;
 
 /// Exit status for errors of the VMM itself (bad configuration, KVM unavailable, ...). Command
 /// line syntax errors exit 2 (clap); a VM that ran exits with its reason's code.
@@ -146,10 +146,6 @@ fn file_size(what: &'static str, p: &PathBuf) -> Result<u64, Error> {
         })
 }
 
-/// How long a vCPU waits on a paused device's BAR under `policy=stall` before it gets
-/// all-ones.
-const STALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Parses `<BDF or /sys/bus/pci/devices/BDF>[,id=<id>][,policy=ignore|stall]`.
 fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
     let mut parts = spec.split(',');
@@ -164,12 +160,12 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
         ))
     })?;
     let mut id = format!("vfio{index}");
-    let mut policy = PausedAccess::Ignore;
+    let mut policy = PausePolicy::Ignore;
     for p in parts {
         match p.split_once('=') {
             Some(("id", v)) if !v.is_empty() => id = v.to_string(),
-            Some(("policy", "ignore")) => policy = PausedAccess::Ignore,
-            Some(("policy", "stall")) => policy = PausedAccess::Stall(STALL_DEADLINE),
+            Some(("policy", "ignore")) => policy = PausePolicy::Ignore,
+            Some(("policy", "stall")) => policy = PausePolicy::Stall,
             _ => {
                 return Err(Error::Config(format!(
                     "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall)"
@@ -326,7 +322,7 @@ mod tests {
         assert!(parse_vfio("0000:01:10.0,bogus=1", 0).is_err());
         assert_eq!(
             parse_vfio("0000:01:10.0,policy=stall", 0).unwrap().policy,
-            PausedAccess::Stall(STALL_DEADLINE)
+            PausePolicy::Stall
         );
         assert!(parse_vfio("0000:01:10.0,policy=wait", 0).is_err());
     }

@@ -14,8 +14,8 @@
 //! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
 //! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
 //!
-//! The policy of a pause is the one the device was opened with (`--vfio ...,policy=`): a
-//! `policy` argument must name that one.
+//! A pause without `policy` uses the device's last one (at first `--vfio ...,policy=`,
+//! default `ignore`); `stall` waits at most 10 s per access.
 //!
 //! When the VM ends the VMM emits `SHUTDOWN` with `guest` and `reason` (`host-qmp-quit`,
 //! `guest-shutdown`, `guest-reset`, `guest-panic` for a debug exit, `vcpu-failed`).
@@ -28,23 +28,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use qmp_ext::svff::{
-    self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausePolicy,
-    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings,
-    SvffVfioUnpause,
+    self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausedAccesses,
+    SvffVfioPhase, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings, SvffVfioUnpause,
 };
 use qmp_ext::{decode_arguments, EventSink, Handler, QmpCommand, QmpError, Session};
-use vfio_pause::{DeviceState, PausedAccess, PciAddress, Timings, VfSource};
+use vfio_pause::{DeviceState, PciAddress, Timings, VfSource};
 
-use crate::devices::VfioEntry;
+use crate::devices::{lock, VfioEntry};
 use crate::pci::DevFn;
 use crate::vm::{ExitReason, RunState, VmHandle};
 
-fn policy_of(p: PausedAccess) -> SvffVfioPausePolicy {
-    match p {
-        PausedAccess::Ignore => SvffVfioPausePolicy::Ignore,
-        PausedAccess::Stall(_) => SvffVfioPausePolicy::Stall,
-    }
-}
+/// How long a stalled access waits under `policy=stall` (vfio-pause bounds it to 10 s).
+pub const STALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn timings(t: &Timings) -> SvffVfioTimings {
     SvffVfioTimings {
@@ -53,7 +48,7 @@ fn timings(t: &Timings) -> SvffVfioTimings {
             .phases
             .iter()
             .map(|(p, d)| SvffVfioPhase {
-                name: p.name().into(),
+                name: *p,
                 ns: d.as_nanos() as u64,
             })
             .collect(),
@@ -212,21 +207,14 @@ impl QmpHandler {
 impl PausableDevices for QmpHandler {
     fn pause(&self, args: SvffVfioPause) -> Result<SvffVfioTimings, QmpError> {
         let e = self.entry(&args.id)?;
-        if let Some(p) = args.policy {
-            if p != policy_of(e.policy) {
-                return Err(QmpError::generic(format!(
-                    "device '{}' was opened with policy {:?}; per-pause policies are not supported",
-                    e.id,
-                    policy_of(e.policy)
-                )));
-            }
-        }
+        let policy = args.policy.unwrap_or(*lock(&e.policy));
         let was = e.dev.state();
         let t = e
             .dev
-            .pause()
+            .pause_with(policy, STALL_DEADLINE)
             .map_err(|err| QmpError::generic(format!("pausing '{}': {err}", e.id)))?;
         if was == DeviceState::Attached {
+            *lock(&e.policy) = policy;
             e.pauses.fetch_add(1, Ordering::Relaxed);
             self.changed(&e.id, SvffVfioState::Paused);
         }
@@ -267,10 +255,7 @@ impl PausableDevices for QmpHandler {
             .vfio()
             .iter()
             .map(|e| {
-                let state = match e.dev.state() {
-                    DeviceState::Attached => SvffVfioState::Attached,
-                    DeviceState::Paused | DeviceState::Detached => SvffVfioState::Paused,
-                };
+                let state = e.dev.state();
                 let c = e.dev.access_counters();
                 let (lp, lu) = e.dev.last_timings();
                 SvffVfioInfo {
@@ -278,7 +263,7 @@ impl PausableDevices for QmpHandler {
                     state,
                     host: e.dev.host().to_string(),
                     guest: format!("0000:{}", e.guest),
-                    policy: (state != SvffVfioState::Attached).then(|| policy_of(e.policy)),
+                    policy: (state != SvffVfioState::Attached).then(|| *lock(&e.policy)),
                     pause_count: e.pauses.load(Ordering::Relaxed),
                     paused_accesses: SvffVfioPausedAccesses {
                         config_reads: c.shadow_reads,

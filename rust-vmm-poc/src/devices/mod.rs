@@ -39,8 +39,8 @@ pub(crate) struct VfioEntry {
     pub(crate) id: String,
     /// Its address on the guest's bus 0.
     pub(crate) guest: DevFn,
-    /// The policy it was opened with.
-    pub(crate) policy: vfio_pause::PausedAccess,
+    /// The policy of the current or last pause (at first: the one it was opened with).
+    pub(crate) policy: Mutex<vfio_pause::PausePolicy>,
     /// The device.
     pub(crate) dev: Arc<vfio_pause::PausableDevice>,
     /// Completed pauses.

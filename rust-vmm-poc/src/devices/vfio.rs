@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_pause::{
-    Container, DeviceOptions, PausableDevice, PausedAccess, PciAddress, TrapAllBars, VfSource,
+    Container, DeviceOptions, PausableDevice, PausePolicy, PciAddress, TrapAllBars, VfSource,
 };
 
 use crate::error::{io, Error};
@@ -88,7 +88,7 @@ impl VfioPci {
         container: Arc<Container>,
         host: &PciAddress,
         id: &str,
-        paused_access: PausedAccess,
+        policy: PausePolicy,
     ) -> Result<Self, Error> {
         let res = host.sysfs_path().join("resource");
         if !Path::new(&host.sysfs_path()).exists() {
@@ -109,10 +109,11 @@ impl VfioPci {
         let dev = PausableDevice::open(
             id,
             container,
-            VfSource::Sysfs(host.clone()),
+            VfSource::Sysfs(*host),
             DeviceOptions {
-                paused_access,
+                policy,
                 mmap_bars: false,
+                ..DeviceOptions::default()
             },
             Arc::new(TrapAllBars),
         )

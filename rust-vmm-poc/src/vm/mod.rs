@@ -94,8 +94,8 @@ pub struct VfioSpec {
     pub host: vfio_pause::PciAddress,
     /// The VMM's id for it (QMP commands name it so).
     pub id: String,
-    /// What guest BAR accesses do while it is paused.
-    pub policy: vfio_pause::PausedAccess,
+    /// What guest BAR accesses do while it is paused (unless a pause says otherwise).
+    pub policy: vfio_pause::PausePolicy,
 }
 
 impl Default for VmConfig {
@@ -304,7 +304,7 @@ impl Vm {
             vfio.push(Arc::new(VfioEntry {
                 id: spec.id.clone(),
                 guest: df,
-                policy: spec.policy,
+                policy: Mutex::new(spec.policy),
                 dev: dev.device(),
                 pauses: Default::default(),
             }));
