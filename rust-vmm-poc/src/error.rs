@@ -61,9 +61,9 @@ pub enum Error {
     Vfio {
         /// The VMM id and host address.
         device: String,
-        /// vfio-pause's error.
+        /// vfio-pause's error (boxed: it is large).
         #[source]
-        source: vfio_pause::Error,
+        source: Box<vfio_pause::Error>,
     },
     /// The QMP socket could not be set up.
     #[error("QMP socket {}: {source}", path.display())]

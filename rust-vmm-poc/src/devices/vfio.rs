@@ -119,7 +119,7 @@ impl VfioPci {
         )
         .map_err(|e| Error::Vfio {
             device: format!("{id} ({host})"),
-            source: e,
+            source: Box::new(e),
         })?;
         let ident = dev.identity();
         let mut shadow = ConfigSpace::new(ident.vendor, ident.device, ident.class, 0);

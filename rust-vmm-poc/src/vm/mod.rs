@@ -278,13 +278,13 @@ impl Vm {
         } else {
             let c = vfio_pause::Container::open_real().map_err(|e| Error::Vfio {
                 device: "container".into(),
-                source: e,
+                source: Box::new(e),
             })?;
             // SAFETY: `mem` stays mapped until after the container is dropped (Vm's field
             // order), and guest RAM is only touched through vm-memory's volatile accessors.
             unsafe { c.register_guest_memory(&mem) }.map_err(|e| Error::Vfio {
                 device: "container (guest RAM for DMA)".into(),
-                source: e,
+                source: Box::new(e),
             })?;
             Some(c)
         };
