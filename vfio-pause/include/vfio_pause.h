@@ -134,6 +134,14 @@ enum VpStatus vp_container_map_dma(struct VpContainer *c,
                                    uint64_t size,
                                    void *host_addr);
 
+// Unregister guest memory registered with `vp_container_map_dma` at exactly
+// `iova` and `size` (and unmap it from the IOMMU if it is mapped). For VMMs
+// whose guest memory layout changes at run time (QEMU's memory listener).
+//
+// # Safety
+// `c` must be a live handle.
+enum VpStatus vp_container_unmap_dma(struct VpContainer *c, uint64_t iova, uint64_t size);
+
 // Free a container. Devices opened in it keep it alive until they are closed.
 //
 // # Safety

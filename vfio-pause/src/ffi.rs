@@ -451,6 +451,26 @@ pub unsafe extern "C" fn vp_container_map_dma(
     })
 }
 
+/// Unregister guest memory registered with `vp_container_map_dma` at exactly
+/// `iova` and `size` (and unmap it from the IOMMU if it is mapped). For VMMs
+/// whose guest memory layout changes at run time (QEMU's memory listener).
+///
+/// # Safety
+/// `c` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_unmap_dma(
+    c: *mut VpContainer,
+    iova: u64,
+    size: u64,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        c.container.unregister_dma(iova, size)?;
+        Ok(())
+    })
+}
+
 /// Free a container. Devices opened in it keep it alive until they are closed.
 ///
 /// # Safety
@@ -914,6 +934,36 @@ mod tests {
             assert_eq!(vp_device_close(ptr::null_mut()), VpStatus::VpOk);
             vp_container_free(ptr::null_mut());
         }
+    }
+
+    #[test]
+    fn unmap_dma_removes_exactly_the_registered_range() {
+        let (c, d) = sim_device();
+        let mut mem = vec![0u8; 0x2000];
+        let host = mem.as_mut_ptr().cast::<c_void>();
+        // SAFETY: live handles; `mem` outlives the registration (unregistered
+        // below, before it is dropped) and is not touched while registered.
+        unsafe {
+            assert_eq!(
+                vp_container_map_dma(c, 0x10000, 0x2000, host),
+                VpStatus::VpOk
+            );
+            assert_ne!(
+                vp_container_unmap_dma(c, 0x10000, 0x1000),
+                VpStatus::VpOk,
+                "a range that was not registered as such is refused"
+            );
+            assert!(last_error().contains("0x10000"), "{}", last_error());
+            assert_eq!(vp_container_unmap_dma(c, 0x10000, 0x2000), VpStatus::VpOk);
+            assert_ne!(vp_container_unmap_dma(c, 0x10000, 0x2000), VpStatus::VpOk);
+            assert_eq!(
+                vp_container_unmap_dma(ptr::null_mut(), 0, 1),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+        drop(mem);
     }
 
     #[test]
