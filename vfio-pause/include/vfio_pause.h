@@ -86,6 +86,20 @@ typedef struct VpTimings {
   uint64_t phase_ns[VP_PHASE_COUNT];
 } VpTimings;
 
+// Guest accesses a paused device handled, summed over all its pauses.
+typedef struct VpAccessCounters {
+  // Config-space reads served from the shadow.
+  uint64_t config_reads;
+  // Config-space writes kept in the shadow for the unpause.
+  uint64_t config_writes;
+  // BAR reads answered with all-ones (policy `ignore`).
+  uint64_t bar_reads;
+  // BAR writes dropped (policy `ignore`).
+  uint64_t bar_writes;
+  // BAR accesses that waited for the unpause (policy `stall`).
+  uint64_t stalled;
+} VpAccessCounters;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -203,6 +217,12 @@ enum VpStatus vp_device_state(const struct VpDevice *d, uint32_t *out);
 enum VpStatus vp_device_last_timings(const struct VpDevice *d,
                                      struct VpTimings *pause,
                                      struct VpTimings *unpause);
+
+// Counters of guest accesses handled while paused (for `query-svff-vfio`).
+//
+// # Safety
+// `d` must be a live device handle, `out` writable.
+enum VpStatus vp_device_access_counters(const struct VpDevice *d, struct VpAccessCounters *out);
 
 // Guest config-space read (from the shadow while paused).
 //

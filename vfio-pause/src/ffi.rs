@@ -96,6 +96,22 @@ pub struct VpTimings {
     pub phase_ns: [u64; VP_PHASE_COUNT],
 }
 
+/// Guest accesses a paused device handled, summed over all its pauses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VpAccessCounters {
+    /// Config-space reads served from the shadow.
+    pub config_reads: u64,
+    /// Config-space writes kept in the shadow for the unpause.
+    pub config_writes: u64,
+    /// BAR reads answered with all-ones (policy `ignore`).
+    pub bar_reads: u64,
+    /// BAR writes dropped (policy `ignore`).
+    pub bar_writes: u64,
+    /// BAR accesses that waited for the unpause (policy `stall`).
+    pub stalled: u64,
+}
+
 /// A BAR mmap handed to `map_bars`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -662,6 +678,35 @@ pub unsafe extern "C" fn vp_device_last_timings(
     })
 }
 
+/// Counters of guest accesses handled while paused (for `query-svff-vfio`).
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_access_counters(
+    d: *const VpDevice,
+    out: *mut VpAccessCounters,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let n = unsafe { dev(d) }?.access_counters();
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe {
+            *out = VpAccessCounters {
+                config_reads: n.shadow_reads,
+                config_writes: n.shadow_writes,
+                bar_reads: n.ignored_reads,
+                bar_writes: n.ignored_writes,
+                stalled: n.stalled,
+            }
+        };
+        Ok(())
+    })
+}
+
 /// Guest config-space read (from the shadow while paused).
 ///
 /// # Safety
@@ -933,6 +978,60 @@ mod tests {
             assert!(last_error().contains("device is NULL"));
             assert_eq!(vp_device_close(ptr::null_mut()), VpStatus::VpOk);
             vp_container_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn access_counters_count_paused_config_and_bar_accesses() {
+        let (c, d) = sim_device();
+        let mut n = VpAccessCounters::default();
+        let mut buf = [0u8; 4];
+        // SAFETY: live handles, `buf` has room for the 4 bytes read.
+        unsafe {
+            assert_eq!(
+                vp_device_config_read(d, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_access_counters(d, &mut n), VpStatus::VpOk);
+            assert_eq!(n.config_reads, 0, "attached reads are not counted");
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(
+                vp_device_config_read(d, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_config_write(d, 4, buf.as_ptr(), 2),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_read(d, 0, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_write(d, 0, 0, buf.as_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_write(d, 0, 4, buf.as_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_access_counters(d, &mut n), VpStatus::VpOk);
+            assert_eq!(
+                (
+                    n.config_reads,
+                    n.config_writes,
+                    n.bar_reads,
+                    n.bar_writes,
+                    n.stalled
+                ),
+                (1, 1, 1, 2, 0)
+            );
+            assert_eq!(
+                vp_device_access_counters(d, ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
         }
     }
 
