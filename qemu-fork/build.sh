@@ -7,6 +7,9 @@
 # Usage: build.sh            build (or reuse the cached build); prints the binary's path
 #        build.sh --check    fetch, verify and check that the series applies; no build
 #        build.sh --path     print the binary's path if it is cached, exit 1 otherwise (no build)
+#        build.sh --key      print the hash of the inputs (no fetch, no build)
+# Every build (or cache hit) also copies the binary to <workspace>/target/svff-qemu/, with the key
+# beside it, where lab tests find it (L1 sees the workspace, not ~/.cache of root).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -20,11 +23,13 @@ tarball_sha256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
 
 cache=${SVFF_QEMU_CACHE:-${HOME:-/root}/.cache/svff-qemu}
 dl=$cache/downloads
-mkdir -p "$dl"
 log() { echo "qemu-fork: $*" >&2; }
+[ "$mode" = --key ] || mkdir -p "$dl"
 
 tarball=$dl/$tarball_name
-if [ ! -f "$tarball" ] || ! echo "$tarball_sha256  $tarball" | sha256sum -c --status; then
+if [ "$mode" = --key ]; then
+    :
+elif [ ! -f "$tarball" ] || ! echo "$tarball_sha256  $tarball" | sha256sum -c --status; then
     rm -f "$tarball"
     log "fetching $tarball_name (apt-get source qemu=$debver)"
     offered() { apt-cache showsrc qemu 2>/dev/null | grep " $tarball_sha256 .*$tarball_name" >/dev/null; }
@@ -57,7 +62,7 @@ if [ ! -f "$tarball" ] || ! echo "$tarball_sha256  $tarball" | sha256sum -c --st
     rm -rf "$tmp"
     [ -f "$tarball" ] || { log "could not fetch $tarball_name"; exit 1; }
 fi
-echo "$tarball_sha256  $tarball" | sha256sum -c --status ||
+[ "$mode" = --key ] || echo "$tarball_sha256  $tarball" | sha256sum -c --status ||
     { log "$tarball: sha256 differs from the pinned $tarball_sha256"; exit 1; }
 
 patches=()
@@ -85,7 +90,7 @@ if [ "$mode" = --check ]; then
 fi
 
 # The staticlib (crate-type includes "staticlib" in vfio-pause/Cargo.toml).
-if [ "$mode" != --path ]; then
+if [ "$mode" = build ]; then
     log "building libvfio_pause.a (cargo build -p vfio-pause --release)"
     (cd "$root" && ${CARGO:-cargo} build -q -p vfio-pause --release >&2)
 fi
@@ -96,20 +101,29 @@ schema=$root/qmp-ext/qapi/svff.json
 
 # Configure flags: x86_64-softmmu with KVM, nothing svff does not need. QEMU's own Rust stays off:
 # a second Rust staticlib beside it would duplicate std's symbols.
-flags=(--target-list=x86_64-softmmu --enable-kvm --disable-rust --disable-docs --disable-tools
+flags=(--target-list=x86_64-softmmu --enable-kvm --disable-tcg --disable-rust --disable-docs --disable-tools
     --disable-guest-agent --disable-user --disable-gtk --disable-sdl --disable-vnc --disable-opengl
     --disable-spice --disable-curses --disable-xen --disable-libusb --disable-usb-redir
-    --disable-install-blobs --disable-werror --disable-debug-info --enable-slirp)
+    --disable-install-blobs --disable-werror --disable-debug-info --enable-slirp
+    --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu)
 
 key=$( {
     echo "$tarball_sha256"
     printf '%s\n' "${flags[@]}"
     sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$lib" "$header" "$schema" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
+[ "$mode" = --key ] && { echo "$key"; exit 0; }
 out=$cache/$key
 bin=$out/bin/qemu-system-x86_64
+publish() { # copy for the lab tests, atomically
+    local d=$root/target/svff-qemu
+    mkdir -p "$d"
+    cp "$bin" "$d/.qemu-system-x86_64.tmp" && mv "$d/.qemu-system-x86_64.tmp" "$d/qemu-system-x86_64"
+    echo "$key" > "$d/key"
+}
 if [ -x "$bin" ]; then
     log "cached build $key"
+    [ "$mode" = --path ] || publish
     echo "$bin"
     exit 0
 fi
@@ -160,4 +174,5 @@ printf 'configure_s=%s\nninja_s=%s\nnproc=%s\nloadavg=%s\n' "$((t1 - t0))" "$((t
 rm -rf "$src"
 rm -rf "$out"
 mv "$work" "$out"
+publish
 echo "$bin"

@@ -1,0 +1,231 @@
+//! svff's patched QEMU in the lab's L1 with KVM: `svff-vfio-pci` on a real
+//! igb VF (vfio-pci, intel-iommu, Linux 6.12). These runs have no guest OS
+//! (`-S`): they prove the host side (fds, numvfs cycle, reopen, identity,
+//! QMP); guest-visible behaviour needs an L2 guest. Each test sets up its PFs
+//! and leaves their VFs destroyed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use svff_lab::guest;
+use svff_qemu_lab::{qemu_binary, Qemu};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Put `pf` on pci-pf-stub with `n` VFs and bind VF `which` to vfio-pci.
+fn pf_with_vfio_vf(pf: &str, n: u32, which: usize) -> String {
+    guest::modprobe("vfio-pci");
+    guest::bind(pf, "pci-pf-stub");
+    guest::set_numvfs(pf, 0);
+    guest::set_numvfs(pf, n);
+    let vf = guest::vfs_of(pf)[which].clone();
+    bind_vfio(&vf);
+    vf
+}
+
+fn bind_vfio(vf: &str) {
+    guest::write_attr(guest::dev_path(vf).join("driver_override"), "vfio-pci");
+    guest::write_attr("/sys/bus/pci/drivers_probe", vf);
+    assert_eq!(
+        guest::driver_of(vf).as_deref(),
+        Some("vfio-pci"),
+        "{vf} bound"
+    );
+}
+
+/// The patched QEMU with KVM, no guest code running, `vf` as `svff-vfio-pci` id `vf0`.
+fn start(vf: &str) -> Qemu {
+    guest::modprobe("kvm_amd");
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let args: Vec<String> = [
+        "-S",
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-L",
+        "/usr/share/qemu",
+        "-bios",
+        "qboot.rom",
+        "-device",
+        &format!("svff-vfio-pci,host={vf},id=vf0"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Qemu::start(&bin, &args, QMP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn query(q: &mut Qemu) -> Value {
+    let v = q.execute("query-svff-vfio", None).unwrap();
+    let list = v.as_array().expect("query-svff-vfio returns a list");
+    assert_eq!(list.len(), 1, "one pausable device: {v}");
+    list[0].clone()
+}
+
+fn pause(q: &mut Qemu) -> Value {
+    q.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap_or_else(|e| panic!("pause: {e}"))
+}
+
+fn unpause(q: &mut Qemu, host: &str) -> Result<Value, (String, String)> {
+    q.try_execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": host })),
+    )
+}
+
+fn group_node(vf: &str) -> String {
+    format!("/dev/vfio/{}", guest::iommu_group(vf))
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn pause_closes_every_vf_fd_so_numvfs_cycles_and_unpause_reopens_a_new_vf() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let mut q = start(&vf);
+
+    let info = query(&mut q);
+    assert_eq!(info["id"], "vf0");
+    assert_eq!(info["state"], "attached");
+    assert_eq!(info["host"], vf.as_str());
+    assert_eq!(info["pause-count"], 0);
+    let fds = q.vf_fds();
+    assert!(
+        fds.contains(&group_node(&vf)),
+        "group fd of {vf} open: {fds:?}"
+    );
+    assert!(
+        fds.iter().any(|l| l.contains("vfio-device")),
+        "device fd of {vf} open: {fds:?}"
+    );
+
+    let t = pause(&mut q);
+    assert!(t["total-ns"].as_u64().unwrap() > 0, "{t}");
+    assert!(!t["phases"].as_array().unwrap().is_empty(), "{t}");
+    assert_eq!(
+        q.vf_fds(),
+        Vec::<String>::new(),
+        "no fd of the VF after pause"
+    );
+    let info = query(&mut q);
+    assert_eq!(info["state"], "paused");
+    assert_eq!(info["pause-count"], 1);
+    assert_eq!(info["policy"], "ignore");
+
+    // With an fd of a VF open this write would block in the kernel forever.
+    let t0 = Instant::now();
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    let disable = t0.elapsed();
+    assert!(guest::vfs_of(&pf).is_empty(), "VFs destroyed");
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "2");
+    let new_vf = guest::vfs_of(&pf)[1].clone();
+    bind_vfio(&new_vf);
+
+    let t = unpause(&mut q, &new_vf).unwrap_or_else(|e| panic!("unpause: {e:?}"));
+    assert!(t["total-ns"].as_u64().unwrap() > 0, "{t}");
+    let info = query(&mut q);
+    assert_eq!(info["state"], "attached");
+    assert_eq!(info["host"], new_vf.as_str());
+    assert!(info["last-unpause"].is_object(), "{info}");
+    let fds = q.vf_fds();
+    assert!(
+        fds.contains(&group_node(&new_vf)),
+        "group of {new_vf}: {fds:?}"
+    );
+
+    let states: Vec<String> = q
+        .take_events()
+        .into_iter()
+        .filter(|e| e.name == "SVFF_VFIO_STATE_CHANGED")
+        .map(|e| {
+            e.data
+                .as_ref()
+                .and_then(|d| d.get("state"))
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(states, ["pausing", "paused", "unpausing", "attached"]);
+    println!(
+        "pause {} ns, sriov_numvfs 2 -> 0 {disable:?}, unpause {} ns",
+        info["last-pause"]["total-ns"], info["last-unpause"]["total-ns"]
+    );
+    assert!(
+        q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()),
+        "QEMU quits cleanly"
+    );
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn unpause_onto_a_function_with_other_ids_fails_and_leaves_the_device_paused() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let other = pf_with_vfio_vf(&guest::nvme_pf(), 1, 0);
+    let mut q = start(&vf);
+    pause(&mut q);
+
+    let (class, desc) = unpause(&mut q, &other).expect_err("an nvme VF is not the igb VF");
+    assert_eq!(class, "GenericError");
+    assert!(
+        desc.contains(&other) && desc.contains("still paused"),
+        "{desc}"
+    );
+    assert_eq!(query(&mut q)["state"], "paused");
+    assert_eq!(
+        q.vf_fds(),
+        Vec::<String>::new(),
+        "the refused VF is closed again"
+    );
+
+    unpause(&mut q, &vf).unwrap_or_else(|e| panic!("unpause onto the right VF: {e:?}"));
+    assert_eq!(query(&mut q)["state"], "attached");
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+    guest::set_numvfs(&guest::nvme_pf(), 0);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn twenty_pause_unpause_cycles_leave_the_fd_count_unchanged() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let mut q = start(&vf);
+    let before = q.fd_links();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        pause(&mut q);
+        assert_eq!(
+            q.vf_fds(),
+            Vec::<String>::new(),
+            "cycle {i}: paused, no VF fd"
+        );
+        unpause(&mut q, &vf).unwrap_or_else(|e| panic!("cycle {i}: {e:?}"));
+    }
+    let after = q.fd_links();
+    println!(
+        "20 cycles in {:?}; fds before {} after {}",
+        t0.elapsed(),
+        before.len(),
+        after.len()
+    );
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "before {before:?}\nafter {after:?}"
+    );
+    assert_eq!(query(&mut q)["pause-count"], 20);
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+}
