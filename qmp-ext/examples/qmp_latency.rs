@@ -89,6 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         c.call(&SvffVfioPause {
             id: "vf0".into(),
             policy: None,
+            stall_ms: None,
         })
         .map(drop)
     })?;

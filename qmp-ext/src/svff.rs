@@ -21,36 +21,26 @@ use crate::wire::{decode_arguments, QmpCommand, QmpError, QmpEvent};
 /// The schema file's text (`qmp-ext/qapi/svff.json`).
 pub const SCHEMA_JSON: &str = include_str!("../qapi/svff.json");
 
-/// `SvffVfioState`: state of a pausable VFIO device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SvffVfioState {
-    /// Host device open and mapped; guest I/O reaches it.
-    Attached,
-    /// A pause is in progress.
-    Pausing,
-    /// Every host fd closed; guest accesses handled by the VMM.
-    Paused,
-    /// An unpause is in progress.
-    Unpausing,
-}
+/// `SvffVfioState`: state of a pausable VFIO device ([`svff_types::DeviceState`],
+/// shared with vfio-pause).
+pub use svff_types::DeviceState as SvffVfioState;
 
-/// `SvffVfioPausePolicy`: how guest BAR accesses are handled while paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SvffVfioPausePolicy {
-    /// Reads return all ones, writes are dropped.
-    Ignore,
-    /// The accessing vCPU waits until the device is unpaused.
-    Stall,
-}
+/// `SvffVfioPausePolicy`: how guest BAR accesses are handled while paused
+/// ([`svff_types::PausePolicy`]; the default is `ignore`).
+pub use svff_types::PausePolicy as SvffVfioPausePolicy;
+
+/// `SvffVfioPhaseName`: a timed step of a pause or unpause
+/// ([`svff_types::Phase`], the names vfio-pause reports).
+pub use svff_types::Phase as SvffVfioPhaseName;
+
+use svff_types::{PausePolicy, Phase};
 
 /// `SvffVfioPhase`: duration of one phase of a pause or unpause.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SvffVfioPhase {
-    /// Phase name (`quiesce`, `save`, `close`; `open`, `verify`, `restore`, `map`).
-    pub name: String,
+    /// Which phase.
+    pub name: Phase,
     /// Duration in nanoseconds.
     pub ns: u64,
 }
@@ -112,9 +102,30 @@ pub struct SvffVfioInfo {
 pub struct SvffVfioPause {
     /// Device id.
     pub id: String,
-    /// Pause policy (default: stall).
+    /// Pause policy (default: ignore).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<SvffVfioPausePolicy>,
+    /// Deadline of each stalled access in milliseconds (policy stall; at
+    /// most 10000, default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
+}
+
+impl SvffVfioPause {
+    /// The policy in force: the one asked for, else `ignore`.
+    pub fn effective_policy(&self) -> PausePolicy {
+        self.policy.unwrap_or_default()
+    }
+
+    /// The stall deadline in force: `stall-ms` (default
+    /// [`svff_types::DEFAULT_STALL`]) bounded by [`svff_types::MAX_STALL`].
+    pub fn stall_deadline(&self) -> std::time::Duration {
+        PausePolicy::bounded_stall(
+            self.stall_ms
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(svff_types::DEFAULT_STALL),
+        )
+    }
 }
 
 impl QmpCommand for SvffVfioPause {
@@ -286,7 +297,7 @@ use TypeRef::{List, Named};
 pub const SCHEMA: &[Definition] = &[
     Definition {
         name: "SvffVfioState",
-        kind: DefinitionKind::Enum(&["attached", "pausing", "paused", "unpausing"]),
+        kind: DefinitionKind::Enum(&["attached", "pausing", "paused", "unpausing", "detached"]),
         features: &[],
         roundtrip: roundtrip::<SvffVfioState>,
         roundtrip_returns: None,
@@ -299,9 +310,29 @@ pub const SCHEMA: &[Definition] = &[
         roundtrip_returns: None,
     },
     Definition {
+        name: "SvffVfioPhaseName",
+        kind: DefinitionKind::Enum(&[
+            "unmap-bars",
+            "snapshot",
+            "irq-teardown",
+            "munmap",
+            "close",
+            "reopen",
+            "dma-remap",
+            "identity",
+            "restore",
+            "irq-setup",
+            "mmap",
+            "map-bars",
+        ]),
+        features: &[],
+        roundtrip: roundtrip::<SvffVfioPhaseName>,
+        roundtrip_returns: None,
+    },
+    Definition {
         name: "SvffVfioPhase",
         kind: DefinitionKind::Struct(&[
-            m("name", Named("str"), false),
+            m("name", Named("SvffVfioPhaseName"), false),
             m("ns", Named("uint64"), false),
         ]),
         features: &[],
@@ -353,6 +384,7 @@ pub const SCHEMA: &[Definition] = &[
             data: &[
                 m("id", Named("str"), false),
                 m("policy", Named("SvffVfioPausePolicy"), true),
+                m("stall-ms", Named("uint64"), true),
             ],
             returns: Some(Named("SvffVfioTimings")),
         },

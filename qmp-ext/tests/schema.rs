@@ -674,17 +674,23 @@ fn rust_enums_have_no_variants_beyond_the_schema() {
     use qmp_ext::svff::{SvffVfioPausePolicy as P, SvffVfioState as S};
     // Exhaustive matches: adding a Rust variant breaks the build here.
     let state_name = |s: S| match s {
-        S::Attached | S::Pausing | S::Paused | S::Unpausing => {
+        S::Attached | S::Pausing | S::Paused | S::Unpausing | S::Detached => {
             serde_json::to_value(s).expect("enum")
         }
     };
     let policy_name = |p: P| match p {
         P::Ignore | P::Stall => serde_json::to_value(p).expect("enum"),
     };
-    let states: Vec<Value> = [S::Attached, S::Pausing, S::Paused, S::Unpausing]
-        .into_iter()
-        .map(state_name)
-        .collect();
+    let states: Vec<Value> = [
+        S::Attached,
+        S::Pausing,
+        S::Paused,
+        S::Unpausing,
+        S::Detached,
+    ]
+    .into_iter()
+    .map(state_name)
+    .collect();
     let policies: Vec<Value> = [P::Ignore, P::Stall].into_iter().map(policy_name).collect();
     for (name, got) in [("SvffVfioState", states), ("SvffVfioPausePolicy", policies)] {
         let DefinitionKind::Enum(vals) = lookup(name).kind else {
@@ -696,6 +702,59 @@ fn rust_enums_have_no_variants_beyond_the_schema() {
             "{name}"
         );
     }
+}
+
+/// The QMP enums are svff-types' states, policies and phase names: one set
+/// for vfio-pause, qmp-ext and the helper.
+#[test]
+fn qmp_states_policies_and_phase_names_are_the_svff_types_ones() {
+    let values = |name: &str| -> Vec<&'static str> {
+        match lookup(name).kind {
+            DefinitionKind::Enum(vals) => vals.to_vec(),
+            _ => panic!("{name} is an enum"),
+        }
+    };
+    let states: Vec<&str> = svff_types::DeviceState::ALL
+        .into_iter()
+        .map(|s| s.name())
+        .collect();
+    assert_eq!(values("SvffVfioState"), states);
+    let policies: Vec<&str> = [
+        svff_types::PausePolicy::Ignore,
+        svff_types::PausePolicy::Stall,
+    ]
+    .into_iter()
+    .map(|p| p.name())
+    .collect();
+    assert_eq!(values("SvffVfioPausePolicy"), policies);
+    let phases: Vec<&str> = svff_types::Phase::ALL
+        .into_iter()
+        .map(|p| p.name())
+        .collect();
+    assert_eq!(values("SvffVfioPhaseName"), phases);
+}
+
+/// `ignore` is the default pause policy everywhere: in svff-types, in the
+/// Rust arguments type and in the schema's documentation; a stall must never
+/// be what a VMM gets without asking.
+#[test]
+fn ignore_is_the_documented_and_effective_default_policy() {
+    let doc = qmp_ext::svff::SCHEMA_JSON
+        .split("# @svff-vfio-pause:")
+        .nth(1)
+        .and_then(|d| d.split("##").next())
+        .expect("svff-vfio-pause doc block");
+    let policy = doc
+        .split("# @policy:")
+        .nth(1)
+        .and_then(|d| d.split("\n#\n").next())
+        .expect("@policy doc");
+    assert!(policy.contains("default: ignore"), "{policy}");
+    assert!(!policy.contains("default: stall"), "{policy}");
+    assert_eq!(
+        svff_types::PausePolicy::default(),
+        svff_types::PausePolicy::Ignore
+    );
 }
 
 /// QEMU's own QAPI generator (with QEMU's pragmas, so every doc rule is

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use qmp_ext::svff::{
     self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausePolicy,
-    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings,
-    SvffVfioUnpause,
+    SvffVfioPausedAccesses, SvffVfioPhase, SvffVfioPhaseName, SvffVfioState, SvffVfioStateChanged,
+    SvffVfioTimings, SvffVfioUnpause,
 };
 use qmp_ext::{Client, ErrorClass, EventSink, Handler, QmpError, Server, ServerConfig, Session};
 use serde_json::{json, Map, Value};
@@ -45,11 +45,8 @@ impl FakeDevices {
     }
 }
 
-fn phase(name: &str, ns: u64) -> SvffVfioPhase {
-    SvffVfioPhase {
-        name: name.into(),
-        ns,
-    }
+fn phase(name: SvffVfioPhaseName, ns: u64) -> SvffVfioPhase {
+    SvffVfioPhase { name, ns }
 }
 
 impl PausableDevices for FakeDevices {
@@ -63,9 +60,13 @@ impl PausableDevices for FakeDevices {
         self.set_state(&mut info, SvffVfioState::Pausing);
         let t = SvffVfioTimings {
             total_ns: 30,
-            phases: vec![phase("quiesce", 10), phase("save", 5), phase("close", 15)],
+            phases: vec![
+                phase(SvffVfioPhaseName::UnmapBars, 10),
+                phase(SvffVfioPhaseName::Snapshot, 5),
+                phase(SvffVfioPhaseName::Close, 15),
+            ],
         };
-        info.policy = Some(args.policy.unwrap_or(SvffVfioPausePolicy::Stall));
+        info.policy = Some(args.effective_policy());
         info.pause_count += 1;
         info.last_pause = Some(t.clone());
         self.set_state(&mut info, SvffVfioState::Paused);
@@ -88,7 +89,8 @@ impl PausableDevices for FakeDevices {
             std::fs::File::from(fd)
                 .read_to_string(&mut text)
                 .map_err(|e| QmpError::generic(e.to_string()))?;
-            phases.push(phase(&format!("open-fd:{text}"), 1));
+            phases.push(phase(SvffVfioPhaseName::Reopen, 1));
+            info.host = format!("fd:{text}");
         }
         if let Some(h) = args.host {
             info.host = h;
@@ -174,10 +176,11 @@ fn pause_query_unpause_round_trip_with_events() {
         .call(&SvffVfioPause {
             id: "vf0".into(),
             policy: Some(SvffVfioPausePolicy::Ignore),
+            stall_ms: None,
         })
         .expect("pause");
-    let names: Vec<&str> = t.phases.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["quiesce", "save", "close"]);
+    let names: Vec<&str> = t.phases.iter().map(|p| p.name.name()).collect();
+    assert_eq!(names, ["unmap-bars", "snapshot", "close"]);
     for want in [SvffVfioState::Pausing, SvffVfioState::Paused] {
         let ev = c
             .wait_event("SVFF_VFIO_STATE_CHANGED", TIMEOUT)
@@ -225,6 +228,7 @@ fn unpause_receives_the_group_fd_passed_with_getfd_once() {
     c.call(&SvffVfioPause {
         id: "vf0".into(),
         policy: None,
+        stall_ms: None,
     })
     .expect("pause");
     let (r, w) = nix::unistd::pipe().expect("pipe");
@@ -240,7 +244,9 @@ fn unpause_receives_the_group_fd_passed_with_getfd_once() {
         fdname: Some("grp".into()),
     };
     let t = c.call(&unpause).expect("unpause with fd");
-    assert_eq!(t.phases[0].name, "open-fd:group-42");
+    assert_eq!(t.phases[0].name, SvffVfioPhaseName::Reopen);
+    let info = &c.call(&QuerySvffVfio {}).expect("query")[0];
+    assert_eq!(info.host, "fd:group-42", "the server got the client's pipe");
 
     // The descriptor was consumed by the first use.
     let err = c.call(&unpause).expect_err("fd used up");
@@ -281,6 +287,7 @@ fn svff_errors_have_qemu_classes() {
         .call(&SvffVfioPause {
             id: "nope".into(),
             policy: None,
+            stall_ms: None,
         })
         .expect_err("unknown device");
     assert_eq!(
@@ -336,6 +343,7 @@ fn wait_event_where_picks_the_matching_event_and_keeps_the_others() {
     c.call(&SvffVfioPause {
         id: "vf0".into(),
         policy: None,
+        stall_ms: None,
     })
     .expect("pause");
     // Two state events are queued now: pausing, then paused.

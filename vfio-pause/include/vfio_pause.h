@@ -33,12 +33,21 @@ typedef enum VpStatus {
   VP_ERR_ROLLBACK_FAILED = 7,
   // A bug: a panic was caught at the ABI boundary.
   VP_ERR_PANIC = 8,
+  // `vp_device_try_bar_*` under the stall policy while the device is not
+  // attached: release every lock the unpause needs (QEMU's BQL), call
+  // `vp_device_wait_unpaused` with the same `VpStall`, take the locks
+  // again and retry. Not an error.
+  VP_RETRY = 9,
 } VpStatus;
 
 // Opaque handle: the VFIO container of one VM.
 typedef struct VpContainer VpContainer;
 
-// Opaque handle: one pausable device.
+// Opaque handle: one pausable device. Any thread may call into it; a
+// `vp_device_close` marks it closed (later calls fail with
+// `VP_ERR_INVALID_STATE`), detaches the device (which ends stalled
+// accesses), waits until every call still inside the handle returned, and
+// only then frees it.
 typedef struct VpDevice VpDevice;
 
 // Ids of a PCI function.
@@ -53,6 +62,8 @@ typedef struct VpIdentity {
   uint16_t subsystem;
   // 24-bit class code.
   uint32_t class_code;
+  // Revision id.
+  uint8_t revision;
 } VpIdentity;
 
 // A BAR mmap handed to `map_bars`.
@@ -100,6 +111,13 @@ typedef struct VpAccessCounters {
   uint64_t stalled;
 } VpAccessCounters;
 
+// A stalled BAR access's deadline across `vp_device_try_bar_*` retries:
+// zero-initialise it for every guest access.
+typedef struct VpStall {
+  // 0: no stall yet; else the deadline, in ns after a process-wide epoch.
+  uint64_t deadline_ns;
+} VpStall;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -117,24 +135,31 @@ const char *vp_phase_name(uint32_t index);
 // `out` must be a valid pointer to write a handle to.
 enum VpStatus vp_container_new(struct VpContainer **out);
 
+#if defined(VP_SIM)
 // A container over the simulated backend (for tests of C VMMs without VFIO).
-// Functions are added with `vp_sim_add_vf`.
+// Functions are added with `vp_sim_add_vf`. Only in a library built with
+// the `sim` feature (not the production one).
 //
 // # Safety
 // `out` must be a valid pointer to write a handle to.
 enum VpStatus vp_container_new_simulated(struct VpContainer **out);
+#endif
 
+#if defined(VP_SIM)
 // Simulated container only: create a function at `bdf` with these ids.
 //
 // # Safety
 // `c` must be a live container handle, `bdf` NUL-terminated, `id` valid.
 enum VpStatus vp_sim_add_vf(struct VpContainer *c, const char *bdf, const struct VpIdentity *id);
+#endif
 
+#if defined(VP_SIM)
 // Simulated container only: destroy the function at `bdf` (fails while open).
 //
 // # Safety
 // `c` must be a live container handle, `bdf` NUL-terminated.
 enum VpStatus vp_sim_remove_vf(struct VpContainer *c, const char *bdf);
+#endif
 
 // Register guest memory for device DMA at `iova` (mapped now or when the
 // first device opens, and again whenever the container lost it).
@@ -233,7 +258,10 @@ enum VpStatus vp_device_config_read(const struct VpDevice *d,
                                     uint8_t *buf,
                                     size_t len);
 
-// Guest BAR read (paused-access policy applies while paused).
+// Guest BAR read (paused-access policy applies while paused). Under the
+// stall policy this waits (bounded) for the unpause: call it only without
+// locks the unpause needs; a VMM whose MMIO path holds one (QEMU's BQL)
+// uses `vp_device_try_bar_read`.
 //
 // # Safety
 // `d` must be a live device handle, `buf` writable for `len` bytes.
@@ -252,7 +280,8 @@ enum VpStatus vp_device_config_write(const struct VpDevice *d,
                                      const uint8_t *data,
                                      size_t len);
 
-// Guest BAR write (dropped and counted while paused, or stalled).
+// Guest BAR write (dropped and counted while paused, or stalled as
+// `vp_device_bar_read`; see `vp_device_try_bar_write`).
 //
 // # Safety
 // `d` must be a live device handle, `data` readable for `len` bytes.
@@ -288,11 +317,47 @@ enum VpStatus vp_device_set_request_irq(const struct VpDevice *d, int fd);
 enum VpStatus vp_device_request_is_unplug(const struct VpDevice *d, uint8_t *out);
 
 // Detach (if not yet) and free the device handle. Every fd of the VF is
-// released even when an error is returned.
+// released even when an error is returned. Other threads may be inside the
+// handle (e.g. a vCPU stalled in `vp_device_bar_read`): the detach ends
+// their waits, and the handle is freed only once every such call returned;
+// calls that enter after the close began fail with `VP_ERR_INVALID_STATE`.
 //
 // # Safety
-// `d` must be NULL or a live device handle, not used afterwards.
+// `d` must be NULL or a live device handle; no call may start on it after
+// this returns.
 enum VpStatus vp_device_close(struct VpDevice *d);
+
+// Guest BAR read for a VMM that holds locks the unpause needs (QEMU's BQL):
+// never blocks on a pause. Returns `VP_RETRY` under the stall policy while
+// the device is not attached (see `VpStatus`); `stall` carries the
+// access's bounded deadline across retries (zero it for each new access).
+//
+// # Safety
+// `d` must be a live device handle, `buf` writable for `len` bytes, `stall` valid.
+enum VpStatus vp_device_try_bar_read(const struct VpDevice *d,
+                                     uint32_t bar,
+                                     uint64_t offset,
+                                     uint8_t *buf,
+                                     size_t len,
+                                     struct VpStall *stall);
+
+// Guest BAR write, as `vp_device_try_bar_read`.
+//
+// # Safety
+// `d` must be a live device handle, `data` readable for `len` bytes, `stall` valid.
+enum VpStatus vp_device_try_bar_write(const struct VpDevice *d,
+                                      uint32_t bar,
+                                      uint64_t offset,
+                                      const uint8_t *data,
+                                      size_t len,
+                                      struct VpStall *stall);
+
+// After `VP_RETRY`, with the VMM's locks released: wait until the device is
+// attached again or the stall's deadline passes (bounded).
+//
+// # Safety
+// `d` must be a live device handle, `stall` valid.
+enum VpStatus vp_device_wait_unpaused(const struct VpDevice *d, const struct VpStall *stall);
 
 #ifdef __cplusplus
 }  // extern "C"

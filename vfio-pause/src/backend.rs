@@ -42,9 +42,25 @@ impl VfSource {
     }
 }
 
-/// Handle of one open VF inside a backend. Never reused by a backend.
+/// Handle of one open device fd (a VF) inside a backend. Never reused by a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VfId(pub u64);
+
+/// Handle of one VFIO group joined into the backend's container. Never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u64);
+
+/// What [`VfioBackend::join_group`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The group, now in the container.
+    pub group: GroupId,
+    /// The container had no group (and so no IOMMU and no DMA mapping)
+    /// before this one: the kernel's own answer (`VFIO_SET_IOMMU` succeeded),
+    /// so it also covers groups the kernel took out by itself when their
+    /// function was removed.
+    pub first: bool,
+}
 
 /// VFIO PCI region indices (`VFIO_PCI_*_REGION_INDEX`).
 pub mod region {
@@ -79,8 +95,12 @@ pub struct RegionInfo {
     pub read: bool,
     /// Writable.
     pub write: bool,
-    /// mmap-able.
+    /// mmap-able (in whole, or the areas of [`VfioBackend::mmap_areas`]).
     pub mmap: bool,
+    /// The kernel says the MSI-X table in this BAR may be mmapped
+    /// (`VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`). Guest accesses to the table
+    /// must still trap to the VMM, so it is never handed out for guest mapping.
+    pub msix_mappable: bool,
 }
 
 /// An mmap of a region of an open VF. While it exists the VF's device file
@@ -89,6 +109,8 @@ pub struct RegionInfo {
 pub struct MmapArea {
     /// Region index.
     pub index: u32,
+    /// Offset of the mapped area within the region (the BAR).
+    pub offset: u64,
     /// Host virtual address of the mapping.
     pub host_addr: usize,
     /// Length in bytes.
@@ -97,33 +119,47 @@ pub struct MmapArea {
 
 /// The VFIO operations vfio-pause needs, over one VFIO container (one VM).
 ///
-/// Opening fuses "open group, put it in the container, get the device fd",
-/// and closing fuses "close the device fd, take the group out of the
-/// container, close the group", because that is how vfio-ioctls'
-/// `VfioDevice::new` and its `Drop` work in container/group mode.
+/// A VF is opened in two steps, because they cost very differently and need
+/// different locking: [`VfioBackend::join_group`] (open the group, put it in
+/// the container: fast, and the moment type1's DMA mappings appear or, at
+/// [`VfioBackend::leave_group`] of the last group, vanish) and
+/// [`VfioBackend::open_device`] (the device fd: vfio-pci resets the function,
+/// about 100 ms). The [`crate::Container`] serialises joins and leaves with
+/// its DMA bookkeeping and runs device opens and closes of many VFs in
+/// parallel.
 ///
 /// Every method takes `&self` and may run concurrently with the others (on
-/// different VFs), so the FLRs of opens and closes of many VFs overlap.
+/// different VFs).
 pub trait VfioBackend: Send + Sync + fmt::Debug {
-    /// Open a VF: group (own open or passed fd) into the container, device fd.
-    fn open(&self, source: VfSource) -> Result<VfId>;
+    /// Open a VF's group (own open of `/dev/vfio/<group>` found through the
+    /// VF's sysfs `iommu_group` link, or the passed fd), check it is viable,
+    /// put it in the container (setting up the IOMMU when it is the first
+    /// group) and register it with the hypervisor's VFIO device, if any.
+    /// On error nothing of the group stays open.
+    fn join_group(&self, source: VfSource) -> Result<Joined>;
 
-    /// Close a VF: device fd, group out of the container, group fd.
-    /// Contract: even when this returns `Err`, every fd of the VF is released.
-    fn close(&self, vf: VfId) -> Result<()>;
+    /// Take a group out of the container (and the hypervisor's VFIO device)
+    /// and close it. Contract: even when this returns `Err`, the group fd is
+    /// closed (which takes it out of the container too).
+    fn leave_group(&self, group: GroupId) -> Result<()>;
+
+    /// Open the device fd of the function the group was joined for.
+    fn open_device(&self, group: GroupId) -> Result<VfId>;
+
+    /// Close a device fd (vfio-pci resets the function). Contract: even when
+    /// this returns `Err`, the fd is closed.
+    fn close_device(&self, vf: VfId) -> Result<()>;
 
     /// Map `size` bytes at host address `host_addr` for device DMA at `iova`.
-    /// Needs at least one open VF (type1 has no IOMMU before the first group).
-    /// Returns `Ok(false)` when exactly this range is already mapped (type1's
-    /// `EEXIST`): that is how a reopen finds out whether the container kept
-    /// its mappings, without a lock across group joins and leaves.
+    /// Needs a group in the container. Any overlap with an existing mapping
+    /// is an error (type1's `EEXIST`, whatever the host address).
     ///
     /// # Safety
     /// `[host_addr, host_addr + size)` must stay mapped, and must be accessed only
     /// through raw pointers / volatile accesses / syscalls, until it is unmapped
     /// with [`VfioBackend::dma_unmap`] or the container loses its last group
-    /// (the rules of vfio-ioctls' `VfioOps::vfio_dma_map`).
-    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<bool>;
+    /// (the rules of vfio-ioctls' `VfioContainer::vfio_dma_map`).
+    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()>;
 
     /// Remove a DMA mapping made with [`VfioBackend::dma_map`].
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
@@ -140,8 +176,14 @@ pub trait VfioBackend: Send + Sync + fmt::Debug {
     /// Write to a region at `offset`.
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()>;
 
-    /// mmap a whole region.
-    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea>;
+    /// The areas of region `index` the kernel lets user space mmap, as
+    /// (offset, length): the sparse-mmap capability's areas, the whole region
+    /// when it is mmap-able without one, none when it is not mmap-able.
+    fn mmap_areas(&self, vf: VfId, index: u32) -> Result<Vec<(u64, u64)>>;
+
+    /// mmap `len` bytes of region `index` at `offset` (within an area of
+    /// [`VfioBackend::mmap_areas`]).
+    fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea>;
 
     /// Undo [`VfioBackend::mmap_region`].
     fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()>;

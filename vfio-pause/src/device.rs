@@ -7,48 +7,21 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{irq, region, MmapArea, VfId, VfSource};
+use crate::backend::{irq, region, GroupId, MmapArea, VfId, VfSource};
 use crate::container::Container;
 use crate::error::{Error, Result};
-use crate::pci::{cfg, Identity, PciAddress};
-
-/// Lifecycle state of a [`PausableDevice`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(C)]
-pub enum DeviceState {
-    /// VF open, IRQs wired, guest accesses reach the VF.
-    Attached = 0,
-    /// Every fd of the VF closed; the guest still sees the device.
-    Paused = 1,
-    /// Closed for good.
-    Detached = 2,
-}
-
-impl fmt::Display for DeviceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DeviceState::Attached => "attached",
-            DeviceState::Paused => "paused",
-            DeviceState::Detached => "detached",
-        })
-    }
-}
-
-/// What guest BAR accesses do while the device is paused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PausedAccess {
-    /// Reads return all-ones, writes are dropped; both are counted.
-    Ignore,
-    /// The access waits until the device is unpaused (then it is performed)
-    /// or the deadline passes (then it behaves as `Ignore`).
-    Stall(Duration),
-}
+use crate::pci::{cfg, Identity, PciAddress, Profile};
+pub use svff_types::{DeviceState, PausePolicy, Phase};
 
 /// Per-device options.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceOptions {
-    /// Paused-access policy.
-    pub paused_access: PausedAccess,
+    /// Paused-access policy of [`PausableDevice::pause`] (a pause can choose
+    /// another with [`PausableDevice::pause_with`]). Default: `ignore`.
+    pub policy: PausePolicy,
+    /// Deadline of each stalled access under the `stall` policy; bounded by
+    /// [`svff_types::MAX_STALL`] whatever is set here.
+    pub stall_deadline: Duration,
     /// mmap every mmap-able BAR at open/unpause and hand the areas to
     /// [`VmmHooks::map_bars`]; they are unmapped at pause.
     pub mmap_bars: bool,
@@ -57,16 +30,68 @@ pub struct DeviceOptions {
 impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
-            paused_access: PausedAccess::Ignore,
+            policy: PausePolicy::Ignore,
+            stall_deadline: svff_types::DEFAULT_STALL,
             mmap_bars: false,
         }
     }
 }
 
+impl DeviceOptions {
+    /// The `stall` policy with this deadline per access.
+    pub fn stall(deadline: Duration) -> Self {
+        DeviceOptions {
+            policy: PausePolicy::Stall,
+            stall_deadline: deadline,
+            ..Self::default()
+        }
+    }
+
+    /// The same options with BAR mmaps on or off.
+    pub fn with_mmap_bars(self, on: bool) -> Self {
+        DeviceOptions {
+            mmap_bars: on,
+            ..self
+        }
+    }
+}
+
+/// Outcome of [`PausableDevice::try_bar_read`] / [`PausableDevice::try_bar_write`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Access {
+    /// The access was performed (attached), or answered per policy (ignored,
+    /// or a stall whose deadline passed).
+    Done,
+    /// Stall policy and the device is not attached: release every lock the
+    /// unpause may need (QEMU's BQL), call [`PausableDevice::wait_unpaused`]
+    /// with the same [`Stall`], take the locks again and retry the access.
+    Retry,
+}
+
+/// A stalled access's deadline, kept across its retries. Start every guest
+/// access with `Stall::default()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stall {
+    deadline: Option<Instant>,
+}
+
+impl Stall {
+    /// When the access stops waiting (set by its first `Retry`).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// A stall with this deadline (for carrying it across an ABI).
+    pub fn with_deadline(deadline: Option<Instant>) -> Self {
+        Stall { deadline }
+    }
+}
+
 /// What the VMM does for the device's guest BAR mappings.
 ///
-/// Hooks run with the device's lock held: they must not call back into the
-/// same [`PausableDevice`].
+/// Hooks run with the device's lock held (they are short: page-table
+/// updates): they must not call back into the same [`PausableDevice`].
 pub trait VmmHooks: Send + Sync {
     /// Remove every guest mapping of the device's BARs so guest accesses trap
     /// (and reach [`PausableDevice::bar_read`]/[`PausableDevice::bar_write`]).
@@ -89,74 +114,6 @@ impl VmmHooks for TrapAllBars {
     }
     fn map_bars(&self, _device: &str, _areas: &[MmapArea]) -> std::result::Result<(), String> {
         Ok(())
-    }
-}
-
-/// A timed step of a pause or unpause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(C)]
-pub enum Phase {
-    /// VMM drops guest BAR mappings.
-    UnmapBars = 0,
-    /// Config-space snapshot into the shadow.
-    Snapshot = 1,
-    /// Device IRQs and the request IRQ disabled.
-    IrqTeardown = 2,
-    /// BAR mmaps released.
-    Munmap = 3,
-    /// Device fd closed (FLR), group out of the container, group fd closed.
-    Close = 4,
-    /// Group opened into the container, device fd (FLR).
-    Reopen = 5,
-    /// Registered guest memory mapped again (only when the container had lost it).
-    DmaRemap = 6,
-    /// Identity check of the new function.
-    Identity = 7,
-    /// Config restore (BARs, pending writes, command).
-    Restore = 8,
-    /// IRQs wired again.
-    IrqSetup = 9,
-    /// BARs mmapped again.
-    Mmap = 10,
-    /// VMM maps BARs into the guest again.
-    MapBars = 11,
-}
-
-impl Phase {
-    /// Number of phases.
-    pub const COUNT: usize = 12;
-    /// Every phase in order.
-    pub const ALL: [Phase; Phase::COUNT] = [
-        Phase::UnmapBars,
-        Phase::Snapshot,
-        Phase::IrqTeardown,
-        Phase::Munmap,
-        Phase::Close,
-        Phase::Reopen,
-        Phase::DmaRemap,
-        Phase::Identity,
-        Phase::Restore,
-        Phase::IrqSetup,
-        Phase::Mmap,
-        Phase::MapBars,
-    ];
-
-    /// Short name, e.g. `irq-teardown`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::UnmapBars => "unmap-bars",
-            Phase::Snapshot => "snapshot",
-            Phase::IrqTeardown => "irq-teardown",
-            Phase::Munmap => "munmap",
-            Phase::Close => "close",
-            Phase::Reopen => "reopen",
-            Phase::DmaRemap => "dma-remap",
-            Phase::Identity => "identity",
-            Phase::Restore => "restore",
-            Phase::IrqSetup => "irq-setup",
-            Phase::Mmap => "mmap",
-            Phase::MapBars => "map-bars",
-        }
     }
 }
 
@@ -212,19 +169,26 @@ pub struct AccessCounters {
 struct Inner {
     state: DeviceState,
     vf: Option<VfId>,
+    group: Option<GroupId>,
     host: PciAddress,
-    identity: Identity,
+    /// What a replacement function must match (identity, BARs, MSI-X, capabilities).
+    profile: Profile,
     config_size: usize,
     /// Sizes of BAR0-5 (0: not implemented), for BAR sizing against the shadow.
     bar_sizes: [u64; 6],
     /// Low (type) bits of each BAR dword as the VF reported them at pause.
     shadow_bar_flags: [u32; 6],
     shadow: Vec<u8>,
-    pending: Vec<(usize, Vec<u8>)>,
+    /// One flag per shadow byte: written by the guest while not attached,
+    /// to be written to the function at unpause (a mask, not a log).
+    dirty: Vec<bool>,
     irqs: BTreeMap<u32, Vec<EventFd>>,
     request: Option<EventFd>,
     mmaps: Vec<MmapArea>,
     counters: AccessCounters,
+    /// Policy and stall deadline of the current (or last) pause.
+    policy: PausePolicy,
+    stall: Duration,
     last_pause: Option<Timings>,
     last_unpause: Option<Timings>,
 }
@@ -263,7 +227,8 @@ struct Inner {
 /// - Config space: snapshot at pause into a shadow that serves guest config
 ///   reads while paused; guest writes go to the shadow (BAR sizing is
 ///   emulated with the BAR sizes) and are replayed at unpause. The unpause
-///   writes the BARs as the guest programmed them, then the pending writes,
+///   writes the BARs as the guest programmed them, then every other byte the
+///   guest wrote while paused (a dirty mask over the shadow, not a log),
 ///   then the command register (decoding enabled last).
 /// - Interrupts: the eventfds the VMM wired with [`PausableDevice::set_irqs`]
 ///   (INTx, MSI, MSI-X) and [`PausableDevice::set_request_irq`] are kept and
@@ -314,6 +279,14 @@ impl PhaseClock {
         self.phases.push((p, t.elapsed()));
         r
     }
+    fn done_ref(&self) -> Timings {
+        Timings {
+            noop: false,
+            phases: self.phases.clone(),
+            total: self.start.elapsed(),
+        }
+    }
+    #[allow(dead_code)]
     fn done(self) -> Timings {
         Timings {
             noop: false,
@@ -343,17 +316,23 @@ impl PausableDevice {
         let host = source.address().clone();
         let opened = container.open_vf(source)?;
         let vf = opened.vf;
-        let setup = || -> Result<(Identity, usize, Vec<MmapArea>)> {
-            let (identity, config_size) = read_identity(&container, vf, &host)?;
+        let setup = || -> Result<(Profile, usize, Vec<MmapArea>)> {
+            let (identity, config_size) = read_profile(&container, vf, &host)?;
             let mut mmaps = Vec::new();
             let r = (|| {
                 if options.mmap_bars {
                     mmap_bars(&container, vf, &mut mmaps)?;
                 }
-                hooks.map_bars(&id, &mmaps).map_err(|reason| Error::Hook {
-                    device: id.clone(),
-                    hook: "map_bars",
-                    reason,
+                hooks.map_bars(&id, &mmaps).map_err(|reason| {
+                    // Undo a map that failed half-way before the munmap below.
+                    if let Err(r) = hooks.unmap_bars(&id) {
+                        tracing::warn!("device {id}: unmap_bars after failed map_bars: {r}");
+                    }
+                    Error::Hook {
+                        device: id.clone(),
+                        hook: "map_bars",
+                        reason,
+                    }
                 })
             })();
             match r {
@@ -368,7 +347,7 @@ impl PausableDevice {
         let (identity, config_size, mmaps) = match setup() {
             Ok(v) => v,
             Err(e) => {
-                if let Err(c) = container.close_vf(vf) {
+                if let Err(c) = container.close_vf(vf, opened.group) {
                     tracing::warn!("device {id}: close after failed open: {c}");
                 }
                 return Err(e);
@@ -382,17 +361,20 @@ impl PausableDevice {
             inner: Mutex::new(Inner {
                 state: DeviceState::Attached,
                 vf: Some(vf),
+                group: Some(opened.group),
                 host,
-                identity,
+                profile: identity,
                 config_size,
                 bar_sizes,
                 shadow_bar_flags: [0; 6],
                 shadow: Vec::new(),
-                pending: Vec::new(),
+                dirty: Vec::new(),
                 irqs: BTreeMap::new(),
                 request: None,
                 mmaps,
                 counters: AccessCounters::default(),
+                policy: options.policy,
+                stall: PausePolicy::bounded_stall(options.stall_deadline),
                 last_pause: None,
                 last_unpause: None,
             }),
@@ -424,7 +406,7 @@ impl PausableDevice {
 
     /// Identity of the function first attached (what unpause checks against).
     pub fn identity(&self) -> Identity {
-        self.lock().identity
+        self.lock().profile.identity
     }
 
     /// Host address of the VF currently (or, when paused, last) attached.
@@ -453,12 +435,25 @@ impl PausableDevice {
 
     /// Pause: drop guest BAR mappings, snapshot config, disable IRQs, close
     /// every fd of the VF. When this returns `Ok`, no fd of the VF is open.
+    /// Guest accesses get the device's [`DeviceOptions::policy`].
     pub fn pause(&self) -> Result<Timings> {
+        self.pause_with(self.options.policy, self.options.stall_deadline)
+    }
+
+    /// [`PausableDevice::pause`] with this paused-access policy (and, for
+    /// `stall`, this deadline per access, bounded by [`svff_types::MAX_STALL`])
+    /// instead of the device's default; it holds until the device is attached
+    /// again. A no-op when paused.
+    ///
+    /// The device lock is held only for the quick steps (hooks, snapshot, IRQ
+    /// teardown, munmap); the close with its function reset runs outside it
+    /// in state `pausing`, in which guest accesses are answered as while paused.
+    pub fn pause_with(&self, policy: PausePolicy, stall_deadline: Duration) -> Result<Timings> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Paused => return Ok(noop()),
-            DeviceState::Detached => return Err(self.invalid("pause", g.state)),
             DeviceState::Attached => {}
+            state => return Err(self.invalid("pause", state)),
         }
         let vf = g.vf.expect("attached devices have a VF");
         let mut clock = PhaseClock::new();
@@ -519,9 +514,7 @@ impl PausableDevice {
                     if let Err(re) = self.release(&mut g, vf, &mut clock) {
                         tracing::warn!("device {}: release after failed rollback: {re}", self.id);
                     }
-                    g.shadow_bar_flags = bar_flags(&shadow);
-                    g.shadow = shadow;
-                    g.pending.clear();
+                    install_shadow(&mut g, shadow, policy, stall_deadline);
                     g.state = DeviceState::Paused;
                     return Err(Error::RollbackFailed {
                         device: self.id.clone(),
@@ -533,14 +526,20 @@ impl PausableDevice {
             }
         }
 
-        let res = self.release(&mut g, vf, &mut clock);
-        g.shadow_bar_flags = bar_flags(&shadow);
-        g.shadow = shadow;
-        g.pending.clear();
+        let mut first = self.munmap(&mut g, vf, &mut clock).err();
+        install_shadow(&mut g, shadow, policy, stall_deadline);
+        let group = g.group.take().expect("open VFs have a group");
+        g.vf = None;
+        g.state = DeviceState::Pausing;
+        drop(g);
+        if let Err(e) = clock.run(Phase::Close, || c.close_vf(vf, group)) {
+            first.get_or_insert(e);
+        }
+        let mut g = self.lock();
         g.state = DeviceState::Paused;
         let t = clock.done();
         g.last_pause = Some(t.clone());
-        res.map(|()| t)
+        first.map_or(Ok(t), Err)
     }
 
     fn rollback_failed(&self, original: Error, reason: String, state: DeviceState) -> Error {
@@ -556,8 +555,8 @@ impl PausableDevice {
         }
     }
 
-    /// munmap every BAR and close the VF; always ends with no fd open.
-    fn release(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
+    /// Release every BAR mmap (the VMM's guest mappings are gone already).
+    fn munmap(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
         let c = &self.container;
         let mut first: Option<Error> = None;
         let mmaps = std::mem::take(&mut g.mmaps);
@@ -568,7 +567,16 @@ impl PausableDevice {
                 }
             }
         });
-        let closed = clock.run(Phase::Close, || c.close_vf(vf));
+        first.map_or(Ok(()), Err)
+    }
+
+    /// munmap every BAR and close the VF, with the lock held (detach and a
+    /// pause that could not roll back); always ends with no fd open.
+    fn release(&self, g: &mut Inner, vf: VfId, clock: &mut PhaseClock) -> Result<()> {
+        let c = &self.container;
+        let mut first = self.munmap(g, vf, clock).err();
+        let group = g.group.take().expect("open VFs have a group");
+        let closed = clock.run(Phase::Close, || c.close_vf(vf, group));
         g.vf = None;
         if let Err(e) = closed {
             first.get_or_insert(e);
@@ -596,64 +604,119 @@ impl PausableDevice {
     /// reopen, check identity, re-map DMA if the container lost it, restore
     /// config, IRQs and BAR mappings. On error the device stays paused with no
     /// fd of the new VF open.
+    ///
+    /// The open (group join, DMA re-map, device fd with its function reset)
+    /// and the identity check run outside the device lock, in state
+    /// `unpausing`, in which guest accesses are answered as while paused;
+    /// the restore runs under it and ends attached.
     pub fn unpause(&self, source: VfSource) -> Result<Timings> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => return Ok(noop()),
-            DeviceState::Detached => return Err(self.invalid("unpause", g.state)),
             DeviceState::Paused => {}
+            state => return Err(self.invalid("unpause", state)),
         }
+        g.state = DeviceState::Unpausing;
+        let (paused, paused_at) = (g.profile.clone(), g.host);
+        drop(g);
         let mut clock = PhaseClock::new();
-        let offered_at = source.address().clone();
+        let offered_at = *source.address();
         let c = &self.container;
-        let opened = c.open_vf(source)?;
+        let opened = match c.open_vf(source) {
+            Ok(o) => o,
+            Err(e) => {
+                self.lock().state = DeviceState::Paused;
+                return Err(e);
+            }
+        };
         let vf = opened.vf;
         clock.phases.push((Phase::Reopen, opened.open));
         if let Some(r) = opened.remap {
             clock.phases.push((Phase::DmaRemap, r));
         }
+        // Nothing is written to the new function before it passed this check.
+        let checked = clock
+            .run(Phase::Identity, || read_profile(c, vf, &offered_at))
+            .and_then(|(offered, _)| match paused.difference(&offered) {
+                None => Ok(()),
+                Some(what) => Err(Error::IdentityMismatch {
+                    device: self.id.clone(),
+                    what,
+                    paused: paused.identity,
+                    paused_at,
+                    offered: offered.identity,
+                    offered_at,
+                }),
+            });
         let mut mmaps = Vec::new();
-        let res = self.bring_up(&mut g, vf, &offered_at, &mut clock, &mut mmaps);
+        let res = checked.and_then(|()| {
+            let mut g = self.lock();
+            let r = self
+                .check_irqs_fit(&g, vf, &paused, &offered_at)
+                .and_then(|()| self.bring_up(&mut g, vf, &mut clock, &mut mmaps));
+            if r.is_ok() {
+                g.bar_sizes = bar_sizes(c, vf);
+                g.vf = Some(vf);
+                g.group = Some(opened.group);
+                g.mmaps = std::mem::take(&mut mmaps);
+                g.host = offered_at;
+                g.state = DeviceState::Attached;
+                g.shadow = Vec::new();
+                g.dirty = Vec::new();
+                g.last_unpause = Some(clock.done_ref());
+            }
+            r
+        });
         if let Err(e) = res {
             munmap_all(c, vf, &mut mmaps);
-            if let Err(ce) = c.close_vf(vf) {
+            if let Err(ce) = c.close_vf(vf, opened.group) {
                 tracing::warn!("device {}: close after failed unpause: {ce}", self.id);
             }
+            self.lock().state = DeviceState::Paused;
             return Err(e);
         }
-        g.bar_sizes = bar_sizes(c, vf);
-        g.vf = Some(vf);
-        g.mmaps = mmaps;
-        g.host = offered_at;
-        g.state = DeviceState::Attached;
-        g.shadow = Vec::new();
-        g.pending.clear();
-        let t = clock.done();
-        g.last_unpause = Some(t.clone());
-        drop(g);
         self.unpaused.notify_all();
-        Ok(t)
+        Ok(self.lock().last_unpause.clone().expect("just set"))
+    }
+
+    /// The interrupt vectors the VMM wired must exist on the new function.
+    fn check_irqs_fit(
+        &self,
+        g: &Inner,
+        vf: VfId,
+        paused: &Profile,
+        offered_at: &PciAddress,
+    ) -> Result<()> {
+        let mut wired: Vec<(u32, usize)> = g.irqs.iter().map(|(&i, f)| (i, f.len())).collect();
+        if g.request.is_some() {
+            wired.push((irq::REQ, 1));
+        }
+        for (index, n) in wired {
+            let offered = self.container.with_backend(|b| b.irq_count(vf, index))?;
+            if n > offered as usize {
+                return Err(Error::IdentityMismatch {
+                    device: self.id.clone(),
+                    what: format!(
+                        "{n} vectors of interrupt index {index} are wired, the new function offers {offered}"
+                    ),
+                    paused: paused.identity,
+                    paused_at: g.host,
+                    offered: paused.identity,
+                    offered_at: *offered_at,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn bring_up(
         &self,
         g: &mut Inner,
         vf: VfId,
-        offered_at: &PciAddress,
         clock: &mut PhaseClock,
         mmaps: &mut Vec<MmapArea>,
     ) -> Result<()> {
         let c = &self.container;
-        let (offered, _) = clock.run(Phase::Identity, || read_identity(c, vf, offered_at))?;
-        if offered != g.identity {
-            return Err(Error::IdentityMismatch {
-                device: self.id.clone(),
-                paused: g.identity,
-                paused_at: g.host.clone(),
-                offered,
-                offered_at: offered_at.clone(),
-            });
-        }
         clock.run(Phase::Restore, || -> Result<()> {
             let bars = g
                 .shadow
@@ -664,8 +727,8 @@ impl PausableDevice {
                 for (i, dw) in bars.chunks(4).enumerate() {
                     b.region_write(vf, region::CONFIG, (cfg::BAR0 + 4 * i) as u64, dw)?;
                 }
-                for (off, data) in &g.pending {
-                    b.region_write(vf, region::CONFIG, *off as u64, data)?;
+                for (off, len) in dirty_runs(&g.dirty) {
+                    b.region_write(vf, region::CONFIG, off as u64, &g.shadow[off..off + len])?;
                 }
                 if let Some(cmd) = g.shadow.get(cfg::COMMAND..cfg::COMMAND + 2) {
                     b.region_write(vf, region::CONFIG, cfg::COMMAND as u64, cmd)?;
@@ -685,11 +748,22 @@ impl PausableDevice {
         }
         clock
             .run(Phase::MapBars, || self.hooks.map_bars(&self.id, mmaps))
-            .map_err(|reason| Error::Hook {
-                device: self.id.clone(),
-                hook: "map_bars",
-                reason,
+            .map_err(|reason| {
+                // The hook may have mapped some areas before it failed: the
+                // guest must not keep mappings of what is munmapped next.
+                self.undo_map_bars();
+                Error::Hook {
+                    device: self.id.clone(),
+                    hook: "map_bars",
+                    reason,
+                }
             })
+    }
+
+    fn undo_map_bars(&self) {
+        if let Err(r) = self.hooks.unmap_bars(&self.id) {
+            tracing::warn!("device {}: unmap_bars after failed map_bars: {r}", self.id);
+        }
     }
 
     /// Close for good (hot-unplug). Ends detached with every fd released, even
@@ -697,7 +771,9 @@ impl PausableDevice {
     pub fn detach(&self) -> Result<()> {
         let mut g = self.lock();
         let res = match g.state {
-            DeviceState::Detached => return Err(self.invalid("detach", g.state)),
+            DeviceState::Detached | DeviceState::Pausing | DeviceState::Unpausing => {
+                return Err(self.invalid("detach", g.state))
+            }
             DeviceState::Paused => Ok(()),
             DeviceState::Attached => {
                 let vf = g.vf.expect("attached devices have a VF");
@@ -734,117 +810,171 @@ impl PausableDevice {
         res
     }
 
-    /// Guest config-space read. Paused: served from the shadow.
+    /// Guest config-space read. Not attached (pausing, paused, unpausing):
+    /// served from the shadow, without waiting for a transition.
     pub fn config_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                check_config(&g, offset, buf.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
                     .with_backend(|b| b.region_read(vf, region::CONFIG, offset, buf))
             }
-            DeviceState::Paused => {
-                let o = offset as usize;
-                let src = g
-                    .shadow
-                    .get(o..o + buf.len())
-                    .ok_or_else(|| Error::OutOfRange {
-                        address: g.host.clone(),
-                        what: format!("config read {offset:#x}+{} outside the shadow", buf.len()),
-                    })?;
-                buf.copy_from_slice(src);
+            s if s.is_paused_view() => {
+                let o = check_config(&g, offset, buf.len())?;
+                buf.copy_from_slice(&g.shadow[o..o + buf.len()]);
                 g.counters.shadow_reads += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("read config", g.state)),
+            s => Err(self.invalid("read config", s)),
         }
     }
 
-    /// Guest config-space write. Paused: written to the shadow and applied at unpause.
+    /// Guest config-space write. Not attached: written to the shadow and
+    /// applied at unpause.
     pub fn config_write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                check_config(&g, offset, data.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
                     .with_backend(|b| b.region_write(vf, region::CONFIG, offset, data))
             }
-            DeviceState::Paused => {
-                let o = offset as usize;
-                let host = g.host.clone();
-                let dst = g
-                    .shadow
-                    .get_mut(o..o + data.len())
-                    .ok_or_else(|| Error::OutOfRange {
-                        address: host,
-                        what: format!("config write {offset:#x}+{} outside the shadow", data.len()),
-                    })?;
-                dst.copy_from_slice(data);
+            s if s.is_paused_view() => {
+                let o = check_config(&g, offset, data.len())?;
+                g.shadow[o..o + data.len()].copy_from_slice(data);
                 emulate_bar_sizing(&mut g, o, data.len());
-                g.pending.push((o, data.to_vec()));
+                g.dirty[o..o + data.len()].fill(true);
                 g.counters.shadow_writes += 1;
                 Ok(())
             }
-            DeviceState::Detached => Err(self.invalid("write config", g.state)),
+            s => Err(self.invalid("write config", s)),
         }
     }
 
-    /// Wait (stall policy) until attached or the deadline; returns the guard.
-    fn paused_wait<'a>(&'a self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
-        if let PausedAccess::Stall(deadline) = self.options.paused_access {
-            if g.state == DeviceState::Paused {
-                g.counters.stalled += 1;
-                let end = Instant::now() + deadline;
-                while g.state == DeviceState::Paused {
-                    let now = Instant::now();
-                    if now >= end {
-                        break;
-                    }
-                    g = self
-                        .unpaused
-                        .wait_timeout(g, end - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
+    /// Under the stall policy, whether the access must wait (again); starts
+    /// its bounded deadline on the first call.
+    fn must_stall(g: &mut Inner, stall: &mut Stall) -> bool {
+        if g.policy != PausePolicy::Stall {
+            return false;
+        }
+        let now = Instant::now();
+        let deadline = *stall.deadline.get_or_insert_with(|| {
+            g.counters.stalled += 1;
+            // g.stall is bounded by MAX_STALL; checked anyway.
+            now.checked_add(g.stall).unwrap_or(now)
+        });
+        now < deadline
+    }
+
+    /// Wait until the device is attached (or detached) or the stall's
+    /// deadline passes. Holds no lock while waiting but the device's own
+    /// (released by the condition variable): call it after releasing every
+    /// lock the unpause may need. Returns at once for a `Stall` that never
+    /// got a `Retry`.
+    pub fn wait_unpaused(&self, stall: &Stall) {
+        let Some(deadline) = stall.deadline else {
+            return;
+        };
+        let mut g = self.lock();
+        while g.state.is_paused_view() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
             }
+            g = self
+                .unpaused
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        g
     }
 
-    /// Guest read of BAR `bar` (a trapped access). Paused: per policy.
-    pub fn bar_read(&self, bar: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let g = self.paused_wait(self.lock());
-        let mut g = g;
+    /// Guest read of BAR `bar` (a trapped access) for a VMM that holds locks
+    /// the unpause needs (QEMU's BQL): never blocks on a pause. Not
+    /// attached: `ignore` answers all-ones; `stall` answers [`Access::Retry`]
+    /// until the device is attached or the deadline kept in `stall` passes,
+    /// then all-ones.
+    pub fn try_bar_read(
+        &self,
+        bar: u32,
+        offset: u64,
+        buf: &mut [u8],
+        stall: &mut Stall,
+    ) -> Result<Access> {
+        let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                let index = check_bar(&g, bar, offset, buf.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_read(vf, region::BAR0 + bar, offset, buf))
+                    .with_backend(|b| b.region_read(vf, index, offset, buf))?;
+                Ok(Access::Done)
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
+                check_bar(&g, bar, offset, buf.len())?;
+                if Self::must_stall(&mut g, stall) {
+                    return Ok(Access::Retry);
+                }
                 buf.fill(0xff);
                 g.counters.ignored_reads += 1;
-                Ok(())
+                Ok(Access::Done)
             }
-            DeviceState::Detached => Err(self.invalid("read BAR", g.state)),
+            s => Err(self.invalid("read BAR", s)),
         }
     }
 
-    /// Guest write of BAR `bar` (a trapped access). Paused: per policy.
-    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let mut g = self.paused_wait(self.lock());
+    /// Guest write of BAR `bar`, as [`PausableDevice::try_bar_read`]: not
+    /// attached, `ignore` drops it, `stall` retries until attached or the
+    /// deadline, then drops it.
+    pub fn try_bar_write(
+        &self,
+        bar: u32,
+        offset: u64,
+        data: &[u8],
+        stall: &mut Stall,
+    ) -> Result<Access> {
+        let mut g = self.lock();
         match g.state {
             DeviceState::Attached => {
+                let index = check_bar(&g, bar, offset, data.len())?;
                 let vf = g.vf.expect("attached devices have a VF");
                 self.container
-                    .with_backend(|b| b.region_write(vf, region::BAR0 + bar, offset, data))
+                    .with_backend(|b| b.region_write(vf, index, offset, data))?;
+                Ok(Access::Done)
             }
-            DeviceState::Paused => {
+            s if s.is_paused_view() => {
+                check_bar(&g, bar, offset, data.len())?;
+                if Self::must_stall(&mut g, stall) {
+                    return Ok(Access::Retry);
+                }
                 g.counters.ignored_writes += 1;
-                Ok(())
+                Ok(Access::Done)
             }
-            DeviceState::Detached => Err(self.invalid("write BAR", g.state)),
+            s => Err(self.invalid("write BAR", s)),
         }
+    }
+
+    /// Guest read of BAR `bar` for a VMM whose access path holds no lock the
+    /// unpause needs: [`PausableDevice::try_bar_read`], waiting out `Retry`s
+    /// with [`PausableDevice::wait_unpaused`] (at most the bounded deadline).
+    pub fn bar_read(&self, bar: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut stall = Stall::default();
+        while self.try_bar_read(bar, offset, buf, &mut stall)? == Access::Retry {
+            self.wait_unpaused(&stall);
+        }
+        Ok(())
+    }
+
+    /// Guest write of BAR `bar`, as [`PausableDevice::bar_read`].
+    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let mut stall = Stall::default();
+        while self.try_bar_write(bar, offset, data, &mut stall)? == Access::Retry {
+            self.wait_unpaused(&stall);
+        }
+        Ok(())
     }
 
     /// Wire interrupt `index` (INTx/MSI/MSI-X) to the VMM's eventfds (vector n
@@ -858,7 +988,7 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.set_irqs(vf, index, &refs))?;
             }
-            DeviceState::Paused => {}
+            DeviceState::Paused | DeviceState::Pausing | DeviceState::Unpausing => {}
             DeviceState::Detached => return Err(self.invalid("set irqs", g.state)),
         }
         if fds.is_empty() {
@@ -891,14 +1021,27 @@ impl PausableDevice {
                 self.container
                     .with_backend(|b| b.set_irqs(vf, irq::REQ, &refs))?;
             }
-            DeviceState::Paused => {}
+            DeviceState::Paused | DeviceState::Pausing | DeviceState::Unpausing => {}
             DeviceState::Detached => return Err(self.invalid("set request irq", g.state)),
         }
         g.request = fd;
         Ok(())
     }
 
-    /// Host mmaps of the BARs currently held (empty while paused).
+    /// What the kernel says about region `index` of the attached VF
+    /// (size, flags, whether the MSI-X table may be mmapped).
+    pub fn region_info(&self, index: u32) -> Result<crate::backend::RegionInfo> {
+        let g = self.lock();
+        match (g.state, g.vf) {
+            (DeviceState::Attached, Some(vf)) => {
+                self.container.with_backend(|b| b.region_info(vf, index))
+            }
+            (state, _) => Err(self.invalid("query a region", state)),
+        }
+    }
+
+    /// Host mmaps of the BARs currently held (empty while paused): the
+    /// mmap-able areas of each BAR without the MSI-X table and PBA pages.
     pub fn bar_mmaps(&self) -> Vec<MmapArea> {
         self.lock().mmaps.clone()
     }
@@ -913,6 +1056,63 @@ impl Drop for PausableDevice {
             }
         }
     }
+}
+
+/// Check a config access against the config size; returns the offset.
+fn check_config(g: &Inner, offset: u64, len: usize) -> Result<usize> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= g.config_size as u64 => Ok(offset as usize),
+        _ => Err(Error::OutOfRange {
+            address: g.host,
+            what: format!(
+                "config access {offset:#x}+{len} outside config space (size {:#x})",
+                g.config_size
+            ),
+        }),
+    }
+}
+
+/// Check a BAR access (BAR 0-5 only: index 7 would be config space) against
+/// the BAR's size; returns the VFIO region index.
+fn check_bar(g: &Inner, bar: u32, offset: u64, len: usize) -> Result<u32> {
+    let size = g.bar_sizes.get(bar as usize).copied().unwrap_or(0);
+    match offset.checked_add(len as u64) {
+        Some(end) if size > 0 && end <= size => Ok(region::BAR0 + bar),
+        _ => Err(Error::OutOfRange {
+            address: g.host,
+            what: format!("BAR {bar} access {offset:#x}+{len} outside the BAR (size {size:#x})"),
+        }),
+    }
+}
+
+/// Runs of dirty bytes outside the BARs and the command register (written
+/// separately), split at dword boundaries, as (offset, length).
+fn dirty_runs(dirty: &[bool]) -> Vec<(usize, usize)> {
+    let skip = |o: usize| {
+        (cfg::BAR0..cfg::BAR_END).contains(&o) || (cfg::COMMAND..cfg::COMMAND + 2).contains(&o)
+    };
+    let mut runs = Vec::new();
+    let mut o = 0;
+    while o < dirty.len() {
+        if !dirty[o] || skip(o) {
+            o += 1;
+            continue;
+        }
+        let start = o;
+        while o < dirty.len() && dirty[o] && !skip(o) && (o == start || o % 4 != 0) {
+            o += 1;
+        }
+        runs.push((start, o - start));
+    }
+    runs
+}
+
+fn install_shadow(g: &mut Inner, shadow: Vec<u8>, policy: PausePolicy, stall: Duration) {
+    g.shadow_bar_flags = bar_flags(&shadow);
+    g.dirty = vec![false; shadow.len()];
+    g.shadow = shadow;
+    g.policy = policy;
+    g.stall = PausePolicy::bounded_stall(stall);
 }
 
 fn bar_flags(config: &[u8]) -> [u32; 6] {
@@ -975,26 +1175,121 @@ fn emulate_bar_sizing(g: &mut Inner, offset: usize, len: usize) {
     }
 }
 
-fn read_identity(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Identity, usize)> {
-    let mut hdr = [0u8; cfg::HEADER_SIZE];
-    let size = c.with_backend(|b| -> Result<u64> {
-        b.region_read(vf, region::CONFIG, 0, &mut hdr)?;
-        Ok(b.region_info(vf, region::CONFIG)?.size)
+fn read_profile(c: &Container, vf: VfId, at: &PciAddress) -> Result<(Profile, usize)> {
+    let (config, size, bars) = c.with_backend(|b| -> Result<(Vec<u8>, usize, [u64; 6])> {
+        let size = (b.region_info(vf, region::CONFIG)?.size as usize)
+            .clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
+        // The standard part whole; of the extended part only the capability
+        // headers (a 4 KiB read costs milliseconds under emulation).
+        let mut config = vec![0u8; size];
+        let std_len = size.min(0x100);
+        b.region_read(vf, region::CONFIG, 0, &mut config[..std_len])?;
+        let mut off = 0x100usize;
+        for _ in 0..64 {
+            if off < 0x100 || off + 4 > size {
+                break;
+            }
+            b.region_read(vf, region::CONFIG, off as u64, &mut config[off..off + 4])?;
+            let hdr = u32::from_le_bytes(config[off..off + 4].try_into().expect("4 bytes"));
+            if hdr == 0 || hdr == u32::MAX {
+                break;
+            }
+            off = (hdr >> 20) as usize & 0xffc;
+        }
+        let mut bars = [0u64; 6];
+        for (i, s) in bars.iter_mut().enumerate() {
+            *s = b.region_info(vf, region::BAR0 + i as u32)?.size;
+        }
+        Ok((config, size, bars))
     })?;
-    let id = Identity::from_config(&hdr).ok_or_else(|| Error::OutOfRange {
-        address: at.clone(),
+    let profile = Profile::from_config(&config, bars).ok_or_else(|| Error::OutOfRange {
+        address: *at,
         what: "config header too short".into(),
     })?;
-    let size = (size as usize).clamp(cfg::HEADER_SIZE, cfg::MAX_SIZE);
-    Ok((id, size))
+    Ok((profile, size))
 }
 
+/// Byte ranges (BAR, start, end) of the MSI-X table and PBA of an open VF,
+/// from its MSI-X capability.
+fn msix_ranges(c: &Container, vf: VfId) -> Result<Vec<(u32, u64, u64)>> {
+    let mut config = [0u8; 0x100];
+    c.with_backend(|b| b.region_read(vf, region::CONFIG, 0, &mut config))?;
+    let r8 = |o: usize| config.get(o).copied().unwrap_or(0);
+    let r16 = |o: usize| u16::from_le_bytes([r8(o), r8(o + 1)]);
+    let r32 = |o: usize| u32::from_le_bytes([r8(o), r8(o + 1), r8(o + 2), r8(o + 3)]);
+    if r16(cfg::STATUS) & cfg::STATUS_CAP_LIST == 0 {
+        return Ok(Vec::new());
+    }
+    let mut off = usize::from(r8(cfg::CAP_PTR) & 0xfc);
+    for _ in 0..48 {
+        if off < cfg::HEADER_SIZE {
+            break;
+        }
+        if r8(off) == cfg::CAP_ID_MSIX {
+            let vectors = u64::from(r16(off + 2) & 0x7ff) + 1;
+            let (table, pba) = (r32(off + 4), r32(off + 8));
+            return Ok(vec![
+                (
+                    table & 7,
+                    u64::from(table & !7),
+                    u64::from(table & !7) + 16 * vectors,
+                ),
+                (
+                    pba & 7,
+                    u64::from(pba & !7),
+                    u64::from(pba & !7) + 8 * vectors.div_ceil(64),
+                ),
+            ]);
+        }
+        off = usize::from(r8(off + 1) & 0xfc);
+    }
+    Ok(Vec::new())
+}
+
+/// `area` minus the page-aligned `holes`, as (offset, length) pieces.
+fn subtract(area: (u64, u64), holes: &[(u64, u64)], page: u64) -> Vec<(u64, u64)> {
+    let mut pieces = vec![(area.0, area.0.saturating_add(area.1))];
+    for &(lo, hi) in holes {
+        let (lo, hi) = (lo / page * page, hi.div_ceil(page).saturating_mul(page));
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if hi <= a || b <= lo {
+                    vec![(a, b)]
+                } else {
+                    [(a, lo.max(a)), (hi.min(b), b)]
+                        .into_iter()
+                        .filter(|(x, y)| x < y)
+                        .collect()
+                }
+            })
+            .collect();
+    }
+    pieces.into_iter().map(|(a, b)| (a, b - a)).collect()
+}
+
+/// mmap the areas of every BAR that the kernel lets us mmap, except the pages
+/// of the MSI-X table and PBA: guest accesses there must trap to the VMM
+/// (which emulates the table), so they are never handed out for guest mapping.
 fn mmap_bars(c: &Container, vf: VfId, out: &mut Vec<MmapArea>) -> Result<()> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => 4096,
+    };
+    let msix = msix_ranges(c, vf)?;
     c.with_backend(|b| -> Result<()> {
         for bar in 0..6 {
-            let r = b.region_info(vf, region::BAR0 + bar)?;
-            if r.size > 0 && r.mmap {
-                out.push(b.mmap_region(vf, region::BAR0 + bar)?);
+            let index = region::BAR0 + bar;
+            let holes: Vec<(u64, u64)> = msix
+                .iter()
+                .filter(|(bir, _, _)| *bir == bar)
+                .map(|&(_, lo, hi)| (lo, hi))
+                .collect();
+            for area in b.mmap_areas(vf, index)? {
+                for (offset, len) in subtract(area, &holes, page) {
+                    out.push(b.mmap_region(vf, index, offset, len)?);
+                }
             }
         }
         Ok(())

@@ -9,9 +9,9 @@ use crate::pci::{Identity, PciAddress};
 /// (VMM id and/or host BDF) and keeps the OS error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A string is not a PCI address in `DDDD:BB:DD.F` form.
-    #[error("invalid PCI address {0:?} (expected DDDD:BB:DD.F, lower-case hex)")]
-    InvalidAddress(String),
+    /// A string is not a canonical PCI address.
+    #[error(transparent)]
+    InvalidAddress(#[from] svff_types::InvalidPciAddress),
 
     /// The VF does not exist (its sysfs directory or `iommu_group` link is missing).
     #[error("VF {address} is gone: {path} does not exist")]
@@ -58,12 +58,15 @@ pub enum Error {
 
     /// The function offered at unpause is not the one that was paused.
     #[error(
-        "device {device}: identity mismatch: paused function was {paused} (at {paused_at}), \
+        "device {device}: identity mismatch ({what}): paused function was {paused} (at {paused_at}), \
          {offered_at} is {offered}; device stays paused"
     )]
     IdentityMismatch {
         /// VMM id of the device.
         device: String,
+        /// The first difference (ids, revision, a BAR, MSI-X, capabilities,
+        /// or wired interrupt vectors the new function lacks).
+        what: String,
         /// Identity of the paused function.
         paused: Identity,
         /// Host BDF the device was attached to before the pause.
@@ -127,7 +130,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn io(address: &PciAddress, op: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
-            address: address.clone(),
+            address: *address,
             op: op.into(),
             source,
         }

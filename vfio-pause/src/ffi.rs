@@ -11,17 +11,21 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::backend::{MmapArea, VfSource};
 use crate::container::Container;
 use crate::device::{
-    DeviceOptions, DeviceState, PausableDevice, PausedAccess, Phase, Timings, TrapAllBars, VmmHooks,
+    Access, DeviceOptions, DeviceState, PausableDevice, Phase, Stall, Timings, TrapAllBars,
+    VmmHooks,
 };
 use crate::error::Error;
+#[cfg(feature = "sim")]
 use crate::fake::{FakeBackend, FakeVf};
-use crate::pci::{Identity, PciAddress};
+#[cfg(feature = "sim")]
+use crate::pci::Identity;
+use crate::pci::PciAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Status of every `vp_*` call. Details: `vp_last_error()`.
@@ -48,19 +52,85 @@ pub enum VpStatus {
     VpErrRollbackFailed = 7,
     /// A bug: a panic was caught at the ABI boundary.
     VpErrPanic = 8,
+    /// `vp_device_try_bar_*` under the stall policy while the device is not
+    /// attached: release every lock the unpause needs (QEMU's BQL), call
+    /// `vp_device_wait_unpaused` with the same `VpStall`, take the locks
+    /// again and retry. Not an error.
+    VpRetry = 9,
 }
 
 /// Opaque handle: the VFIO container of one VM.
 #[derive(Debug)]
 pub struct VpContainer {
     container: Arc<Container>,
+    #[cfg(feature = "sim")]
     sim: Option<FakeBackend>,
 }
 
-/// Opaque handle: one pausable device.
+/// Opaque handle: one pausable device. Any thread may call into it; a
+/// `vp_device_close` marks it closed (later calls fail with
+/// `VP_ERR_INVALID_STATE`), detaches the device (which ends stalled
+/// accesses), waits until every call still inside the handle returned, and
+/// only then frees it.
 #[derive(Debug)]
 pub struct VpDevice {
     dev: PausableDevice,
+    calls: Mutex<Calls>,
+    idle: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Calls {
+    inside: usize,
+    closed: bool,
+}
+
+/// A call inside a device handle; leaving it lets a waiting close go on.
+struct Inside<'a>(&'a VpDevice);
+
+impl std::ops::Deref for Inside<'_> {
+    type Target = PausableDevice;
+    fn deref(&self) -> &PausableDevice {
+        &self.0.dev
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.calls.lock().unwrap_or_else(|p| p.into_inner());
+        c.inside -= 1;
+        if c.inside == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A stalled BAR access's deadline across `vp_device_try_bar_*` retries:
+/// zero-initialise it for every guest access.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VpStall {
+    /// 0: no stall yet; else the deadline, in ns after a process-wide epoch.
+    pub deadline_ns: u64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl VpStall {
+    fn get(&self) -> Stall {
+        Stall::with_deadline(
+            (self.deadline_ns != 0).then(|| epoch() + Duration::from_nanos(self.deadline_ns - 1)),
+        )
+    }
+
+    fn set(&mut self, s: &Stall) {
+        self.deadline_ns = s.deadline().map_or(0, |d| {
+            (d.saturating_duration_since(epoch()).as_nanos() as u64).saturating_add(1)
+        });
+    }
 }
 
 /// Ids of a PCI function.
@@ -77,6 +147,8 @@ pub struct VpIdentity {
     pub subsystem: u16,
     /// 24-bit class code.
     pub class_code: u32,
+    /// Revision id.
+    pub revision: u8,
 }
 
 /// Number of timed phases (`VpTimings::phase_ns` entries).
@@ -235,6 +307,12 @@ impl From<Error> for Fail {
     }
 }
 
+impl From<svff_types::InvalidPciAddress> for Fail {
+    fn from(e: svff_types::InvalidPciAddress) -> Self {
+        Fail::Err(e.into())
+    }
+}
+
 /// Run an entry point: catch panics, translate errors, set the last error.
 fn entry(f: impl FnOnce() -> Result<(), Fail>) -> VpStatus {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -294,7 +372,7 @@ unsafe fn source(bdf: *const c_char, group_fd: c_int) -> Result<VfSource, Fail> 
         Ok(a) => a,
         Err(e) => {
             drop(take_fd());
-            return Err(Fail::Err(e));
+            return Err(e.into());
         }
     };
     Ok(match take_fd() {
@@ -357,6 +435,7 @@ pub unsafe extern "C" fn vp_container_new(out: *mut *mut VpContainer) -> VpStatu
         let c = Container::open_real()?;
         let h = Box::new(VpContainer {
             container: c,
+            #[cfg(feature = "sim")]
             sim: None,
         });
         // SAFETY: `out` is non-NULL and valid for writes per the contract.
@@ -366,10 +445,12 @@ pub unsafe extern "C" fn vp_container_new(out: *mut *mut VpContainer) -> VpStatu
 }
 
 /// A container over the simulated backend (for tests of C VMMs without VFIO).
-/// Functions are added with `vp_sim_add_vf`.
+/// Functions are added with `vp_sim_add_vf`. Only in a library built with
+/// the `sim` feature (not the production one).
 ///
 /// # Safety
 /// `out` must be a valid pointer to write a handle to.
+#[cfg(feature = "sim")]
 #[no_mangle]
 pub unsafe extern "C" fn vp_container_new_simulated(out: *mut *mut VpContainer) -> VpStatus {
     entry(|| {
@@ -391,6 +472,7 @@ pub unsafe extern "C" fn vp_container_new_simulated(out: *mut *mut VpContainer) 
 ///
 /// # Safety
 /// `c` must be a live container handle, `bdf` NUL-terminated, `id` valid.
+#[cfg(feature = "sim")]
 #[no_mangle]
 pub unsafe extern "C" fn vp_sim_add_vf(
     c: *mut VpContainer,
@@ -416,6 +498,7 @@ pub unsafe extern "C" fn vp_sim_add_vf(
                 subsystem_vendor: id.subsystem_vendor,
                 subsystem: id.subsystem,
                 class: id.class_code,
+                revision: id.revision,
             }),
         );
         Ok(())
@@ -426,6 +509,7 @@ pub unsafe extern "C" fn vp_sim_add_vf(
 ///
 /// # Safety
 /// `c` must be a live container handle, `bdf` NUL-terminated.
+#[cfg(feature = "sim")]
 #[no_mangle]
 pub unsafe extern "C" fn vp_sim_remove_vf(c: *mut VpContainer, bdf: *const c_char) -> VpStatus {
     entry(|| {
@@ -535,32 +619,47 @@ pub unsafe extern "C" fn vp_device_open(
         }
         // SAFETY: per the contract `hooks` is NULL or valid.
         let hooks = unsafe { hooks.as_ref() }.copied();
-        let options = DeviceOptions {
-            paused_access: if stall_ms == 0 {
-                PausedAccess::Ignore
-            } else {
-                PausedAccess::Stall(Duration::from_millis(stall_ms))
-            },
-            mmap_bars: hooks.is_some(),
-        };
+        let options = if stall_ms == 0 {
+            DeviceOptions::default()
+        } else {
+            DeviceOptions::stall(Duration::from_millis(stall_ms))
+        }
+        .with_mmap_bars(hooks.is_some());
         let h: Arc<dyn VmmHooks> = match hooks {
             Some(h) => Arc::new(CHooks(h)),
             None => Arc::new(TrapAllBars),
         };
         let dev = PausableDevice::open(id, c.container.clone(), src, options, h)?;
         // SAFETY: `out` is non-NULL and writable per the contract.
-        unsafe { *out = Box::into_raw(Box::new(VpDevice { dev })) };
+        unsafe {
+            *out = Box::into_raw(Box::new(VpDevice {
+                dev,
+                calls: Mutex::new(Calls::default()),
+                idle: Condvar::new(),
+            }))
+        };
         Ok(())
     })
 }
 
+/// Enter a device handle for one call (see [`VpDevice`]).
+///
 /// # Safety
-/// `d` must be NULL or a live device handle.
-unsafe fn dev<'a>(d: *const VpDevice) -> Result<&'a PausableDevice, Fail> {
+/// `d` must be NULL or a live device handle (not freed: a close running
+/// concurrently is fine, one that returned is not).
+unsafe fn dev<'a>(d: *const VpDevice) -> Result<Inside<'a>, Fail> {
     // SAFETY: per the contract `d` is NULL or a live handle.
-    unsafe { d.as_ref() }
-        .map(|d| &d.dev)
-        .ok_or_else(|| Fail::Arg("device is NULL".into()))
+    let h = unsafe { d.as_ref() }.ok_or_else(|| Fail::Arg("device is NULL".into()))?;
+    let mut c = h.calls.lock().unwrap_or_else(|p| p.into_inner());
+    if c.closed {
+        return Err(Fail::Err(Error::InvalidState {
+            device: h.dev.id().to_string(),
+            op: "call into a device handle",
+            state: DeviceState::Detached,
+        }));
+    }
+    c.inside += 1;
+    Ok(Inside(h))
 }
 
 /// # Safety
@@ -631,6 +730,7 @@ pub unsafe extern "C" fn vp_device_identity(d: *const VpDevice, out: *mut VpIden
                 subsystem_vendor: i.subsystem_vendor,
                 subsystem: i.subsystem,
                 class_code: i.class,
+                revision: i.revision,
             }
         };
         Ok(())
@@ -730,7 +830,10 @@ pub unsafe extern "C" fn vp_device_config_read(
     })
 }
 
-/// Guest BAR read (paused-access policy applies while paused).
+/// Guest BAR read (paused-access policy applies while paused). Under the
+/// stall policy this waits (bounded) for the unpause: call it only without
+/// locks the unpause needs; a VMM whose MMIO path holds one (QEMU's BQL)
+/// uses `vp_device_try_bar_read`.
 ///
 /// # Safety
 /// `d` must be a live device handle, `buf` writable for `len` bytes.
@@ -777,7 +880,8 @@ pub unsafe extern "C" fn vp_device_config_write(
     })
 }
 
-/// Guest BAR write (dropped and counted while paused, or stalled).
+/// Guest BAR write (dropped and counted while paused, or stalled as
+/// `vp_device_bar_read`; see `vp_device_try_bar_write`).
 ///
 /// # Safety
 /// `d` must be a live device handle, `data` readable for `len` bytes.
@@ -892,29 +996,145 @@ pub unsafe extern "C" fn vp_device_request_is_unplug(d: *const VpDevice, out: *m
 }
 
 /// Detach (if not yet) and free the device handle. Every fd of the VF is
-/// released even when an error is returned.
+/// released even when an error is returned. Other threads may be inside the
+/// handle (e.g. a vCPU stalled in `vp_device_bar_read`): the detach ends
+/// their waits, and the handle is freed only once every such call returned;
+/// calls that enter after the close began fail with `VP_ERR_INVALID_STATE`.
 ///
 /// # Safety
-/// `d` must be NULL or a live device handle, not used afterwards.
+/// `d` must be NULL or a live device handle; no call may start on it after
+/// this returns.
 #[no_mangle]
 pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
     entry(|| {
         if d.is_null() {
             return Ok(());
         }
-        // SAFETY: `d` came from Box::into_raw and is freed exactly once.
-        let b = unsafe { Box::from_raw(d) };
-        let res = if b.dev.state() == DeviceState::Detached {
+        // SAFETY: `d` is a live handle per the contract; it is freed below,
+        // only after every call inside it has left.
+        let h = unsafe { &*d };
+        {
+            let mut c = h.calls.lock().unwrap_or_else(|p| p.into_inner());
+            if c.closed {
+                return Err(Fail::Arg("device handle is already being closed".into()));
+            }
+            c.closed = true;
+        }
+        let res = if h.dev.state() == DeviceState::Detached {
             Ok(())
         } else {
-            b.dev.detach()
+            h.dev.detach()
         };
-        drop(b);
+        let mut c = h.calls.lock().unwrap_or_else(|p| p.into_inner());
+        while c.inside > 0 {
+            c = h.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(c);
+        // SAFETY: `d` came from Box::into_raw, nothing is inside it any more
+        // and new calls are refused: freed exactly once.
+        drop(unsafe { Box::from_raw(d) });
         res.map_err(Fail::Err)
     })
 }
 
-#[cfg(test)]
+/// Guest BAR read for a VMM that holds locks the unpause needs (QEMU's BQL):
+/// never blocks on a pause. Returns `VP_RETRY` under the stall policy while
+/// the device is not attached (see `VpStatus`); `stall` carries the
+/// access's bounded deadline across retries (zero it for each new access).
+///
+/// # Safety
+/// `d` must be a live device handle, `buf` writable for `len` bytes, `stall` valid.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_try_bar_read(
+    d: *const VpDevice,
+    bar: u32,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+    stall: *mut VpStall,
+) -> VpStatus {
+    let mut retry = false;
+    let st = entry(|| {
+        if buf.is_null() {
+            return Err(Fail::Arg("buf is NULL".into()));
+        }
+        // SAFETY: per the contract `stall` is NULL or valid.
+        let stall = unsafe { stall.as_mut() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
+        // SAFETY: non-NULL and writable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+        let mut s = stall.get();
+        // SAFETY: forwarded contract.
+        retry = unsafe { dev(d) }?.try_bar_read(bar, offset, b, &mut s)? == Access::Retry;
+        stall.set(&s);
+        Ok(())
+    });
+    if st == VpStatus::VpOk && retry {
+        VpStatus::VpRetry
+    } else {
+        st
+    }
+}
+
+/// Guest BAR write, as `vp_device_try_bar_read`.
+///
+/// # Safety
+/// `d` must be a live device handle, `data` readable for `len` bytes, `stall` valid.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_try_bar_write(
+    d: *const VpDevice,
+    bar: u32,
+    offset: u64,
+    data: *const u8,
+    len: usize,
+    stall: *mut VpStall,
+) -> VpStatus {
+    let mut retry = false;
+    let st = entry(|| {
+        if data.is_null() {
+            return Err(Fail::Arg("data is NULL".into()));
+        }
+        // SAFETY: per the contract `stall` is NULL or valid.
+        let stall = unsafe { stall.as_mut() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
+        // SAFETY: non-NULL and readable for `len` bytes per the contract.
+        let b = unsafe { std::slice::from_raw_parts(data, len) };
+        let mut s = stall.get();
+        // SAFETY: forwarded contract.
+        retry = unsafe { dev(d) }?.try_bar_write(bar, offset, b, &mut s)? == Access::Retry;
+        stall.set(&s);
+        Ok(())
+    });
+    if st == VpStatus::VpOk && retry {
+        VpStatus::VpRetry
+    } else {
+        st
+    }
+}
+
+/// After `VP_RETRY`, with the VMM's locks released: wait until the device is
+/// attached again or the stall's deadline passes (bounded).
+///
+/// # Safety
+/// `d` must be a live device handle, `stall` valid.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_wait_unpaused(
+    d: *const VpDevice,
+    stall: *const VpStall,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `stall` is NULL or valid.
+        let stall = unsafe { stall.as_ref() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
+        // SAFETY: forwarded contract.
+        unsafe { dev(d) }?.wait_unpaused(&stall.get());
+        Ok(())
+    })
+}
+
+#[cfg(all(test, not(feature = "sim")))]
+compile_error!(
+    "vfio-pause's tests need the sim feature (the dev-dependency on itself turns it on)"
+);
+
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
@@ -932,6 +1152,7 @@ mod tests {
         subsystem_vendor: 0x1af4,
         subsystem: 0x1100,
         class_code: 0x010802,
+        revision: 0,
     };
 
     fn sim_device() -> (*mut VpContainer, *mut VpDevice) {
@@ -1227,5 +1448,135 @@ mod tests {
             vp_container_free(c);
         }
         assert_eq!(counts, [1, 1]);
+    }
+
+    /// A vCPU thread stalled inside `vp_device_bar_read` (60 s deadline)
+    /// while another thread closes the device: the close ends the stall (the
+    /// call returns "invalid state", not after 60 s) and frees the handle
+    /// only after the call left it (before, this test died of SIGSEGV: the
+    /// stalled call woke up in freed memory).
+    #[test]
+    fn close_ends_a_call_stalled_inside_the_handle_and_frees_it_after() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let mut c = ptr::null_mut();
+        let mut d = ptr::null_mut();
+        // SAFETY: valid out pointers and NUL-terminated literals.
+        unsafe {
+            assert_eq!(vp_container_new_simulated(&mut c), VpStatus::VpOk);
+            vp_sim_add_vf(c, c"0000:02:00.1".as_ptr(), &NVME);
+            assert_eq!(
+                vp_device_open(
+                    c,
+                    c"n".as_ptr(),
+                    c"0000:02:00.1".as_ptr(),
+                    -1,
+                    60_000,
+                    ptr::null(),
+                    &mut d
+                ),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+        }
+        let returned = AtomicU32::new(u32::MAX);
+        struct Handle(*mut VpDevice);
+        // SAFETY: the test hands the handle to one other thread, which the
+        // ABI allows (handles are thread-safe).
+        unsafe impl Send for Handle {}
+        // SAFETY: as above.
+        unsafe impl Sync for Handle {}
+        let h = Handle(d);
+        std::thread::scope(|s| {
+            let (h, returned) = (&h, &returned);
+            s.spawn(move || {
+                let mut b = [0u8; 4];
+                // SAFETY: live handle (until close, which waits for us), valid buffer.
+                let st = unsafe { vp_device_bar_read(h.0, 0, 0, b.as_mut_ptr(), 4) };
+                returned.store(st as u32, Ordering::SeqCst);
+            });
+            // Wait until the vCPU is stalled inside the handle.
+            // SAFETY: live handle.
+            while unsafe { &*h.0 }.dev.access_counters().stalled == 0 {
+                std::thread::yield_now();
+            }
+            // SAFETY: live handle, closed once.
+            assert_eq!(unsafe { vp_device_close(h.0) }, VpStatus::VpOk);
+        });
+        assert_eq!(
+            returned.load(Ordering::SeqCst),
+            VpStatus::VpErrInvalidState as u32,
+            "the stalled read was ended by the close"
+        );
+        // SAFETY: live container handle.
+        unsafe { vp_container_free(c) };
+    }
+
+    /// The non-blocking access of the C ABI: `VP_RETRY` while paused under
+    /// the stall policy, a wait that ends at the unpause, then the access.
+    #[test]
+    fn try_bar_read_answers_retry_and_the_wait_ends_at_unpause() {
+        let mut c = ptr::null_mut();
+        let mut d = ptr::null_mut();
+        // SAFETY: valid out pointers and NUL-terminated literals.
+        unsafe {
+            assert_eq!(vp_container_new_simulated(&mut c), VpStatus::VpOk);
+            vp_sim_add_vf(c, c"0000:02:00.1".as_ptr(), &NVME);
+            assert_eq!(
+                vp_device_open(
+                    c,
+                    c"n".as_ptr(),
+                    c"0000:02:00.1".as_ptr(),
+                    -1,
+                    60_000,
+                    ptr::null(),
+                    &mut d
+                ),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+        }
+        struct Handle(*mut VpDevice);
+        // SAFETY: handles may be used from any thread.
+        unsafe impl Send for Handle {}
+        // SAFETY: as above.
+        unsafe impl Sync for Handle {}
+        let h = Handle(d);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let value = std::thread::scope(|s| {
+            let h = &h;
+            let vcpu = s.spawn(move || {
+                let mut stall = VpStall::default();
+                let mut b = [0u8; 4];
+                loop {
+                    // SAFETY: live handle, valid buffer and stall.
+                    match unsafe {
+                        vp_device_try_bar_read(h.0, 0, 0, b.as_mut_ptr(), 4, &mut stall)
+                    } {
+                        VpStatus::VpOk => break,
+                        VpStatus::VpRetry => {
+                            assert_ne!(stall.deadline_ns, 0, "deadline kept across retries");
+                            let _ = tx.send(());
+                            // SAFETY: live handle and stall.
+                            let st = unsafe { vp_device_wait_unpaused(h.0, &stall) };
+                            assert_eq!(st, VpStatus::VpOk);
+                        }
+                        other => panic!("{other:?}: {}", last_error()),
+                    }
+                }
+                u32::from_le_bytes(b)
+            });
+            rx.recv().unwrap();
+            // SAFETY: live handle.
+            let st =
+                unsafe { vp_device_unpause(h.0, c"0000:02:00.1".as_ptr(), -1, ptr::null_mut()) };
+            assert_eq!(st, VpStatus::VpOk);
+            vcpu.join().unwrap()
+        });
+        assert_eq!(value, 0x0040_0fff);
+        // SAFETY: live handles, closed once.
+        unsafe {
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! releases every host resource of the VF (BAR mmaps, IRQ wiring, device fd,
 //! the group's place in the container, the group fd) while the guest keeps
 //! the device: config space is served from a shadow and BAR accesses follow a
-//! [`PausedAccess`] policy. The PF's VF count can then change (which destroys
+//! [`PausePolicy`] (`ignore` by default; a `stall` never holds a lock the
+//! unpause needs and is bounded). The PF's VF count can then change (which destroys
 //! every VF) without blocking on the VMM, and [`PausableDevice::unpause`]
 //! reopens a VF — the same or another BDF, by sysfs path or through a passed
 //! group fd — checks its [`Identity`], re-maps guest DMA if the container lost
@@ -42,19 +43,23 @@ mod backend;
 mod container;
 mod device;
 mod error;
+#[cfg(any(test, feature = "sim"))]
 mod fake;
 mod ffi;
 mod pci;
 mod real;
 
-pub use backend::{irq, region, MmapArea, RegionInfo, VfId, VfSource, VfioBackend};
+pub use backend::{
+    irq, region, GroupId, Joined, MmapArea, RegionInfo, VfId, VfSource, VfioBackend,
+};
 pub use container::Container;
 pub use device::{
-    AccessCounters, DeviceOptions, DeviceState, PausableDevice, PausedAccess, Phase, Timings,
-    TrapAllBars, VmmHooks,
+    Access, AccessCounters, DeviceOptions, DeviceState, PausableDevice, PausePolicy, Phase, Stall,
+    Timings, TrapAllBars, VmmHooks,
 };
 pub use error::{Error, Result};
-pub use fake::{FakeBackend, FakeCall, FakeOp, FakeVf};
+#[cfg(any(test, feature = "sim"))]
+pub use fake::{FakeBackend, FakeCall, FakeGate, FakeOp, FakeVf};
 pub use pci::{Identity, PciAddress};
 pub use real::VfioIoctlsBackend;
 

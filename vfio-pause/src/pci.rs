@@ -1,81 +1,19 @@
-//! PCI addresses, config-space layout and function identity.
+//! Config-space layout and function identity; the PCI address type is
+//! svff-types' [`PciAddress`], shared by every svff crate.
 
 use std::fmt;
-use std::path::PathBuf;
-use std::str::FromStr;
 
-use crate::error::Error;
-
-/// A PCI function address `DDDD:BB:DD.F`. Built only from a string that
-/// formats back to itself, so sysfs paths built from it are safe.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciAddress {
-    domain: u16,
-    bus: u8,
-    device: u8,
-    function: u8,
-}
-
-impl PciAddress {
-    /// The sysfs directory of this function, `/sys/bus/pci/devices/<BDF>`.
-    pub fn sysfs_path(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/bus/pci/devices/{self}"))
-    }
-
-    /// Placeholder address used for container-wide errors.
-    pub(crate) fn none() -> Self {
-        PciAddress {
-            domain: 0,
-            bus: 0,
-            device: 0,
-            function: 0,
-        }
-    }
-}
-
-impl fmt::Display for PciAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
-    }
-}
-
-impl FromStr for PciAddress {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::InvalidAddress(s.to_string());
-        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (device, function) = rest.split_once('.').ok_or_else(bad)?;
-        let hex = |t: &str| u32::from_str_radix(t, 16).map_err(|_| bad());
-        let domain = hex(domain)?;
-        let (bus, device, function) = (hex(bus)?, hex(device)?, hex(function)?);
-        if domain > 0xffff || bus > 0xff || device > 0x1f || function > 7 {
-            return Err(bad());
-        }
-        let addr = PciAddress {
-            domain: domain as u16,
-            bus: bus as u8,
-            device: device as u8,
-            function: function as u8,
-        };
-        // Parse, don't validate: only the canonical spelling is accepted.
-        if addr.to_string() != s {
-            return Err(bad());
-        }
-        Ok(addr)
-    }
-}
+pub use svff_types::PciAddress;
 
 /// Config-space offsets used here.
 pub(crate) mod cfg {
     pub const VENDOR_ID: usize = 0x00;
     pub const DEVICE_ID: usize = 0x02;
     pub const COMMAND: usize = 0x04;
+    pub const STATUS: usize = 0x06;
+    pub const STATUS_CAP_LIST: u16 = 0x10;
+    pub const CAP_PTR: usize = 0x34;
+    pub const CAP_ID_MSIX: u8 = 0x11;
     pub const REVISION_CLASS: usize = 0x08;
     pub const BAR0: usize = 0x10;
     pub const BAR_END: usize = 0x28;
@@ -103,6 +41,8 @@ pub struct Identity {
     pub subsystem: u16,
     /// Class code (base class, sub-class, programming interface), 24 bits.
     pub class: u32,
+    /// Revision id.
+    pub revision: u8,
 }
 
 impl Identity {
@@ -124,6 +64,7 @@ impl Identity {
             subsystem_vendor: r16(cfg::SUBSYS_VENDOR_ID),
             subsystem: r16(cfg::SUBSYS_ID),
             class: class_rev >> 8,
+            revision: class_rev as u8,
         })
     }
 }
@@ -132,36 +73,118 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:04x}:{:04x} (subsystem {:04x}:{:04x}, class {:06x})",
-            self.vendor, self.device, self.subsystem_vendor, self.subsystem, self.class
+            "{:04x}:{:04x} rev {:02x} (subsystem {:04x}:{:04x}, class {:06x})",
+            self.vendor,
+            self.device,
+            self.revision,
+            self.subsystem_vendor,
+            self.subsystem,
+            self.class
         )
+    }
+}
+
+/// Everything of a function that the guest driver and the VMM rely on and
+/// that a replacement must match: its [`Identity`], BAR sizes and types, the
+/// MSI-X table size and the capability layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Profile {
+    pub identity: Identity,
+    /// Per BAR: size (0: not implemented) and type bits (I/O, 64-bit, prefetchable).
+    pub bars: [(u64, u32); 6],
+    /// MSI-X table size (vectors), if the function has MSI-X.
+    pub msix_table: Option<u16>,
+    /// Standard capabilities (id, offset) in list order.
+    pub caps: Vec<(u8, u16)>,
+    /// Extended capabilities (id, offset) in list order.
+    pub ext_caps: Vec<(u16, u16)>,
+}
+
+impl Profile {
+    /// Read from a config-space image and the BAR region sizes.
+    pub fn from_config(config: &[u8], bar_sizes: [u64; 6]) -> Option<Profile> {
+        let identity = Identity::from_config(config)?;
+        let r8 = |o: usize| config.get(o).copied().unwrap_or(0);
+        let r16 = |o: usize| u16::from_le_bytes([r8(o), r8(o + 1)]);
+        let r32 = |o: usize| u32::from_le_bytes([r8(o), r8(o + 1), r8(o + 2), r8(o + 3)]);
+        let mut bars = [(0u64, 0u32); 6];
+        for (i, b) in bars.iter_mut().enumerate() {
+            let dw = r32(cfg::BAR0 + 4 * i);
+            let kind = if dw & 1 == 1 { dw & 0x3 } else { dw & 0xf };
+            *b = (bar_sizes[i], if bar_sizes[i] == 0 { 0 } else { kind });
+        }
+        let mut caps = Vec::new();
+        if r16(cfg::STATUS) & cfg::STATUS_CAP_LIST != 0 {
+            let mut off = usize::from(r8(cfg::CAP_PTR) & 0xfc);
+            // At most 48 standard capabilities fit in 256 bytes: bounds loops.
+            while off >= cfg::HEADER_SIZE && caps.len() < 48 {
+                caps.push((r8(off), off as u16));
+                off = usize::from(r8(off + 1) & 0xfc);
+            }
+        }
+        let msix_table = caps
+            .iter()
+            .find(|(id, _)| *id == cfg::CAP_ID_MSIX)
+            .map(|&(_, o)| (r16(usize::from(o) + 2) & 0x7ff) + 1);
+        let mut ext_caps = Vec::new();
+        if config.len() > 0x100 {
+            let mut off = 0x100usize;
+            while off >= 0x100 && ext_caps.len() < 1024 {
+                let hdr = r32(off);
+                if hdr == 0 || hdr == u32::MAX {
+                    break;
+                }
+                ext_caps.push((hdr as u16, off as u16));
+                off = (hdr >> 20) as usize & 0xffc;
+            }
+        }
+        Some(Profile {
+            identity,
+            bars,
+            msix_table,
+            caps,
+            ext_caps,
+        })
+    }
+
+    /// The first difference from `other`, in words, or `None` if they match.
+    pub fn difference(&self, other: &Profile) -> Option<String> {
+        let (a, b) = (&self.identity, &other.identity);
+        if (a.vendor, a.device, a.subsystem_vendor, a.subsystem, a.class)
+            != (b.vendor, b.device, b.subsystem_vendor, b.subsystem, b.class)
+        {
+            return Some("ids differ".into());
+        }
+        if a.revision != b.revision {
+            return Some(format!("revision {:02x} vs {:02x}", a.revision, b.revision));
+        }
+        for (i, (x, y)) in self.bars.iter().zip(&other.bars).enumerate() {
+            if x != y {
+                return Some(format!(
+                    "BAR{i} size {:#x} type {:#x} vs size {:#x} type {:#x}",
+                    x.0, x.1, y.0, y.1
+                ));
+            }
+        }
+        if self.msix_table != other.msix_table {
+            return Some(format!(
+                "MSI-X table size {:?} vs {:?}",
+                self.msix_table, other.msix_table
+            ));
+        }
+        if self.caps != other.caps || self.ext_caps != other.ext_caps {
+            return Some(format!(
+                "capability layout {:x?} {:x?} vs {:x?} {:x?}",
+                self.caps, self.ext_caps, other.caps, other.ext_caps
+            ));
+        }
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pci_address_accepts_only_canonical_spelling() {
-        let a: PciAddress = "0000:02:00.1".parse().unwrap();
-        assert_eq!(a.to_string(), "0000:02:00.1");
-        assert_eq!(
-            a.sysfs_path(),
-            PathBuf::from("/sys/bus/pci/devices/0000:02:00.1")
-        );
-        for bad in [
-            "0000:02:00.8",
-            "0000:2:00.1",
-            "0000:02:00.1/../x",
-            "0000:02:20.1",
-            "0000:0A:00.1",
-            "",
-            "02:00.1",
-        ] {
-            assert!(bad.parse::<PciAddress>().is_err(), "{bad} accepted");
-        }
-    }
 
     #[test]
     fn identity_is_read_from_config_header() {

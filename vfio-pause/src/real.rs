@@ -1,16 +1,21 @@
 //! [`VfioBackend`] over rust-vmm's vfio-ioctls (legacy container/group mode).
 //!
-//! vfio-ioctls does the container (open, API/extension checks, type1 IOMMU
-//! setup, DMA map/unmap) and, for VFs opened by sysfs path, the group and
-//! device fds (`VfioDevice::new` / its `Drop`). Raw ioctls are used only where
-//! the crate has no call or loses the errno; each place says why.
+//! vfio-ioctls does the container (open, API/extension checks) and DMA
+//! map/unmap. Groups and device fds are ours, with raw ioctls, for VFs opened
+//! by sysfs path and from passed group fds alike: vfio-ioctls' `VfioDevice`
+//! cannot take a passed group fd, and its `Drop` unwraps a read of the VF's
+//! `iommu_group` link after closing the device fd, which panics when the VF
+//! is removed at that moment (the request-IRQ flow: the blocked remover goes
+//! on as soon as the device fd closes) and then leaks the group in the
+//! container. Owning the group lifetime here, closing a group never depends
+//! on the VF still existing.
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
@@ -19,11 +24,11 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
+use vfio_ioctls::VfioContainer;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val};
 
-use crate::backend::{MmapArea, RegionInfo, VfId, VfSource, VfioBackend};
+use crate::backend::{GroupId, Joined, MmapArea, RegionInfo, VfId, VfSource, VfioBackend};
 use crate::error::{Error, Result};
 use crate::pci::PciAddress;
 
@@ -43,29 +48,23 @@ vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE.into(), VFIO_BASE + 1
 const NUM_REGIONS: u32 = 9;
 const NUM_IRQS: u32 = 5;
 
-enum Handle {
-    /// Opened by sysfs path through vfio-ioctls.
-    Crate(VfioDevice),
-    /// Opened from a passed group fd with raw ioctls: vfio-ioctls 0.10 in
-    /// container mode can only open `/dev/vfio/<group>` by itself, and the
-    /// kernel allows one open file per group, so a passed fd cannot be handed
-    /// to it.
-    Raw { device: File, group: File },
+struct RealGroup {
+    address: PciAddress,
+    file: File,
 }
 
 struct RealVf {
     address: PciAddress,
-    handle: Handle,
+    device: File,
     regions: Vec<RegionInfo>,
+    /// Per region, the mmap-able areas (offset, length).
+    areas: Vec<Vec<(u64, u64)>>,
     irqs: Vec<u32>,
 }
 
 impl RealVf {
     fn fd(&self) -> RawFd {
-        match &self.handle {
-            Handle::Crate(d) => d.as_raw_fd(),
-            Handle::Raw { device, .. } => device.as_raw_fd(),
-        }
+        self.device.as_raw_fd()
     }
 }
 
@@ -74,13 +73,19 @@ impl RealVf {
 /// fds (raw ioctls), in any mix and order.
 pub struct VfioIoctlsBackend {
     container: Arc<VfioContainer>,
+    /// The VM's KVM VFIO device (`KVM_DEV_TYPE_VFIO`), if the VMM gave one:
+    /// every group in the container is registered with it (the kernel then
+    /// knows the VM does non-coherent DMA and lets the group's devices use
+    /// the VM's KVM features).
+    kvm_vfio: Option<kvm_ioctls::DeviceFd>,
     table: Mutex<Table>,
 }
 
-/// Open VFs; the lock is held only to look up, insert and remove entries,
-/// never across an ioctl that resets the function.
+/// Joined groups and open VFs; the lock is held only to look up, insert and
+/// remove entries, never across an ioctl that resets the function.
 #[derive(Default)]
 struct Table {
+    groups: HashMap<GroupId, Arc<RealGroup>>,
     vfs: HashMap<VfId, Arc<RealVf>>,
     next: u64,
 }
@@ -104,12 +109,51 @@ impl VfioIoctlsBackend {
         Ok(Self::with_container(Arc::new(container)))
     }
 
-    /// Use a container the VMM already has (e.g. one created with its KVM VFIO device).
+    /// Use a container the VMM already has.
     pub fn with_container(container: Arc<VfioContainer>) -> Self {
         VfioIoctlsBackend {
             container,
+            kvm_vfio: None,
             table: Mutex::new(Table::default()),
         }
+    }
+
+    /// Open a new container whose groups (opened here by sysfs path or passed
+    /// as fds alike) are registered with the VM's KVM VFIO device
+    /// (`KVM_DEV_VFIO_FILE_ADD` at join, `_DEL` at leave).
+    pub fn with_kvm_vfio_device(kvm_vfio: kvm_ioctls::DeviceFd) -> Result<Self> {
+        let mut b = Self::new()?;
+        b.kvm_vfio = Some(kvm_vfio);
+        Ok(b)
+    }
+
+    /// Register (`add`) or unregister a group file with the KVM VFIO device.
+    fn kvm_file(&self, group: &File, add: bool, address: &PciAddress) -> Result<()> {
+        let Some(dev) = &self.kvm_vfio else {
+            return Ok(());
+        };
+        let fd: RawFd = group.as_raw_fd();
+        let attr = kvm_bindings::kvm_device_attr {
+            flags: 0,
+            group: kvm_bindings::KVM_DEV_VFIO_FILE,
+            attr: u64::from(if add {
+                kvm_bindings::KVM_DEV_VFIO_FILE_ADD
+            } else {
+                kvm_bindings::KVM_DEV_VFIO_FILE_DEL
+            }),
+            addr: &fd as *const RawFd as u64,
+        };
+        dev.set_device_attr(&attr).map_err(|e| {
+            Error::io(
+                address,
+                if add {
+                    "KVM_DEV_VFIO_FILE_ADD"
+                } else {
+                    "KVM_DEV_VFIO_FILE_DEL"
+                },
+                io::Error::from_raw_os_error(e.errno()),
+            )
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -122,96 +166,73 @@ impl VfioIoctlsBackend {
             .get(&vf)
             .cloned()
             .ok_or_else(|| Error::OutOfRange {
-                address: PciAddress::none(),
+                address: PciAddress::zero(),
                 what: format!("no open VF with handle {}", vf.0),
             })
     }
 
-    fn open_sysfs(&self, address: &PciAddress) -> Result<Handle> {
-        let path = address.sysfs_path();
-        let group_link = path.join("iommu_group");
-        if std::fs::symlink_metadata(&group_link).is_err() {
-            return Err(Error::VfGone {
-                address: address.clone(),
-                path: group_link.display().to_string(),
-            });
-        }
-        let ops: Arc<dyn VfioOps> = self.container.clone();
-        match VfioDevice::new(&path, ops, false) {
-            Ok(dev) => Ok(Handle::Crate(dev)),
-            // vfio-ioctls sets the IOMMU type when *its* first group joins; if
-            // the container holds only groups from passed fds, the IOMMU is
-            // already set and the kernel says EINVAL. The crate has then taken
-            // its group out again: open the group file here and go the raw way.
-            Err(VfioError::ContainerSetIOMMU(e)) if e.errno() == libc::EINVAL => {
-                let link = std::fs::read_link(&group_link)
-                    .map_err(|e| Error::io(address, "read iommu_group link", e))?;
-                let id = link
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .ok_or_else(|| Error::OutOfRange {
-                        address: address.clone(),
-                        what: format!("iommu_group link {} is not a group", link.display()),
-                    })?;
-                let dev_path = format!("/dev/vfio/{id}");
-                let group = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&dev_path)
-                    .map_err(|e| Error::io(address, format!("open {dev_path}"), e))?;
-                self.open_group_fd(group.into(), address)
+    /// Open `/dev/vfio/<group>` of the VF at `address`, found through its
+    /// sysfs `iommu_group` link.
+    fn open_group_by_path(&self, address: &PciAddress) -> Result<File> {
+        let group_link = address.sysfs_path().join("iommu_group");
+        let link = std::fs::read_link(&group_link).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::VfGone {
+                    address: *address,
+                    path: group_link.display().to_string(),
+                }
+            } else {
+                Error::io(address, format!("read {}", group_link.display()), e)
             }
-            Err(e) => Err(Error::Vfio {
-                address: address.clone(),
-                op: format!("open {} through vfio-ioctls", path.display()),
-                source: e,
-            }),
-        }
+        })?;
+        let id = link
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| Error::OutOfRange {
+                address: *address,
+                what: format!("iommu_group link {} is not a group", link.display()),
+            })?;
+        let dev_path = format!("/dev/vfio/{id}");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&dev_path)
+            .map_err(|e| Error::io(address, format!("open {dev_path}"), e))
     }
 
-    fn open_group_fd(&self, group: OwnedFd, address: &PciAddress) -> Result<Handle> {
-        let group = File::from(group);
+    /// Put an open group file into the container; returns whether it is the
+    /// first group (the IOMMU was set up by this join).
+    fn join_file(&self, group: &File, address: &PciAddress) -> Result<bool> {
         let mut status = vfio_group_status {
             argsz: std::mem::size_of::<vfio_group_status>() as u32,
             flags: 0,
         };
         // SAFETY: `group` is an open file and `status` is a correctly sized
         // vfio_group_status that the kernel fills in.
-        let ret = unsafe { ioctl_with_mut_ref(&group, VFIO_GROUP_GET_STATUS(), &mut status) };
+        let ret = unsafe { ioctl_with_mut_ref(group, VFIO_GROUP_GET_STATUS(), &mut status) };
         if ret < 0 {
-            return Err(Error::last_os(
-                address,
-                "VFIO_GROUP_GET_STATUS on passed group fd",
-            ));
+            return Err(Error::last_os(address, "VFIO_GROUP_GET_STATUS"));
         }
         if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(Error::io(
                 address,
-                "passed group is not viable (a device of the group is bound to a host driver)",
+                "group is not viable (a device of the group is bound to a host driver)",
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
         let container_fd: RawFd = self.container.as_raw_fd();
         // SAFETY: the argument is a pointer to an int holding the open container fd,
         // as VFIO_GROUP_SET_CONTAINER expects.
-        let ret = unsafe { ioctl_with_ref(&group, VFIO_GROUP_SET_CONTAINER(), &container_fd) };
+        let ret = unsafe { ioctl_with_ref(group, VFIO_GROUP_SET_CONTAINER(), &container_fd) };
         if ret < 0 {
             return Err(Error::last_os(address, "VFIO_GROUP_SET_CONTAINER"));
         }
-        let unset = |group: &File| {
-            // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
-            let ret = unsafe { ioctl_with_val(group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
-            if ret < 0 {
-                tracing::warn!(
-                    "VF {address}: VFIO_GROUP_UNSET_CONTAINER during error cleanup failed: {}",
-                    io::Error::last_os_error()
-                );
-            }
-        };
         // The first group in a container must set up the IOMMU. With our group
-        // in, the kernel answers EINVAL exactly when an IOMMU is already set,
-        // so trying is race-free against groups joining concurrently.
+        // in, the kernel answers EINVAL exactly when an IOMMU is already set
+        // (another group is in), so this also tells the caller whether the
+        // container had any DMA mapping.
         // SAFETY: the container fd is open; SET_IOMMU takes the IOMMU type by value.
         let ret = unsafe {
             ioctl_with_val(
@@ -220,53 +241,135 @@ impl VfioIoctlsBackend {
                 VFIO_TYPE1v2_IOMMU.into(),
             )
         };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                unset(&group);
-                return Err(Error::io(address, "VFIO_SET_IOMMU(type1v2)", e));
-            }
+        if ret == 0 {
+            return Ok(true);
         }
-        let name = CString::new(address.to_string()).expect("a PCI address has no NUL byte");
-        // SAFETY: `name` is a NUL-terminated string that outlives the call.
-        let fd = unsafe { ioctl_with_ptr(&group, VFIO_GROUP_GET_DEVICE_FD(), name.as_ptr()) };
-        if fd < 0 {
-            let e = Error::last_os(address, "VFIO_GROUP_GET_DEVICE_FD");
-            unset(&group);
-            return Err(e);
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(false);
         }
-        // SAFETY: the kernel just returned this new fd and nothing else owns it.
-        let device = unsafe { File::from_raw_fd(fd) };
-        let mut info = vfio_device_info {
-            argsz: std::mem::size_of::<vfio_device_info>() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `device` is an open device fd and `info` a correctly sized vfio_device_info.
-        let ret = unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_INFO(), &mut info) };
-        if ret < 0 || info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
-            let e = if ret < 0 {
-                Error::last_os(address, "VFIO_DEVICE_GET_INFO")
-            } else {
-                Error::io(
-                    address,
-                    "device is not a VFIO PCI device",
-                    io::Error::from_raw_os_error(libc::ENODEV),
-                )
-            };
-            drop(device);
-            unset(&group);
-            return Err(e);
-        }
-        Ok(Handle::Raw { device, group })
+        unset_container(group, address);
+        Err(Error::io(address, "VFIO_SET_IOMMU(type1v2)", e))
     }
+}
+
+/// Take a group out of its container. EINVAL means it is in none: the kernel
+/// took it out itself when its last device was removed.
+fn unset_container(group: &File, address: &PciAddress) -> Option<Error> {
+    // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
+    let ret = unsafe { ioctl_with_val(group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            tracing::debug!("VF {address}: group already out of the container (VF removed)");
+            return None;
+        }
+        return Some(Error::io(address, "VFIO_GROUP_UNSET_CONTAINER", e));
+    }
+    None
 }
 
 /// Query region and irq info. Raw ioctls because vfio-ioctls' accessors
 /// return 0 for a region it failed to query (and do not exist for the raw
 /// path), and we need the errno.
-fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u32>)> {
+/// Region info, irq counts and, per region, the mmap-able areas.
+type Info = (Vec<RegionInfo>, Vec<u32>, Vec<Vec<(u64, u64)>>);
+
+/// `VFIO_REGION_INFO_FLAG_CAPS`, `VFIO_REGION_INFO_CAP_SPARSE_MMAP`,
+/// `VFIO_REGION_INFO_CAP_MSIX_MAPPABLE` (<linux/vfio.h>).
+const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+const CAP_SPARSE_MMAP: u16 = 1;
+const CAP_MSIX_MAPPABLE: u16 = 3;
+/// Bound on the capability chain we walk and on the info size we accept.
+const MAX_REGION_INFO: u32 = 64 * 1024;
+
+/// Read region `index`'s capability chain: the sparse-mmap areas (if that
+/// capability is present) and whether the MSI-X table may be mmapped.
+fn region_caps(
+    dev: &Fd,
+    index: u32,
+    argsz: u32,
+    address: &PciAddress,
+) -> Result<(Option<Vec<(u64, u64)>>, bool)> {
+    if argsz > MAX_REGION_INFO {
+        return Err(Error::OutOfRange {
+            address: *address,
+            what: format!("region {index} info of {argsz} bytes"),
+        });
+    }
+    let words = (argsz as usize).div_ceil(8);
+    let mut buf = vec![0u64; words];
+    let base = std::mem::size_of::<vfio_region_info>();
+    {
+        // SAFETY: `buf` is at least `base` bytes, 8-byte aligned, and
+        // vfio_region_info is plain old data.
+        let head = unsafe { &mut *(buf.as_mut_ptr() as *mut vfio_region_info) };
+        head.argsz = argsz;
+        head.index = index;
+    }
+    // SAFETY: `buf` holds `argsz` writable bytes starting with a
+    // vfio_region_info whose argsz says so; the kernel writes at most that.
+    let ret = unsafe { ioctl_with_ptr(dev, VFIO_DEVICE_GET_REGION_INFO(), buf.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(Error::last_os(
+            address,
+            format!("VFIO_DEVICE_GET_REGION_INFO({index}) with capabilities"),
+        ));
+    }
+    // SAFETY: as above; the buffer is initialised (zeroed, then filled by the kernel).
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, words * 8) };
+    let r16 = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let r32 = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let r64 = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let flags = r32(4).unwrap_or(0);
+    let mut sparse = None;
+    let mut msix_mappable = false;
+    if flags & REGION_INFO_FLAG_CAPS == 0 {
+        return Ok((sparse, msix_mappable));
+    }
+    let mut off = r32(12).unwrap_or(0) as usize;
+    let mut hops = 0;
+    while off >= base && hops < 32 {
+        hops += 1;
+        let (Some(id), Some(next)) = (r16(off), r32(off + 4)) else {
+            break;
+        };
+        match id {
+            CAP_SPARSE_MMAP => {
+                let n = r32(off + 8).unwrap_or(0).min(256) as usize;
+                let mut areas = Vec::with_capacity(n);
+                for i in 0..n {
+                    let a = off + 16 + 16 * i;
+                    if let (Some(o), Some(l)) = (r64(a), r64(a + 8)) {
+                        areas.push((o, l));
+                    }
+                }
+                sparse = Some(areas);
+            }
+            CAP_MSIX_MAPPABLE => msix_mappable = true,
+            _ => {}
+        }
+        off = next as usize;
+    }
+    Ok((sparse, msix_mappable))
+}
+
+fn query_info(fd: RawFd, address: &PciAddress) -> Result<Info> {
     let dev = Fd(fd);
     let mut regions = Vec::with_capacity(NUM_REGIONS as usize);
+    let mut areas = Vec::with_capacity(NUM_REGIONS as usize);
     for index in 0..NUM_REGIONS {
         let mut ri = vfio_region_info {
             argsz: std::mem::size_of::<vfio_region_info>() as u32,
@@ -280,6 +383,7 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
             // The VGA region (index 8) does not exist on non-VGA functions: EINVAL.
             if e.raw_os_error() == Some(libc::EINVAL) && index == 8 {
                 regions.push(RegionInfo::default());
+                areas.push(Vec::new());
                 continue;
             }
             return Err(Error::io(
@@ -288,12 +392,25 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
                 e,
             ));
         }
+        let mmap = ri.flags & VFIO_REGION_INFO_FLAG_MMAP != 0;
+        let base = std::mem::size_of::<vfio_region_info>() as u32;
+        let (sparse, msix_mappable) = if ri.argsz > base {
+            region_caps(&dev, index, ri.argsz, address)?
+        } else {
+            (None, false)
+        };
+        areas.push(match (mmap, sparse) {
+            (false, _) => Vec::new(),
+            (true, Some(a)) => a,
+            (true, None) => vec![(0, ri.size)],
+        });
         regions.push(RegionInfo {
             size: ri.size,
             offset: ri.offset,
             read: ri.flags & VFIO_REGION_INFO_FLAG_READ != 0,
             write: ri.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
-            mmap: ri.flags & VFIO_REGION_INFO_FLAG_MMAP != 0,
+            mmap,
+            msix_mappable,
         });
     }
     let mut irqs = Vec::with_capacity(NUM_IRQS as usize);
@@ -320,7 +437,7 @@ fn query_info(fd: RawFd, address: &PciAddress) -> Result<(Vec<RegionInfo>, Vec<u
         }
         irqs.push(ii.count);
     }
-    Ok((regions, irqs))
+    Ok((regions, irqs, areas))
 }
 
 /// A borrowed raw fd usable with vmm-sys-util's ioctl helpers.
@@ -331,57 +448,81 @@ impl AsRawFd for Fd {
     }
 }
 
-fn close_handle(address: &PciAddress, handle: Handle) -> Result<()> {
-    match handle {
-        Handle::Crate(dev) => {
-            // vfio-ioctls' Drop closes the device fd, takes the group out of the
-            // container and closes it; it unwraps a sysfs read of the VF's
-            // iommu_group link, which exists as long as we hold the device fd.
-            // Guard anyway: a panic must not cross into a C caller.
-            catch_unwind(AssertUnwindSafe(move || drop(dev))).map_err(|_| {
-                Error::io(
-                    address,
-                    "vfio-ioctls VfioDevice drop (iommu_group link vanished)",
-                    io::Error::from_raw_os_error(libc::ENODEV),
-                )
-            })
-        }
-        Handle::Raw { device, group } => {
-            drop(device);
-            // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
-            let ret = unsafe { ioctl_with_val(&group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
-            let res = if ret < 0 {
-                Err(Error::last_os(address, "VFIO_GROUP_UNSET_CONTAINER"))
-            } else {
-                Ok(())
-            };
-            // Closing the group fd also detaches it from the container.
-            drop(group);
-            res
-        }
-    }
-}
-
 impl VfioBackend for VfioIoctlsBackend {
-    fn open(&self, source: VfSource) -> Result<VfId> {
-        let address = source.address().clone();
-        let handle = match source {
-            VfSource::Sysfs(a) => self.open_sysfs(&a)?,
-            VfSource::GroupFd { group, address } => self.open_group_fd(group, &address)?,
+    fn join_group(&self, source: VfSource) -> Result<Joined> {
+        let (file, address) = match source {
+            VfSource::Sysfs(a) => (self.open_group_by_path(&a)?, a),
+            VfSource::GroupFd { group, address } => (File::from(group), address),
         };
-        let fd = match &handle {
-            Handle::Crate(d) => d.as_raw_fd(),
-            Handle::Raw { device, .. } => device.as_raw_fd(),
+        let first = self.join_file(&file, &address)?;
+        // Passed and own-opened groups alike.
+        if let Err(e) = self.kvm_file(&file, true, &address) {
+            unset_container(&file, &address);
+            return Err(e);
+        }
+        let mut t = self.lock();
+        t.next += 1;
+        let id = GroupId(t.next);
+        t.groups.insert(id, Arc::new(RealGroup { address, file }));
+        Ok(Joined { group: id, first })
+    }
+
+    fn leave_group(&self, group: GroupId) -> Result<()> {
+        let g = self
+            .lock()
+            .groups
+            .remove(&group)
+            .ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::zero(),
+                what: format!("no joined group with handle {}", group.0),
+            })?;
+        // Only open_device borrows a group, briefly; it cannot be running for
+        // a group being left (the caller closed its device first).
+        let g = unwrap_arc(g);
+        let unregistered = self.kvm_file(&g.file, false, &g.address).err();
+        let res = unset_container(&g.file, &g.address).or(unregistered);
+        // Closing the group fd also takes it out of the container.
+        drop(g);
+        res.map_or(Ok(()), Err)
+    }
+
+    fn open_device(&self, group: GroupId) -> Result<VfId> {
+        let g = self
+            .lock()
+            .groups
+            .get(&group)
+            .cloned()
+            .ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::zero(),
+                what: format!("no joined group with handle {}", group.0),
+            })?;
+        let address = g.address;
+        let name = CString::new(address.to_string()).expect("a PCI address has no NUL byte");
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let fd = unsafe { ioctl_with_ptr(&g.file, VFIO_GROUP_GET_DEVICE_FD(), name.as_ptr()) };
+        drop(g);
+        if fd < 0 {
+            return Err(Error::last_os(&address, "VFIO_GROUP_GET_DEVICE_FD"));
+        }
+        // SAFETY: the kernel just returned this new fd and nothing else owns it.
+        let device = unsafe { File::from_raw_fd(fd) };
+        let mut info = vfio_device_info {
+            argsz: std::mem::size_of::<vfio_device_info>() as u32,
+            ..Default::default()
         };
-        let (regions, irqs) = match query_info(fd, &address) {
-            Ok(v) => v,
-            Err(e) => {
-                if let Err(c) = close_handle(&address, handle) {
-                    tracing::warn!("{c} (while cleaning up after: {e})");
-                }
-                return Err(e);
-            }
-        };
+        // SAFETY: `device` is an open device fd and `info` a correctly sized vfio_device_info.
+        let ret = unsafe { ioctl_with_mut_ref(&device, VFIO_DEVICE_GET_INFO(), &mut info) };
+        if ret < 0 {
+            return Err(Error::last_os(&address, "VFIO_DEVICE_GET_INFO"));
+        }
+        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(Error::io(
+                &address,
+                "device is not a VFIO PCI device",
+                io::Error::from_raw_os_error(libc::ENODEV),
+            ));
+        }
+        let (regions, irqs, areas) = query_info(device.as_raw_fd(), &address)?;
         let mut t = self.lock();
         t.next += 1;
         let id = VfId(t.next);
@@ -389,51 +530,42 @@ impl VfioBackend for VfioIoctlsBackend {
             id,
             Arc::new(RealVf {
                 address,
-                handle,
+                device,
                 regions,
+                areas,
                 irqs,
             }),
         );
         Ok(id)
     }
 
-    fn close(&self, vf: VfId) -> Result<()> {
-        let mut v = self
+    fn close_device(&self, vf: VfId) -> Result<()> {
+        let v = self
             .lock()
             .vfs
             .remove(&vf)
             .ok_or_else(|| Error::OutOfRange {
-                address: PciAddress::none(),
+                address: PciAddress::zero(),
                 what: format!("no open VF with handle {}", vf.0),
             })?;
-        // Another thread may still be inside an access to this VF (callers
-        // serialise per VF, so this is at most one short access): let it end.
-        let v = loop {
-            match Arc::try_unwrap(v) {
-                Ok(v) => break v,
-                Err(shared) => {
-                    v = shared;
-                    std::thread::yield_now();
-                }
-            }
-        };
-        close_handle(&v.address, v.handle)
+        // Another thread may still be inside an access to this VF (the device
+        // lets accesses finish before it closes): let it end.
+        drop(unwrap_arc(v));
+        Ok(())
     }
 
-    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<bool> {
+    unsafe fn dma_map(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()> {
         let len = usize::try_from(size).map_err(|e| Error::Container {
             op: format!("dma map of {size:#x} bytes"),
             source: Box::new(e),
         })?;
         // SAFETY: forwarded from this function's own contract, which is the crate's.
-        match unsafe { self.container.vfio_dma_map(iova, len, host_addr) } {
-            Ok(()) => Ok(true),
-            Err(VfioError::IommuDmaMap(e)) if e.errno() == libc::EEXIST => Ok(false),
-            Err(e) => Err(Error::Container {
-                op: format!("dma map iova {iova:#x} size {size:#x}"),
-                source: Box::new(e),
-            }),
-        }
+        // EEXIST is an error like any other: type1 answers it for any overlap,
+        // whatever host memory is behind the existing mapping.
+        unsafe { self.container.vfio_dma_map(iova, len, host_addr) }.map_err(|e| Error::Container {
+            op: format!("dma map iova {iova:#x} size {size:#x}"),
+            source: Box::new(e),
+        })
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
@@ -531,19 +663,31 @@ impl VfioBackend for VfioIoctlsBackend {
         Ok(())
     }
 
+    fn mmap_areas(&self, vf: VfId, index: u32) -> Result<Vec<(u64, u64)>> {
+        let v = self.vf(vf)?;
+        Ok(v.areas.get(index as usize).cloned().unwrap_or_default())
+    }
+
     // vfio-ioctls has no mmap call.
-    fn mmap_region(&self, vf: VfId, index: u32) -> Result<MmapArea> {
+    fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea> {
         let v = self.vf(vf)?;
         let r = v.regions.get(index as usize).copied().unwrap_or_default();
-        if r.size == 0 || !r.mmap {
+        let inside = v.areas.get(index as usize).is_some_and(|a| {
+            a.iter()
+                .any(|&(o, l)| offset >= o && offset.checked_add(len).is_some_and(|e| e <= o + l))
+        });
+        if len == 0 || !inside {
             return Err(Error::OutOfRange {
-                address: v.address.clone(),
-                what: format!("region {index} is not mmap-able"),
+                address: v.address,
+                what: format!("region {index} {offset:#x}+{len:#x} is not in an mmap-able area"),
             });
         }
-        let len = r.size as usize;
+        let len = usize::try_from(len).map_err(|_| Error::OutOfRange {
+            address: v.address,
+            what: format!("mmap of {len:#x} bytes"),
+        })?;
         // SAFETY: a fresh shared mapping chosen by the kernel (addr NULL) of the
-        // device fd at the region's offset; it overlaps no Rust object.
+        // device fd inside an mmap-able area of the region; it overlaps no Rust object.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -551,7 +695,7 @@ impl VfioBackend for VfioIoctlsBackend {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 v.fd(),
-                r.offset as libc::off_t,
+                (r.offset + offset) as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
@@ -559,6 +703,7 @@ impl VfioBackend for VfioIoctlsBackend {
         }
         Ok(MmapArea {
             index,
+            offset,
             host_addr: p as usize,
             len,
         })
@@ -635,15 +780,39 @@ fn check_range(v: &RealVf, index: u32, offset: u64, len: usize) -> Result<Region
     Ok(r)
 }
 
+/// Wait until no other thread holds a clone of `a` (an access that looked up
+/// its entry just before it was removed), then take it.
+fn unwrap_arc<T>(mut a: Arc<T>) -> T {
+    loop {
+        match Arc::try_unwrap(a) {
+            Ok(v) => return v,
+            Err(shared) => {
+                a = shared;
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 impl Drop for VfioIoctlsBackend {
     fn drop(&mut self) {
-        let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (_, v) in table.vfs.drain() {
-            let Ok(v) = Arc::try_unwrap(v) else {
-                continue;
-            };
-            if let Err(e) = close_handle(&v.address, v.handle) {
-                tracing::warn!("closing VF at backend drop: {e}");
+        let (vfs, groups) = {
+            let table = self.table.get_mut().unwrap_or_else(|p| p.into_inner());
+            (
+                std::mem::take(&mut table.vfs),
+                std::mem::take(&mut table.groups),
+            )
+        };
+        // Device fds first: a group with an open device cannot leave.
+        drop(vfs);
+        for (_, g) in groups {
+            if let Ok(g) = Arc::try_unwrap(g) {
+                if let Err(e) = self.kvm_file(&g.file, false, &g.address) {
+                    tracing::warn!("unregistering from the KVM VFIO device at backend drop: {e}");
+                }
+                if let Some(e) = unset_container(&g.file, &g.address) {
+                    tracing::warn!("leaving the container at backend drop: {e}");
+                }
             }
         }
     }

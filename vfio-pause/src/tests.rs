@@ -399,10 +399,7 @@ fn paused_bar_reads_return_all_ones_and_writes_are_dropped_and_counted() {
 
 #[test]
 fn stall_policy_holds_the_access_until_unpause_then_performs_it() {
-    let f = Arc::new(fixture(DeviceOptions {
-        paused_access: PausedAccess::Stall(Duration::from_secs(60)),
-        mmap_bars: false,
-    }));
+    let f = Arc::new(fixture(DeviceOptions::stall(Duration::from_secs(60))));
     f.dev.pause().unwrap();
     let f2 = f.clone();
     let reader = thread::spawn(move || {
@@ -421,10 +418,7 @@ fn stall_policy_holds_the_access_until_unpause_then_performs_it() {
 
 #[test]
 fn stall_policy_falls_back_to_ignore_after_the_deadline() {
-    let f = fixture(DeviceOptions {
-        paused_access: PausedAccess::Stall(Duration::from_millis(1)),
-        mmap_bars: false,
-    });
+    let f = fixture(DeviceOptions::stall(Duration::from_millis(1)));
     f.dev.pause().unwrap();
     let mut b = [0u8; 4];
     f.dev.bar_read(0, 0, &mut b).unwrap();
@@ -435,10 +429,7 @@ fn stall_policy_falls_back_to_ignore_after_the_deadline() {
 
 #[test]
 fn bar_mmaps_are_released_at_pause_and_made_again_at_unpause() {
-    let f = fixture(DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    });
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
     assert_eq!(f.dev.bar_mmaps().len(), 1);
     assert_eq!(f.fake.open_handles(), 2);
     f.dev.pause().unwrap();
@@ -551,10 +542,7 @@ fn failed_irq_teardown_with_failed_rollback_completes_the_pause() {
 
 #[test]
 fn failed_close_still_releases_every_fd_and_leaves_the_device_paused() {
-    let f = fixture(DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    });
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
     f.fake.fail(FakeOp::Close, 0);
     let e = f.dev.pause().unwrap_err();
     assert!(e.to_string().contains("close"), "{e}");
@@ -565,10 +553,7 @@ fn failed_close_still_releases_every_fd_and_leaves_the_device_paused() {
 
 #[test]
 fn failed_munmap_still_closes_and_leaves_the_device_paused() {
-    let f = fixture(DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    });
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
     f.fake.fail(FakeOp::Munmap, 0);
     assert!(f.dev.pause().is_err());
     assert_eq!(f.dev.state(), DeviceState::Paused);
@@ -620,19 +605,13 @@ fn failed_irq_setup_stays_paused() {
 
 #[test]
 fn failed_bar_mmap_stays_paused() {
-    let options = DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    };
+    let options = DeviceOptions::default().with_mmap_bars(true);
     unpause_failure_stays_paused(FakeOp::Mmap, 0, options);
 }
 
 #[test]
 fn failed_map_hook_at_unpause_stays_paused_with_mmaps_released() {
-    let f = fixture(DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    });
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
     f.dev.pause().unwrap();
     f.hooks.fail_map.store(1, Ordering::SeqCst);
     let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
@@ -729,4 +708,378 @@ fn bar_sizing_while_paused_reads_back_the_real_size_from_the_shadow() {
     f.dev.unpause(sysfs(VF1)).unwrap();
     let c = f.fake.config_of(&addr(VF1)).unwrap();
     assert_eq!(&c[0x10..0x14], &0xfe00_0000u32.to_le_bytes());
+}
+
+#[test]
+fn pci_addresses_with_a_32_bit_domain_parse_as_everywhere_in_svff() {
+    let a: PciAddress = "10000:00:00.0".parse().unwrap();
+    assert_eq!(a.to_string(), "10000:00:00.0");
+    assert!("0000:0a:00.0/..".parse::<PciAddress>().is_err());
+}
+
+/// Type1 answers EEXIST for any overlap, whatever the host address: a second
+/// registration of a mapped range (here with other memory behind it) must
+/// fail, not be taken as "still mapped".
+#[test]
+fn registering_a_range_that_overlaps_a_mapped_one_is_an_error() {
+    let f = fx();
+    let mut other = vec![0u8; 4096];
+    // SAFETY: the fake backend never touches the memory; it is leaked below.
+    let r = unsafe { f.container.register_dma(0, 4096, other.as_mut_ptr()) };
+    std::mem::forget(other);
+    assert!(r.is_err(), "overlapping registration accepted");
+    // The original registration still works: pause and unpause remap it.
+    f.dev.pause().unwrap();
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    assert_eq!(f.fake.dma_mappings().get(&0), Some(&4096));
+}
+
+/// A pause of one VF (its close still in the kernel), an unregister and an
+/// unpause of another VF meanwhile: the unregistered range must not stay
+/// mapped (pinned to memory the VMM may free).
+#[test]
+fn unregister_while_one_vf_closes_and_another_opens_leaves_no_stale_mapping() {
+    let f = fx();
+    f.fake.add_vf(&addr(VF2), FakeVf::nvme());
+    let mut extra = vec![0u8; 4096];
+    // SAFETY: the fake backend never touches the memory; it is leaked below.
+    unsafe {
+        f.container
+            .register_dma(0x10_0000, 4096, extra.as_mut_ptr())
+    }
+    .unwrap();
+    std::mem::forget(extra);
+    let other = PausableDevice::open(
+        "nvme1",
+        f.container.clone(),
+        sysfs(VF2),
+        DeviceOptions::default(),
+        Arc::new(TrapAllBars),
+    )
+    .unwrap();
+    f.dev.pause().unwrap();
+    assert!(f.fake.dma_mappings().contains_key(&0x10_0000));
+    let gate = f.fake.gate(FakeOp::Close);
+    thread::scope(|s| {
+        let pausing = s.spawn(|| other.pause());
+        gate.wait_entered();
+        f.container.unregister_dma(0x10_0000, 4096).unwrap();
+        f.dev.unpause(sysfs(VF1)).unwrap();
+        gate.release();
+        pausing.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        f.fake.dma_mappings().get(&0x10_0000),
+        None,
+        "unregistered range still mapped: {:?}",
+        f.fake.dma_mappings()
+    );
+    assert_eq!(f.fake.dma_mappings().get(&0), Some(&4096));
+}
+
+/// Runs `transition` on one thread and, while the backend is held inside its
+/// slow step (`gated`, a function reset), a config read and a BAR read on
+/// another: both must be answered before the transition ends, with the
+/// paused view. Returns what the accessor saw.
+fn access_during(gated: FakeOp, pause_first: bool) -> (DeviceState, u32, [u8; 4]) {
+    use std::sync::mpsc;
+    let f = fx();
+    if pause_first {
+        f.dev.pause().unwrap();
+    }
+    let gate = f.fake.gate(gated);
+    let (tx, rx) = mpsc::channel::<&str>();
+    let mut seen = None;
+    thread::scope(|s| {
+        let tx1 = tx.clone();
+        let dev = &f.dev;
+        s.spawn(move || {
+            if pause_first {
+                dev.unpause(sysfs(VF1)).unwrap();
+            } else {
+                dev.pause().unwrap();
+            }
+            tx1.send("transition").unwrap();
+        });
+        gate.wait_entered();
+        let (stx, srx) = mpsc::channel();
+        s.spawn(move || {
+            let id = cfg_read32(dev, 0);
+            let mut b = [0u8; 4];
+            dev.bar_read(0, 0, &mut b).unwrap();
+            let state = dev.state();
+            stx.send((state, id, b)).unwrap();
+            tx.send("access").unwrap();
+        });
+        // Only a guard against a deadlock (the accessor blocked behind the
+        // transition, which waits for the gate): the order is the assertion.
+        let first = rx.recv_timeout(Duration::from_secs(30));
+        gate.release();
+        assert_eq!(first, Ok("access"), "the access waited for the transition");
+        assert_eq!(rx.recv().unwrap(), "transition");
+        seen = Some(srx.recv().unwrap());
+    });
+    seen.unwrap()
+}
+
+#[test]
+fn guest_accesses_during_an_unpause_are_answered_before_it_ends() {
+    let (state, id, bar) = access_during(FakeOp::Open, true);
+    assert_eq!(state, DeviceState::Unpausing);
+    assert_eq!(id, 0x0010_1b36, "config from the shadow");
+    assert_eq!(bar, [0xff; 4], "ignore policy while unpausing");
+}
+
+#[test]
+fn guest_accesses_during_a_pause_are_answered_before_it_ends() {
+    let (state, id, bar) = access_during(FakeOp::Close, false);
+    assert_eq!(state, DeviceState::Pausing);
+    assert_eq!(id, 0x0010_1b36, "config from the shadow");
+    assert_eq!(bar, [0xff; 4], "ignore policy while pausing");
+}
+
+#[test]
+fn a_huge_stall_deadline_does_not_panic_and_the_access_completes_at_unpause() {
+    let f = Arc::new(fixture(DeviceOptions::stall(Duration::MAX)));
+    f.dev.pause().unwrap();
+    let f2 = f.clone();
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 4];
+        f2.dev.bar_read(0, 0, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    });
+    while f.dev.access_counters().stalled == 0 {
+        thread::yield_now();
+    }
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    assert_eq!(reader.join().expect("no panic"), 0x0040_0fff);
+}
+
+/// QEMU runs MMIO handlers and QMP commands under one lock (the BQL). A
+/// stalled vCPU access must not hold it: with `try_bar_read` the vCPU drops
+/// its lock on `Retry`, so the unpause (run under the same lock) proceeds,
+/// and the retried access is performed on the unpaused VF.
+#[test]
+fn a_stalled_access_holds_no_lock_the_unpause_needs() {
+    let f = fixture(DeviceOptions::stall(Duration::from_secs(60)));
+    f.dev.pause().unwrap();
+    let bql = Mutex::new(());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let value = thread::scope(|s| {
+        let vcpu = s.spawn(|| {
+            let mut stall = Stall::default();
+            let mut b = [0u8; 4];
+            let mut retries = 0;
+            loop {
+                let locked = bql.lock().unwrap();
+                match f.dev.try_bar_read(0, 0, &mut b, &mut stall).unwrap() {
+                    Access::Done => break,
+                    Access::Retry => {
+                        drop(locked);
+                        if retries == 0 {
+                            tx.send(()).unwrap();
+                        }
+                        retries += 1;
+                        f.dev.wait_unpaused(&stall);
+                    }
+                }
+            }
+            u32::from_le_bytes(b)
+        });
+        rx.recv().unwrap();
+        {
+            let _locked = bql.lock().unwrap();
+            f.dev.unpause(sysfs(VF1)).unwrap();
+        }
+        vcpu.join().unwrap()
+    });
+    assert_eq!(value, 0x0040_0fff, "the retried read reached the VF");
+    let c = f.dev.access_counters();
+    assert_eq!((c.stalled, c.ignored_reads), (1, 0));
+}
+
+#[test]
+fn the_policy_is_chosen_per_pause_and_ignore_is_the_default() {
+    let f = fx();
+    f.dev
+        .pause_with(PausePolicy::Stall, Duration::from_millis(1))
+        .unwrap();
+    let mut b = [0u8; 4];
+    f.dev.bar_read(0, 0, &mut b).unwrap();
+    assert_eq!(f.dev.access_counters().stalled, 1);
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    f.dev.pause().unwrap();
+    let mut stall = Stall::default();
+    assert_eq!(
+        f.dev.try_bar_read(0, 0, &mut b, &mut stall).unwrap(),
+        Access::Done,
+        "default policy ignores"
+    );
+    assert_eq!(b, [0xff; 4]);
+    assert_eq!(DeviceOptions::default().policy, PausePolicy::Ignore);
+}
+
+/// Unpause onto a re-created VF that differs from the paused one in `how`:
+/// refused with an identity mismatch naming the difference, before anything
+/// is written to the new function, and the device stays paused.
+fn refused_before_any_write(new: FakeVf, names: &str) {
+    let f = fx();
+    f.dev.pause().unwrap();
+    recreate(&f.fake, VF1, new);
+    f.fake.clear_calls();
+    let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
+    assert!(matches!(e, Error::IdentityMismatch { .. }), "{names}: {e}");
+    assert!(e.to_string().contains(names), "{names}: {e}");
+    let writes: Vec<FakeCall> = f
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, FakeCall::Write { .. } | FakeCall::SetIrqs { .. }))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "{names}: written before refusing: {writes:?}"
+    );
+    assert_eq!(f.dev.state(), DeviceState::Paused);
+    assert_eq!(f.fake.open_handles(), 0);
+    recreate(&f.fake, VF1, FakeVf::nvme());
+    f.dev.unpause(sysfs(VF1)).unwrap();
+}
+
+#[test]
+fn unpause_onto_another_revision_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_revision(2), "revision");
+}
+
+#[test]
+fn unpause_onto_other_bar_sizes_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_bar0_size(0x2000), "BAR0");
+}
+
+#[test]
+fn unpause_onto_another_msix_table_size_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_msix_vectors(4), "MSI-X");
+}
+
+#[test]
+fn unpause_onto_another_capability_layout_is_refused_before_anything_is_written() {
+    refused_before_any_write(FakeVf::nvme().with_capability(0x10, 0x60), "capabilit");
+}
+
+#[test]
+fn wired_irq_vectors_must_fit_the_new_vf() {
+    let f = fx();
+    f.dev.pause().unwrap();
+    // 9 MSI-X vectors wired while paused; the VF offers 8.
+    let fds: Vec<EventFd> = (0..9).map(|_| EventFd::new(0).unwrap()).collect();
+    f.dev.set_irqs(irq::MSIX, fds).unwrap();
+    f.fake.clear_calls();
+    let e = f.dev.unpause(sysfs(VF1)).unwrap_err();
+    assert!(
+        e.to_string().contains("9") && e.to_string().contains("8"),
+        "{e}"
+    );
+    assert!(
+        !f.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, FakeCall::Write { .. } | FakeCall::SetIrqs { .. })),
+        "written before refusing"
+    );
+    assert_eq!(f.dev.state(), DeviceState::Paused);
+    f.dev
+        .set_irqs(irq::MSIX, vec![EventFd::new(0).unwrap()])
+        .unwrap();
+    f.dev.unpause(sysfs(VF1)).unwrap();
+}
+
+#[test]
+fn bar_index_7_does_not_reach_config_space_and_bad_ranges_are_errors() {
+    let f = fx();
+    f.fake.clear_calls();
+    let mut b = [0u8; 4];
+    for bar in [6u32, 7, u32::MAX] {
+        assert!(f.dev.bar_read(bar, 0, &mut b).is_err(), "BAR {bar} read");
+        assert!(f.dev.bar_write(bar, 0, &b).is_err(), "BAR {bar} write");
+    }
+    assert!(
+        f.fake.calls().is_empty(),
+        "an out-of-range BAR reached the backend: {:?}",
+        f.fake.calls()
+    );
+    assert!(f.dev.bar_read(0, u64::MAX - 1, &mut b).is_err());
+    assert!(
+        f.dev.bar_read(0, 0x4000 - 2, &mut b).is_err(),
+        "past BAR0's end"
+    );
+    f.dev.pause().unwrap();
+    assert!(f.dev.config_read(u64::MAX - 1, &mut b).is_err());
+    assert!(f.dev.config_write(u64::MAX - 1, &b).is_err());
+    assert!(f.dev.bar_read(7, 0, &mut b).is_err(), "paused BAR 7");
+}
+
+/// Paused config writes are kept as the shadow plus a dirty mask: many
+/// writes to one register cost one write at unpause, not a replay of each.
+#[test]
+fn paused_config_writes_are_a_dirty_mask_not_a_log() {
+    let f = fx();
+    f.dev.pause().unwrap();
+    for i in 0..10_000u32 {
+        f.dev.config_write(0x3c, &[(i % 251) as u8]).unwrap();
+    }
+    f.fake.clear_calls();
+    f.dev.unpause(sysfs(VF1)).unwrap();
+    let writes: Vec<(u64, Vec<u8>)> = f
+        .fake
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            FakeCall::Write {
+                index,
+                offset,
+                data,
+                ..
+            } if index == region::CONFIG && (0x3c..0x40).contains(&offset) => Some((offset, data)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![(0x3c, vec![(9_999 % 251) as u8])]);
+}
+
+/// The areas handed to the VMM for guest mapping leave out the pages of
+/// the MSI-X table and PBA: the VMM must trap those accesses to emulate them.
+#[test]
+fn mappable_areas_handed_to_the_vmm_leave_out_the_msix_table_and_pba() {
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
+    let areas = f.dev.bar_mmaps();
+    assert!(!areas.is_empty());
+    for a in &areas {
+        assert_eq!(a.index, 0);
+        let (lo, hi) = (a.offset, a.offset + a.len as u64);
+        for msix in [0x2000u64, 0x3000] {
+            assert!(
+                !(lo <= msix && msix < hi),
+                "area {lo:#x}..{hi:#x} covers the MSI-X structure at {msix:#x}"
+            );
+        }
+    }
+    assert!(
+        areas.iter().any(|a| a.offset == 0),
+        "the registers before the table stay mappable"
+    );
+}
+
+#[test]
+fn failed_map_hook_at_unpause_removes_guest_mappings_before_munmap() {
+    let f = fixture(DeviceOptions::default().with_mmap_bars(true));
+    f.dev.pause().unwrap();
+    f.hooks.fail_map.store(1, Ordering::SeqCst);
+    assert!(f.dev.unpause(sysfs(VF1)).is_err());
+    let log = f.hooks.log();
+    assert_eq!(
+        &log[log.len() - 2..],
+        ["map nvme0 1", "unmap nvme0"],
+        "a map_bars that failed half-way is undone: {log:?}"
+    );
+    assert_eq!(f.fake.open_handles(), 0);
 }

@@ -6,7 +6,7 @@ mod common;
 #[test]
 fn c_program_drives_open_pause_unpause_close_through_the_c_abi() {
     let out = std::env::temp_dir().join(format!("vfio-pause-cycle-{}", std::process::id()));
-    common::build_c_cycle(&out);
+    common::build_c_cycle(&out, true);
     let run = std::process::Command::new(&out)
         .arg("sim")
         .output()

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use svff_lab::guest;
 use vfio_pause::{
-    irq, Container, DeviceOptions, DeviceState, Error, PausableDevice, PausedAccess, Phase,
-    Timings, TrapAllBars, VfSource,
+    irq, Container, DeviceOptions, DeviceState, Error, PausableDevice, Phase, Timings, TrapAllBars,
+    VfSource,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -239,10 +239,7 @@ fn igb_vf_with_msix_and_bar_mmaps_survives_three_numvfs_cycles() {
     let vf = pf_with_vfio_vf(&pf, 2, 0);
     let container = Container::open_real().unwrap();
     let _mem = guest_ram(&container);
-    let options = DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    };
+    let options = DeviceOptions::default().with_mmap_bars(true);
     let dev = open(&container, &vf, options);
     assert_eq!(cfg32(&dev, 0), 0x10ca_8086, "igb VF ids");
     let vectors = dev.irq_count(irq::MSIX).unwrap();
@@ -363,10 +360,7 @@ fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
     let vf = pf_with_vfio_vf(&pf, 1, 0);
     let container = Container::open_real().unwrap();
     let _mem = guest_ram(&container);
-    let options = DeviceOptions {
-        paused_access: PausedAccess::Ignore,
-        mmap_bars: true,
-    };
+    let options = DeviceOptions::default().with_mmap_bars(true);
     let dev = open(&container, &vf, options);
     let maps = dev.bar_mmaps();
     assert!(!maps.is_empty(), "BAR0 of an nvme VF is mmap-able");
@@ -414,7 +408,7 @@ fn c_program_cycles_a_real_vf_through_the_c_abi() {
     let pf = guest::nvme_pf();
     let vf = pf_with_vfio_vf(&pf, 2, 0);
     let exe = std::path::Path::new("/tmp/vfio-pause-cycle");
-    common::build_c_cycle(exe);
+    common::build_c_cycle(exe, false);
     let out = std::process::Command::new(exe)
         .args(["real", &pf, &vf, "2", "3"])
         .output()
@@ -504,6 +498,186 @@ fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
     recreate(&pf, 1, 0);
     dev.unpause(sysfs(&vf)).unwrap();
     assert!(dev.request_is_unplug());
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// The request-IRQ flow, repeated: the remover is blocked on the open VF, the
+/// pause closes the device fd, and the remover deletes the VF (and its
+/// `iommu_group` link) at once, possibly before the group leaves the
+/// container. The pause must still succeed, without a panic, and leave no
+/// group fd behind.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vf_removed_right_after_its_device_fd_closes_leaves_no_group_fd_and_no_panic() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(&container, &vf, DeviceOptions::default());
+    for round in 0..5 {
+        let group = guest::iommu_group(&vf);
+        let req = EventFd::new(0).unwrap();
+        dev.set_request_irq(Some(req.try_clone().unwrap())).unwrap();
+        let pf2 = pf.clone();
+        let remover = std::thread::spawn(move || numvfs_zero(&pf2));
+        assert!(req.read().unwrap() >= 1, "request IRQ relayed");
+        dev.pause()
+            .unwrap_or_else(|e| panic!("round {round}: pause: {}", chain(&e)));
+        remover.join().unwrap();
+        assert_no_vf_resources(group);
+        assert!(!container.dma_mapped(), "round {round}: container empty");
+        recreate(&pf, 1, 0);
+        dev.unpause(sysfs(&vf))
+            .unwrap_or_else(|e| panic!("round {round}: unpause: {}", chain(&e)));
+        assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
+    }
+    drop(dev);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// `KVM_DEV_VFIO_FILE_ADD` of `group` to the KVM VFIO device `dev` (`add`),
+/// or `_DEL`; the errno on failure.
+fn kvm_vfio_file(dev: &kvm_ioctls::DeviceFd, group: &fs::File, add: bool) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    let fd = group.as_raw_fd();
+    let attr = kvm_bindings::kvm_device_attr {
+        flags: 0,
+        group: kvm_bindings::KVM_DEV_VFIO_FILE,
+        attr: u64::from(if add {
+            kvm_bindings::KVM_DEV_VFIO_FILE_ADD
+        } else {
+            kvm_bindings::KVM_DEV_VFIO_FILE_DEL
+        }),
+        addr: &fd as *const i32 as u64,
+    };
+    dev.set_device_attr(&attr).map_err(|e| e.errno())
+}
+
+/// Groups from passed fds are registered with the VM's KVM VFIO device, as
+/// groups the backend opens itself, and unregistered when the VF is paused.
+/// Seen from a second fd of the same KVM device and a second fd of the same
+/// group file: adding it again answers EEXIST while it is registered,
+/// deleting it answers ENOENT once it is not.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn passed_group_fds_are_registered_with_the_kvm_vfio_device() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm in L1");
+    let vm = kvm.create_vm().unwrap();
+    let mut cd = kvm_bindings::kvm_create_device {
+        type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let dev = vm.create_device(&mut cd).unwrap();
+    // SAFETY: F_DUPFD_CLOEXEC of an open fd only creates a new fd.
+    let dup = unsafe { libc::fcntl(dev.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    assert!(dup >= 0);
+    // SAFETY: `dup` is a new fd of the KVM device that nothing else owns.
+    let probe = unsafe { kvm_ioctls::DeviceFd::from_raw_fd(dup) };
+    let container = Container::new(Box::new(
+        vfio_pause::VfioIoctlsBackend::with_kvm_vfio_device(dev).unwrap(),
+    ));
+    let _mem = guest_ram(&container);
+    let group = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/vfio/{}", guest::iommu_group(&vf)))
+        .unwrap();
+    let same_file = group.try_clone().unwrap();
+    let d = PausableDevice::open(
+        "vf0",
+        container.clone(),
+        VfSource::GroupFd {
+            group: group.into(),
+            address: vf.parse().unwrap(),
+        },
+        DeviceOptions::default(),
+        Arc::new(TrapAllBars),
+    )
+    .unwrap_or_else(|e| panic!("open from group fd: {}", chain(&e)));
+    assert_eq!(
+        kvm_vfio_file(&probe, &same_file, true),
+        Err(libc::EEXIST),
+        "passed group registered with the KVM VFIO device"
+    );
+    d.pause().unwrap();
+    assert_eq!(
+        kvm_vfio_file(&probe, &same_file, false),
+        Err(libc::ENOENT),
+        "group unregistered at pause"
+    );
+    drop(same_file);
+    drop(d);
+    drop(container);
+    guest::set_numvfs(&pf, 0);
+}
+
+/// The kernel's region capabilities are read (MSI-X mappable on the BAR with
+/// the table) and the BAR areas handed to the VMM for guest mapping leave
+/// out the MSI-X table and PBA pages, before and after a numvfs cycle.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn bar_mmaps_leave_out_the_msix_table_and_pba_pages() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let container = Container::open_real().unwrap();
+    let _mem = guest_ram(&container);
+    let dev = open(
+        &container,
+        &vf,
+        DeviceOptions::default().with_mmap_bars(true),
+    );
+    let msix = find_cap(&dev, 0x11).expect("nvme VF has MSI-X");
+    let vectors = u64::from((cfg32(&dev, msix) >> 16) & 0x7ff) + 1;
+    let table = cfg32(&dev, msix + 4);
+    let pba = cfg32(&dev, msix + 8);
+    let holes = [
+        (table & 7, u64::from(table & !7), 16 * vectors),
+        (pba & 7, u64::from(pba & !7), 8 * vectors.div_ceil(64)),
+    ];
+    println!("MSI-X: {vectors} vectors, table {table:#x}, PBA {pba:#x}");
+    let info = dev.region_info(holes[0].0).unwrap();
+    assert!(info.mmap, "BAR{} is mmap-able", holes[0].0);
+    assert!(
+        info.msix_mappable,
+        "kernel reports MSI-X mappable: {info:?}"
+    );
+    for round in 0..2 {
+        let maps = dev.bar_mmaps();
+        println!("round {round}: areas {maps:?}");
+        assert!(!maps.is_empty());
+        for m in &maps {
+            for &(bir, lo, len) in &holes {
+                let (a, b) = (m.offset, m.offset + m.len as u64);
+                assert!(
+                    m.index != bir
+                        || b <= lo / 4096 * 4096
+                        || (lo + len).div_ceil(4096) * 4096 <= a,
+                    "area {a:#x}..{b:#x} of BAR{} covers MSI-X {lo:#x}+{len:#x}",
+                    m.index
+                );
+            }
+        }
+        let first = maps.iter().find(|m| m.offset == 0).expect("area at 0");
+        // SAFETY: a live MAP_SHARED mapping of BAR0 from offset 0 (>= 4 KiB);
+        // a volatile 32-bit read of offset 8 (NVMe VS) is a valid MMIO access.
+        let vs = unsafe { std::ptr::read_volatile((first.host_addr + 8) as *const u32) };
+        assert_eq!(vs, bar32(&dev, 0, 8), "mmap and read() agree");
+        dev.pause().unwrap();
+        numvfs_zero(&pf);
+        recreate(&pf, 1, 0);
+        dev.unpause(sysfs(&vf)).unwrap();
+    }
     drop(dev);
     drop(container);
     guest::set_numvfs(&pf, 0);

@@ -24,8 +24,10 @@ pub struct LabConfig {
     pub cache_dir: PathBuf,
     /// L1 memory.
     pub memory_mib: u32,
-    /// L1 vCPUs.
+    /// L1 vCPUs (`SVFF_LAB_CPUS`, default 1).
     pub cpus: u32,
+    /// QEMU's TCG threading for L1 (`SVFF_LAB_TCG_THREAD`: `single`, the default, or `multi`).
+    pub tcg_thread: TcgThread,
     /// Longest time from QEMU start to the agent's hello.
     pub boot_timeout: Duration,
     /// Longest silence (no heartbeat, no output) before L1 counts as stalled and is killed.
@@ -38,6 +40,63 @@ pub struct LabConfig {
     pub extra_append: String,
     /// Extra QEMU arguments (`SVFF_LAB_QEMU_ARGS`, split on blanks), for experiments.
     pub extra_qemu_args: Vec<String>,
+}
+
+/// How QEMU runs L1's vCPUs under TCG.
+///
+/// The default is [`TcgThread::Single`] with one vCPU: measured on QEMU 10.0.2 with 2 host cores,
+/// multi-threaded TCG loses a vCPU's LAPIC timer interrupt now and then (L1 stalls; 7 of 31
+/// boots), and single-threaded TCG with two vCPUs round-robins them so slowly that an L2 guest
+/// under nested KVM needs more than 150 s to reach its init (29 s with one vCPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcgThread {
+    /// `-accel tcg,thread=single`: one host thread runs every vCPU in turn.
+    Single,
+    /// `-accel tcg,thread=multi`: one host thread per vCPU.
+    Multi,
+}
+
+impl TcgThread {
+    /// The value of QEMU's `thread=` option.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcgThread::Single => "single",
+            TcgThread::Multi => "multi",
+        }
+    }
+}
+
+impl std::str::FromStr for TcgThread {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "single" => Ok(TcgThread::Single),
+            "multi" => Ok(TcgThread::Multi),
+            _ => Err(LabError::Invalid(format!(
+                "SVFF_LAB_TCG_THREAD={s}: expected single or multi"
+            ))),
+        }
+    }
+}
+
+/// Default number of L1 vCPUs (see [`TcgThread`] for why one).
+pub const DEFAULT_CPUS: u32 = 1;
+
+fn env_cpus() -> Result<u32, LabError> {
+    match std::env::var("SVFF_LAB_CPUS") {
+        Err(_) => Ok(DEFAULT_CPUS),
+        Ok(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| {
+                LabError::Invalid(format!("SVFF_LAB_CPUS={v}: expected a number from 1 to 16"))
+            }),
+    }
+}
+
+fn env_tcg_thread() -> Result<TcgThread, LabError> {
+    std::env::var("SVFF_LAB_TCG_THREAD").map_or(Ok(TcgThread::Single), |v| v.parse())
 }
 
 /// A path that can go on the kernel command line: absolute, no blanks or quotes.
@@ -152,7 +211,7 @@ fn find_agent() -> Result<PathBuf, LabError> {
         })
 }
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Ok(d) = std::env::var("SVFF_LAB_CACHE") {
         return PathBuf::from(d);
     }
@@ -198,7 +257,8 @@ impl LabConfig {
             agent,
             cache_dir: cache_dir(),
             memory_mib: 3072,
-            cpus: 2,
+            cpus: env_cpus()?,
+            tcg_thread: env_tcg_thread()?,
             boot_timeout: Duration::from_secs(180),
             stall_timeout: Duration::from_secs(60),
             keep,
@@ -215,6 +275,14 @@ impl LabConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_thread_modes_parse_and_others_are_rejected() {
+        assert_eq!("single".parse::<TcgThread>().unwrap(), TcgThread::Single);
+        assert_eq!("multi".parse::<TcgThread>().unwrap().as_str(), "multi");
+        let e = "mttcg".parse::<TcgThread>().unwrap_err();
+        assert!(e.to_string().contains("SVFF_LAB_TCG_THREAD=mttcg"), "{e}");
+    }
 
     #[test]
     fn kernel_versions_compare_numerically() {

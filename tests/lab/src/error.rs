@@ -47,6 +47,16 @@ pub enum LabError {
         /// The tail of L1's console log.
         console: String,
     },
+    /// An L2 guest (a VM started in L1) failed to come up or to answer; it has been killed.
+    #[error("L2 guest under {vmm} {what}. Last console lines:\n{console}")]
+    Guest {
+        /// The VMM that ran it.
+        vmm: String,
+        /// What went wrong.
+        what: String,
+        /// The tail of the guest's console.
+        console: String,
+    },
     /// The agent inside L1 reported an error.
     #[error("in L1: {0}")]
     Agent(String),

@@ -17,10 +17,10 @@ use crate::LabError;
 pub const ROOT_MODULES: &[&str] = &["9pnet_virtio", "9p"];
 
 const INIT: &str = include_str!("init.sh");
-const BUSYBOX: &str = "/bin/busybox";
+pub(crate) const BUSYBOX: &str = "/bin/busybox";
 
 /// Module name as the kernel knows it: file stem without `.ko*`, dashes as underscores.
-fn module_name(path: &str) -> String {
+pub(crate) fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
     let stem = file.split(".ko").next().unwrap_or(file);
     stem.replace('-', "_")
@@ -86,7 +86,7 @@ pub fn resolve_modules(modules_dep: &str, roots: &[&str]) -> Result<Vec<String>,
 
 /// Reads a module file, decompressing `.ko.xz`/`.ko.zst`/`.ko.gz` with the host's tools so that
 /// busybox `insmod` gets a plain ELF object.
-fn read_module(path: &Path) -> Result<Vec<u8>, LabError> {
+pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, LabError> {
     let name = path.to_string_lossy();
     let tools: &[&[&str]] = if name.ends_with(".xz") {
         &[&["xz", "-dc"], &[BUSYBOX, "xzcat"]]
@@ -118,7 +118,7 @@ fn read_module(path: &Path) -> Result<Vec<u8>, LabError> {
 }
 
 /// A small stable hash (FNV-1a 64) for the cache key.
-struct Fnv(u64);
+pub(crate) struct Fnv(pub(crate) u64);
 impl Hasher for Fnv {
     fn finish(&self) -> u64 {
         self.0
@@ -131,7 +131,7 @@ impl Hasher for Fnv {
     }
 }
 
-fn stamp(h: &mut Fnv, path: &Path) -> Result<(), LabError> {
+pub(crate) fn stamp(h: &mut Fnv, path: &Path) -> Result<(), LabError> {
     let md = fs::metadata(path).map_err(|e| LabError::io(path, e))?;
     h.write(path.as_os_str().as_encoded_bytes());
     h.write(&md.size().to_le_bytes());
@@ -161,19 +161,8 @@ pub fn ensure_initramfs(version: &str, cache_dir: &Path) -> Result<PathBuf, LabE
     for m in &order {
         stamp(&mut h, &moddir.join(m))?;
     }
-    let out = cache_dir.join(format!("initramfs-{version}-{:016x}.cpio", h.finish()));
-    if out.exists() {
-        return Ok(out);
-    }
-    fs::create_dir_all(cache_dir).map_err(|e| LabError::io(cache_dir, e))?;
-    // Unique per build, also between threads of one process: concurrent boots may race here.
-    static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = cache_dir.join(format!(".initramfs-{}-{n}.tmp", std::process::id()));
-    let build = || -> Result<(), LabError> {
-        let f = fs::File::create(&tmp).map_err(|e| LabError::io(&tmp, e))?;
-        let mut w = CpioWriter::new(std::io::BufWriter::new(f));
-        let io = |e| LabError::io(&tmp, e);
+    let name = format!("initramfs-{version}-{:016x}.cpio", h.finish());
+    cached_cpio(cache_dir, &name, |w, io| {
         for d in ["bin", "dev", "proc", "sys", "host", "l0", "modules"] {
             w.dir(d).map_err(io)?;
         }
@@ -191,12 +180,40 @@ pub fn ensure_initramfs(version: &str, cache_dir: &Path) -> Result<PathBuf, LabE
             list.push_str(&name);
             list.push('\n');
         }
-        w.file("modules.order", 0o644, list.as_bytes())
-            .map_err(io)?;
+        w.file("modules.order", 0o644, list.as_bytes()).map_err(io)
+    })
+}
+
+/// The cpio writer [`cached_cpio`] hands to its builder.
+pub(crate) type CacheWriter = CpioWriter<std::io::BufWriter<fs::File>>;
+
+/// Returns `cache_dir/name`, first writing it with `build` unless it exists. The archive is
+/// written to a temporary name and renamed into place, so concurrent builders (processes or
+/// threads) never see a partial file. `build` gets the writer and an error mapper for its
+/// writes.
+pub(crate) fn cached_cpio(
+    cache_dir: &Path,
+    name: &str,
+    build: impl FnOnce(&mut CacheWriter, &dyn Fn(std::io::Error) -> LabError) -> Result<(), LabError>,
+) -> Result<PathBuf, LabError> {
+    let out = cache_dir.join(name);
+    if out.exists() {
+        return Ok(out);
+    }
+    fs::create_dir_all(cache_dir).map_err(|e| LabError::io(cache_dir, e))?;
+    // Unique per build, also between threads of one process: concurrent boots may race here.
+    static BUILDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = cache_dir.join(format!(".{name}-{}-{n}.tmp", std::process::id()));
+    let run = || -> Result<(), LabError> {
+        let f = fs::File::create(&tmp).map_err(|e| LabError::io(&tmp, e))?;
+        let mut w = CpioWriter::new(std::io::BufWriter::new(f));
+        let io = |e| LabError::io(&tmp, e);
+        build(&mut w, &io)?;
         w.finish().map_err(io)?.flush().map_err(io)?;
         fs::rename(&tmp, &out).map_err(|e| LabError::io(&out, e))
     };
-    let r = build();
+    let r = run();
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }

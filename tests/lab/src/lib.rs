@@ -24,11 +24,12 @@ mod cpio;
 mod error;
 pub mod guest;
 mod initramfs;
+pub mod l2;
 pub mod proto;
 mod session;
 
 pub use agent::serve as serve_agent;
-pub use config::{LabConfig, INSTALL_HINT};
+pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
 pub use session::{shell, Lab, Output};

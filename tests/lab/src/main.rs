@@ -58,9 +58,11 @@ const STALL_ATTEMPTS: u32 = 3;
 
 fn boot(cfg: &LabConfig) -> Result<Lab, LabError> {
     eprintln!(
-        "svff-lab: booting L1 ({}, kernel {}) ...",
+        "svff-lab: booting L1 ({}, kernel {}, {} vCPU, tcg thread={}) ...",
         cfg.qemu.display(),
-        cfg.kernel_version
+        cfg.kernel_version,
+        cfg.cpus,
+        cfg.tcg_thread.as_str()
     );
     let lab = match Lab::boot(cfg) {
         // A boot that never reached the agent is retried once (a rare TCG stall); anything

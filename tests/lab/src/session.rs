@@ -54,10 +54,6 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
     }
     let args = [
         "-machine", "q35,kernel-irqchip=split",
-        // Single-threaded TCG: with thread=multi, QEMU 10.0.2 now and then loses a vCPU's
-        // LAPIC timer interrupt and that CPU idles forever (~1 boot in 4 under load; 0 of 31
-        // with thread=single, at the same benchmark numbers and a faster boot).
-        "-accel", "tcg,thread=single",
         "-cpu", "max",
         "-nodefaults", "-no-reboot", "-display", "none",
         "-device", "intel-iommu,intremap=on,caching-mode=on",
@@ -72,6 +68,12 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
     ];
     let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    // Single-threaded TCG by default (see `TcgThread`): with thread=multi, QEMU 10.0.2 now and
+    // then loses a vCPU's LAPIC timer interrupt and that CPU idles forever.
+    v.extend([
+        "-accel".into(),
+        format!("tcg,thread={}", cfg.tcg_thread.as_str()),
+    ]);
     v.extend(cfg.extra_qemu_args.iter().cloned());
     v.extend([
         "-smp".into(),
@@ -111,7 +113,7 @@ fn sweep_stale_dirs(tmp: &Path) {
     }
 }
 
-fn make_session_dir() -> Result<PathBuf, LabError> {
+pub(crate) fn make_session_dir() -> Result<PathBuf, LabError> {
     let tmp = std::env::temp_dir();
     sweep_stale_dirs(&tmp);
     let nanos = std::time::SystemTime::now()
@@ -126,7 +128,7 @@ fn make_session_dir() -> Result<PathBuf, LabError> {
 /// Spawns QEMU from a thread that lives exactly as long as QEMU: the parent-death signal is tied
 /// to the spawning thread, so QEMU is killed if this process dies. Returns the pid and a channel
 /// that yields QEMU's exit status once it has ended.
-fn spawn_qemu(mut cmd: Command) -> Result<(i32, mpsc::Receiver<ExitStatus>), LabError> {
+pub(crate) fn spawn_qemu(mut cmd: Command) -> Result<(i32, mpsc::Receiver<ExitStatus>), LabError> {
     let (pid_tx, pid_rx) = mpsc::channel();
     let (exit_tx, exit_rx) = mpsc::channel();
     thread::Builder::new()
@@ -268,7 +270,7 @@ impl Lab {
 
     /// The last `lines` lines of L1's console.
     pub fn console_tail(&self, lines: usize) -> String {
-        console_tail(&self.dir, lines)
+        console_tail_of(&self.dir, lines)
     }
 
     /// Reads one reply, failing (and killing L1) if it does not come before `deadline`.
@@ -457,14 +459,14 @@ impl Lab {
     }
 }
 
-fn kill_and_reap(pid: i32, exited: &mpsc::Receiver<ExitStatus>) {
+pub(crate) fn kill_and_reap(pid: i32, exited: &mpsc::Receiver<ExitStatus>) {
     // SAFETY: `pid` is our QEMU child, not yet reaped: the thread that waits for it reports on
     // `exited`, and we only receive from that after the kill, so the pid cannot be reused yet.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let _ = exited.recv_timeout(Duration::from_secs(30));
 }
 
-fn console_tail(dir: &Path, lines: usize) -> String {
+pub(crate) fn console_tail_of(dir: &Path, lines: usize) -> String {
     let text = fs::read_to_string(dir.join("console.log")).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -474,6 +476,47 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.kill();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What [`accept_before`] saw first.
+pub(crate) enum Accepted {
+    /// The VMM connected.
+    Stream(UnixStream),
+    /// The VMM exited first.
+    Exited(ExitStatus),
+    /// Neither happened before the deadline.
+    TimedOut,
+}
+
+/// Waits, until `deadline`, for a VMM to connect to `listener`, or to exit (`exited`).
+pub(crate) fn accept_before(
+    listener: &UnixListener,
+    deadline: Instant,
+    exited: &mpsc::Receiver<ExitStatus>,
+) -> Result<Accepted, LabError> {
+    loop {
+        if let Ok(st) = exited.try_recv() {
+            return Ok(Accepted::Exited(st));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Accepted::TimedOut);
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let slice = left.min(Duration::from_millis(250)).as_millis() as libc::c_int;
+        // SAFETY: `pfd` is a valid pollfd for the listener's open fd and we pass a count of 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, slice) };
+        if n > 0 {
+            return listener
+                .accept()
+                .map(|(s, _)| Accepted::Stream(s))
+                .map_err(|e| LabError::Vm(format!("accepting the VMM's connection: {e}")));
+        }
     }
 }
 
@@ -488,36 +531,20 @@ impl PendingLab {
     fn accept(&self, listener: &UnixListener, deadline: Instant) -> Result<UnixStream, LabError> {
         let exited = self.exited.as_ref().expect("present until into_parts");
         let dir = self.dir.as_deref().expect("present until into_parts");
-        loop {
-            if let Ok(st) = exited.try_recv() {
+        match accept_before(listener, deadline, exited)? {
+            Accepted::Stream(s) => Ok(s),
+            Accepted::Exited(st) => {
                 let qemu_err = fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
-                return Err(LabError::Vm(format!(
+                Err(LabError::Vm(format!(
                     "QEMU exited ({st}) at start: {}",
                     qemu_err.trim()
-                )));
+                )))
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(LabError::Timeout {
-                    what: "waiting for QEMU to open the control socket".into(),
-                    after: Duration::ZERO,
-                    console: console_tail(dir, 30),
-                });
-            }
-            let mut pfd = libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let slice = left.min(Duration::from_millis(250)).as_millis() as libc::c_int;
-            // SAFETY: `pfd` is a valid pollfd for the listener's open fd and we pass a count of 1.
-            let n = unsafe { libc::poll(&mut pfd, 1, slice) };
-            if n > 0 {
-                return listener
-                    .accept()
-                    .map(|(s, _)| s)
-                    .map_err(|e| LabError::Vm(format!("accepting QEMU: {e}")));
-            }
+            Accepted::TimedOut => Err(LabError::Timeout {
+                what: "waiting for QEMU to open the control socket".into(),
+                after: Duration::ZERO,
+                console: console_tail_of(dir, 30),
+            }),
         }
     }
 

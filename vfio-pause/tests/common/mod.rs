@@ -24,8 +24,10 @@ pub fn static_lib() -> PathBuf {
         .unwrap_or_else(|| panic!("no libvfio_pause-*.a in {}", deps.display()))
 }
 
-/// Compile examples-c/cycle.c against libvfio_pause.a into `out`.
-pub fn build_c_cycle(out: &Path) {
+/// Compile examples-c/cycle.c against libvfio_pause.a into `out`; with
+/// `sim`, its simulated mode too (`-DVP_SIM`: the library cargo test built
+/// has the `sim` feature).
+pub fn build_c_cycle(out: &Path, sim: bool) {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = static_lib();
     let st = Command::new("cc")
@@ -33,6 +35,7 @@ pub fn build_c_cycle(out: &Path) {
         .arg("-Wall")
         .arg("-Werror")
         .arg("-D_DEFAULT_SOURCE")
+        .args(sim.then_some("-DVP_SIM"))
         .arg("-I")
         .arg(crate_dir.join("include"))
         .arg(crate_dir.join("examples-c/cycle.c"))
