@@ -213,6 +213,16 @@ enum VpStatus vp_device_open(struct VpContainer *c,
 // `d` must be a live device handle; `timings` NULL or writable.
 enum VpStatus vp_device_pause(struct VpDevice *d, struct VpTimings *timings);
 
+// Pause with a paused-access policy for this pause only: `stall_ms` = 0
+// selects `ignore`, otherwise `stall` with that deadline per access
+// (bounded by the library's maximum). As `vp_device_pause` otherwise.
+//
+// # Safety
+// `d` must be a live device handle; `timings` NULL or writable.
+enum VpStatus vp_device_pause_with(struct VpDevice *d,
+                                   uint64_t stall_ms,
+                                   struct VpTimings *timings);
+
 // Unpause onto `bdf` (own open with `group_fd` = -1, or a passed group fd,
 // owned by the library from now on). On error the device stays paused.
 //

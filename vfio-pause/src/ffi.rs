@@ -687,6 +687,35 @@ pub unsafe extern "C" fn vp_device_pause(d: *mut VpDevice, timings: *mut VpTimin
     })
 }
 
+/// Pause with a paused-access policy for this pause only: `stall_ms` = 0
+/// selects `ignore`, otherwise `stall` with that deadline per access
+/// (bounded by the library's maximum). As `vp_device_pause` otherwise.
+///
+/// # Safety
+/// `d` must be a live device handle; `timings` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_pause_with(
+    d: *mut VpDevice,
+    stall_ms: u64,
+    timings: *mut VpTimings,
+) -> VpStatus {
+    entry(|| {
+        let (policy, deadline) = if stall_ms == 0 {
+            (svff_types::PausePolicy::Ignore, Duration::ZERO)
+        } else {
+            (
+                svff_types::PausePolicy::Stall,
+                Duration::from_millis(stall_ms),
+            )
+        };
+        // SAFETY: forwarded contract.
+        let t = unsafe { dev(d) }?.pause_with(policy, deadline)?;
+        // SAFETY: forwarded contract.
+        unsafe { put_timings(timings, &t) };
+        Ok(())
+    })
+}
+
 /// Unpause onto `bdf` (own open with `group_fd` = -1, or a passed group fd,
 /// owned by the library from now on). On error the device stays paused.
 ///
@@ -1199,6 +1228,41 @@ mod tests {
             assert!(last_error().contains("device is NULL"));
             assert_eq!(vp_device_close(ptr::null_mut()), VpStatus::VpOk);
             vp_container_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn pause_with_sets_the_policy_of_that_pause_only() {
+        let (c, d) = sim_device();
+        let mut buf = [0u8; 4];
+        let mut stall = VpStall::default();
+        // SAFETY: live handles, `buf` has room for 4 bytes, `stall` valid.
+        unsafe {
+            assert_eq!(
+                vp_device_pause_with(d, 1000, ptr::null_mut()),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_try_bar_read(d, 0, 0, buf.as_mut_ptr(), 4, &mut stall),
+                VpStatus::VpRetry,
+                "stall policy: the access must wait for the unpause"
+            );
+            assert_eq!(
+                vp_device_unpause(d, c"0000:02:00.1".as_ptr(), -1, ptr::null_mut()),
+                VpStatus::VpOk,
+                "{}",
+                last_error()
+            );
+            assert_eq!(vp_device_pause_with(d, 0, ptr::null_mut()), VpStatus::VpOk);
+            stall = VpStall::default();
+            assert_eq!(
+                vp_device_try_bar_read(d, 0, 0, buf.as_mut_ptr(), 4, &mut stall),
+                VpStatus::VpOk,
+                "ignore policy: answered at once"
+            );
+            assert_eq!(buf, [0xff; 4]);
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
         }
     }
 
