@@ -1,14 +1,15 @@
 //! svff's patched QEMU in the lab's L1 with KVM: `svff-vfio-pci` on a real
-//! igb VF (vfio-pci, intel-iommu, Linux 6.12). These runs have no guest OS
+//! igb VF (vfio-pci, intel-iommu, Linux 6.12). Most runs have no guest OS
 //! (`-S`): they prove the host side (fds, numvfs cycle, reopen, identity,
-//! QMP); guest-visible behaviour needs an L2 guest. Each test sets up its PFs
-//! and leaves their VFs destroyed.
+//! QMP); one boots an L2 Linux (`svff_lab::l2`) to show what the guest sees.
+//! Each test sets up its PFs and leaves their VFs destroyed.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use svff_lab::guest;
-use svff_qemu_lab::{qemu_binary, Qemu};
+use svff_lab::l2::{self, Image, L2};
+use svff_qemu_lab::{fd_links, qemu_binary, Qemu};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -228,4 +229,132 @@ fn twenty_pause_unpause_cycles_leave_the_fd_count_unchanged() {
     assert_eq!(query(&mut q)["pause-count"], 20);
     assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
     guest::set_numvfs(&pf, 0);
+}
+
+/// Deadline for an L2 boot (`SVFF_LAB_L2_BOOT_DEADLINE` seconds, default 300).
+fn boot_deadline() -> Duration {
+    Duration::from_secs(
+        std::env::var("SVFF_LAB_L2_BOOT_DEADLINE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    )
+}
+
+const CMD: Duration = Duration::from_secs(60);
+
+/// Vendor and device id the guest reads from the device's config space now
+/// (not the kernel's cached copy), as "vvvv dddd".
+fn guest_config_ids(vm: &mut L2, gbdf: &str) -> String {
+    vm.sh_ok(
+        &format!("od -An -tx2 -N4 /sys/bus/pci/devices/{gbdf}/config"),
+        CMD,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .trim()
+    .to_string()
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_unpause() {
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    guest::modprobe("vfio-pci");
+    let pf = guest::igb_pf();
+    if guest::driver_of(&pf).is_some() {
+        guest::set_numvfs(&pf, 0);
+    }
+    guest::bind(&pf, "igb");
+    guest::set_numvfs(&pf, 1);
+    let vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&vf);
+
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .device(&format!("svff-vfio-pci,host={vf},id=vf0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "L2 boot with svff-vfio-pci: {:.1} s",
+        vm.boot_time.as_secs_f64()
+    );
+    // QEMU created the socket before the guest ran: it exists now.
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+
+    let gbdf = vm
+        .sh_ok(
+            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done",
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        !gbdf.is_empty() && !gbdf.contains('\n'),
+        "one igb VF in L2: {gbdf:?}"
+    );
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+    let out = vm.sh("modprobe igbvf", CMD).unwrap();
+    assert!(out.success(), "modprobe igbvf: {out:?}");
+    let driver = |vm: &mut L2| {
+        vm.sh_ok(
+            &format!("basename $(readlink /sys/bus/pci/devices/{gbdf}/driver) 2>/dev/null"),
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    assert_eq!(driver(&mut vm), "igbvf");
+
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    let vf_fds: Vec<String> = fd_links(vm.vmm_pid() as u32)
+        .into_iter()
+        .filter(|l| {
+            l.contains("vfio-device") || l == &format!("/dev/vfio/{}", guest::iommu_group(&vf))
+        })
+        .collect();
+    assert_eq!(
+        vf_fds,
+        Vec::<String>::new(),
+        "no fd of {vf} in QEMU while paused"
+    );
+    // While paused the guest reads config space from the shadow.
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": new_vf })),
+    )
+    .unwrap();
+
+    // Same guest address, config space read from the new VF, driver still bound.
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+    assert_eq!(driver(&mut vm), "igbvf", "igbvf still bound to {gbdf}");
+    let dmesg = vm.dmesg().unwrap();
+    for unplug in ["Card not present", "Link Down", "Removing from iommu group"] {
+        assert!(
+            !dmesg.contains(unplug),
+            "guest saw an unplug ({unplug}):\n{dmesg}"
+        );
+    }
+    println!(
+        "L2 dmesg tail:\n{}",
+        dmesg.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+    );
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
 }
