@@ -289,7 +289,7 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
 
     let gbdf = vm
         .sh_ok(
-            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done",
+            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done; true",
             CMD,
         )
         .unwrap()
