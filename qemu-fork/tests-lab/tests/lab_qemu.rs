@@ -255,10 +255,54 @@ fn guest_config_ids(vm: &mut L2, gbdf: &str) -> String {
     .to_string()
 }
 
-#[test]
-#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
-fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_unpause() {
-    guest::require_lab();
+/// The guest interface of `gbdf` (igbvf's net device).
+fn guest_iface(vm: &mut L2, gbdf: &str) -> String {
+    vm.sh_ok(&format!("ls /sys/bus/pci/devices/{gbdf}/net"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+/// Number of the guest's MSI-X vectors of `gbdf` in /proc/interrupts.
+fn guest_msix_vectors(vm: &mut L2, gbdf: &str) -> usize {
+    vm.sh_ok("cat /proc/interrupts", CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .lines()
+        .filter(|l| l.contains(&format!("PCI-MSIX-{gbdf}")))
+        .count()
+}
+
+/// Load igbvf, bring the VF's interface up; returns (interface, MSI-X vectors).
+fn igbvf_up(vm: &mut L2, gbdf: &str) -> (String, usize) {
+    let out = vm.sh("modprobe igbvf", CMD).unwrap();
+    assert!(out.success(), "modprobe igbvf: {out:?}");
+    let eth = guest_iface(vm, gbdf);
+    assert!(!eth.is_empty(), "igbvf made no net device for {gbdf}");
+    let out = vm.sh(&format!("ip link set {eth} up"), CMD).unwrap();
+    assert!(out.success(), "ip link set {eth} up: {out:?}");
+    let n = guest_msix_vectors(vm, gbdf);
+    (eth, n)
+}
+
+/// The one igb VF (8086:10ca) the guest sees.
+fn guest_igb_vf(vm: &mut L2) -> String {
+    let gbdf = vm
+        .sh_ok(
+            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done; true",
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        !gbdf.is_empty() && !gbdf.contains('\n'),
+        "one igb VF in L2: {gbdf:?}"
+    );
+    gbdf
+}
+
+/// The igb PF on its own driver with `n` VFs, VF 0 bound to vfio-pci.
+fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
     guest::modprobe("kvm-amd");
     guest::modprobe("vfio-pci");
     let pf = guest::igb_pf();
@@ -266,9 +310,17 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
         guest::set_numvfs(&pf, 0);
     }
     guest::bind(&pf, "igb");
-    guest::set_numvfs(&pf, 1);
+    guest::set_numvfs(&pf, n);
     let vf = guest::vfs_of(&pf)[0].clone();
     bind_vfio(&vf);
+    (pf, vf)
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_unpause() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
 
     let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
@@ -287,21 +339,11 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
     // QEMU created the socket before the guest ran: it exists now.
     let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
 
-    let gbdf = vm
-        .sh_ok(
-            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done; true",
-            CMD,
-        )
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(
-        !gbdf.is_empty() && !gbdf.contains('\n'),
-        "one igb VF in L2: {gbdf:?}"
-    );
+    let gbdf = guest_igb_vf(&mut vm);
     assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
-    let out = vm.sh("modprobe igbvf", CMD).unwrap();
-    assert!(out.success(), "modprobe igbvf: {out:?}");
+    // igbvf enables MSI-X through svff-vfio-pci's IRQ wiring (tx, rx, mailbox).
+    let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
     let driver = |vm: &mut L2| {
         vm.sh_ok(
             &format!("basename $(readlink /sys/bus/pci/devices/{gbdf}/driver) 2>/dev/null"),
@@ -342,6 +384,19 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
     // Same guest address, config space read from the new VF, driver still bound.
     assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
     assert_eq!(driver(&mut vm), "igbvf", "igbvf still bound to {gbdf}");
+    // The interface cycles on the new VF: MSI-X is disabled and enabled again on it.
+    let out = vm
+        .sh(
+            &format!("ip link set {eth} down && ip link set {eth} up"),
+            CMD,
+        )
+        .unwrap();
+    assert!(out.success(), "ip link down/up on the new VF: {out:?}");
+    assert_eq!(
+        guest_msix_vectors(&mut vm, &gbdf),
+        3,
+        "MSI-X vectors after unpause"
+    );
     let dmesg = vm.dmesg().unwrap();
     for unplug in ["Card not present", "Link Down", "Removing from iommu group"] {
         assert!(
@@ -353,6 +408,45 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
         "L2 dmesg tail:\n{}",
         dmesg.lines().rev().take(15).collect::<Vec<_>>().join("\n")
     );
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn patched_qemu_runs_a_plain_vfio_pci_igb_vf_as_stock_qemu_does_and_does_not_pause_it() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .device(&format!("vfio-pci,host={vf},id=plain0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+
+    // What lab_l2 checks for stock QEMU: the guest sees the VF, igbvf binds
+    // and requests its 3 MSI-X vectors.
+    let gbdf = guest_igb_vf(&mut vm);
+    let (_, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(
+        vectors, 3,
+        "igbvf's MSI-X vectors of {gbdf} under plain vfio-pci"
+    );
+    // A plain vfio-pci is not pausable: not listed, and pausing it is refused.
+    assert_eq!(qmp.execute("query-svff-vfio", None).unwrap(), json!([]));
+    let e = qmp
+        .execute("svff-vfio-pause", Some(json!({ "id": "plain0" })))
+        .expect_err("a plain vfio-pci does not pause");
+    let q = e.qmp().expect("a QMP error");
+    assert_eq!(format!("{:?}", q.class), "DeviceNotFound");
+    assert!(q.desc.contains("not a pausable VFIO device"), "{}", q.desc);
     drop(qmp);
     drop(vm);
     guest::set_numvfs(&pf, 0);
