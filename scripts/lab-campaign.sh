@@ -46,7 +46,7 @@ SVFF_LAB_L2_BOOT_DEADLINE=$l2_deadline $out/bin/lab_l2 --include-ignored --exact
 $out/bin/lab_vfio_pause --include-ignored --exact --test-threads=1 --nocapture \
     lab_bench_parallel_pause_reconf_of_n_vfs; echo BENCH_RC=\$?"
 
-n=$(cat "$out/results.jsonl" 2>/dev/null | wc -l)
+n=$( (cat "$out/results.jsonl" 2>/dev/null || true) | wc -l)
 for ((i = 0; i < ${#schedule}; i++)); do
     c=${schedule:i:1}
     if [ -n "${CAMPAIGN_END:-}" ] && [ "$(date +%s)" -ge "$CAMPAIGN_END" ]; then

@@ -1,10 +1,13 @@
 //! Programming the FPGA behind a PF: through the Linux FPGA manager or an
 //! external command, with the PF removed from the PCI bus around it.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Component, Path};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -25,7 +28,7 @@ fn default_timeout() -> u64 {
 ///   search path, e.g. `/lib/firmware`) is written to
 ///   `/sys/class/fpga_manager/<fpga_manager>/firmware`, then `state` must read `operating`.
 /// - `command`: argv of an external tool (e.g. the vendor's flash tool), run
-///   without a shell, killed after `timeout_s`.
+///   without a shell in its own process group, killed with that group after `timeout_s`.
 ///
 /// Both run with the PF's VFs disabled and the PF removed (`remove`), and end
 /// with a PCI rescan that brings the PF back.
@@ -177,9 +180,11 @@ impl<S: Sysfs> SriovManager<S> {
 }
 
 fn run_command(argv: &[String], timeout: Duration) -> Result<(), (String, Option<std::io::Error>)> {
+    // Its own process group, so that a timeout kills whatever it started too.
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| (format!("cannot start {}", argv[0]), Some(e)))?;
     let deadline = Instant::now() + timeout;
@@ -188,7 +193,13 @@ fn run_command(argv: &[String], timeout: Duration) -> Result<(), (String, Option
             Ok(Some(status)) if status.success() => return Ok(()),
             Ok(Some(status)) => return Err((format!("{} exited with {status}", argv[0]), None)),
             Ok(None) if Instant::now() >= deadline => {
-                let kill = child.kill();
+                // The group's id is the child's pid (process_group(0)); the
+                // child is not reaped yet, so that id cannot have been reused.
+                let kill = i32::try_from(child.id())
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
+                    .and_then(|pgid| {
+                        killpg(Pid::from_raw(pgid), Signal::SIGKILL).map_err(std::io::Error::from)
+                    });
                 let _ = child.wait();
                 return Err((
                     format!(
@@ -209,6 +220,9 @@ fn run_command(argv: &[String], timeout: Duration) -> Result<(), (String, Option
 mod tests {
     use super::*;
     use crate::fake::FakeSysfs;
+    use std::fs;
+    use std::io;
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn setup() -> (SriovManager<FakeSysfs>, PciAddress) {
         let fake = FakeSysfs::new();
@@ -310,6 +324,50 @@ mod tests {
             .count();
         assert_eq!(rescans, 3);
         assert!(mgr.pf_status(pf).is_ok());
+    }
+
+    #[test]
+    fn timed_out_tool_is_killed_with_its_process_group() {
+        let (mgr, pf) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("alive");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Opened before the tool runs, so the tool's open for writing does not block.
+        let reader = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        // The tool leaves a background child holding the fifo's write end.
+        let script = format!("(echo started; exec sleep 300) > {} & wait", fifo.display());
+        let err = mgr
+            .program_bitstream(pf, &command(&["/bin/sh", "-c", &script], 2))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("did not finish within 2 s"),
+            "{err}"
+        );
+        // EOF on the fifo comes only once every writer, the background child
+        // included, is gone. The read runs on a thread with a hang guard.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let fd = std::os::fd::AsFd::as_fd(&reader);
+            let flags = nix::fcntl::OFlag::from_bits_truncate(
+                nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap(),
+            );
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFL(flags - nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+            let mut text = String::new();
+            let _ = tx.send(io::Read::read_to_string(&mut &reader, &mut text).map(|_| text));
+        });
+        let text = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the tool's background child still holds the fifo after 60 s")
+            .unwrap();
+        assert_eq!(text.trim(), "started");
     }
 
     #[test]

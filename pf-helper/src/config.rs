@@ -22,8 +22,9 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/svff/helper.sock";
 /// socket = "/run/svff/helper.sock"   # default
 /// socket_group = "svff"              # group owning the socket (name or number); optional
 /// allowed_uids = [0]                 # peers allowed by uid (SO_PEERCRED)
-/// allowed_gids = [990]               # peers allowed by primary gid
+/// allowed_gids = [990]               # peers allowed by primary or supplementary gid
 /// vf_drivers = ["vfio-pci"]          # drivers VFs may be bound to (default)
+/// watchdog_s = 60                    # a change running longer is reported stuck (default)
 ///
 /// [[pf]]
 /// bdf = "0000:01:00.0"
@@ -49,12 +50,17 @@ pub struct Config {
     /// Peer uids allowed to talk to the daemon.
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
-    /// Peer primary gids allowed to talk to the daemon.
+    /// Gids allowed to talk to the daemon: a peer whose primary gid or one of
+    /// whose supplementary groups (`SO_PEERGROUPS`) is listed is let in.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
     /// Drivers VFs may be bound to.
     #[serde(default = "default_vf_drivers")]
     pub vf_drivers: Vec<DriverName>,
+    /// Seconds a change (vfs_set; program adds its `timeout_s`) may take
+    /// before the daemon answers that it is stuck in the kernel (default 60).
+    #[serde(default = "default_watchdog")]
+    pub watchdog_s: u64,
     /// The PFs the daemon may manage: its allow-list.
     #[serde(default, rename = "pf")]
     pub pfs: Vec<PfConfig>,
@@ -79,6 +85,10 @@ pub struct PfConfig {
 
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET_PATH)
+}
+
+fn default_watchdog() -> u64 {
+    60
 }
 
 fn default_vf_drivers() -> Vec<DriverName> {
@@ -141,14 +151,22 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The watchdog of a change.
+    pub fn watchdog(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.watchdog_s.max(1))
+    }
+
     /// The allow-list entry of `pf`.
     pub fn pf(&self, pf: PciAddress) -> Option<&PfConfig> {
         self.pfs.iter().find(|p| p.bdf == pf)
     }
 
-    /// Whether a peer with these credentials may use the daemon.
-    pub fn peer_allowed(&self, uid: u32, gid: u32) -> bool {
-        self.allowed_uids.contains(&uid) || self.allowed_gids.contains(&gid)
+    /// Whether a peer with these credentials (uid, primary gid, supplementary
+    /// groups) may use the daemon.
+    pub fn peer_allowed(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        self.allowed_uids.contains(&uid)
+            || self.allowed_gids.contains(&gid)
+            || groups.iter().any(|g| self.allowed_gids.contains(g))
     }
 }
 
@@ -181,7 +199,12 @@ mod tests {
         assert_eq!(c.vf_drivers, vec![DriverName::vfio_pci()]);
         assert_eq!(c.pfs.len(), 2);
         assert_eq!(c.pfs[1].qdma.as_ref().unwrap().pf["qmax"], 512);
-        assert!(c.peer_allowed(0, 5) && c.peer_allowed(1000, 990) && !c.peer_allowed(1000, 1000));
+        assert!(c.peer_allowed(0, 5, &[]) && c.peer_allowed(1000, 990, &[]));
+        assert!(!c.peer_allowed(1000, 1000, &[1000, 4]));
+        assert!(
+            c.peer_allowed(1000, 1000, &[4, 990]),
+            "a supplementary group lets the peer in"
+        );
     }
 
     #[test]

@@ -88,8 +88,43 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A driver this operation needs is not registered with the PCI bus.
-    #[error("driver {driver} is not loaded ({path} does not exist; modprobe it first)")]
+    /// Another change is running on the helper (or is stuck in the kernel).
+    #[error("PF {pf}: {what} started {secs:.1} s ago {}", if *stuck { "is stuck in the kernel (a sysfs write has not returned); the helper refuses changes until it does" } else { "is still running; try again" })]
+    ChangeRunning {
+        /// The PF being changed.
+        pf: PciAddress,
+        /// The running request, e.g. `vfs_set 0000:01:00.0 to 0`.
+        what: String,
+        /// Seconds since it started.
+        secs: f64,
+        /// Its watchdog fired.
+        stuck: bool,
+    },
+    /// The request's watchdog fired: a sysfs write is blocked in the kernel.
+    #[error("PF {pf}: {what} has not finished after {secs} s: a sysfs write is blocked in the kernel (a process may hold a VF in a way no check can see, e.g. a VFIO fd in flight in a unix socket); it goes on in the background, and other changes are refused until it returns")]
+    Stuck {
+        /// The PF being changed.
+        pf: PciAddress,
+        /// The request.
+        what: String,
+        /// The watchdog, seconds.
+        secs: u64,
+    },
+    /// The daemon failed internally (a bug), e.g. a panic in a request.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// Loading the module of a driver this operation needs failed.
+    #[error("driver {driver} is not loaded and loading its module failed")]
+    ModuleLoad {
+        /// The driver.
+        driver: DriverName,
+        /// modprobe's failure.
+        #[source]
+        source: io::Error,
+    },
+    /// A driver this operation needs is not registered with the PCI bus, even
+    /// after its module was loaded.
+    #[error("driver {driver} is not loaded ({path} does not exist after loading its module)")]
     DriverNotLoaded {
         /// The driver.
         driver: DriverName,
@@ -108,6 +143,17 @@ pub enum Error {
         pid: u32,
         /// The VFIO file it holds.
         file: PathBuf,
+    },
+    /// A VF's VFIO group is held (the kernel refuses to open it again) by an
+    /// fd no process's fd table shows, e.g. one in flight in a unix socket.
+    #[error("PF {pf}: VF {vf} is in use: {} is held through an fd no process shows (e.g. a VFIO device fd in flight in a unix socket); release it before changing VFs", group.display())]
+    VfHeldUnseen {
+        /// The PF.
+        pf: PciAddress,
+        /// The VF.
+        vf: PciAddress,
+        /// Its group node.
+        group: PathBuf,
     },
     /// A bind did not leave the device on the wanted driver.
     #[error("binding {bdf} to {driver} failed: the device is bound to {}", actual.as_deref().unwrap_or("no driver"))]
@@ -275,10 +321,12 @@ impl Error {
                 "no_device"
             }
             Error::TooManyVfs { .. } => "too_many_vfs",
-            Error::Busy { .. } => "busy",
-            Error::VfInUse { .. } => "vf_in_use",
+            Error::Busy { .. } | Error::ChangeRunning { .. } => "busy",
+            Error::Stuck { .. } => "stuck",
+            Error::Internal(_) => "internal",
+            Error::VfInUse { .. } | Error::VfHeldUnseen { .. } => "vf_in_use",
             Error::NoSriovConfigure { .. } => "no_sriov_configure",
-            Error::DriverNotLoaded { .. } => "driver_not_loaded",
+            Error::DriverNotLoaded { .. } | Error::ModuleLoad { .. } => "driver_not_loaded",
             Error::BindFailed { .. } => "bind_failed",
             Error::VfCountMismatch { .. } => "count_mismatch",
             Error::Sysfs { .. } | Error::Parse { .. } => "sysfs",

@@ -57,12 +57,20 @@ struct State {
     devices: BTreeMap<PciAddress, Dev>,
     removed: BTreeMap<PciAddress, Dev>,
     drivers: BTreeMap<String, DriverModel>,
+    /// Modules not loaded but available to `load_module`.
+    modules: BTreeMap<String, DriverModel>,
+    /// Every `load_module` call.
+    loads: Vec<String>,
     next_group: u32,
     failures: Vec<(String, i32)>,
     writes: Vec<(String, String)>,
     firmware_available: BTreeSet<String>,
     fpga_firmware: Vec<String>,
     escapes: BTreeSet<PciAddress>,
+    /// Functions with memory decoding off (PCI_COMMAND; for a VF: its PF's VF MSE).
+    decoding_off: BTreeSet<PciAddress>,
+    /// Functions not in D0: their power state (3: D3hot).
+    power: BTreeMap<PciAddress, u8>,
     /// What the tree on disk shows: (drivers, escapes, fpga firmware, devices).
     synced: Option<Synced>,
 }
@@ -80,6 +88,8 @@ struct Synced {
 pub(crate) struct FakeSysfs {
     dir: tempfile::TempDir,
     state: Mutex<State>,
+    /// A write to a path ending in this blocks until the sender is used or dropped.
+    gate: Mutex<Option<(String, std::sync::mpsc::Receiver<()>)>>,
 }
 
 fn errno(e: i32) -> io::Error {
@@ -129,6 +139,7 @@ impl FakeSysfs {
         let fake = FakeSysfs {
             dir: tempfile::tempdir().expect("tempdir"),
             state: Mutex::new(state),
+            gate: Mutex::new(None),
         };
         fs::create_dir_all(fake.root().join("proc/1/fd")).unwrap();
         symlink("/dev/null", fake.root().join("proc/1/fd/0")).unwrap();
@@ -149,6 +160,37 @@ impl FakeSysfs {
         fs::write(self.root().join(format!("proc/{pid}/comm")), "fakevmm\n").unwrap();
         let n = fs::read_dir(&fd_dir).unwrap().count() + 3;
         symlink(file, fd_dir.join(n.to_string())).unwrap();
+    }
+
+    /// Makes process `pid` hold a VFIO device fd of `bdf` whose fdinfo names
+    /// the device (Linux >= 6.13 style), or does not (`named` false, as 6.12).
+    pub fn hold_device_fd(&self, pid: u32, bdf: &str, named: bool) {
+        self.hold_open(pid, "anon_inode:[vfio-device]");
+        let fd_dir = self.root().join(format!("proc/{pid}/fd"));
+        let n = fs::read_dir(&fd_dir).unwrap().count() + 2;
+        let info_dir = self.root().join(format!("proc/{pid}/fdinfo"));
+        fs::create_dir_all(&info_dir).unwrap();
+        let mut info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\n".to_owned();
+        if named {
+            info.push_str(&format!(
+                "vfio-device-syspath: /sys/devices/pci0000:00/{bdf}\n"
+            ));
+        }
+        fs::write(info_dir.join(n.to_string()), info).unwrap();
+    }
+
+    /// Adds a shared mapping of `path` to process `pid`'s `maps`.
+    pub fn map_file(&self, pid: u32, path: &str) {
+        let dir = self.root().join(format!("proc/{pid}"));
+        fs::create_dir_all(dir.join("fd")).unwrap();
+        fs::write(dir.join("comm"), "fakevmm\n").unwrap();
+        let mut maps = fs::read_to_string(dir.join("maps")).unwrap_or_default();
+        let start = 0x7f00_0000_0000u64 + (maps.lines().count() as u64) * 0x1000;
+        maps.push_str(&format!(
+            "{start:x}-{:x} rw-s 00000000 00:15 4242                       {path}\n",
+            start + 0x1000
+        ));
+        fs::write(dir.join("maps"), maps).unwrap();
     }
 
     /// Ends process `pid`.
@@ -226,9 +268,25 @@ impl FakeSysfs {
         self.sync();
     }
 
+    /// Unloads a driver; `load_module` can load it again.
     pub fn unload_driver(&self, name: &str) {
-        self.state.lock().unwrap().drivers.remove(name);
+        let mut st = self.state.lock().unwrap();
+        if let Some(model) = st.drivers.remove(name) {
+            st.modules.insert(name.into(), model);
+        }
+        drop(st);
         self.sync();
+    }
+
+    /// Unloads a driver whose module is not installed either.
+    pub fn remove_module(&self, name: &str) {
+        self.unload_driver(name);
+        self.state.lock().unwrap().modules.remove(name);
+    }
+
+    /// The modules `load_module` was asked for, in order.
+    pub fn module_loads(&self) -> Vec<String> {
+        self.state.lock().unwrap().loads.clone()
     }
 
     pub fn add_driver(&self, name: &str, model: DriverModel) {
@@ -260,6 +318,39 @@ impl FakeSysfs {
         dev.bars.insert(bar, image.to_vec());
         drop(st);
         self.sync();
+    }
+
+    /// Turns memory decoding of `bdf` off (PCI_COMMAND bit 1; for a PF also
+    /// the VF MSE bit of its SR-IOV control) or back on.
+    pub fn set_decoding(&self, bdf: &str, on: bool) {
+        let bdf = PciAddress::parse(bdf).unwrap();
+        let mut st = self.state.lock().unwrap();
+        if on {
+            st.decoding_off.remove(&bdf);
+        } else {
+            st.decoding_off.insert(bdf);
+        }
+        st.synced = None;
+        drop(st);
+        self.sync();
+    }
+
+    /// Puts `bdf` in power state D`state` (PMCSR and `power_state`).
+    pub fn set_power_state(&self, bdf: &str, state: u8) {
+        let bdf = PciAddress::parse(bdf).unwrap();
+        let mut st = self.state.lock().unwrap();
+        st.power.insert(bdf, state);
+        st.synced = None;
+        drop(st);
+        self.sync();
+    }
+
+    /// The next write to a path ending in `suffix` blocks (as a kernel write
+    /// waiting for a VF to be released) until the returned sender sends or is dropped.
+    pub fn block_next_write(&self, suffix: &str) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.gate.lock().unwrap() = Some((suffix.into(), rx));
+        tx
     }
 
     /// The next write to a path ending in `suffix` fails with `errno`.
@@ -429,6 +520,45 @@ fn render_device(st: &State, root: &Path, bdf: PciAddress, dev: &Dev) {
         resource.push_str(&format!("{start:#018x} {end:#018x} {flags:#018x}\n"));
     }
     fs::write(d.join("resource"), resource).unwrap();
+    // Config space as the kernel shows it (4096 bytes, root): ids, command,
+    // a PM capability at 0x40, the SR-IOV capability at 0x100 on PFs.
+    let mut cfg = vec![0u8; 4096];
+    let hex = |t: &str| u16::from_str_radix(t.trim_start_matches("0x"), 16).unwrap_or(0xffff);
+    let put16 =
+        |cfg: &mut Vec<u8>, at: usize, v: u16| cfg[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    // A VF's vendor and device ids read all ones (SR-IOV); sysfs has the real ones.
+    let ids = if dev.physfn.is_some() {
+        (0xffff, 0xffff)
+    } else {
+        (hex(&dev.vendor), hex(&dev.device))
+    };
+    put16(&mut cfg, 0, ids.0);
+    put16(&mut cfg, 2, ids.1);
+    // A VF's own memory space bit is hardwired to 0; its PF's VF MSE decides.
+    let mse = dev.physfn.is_none() && !st.decoding_off.contains(&bdf);
+    put16(&mut cfg, 4, 0x0004 | if mse { 0x0002 } else { 0 });
+    put16(&mut cfg, 6, 0x0010);
+    cfg[0x34] = 0x40;
+    cfg[0x40] = 0x01;
+    let power = st.power.get(&bdf).copied().unwrap_or(0);
+    put16(&mut cfg, 0x44, u16::from(power & 3));
+    if let Some(s) = &dev.sriov {
+        cfg[0x100..0x104].copy_from_slice(&(0x0010u32 | 1 << 16).to_le_bytes());
+        let vf_mse = if st.decoding_off.contains(&bdf) {
+            0
+        } else {
+            0x8
+        };
+        put16(&mut cfg, 0x108, if s.num > 0 { 0x1 | vf_mse } else { 0 });
+    }
+    fs::write(d.join("config"), cfg).unwrap();
+    let state = match power {
+        0 => "D0",
+        1 => "D1",
+        2 => "D2",
+        _ => "D3hot",
+    };
+    fs::write(d.join("power_state"), format!("{state}\n")).unwrap();
     for (i, image) in &dev.bars {
         fs::write(d.join(format!("resource{i}")), image).unwrap();
     }
@@ -733,8 +863,40 @@ impl Sysfs for FakeSysfs {
         self.dir.path()
     }
 
+    fn load_module(&self, name: &str) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.loads.push(name.into());
+        // modprobe treats '-' and '_' alike.
+        let key = st
+            .modules
+            .keys()
+            .find(|k| k.replace('_', "-") == name.replace('_', "-"))
+            .cloned();
+        let Some(key) = key else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("modprobe: FATAL: Module {name} not found"),
+            ));
+        };
+        let model = st.modules.remove(&key).unwrap();
+        st.drivers.insert(key, model);
+        drop(st);
+        self.sync();
+        Ok(())
+    }
+
     fn write(&self, rel: &Path, value: &str) -> io::Result<()> {
         let rel_text = rel.to_string_lossy().into_owned();
+        let gate = {
+            let mut g = self.gate.lock().unwrap();
+            match &*g {
+                Some((suffix, _)) if rel_text.ends_with(suffix.as_str()) => g.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, rx)) = gate {
+            let _ = rx.recv();
+        }
         let result = {
             let mut st = self.state.lock().unwrap();
             st.writes.push((rel_text.clone(), value.to_owned()));

@@ -80,8 +80,11 @@ fn page_size() -> Result<u64, Errno> {
 /// (`MAP_SHARED`, `PROT_READ`), does one volatile 32-bit load and unmaps it.
 /// Reading device registers this way needs root and, on kernels with
 /// `CONFIG_IO_STRICT_DEVMEM`, a BAR no driver has claimed (the `mmap` then
-/// fails with `EINVAL`); reads of a device with memory decoding off or in
-/// reset return all ones.
+/// fails with `EINVAL`). Before every read the function's config space is
+/// checked: with memory decoding off (PCI_COMMAND, or for a VF the VF MSE bit
+/// of its PF), outside D0, or not answering, the read is refused with a
+/// "not read: ..." [`Error::Bar`] instead of being made (an Unsupported
+/// Request, fatal on firmware-first servers).
 #[derive(Debug)]
 pub struct BarReader {
     bdf: PciAddress,
@@ -89,6 +92,67 @@ pub struct BarReader {
     path: PathBuf,
     file: File,
     size: u64,
+    /// The function's sysfs `config`, read before every access.
+    config: File,
+    /// For a VF, its PF's `config` (the VF MSE bit is in the PF's SR-IOV capability).
+    pf_config: Option<File>,
+    /// The function's sysfs `power_state` (Linux >= 5.17), if present.
+    power_state: Option<File>,
+}
+
+/// PCI_COMMAND_MEMORY.
+const COMMAND_MEMORY: u16 = 0x2;
+/// PCI_STATUS_CAP_LIST.
+const STATUS_CAP_LIST: u16 = 0x10;
+/// PCI_CAP_ID_PM.
+const CAP_ID_PM: u8 = 0x01;
+/// PCI_EXT_CAP_ID_SRIOV.
+const EXT_CAP_ID_SRIOV: u16 = 0x0010;
+/// PCI_SRIOV_CTRL_MSE, in the SR-IOV control register (capability + 8).
+const SRIOV_CTRL_MSE: u16 = 0x8;
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// The power state (0..=3 for D0..D3hot) from the PM capability of a config
+/// space image, if it has one.
+fn pm_state(cfg: &[u8]) -> Option<u16> {
+    if cfg.len() < 256 || le16(cfg, 6) & STATUS_CAP_LIST == 0 {
+        return None;
+    }
+    let mut at = usize::from(cfg[0x34] & 0xfc);
+    // At most 48 capabilities fit in the 192 bytes after the header.
+    for _ in 0..48 {
+        if at < 0x40 || at + 8 > 256 {
+            return None;
+        }
+        if cfg[at] == CAP_ID_PM {
+            return Some(le16(cfg, at + 4) & 0x3);
+        }
+        at = usize::from(cfg[at + 1] & 0xfc);
+    }
+    None
+}
+
+/// The SR-IOV control register of a PF's extended config space image.
+fn sriov_control(cfg: &[u8]) -> Option<u16> {
+    let mut at = 0x100usize;
+    // At most (4096 - 256) / 4 extended capabilities.
+    for _ in 0..960 {
+        if at < 0x100 || at + 12 > cfg.len() {
+            return None;
+        }
+        let header = u32::from_le_bytes([cfg[at], cfg[at + 1], cfg[at + 2], cfg[at + 3]]);
+        if header == 0 || header == u32::MAX {
+            return None;
+        }
+        if header & 0xffff == u32::from(EXT_CAP_ID_SRIOV) {
+            return Some(le16(cfg, at + 8));
+        }
+        at = (header >> 20) as usize & 0xffc;
+    }
+    None
 }
 
 impl BarReader {
@@ -136,6 +200,7 @@ impl BarReader {
             },
             source: errno.into(),
         };
+        self.check_decoding()?;
         let page = page_size().map_err(|e| access("get the page size to map", e))?;
         let page_start = offset - offset % page;
         let map = PageMap::new(&self.file, page_start, page).map_err(|e| access("map", e))?;
@@ -144,6 +209,105 @@ impl BarReader {
         debug!(bdf = %self.bdf, bar = self.bar, offset, value, "BAR read");
         Ok(value)
     }
+}
+
+impl BarReader {
+    /// Refuses a read that would reach a function that does not decode
+    /// memory: its memory space bit is off (for a VF, the VF MSE bit of its
+    /// PF's SR-IOV capability), it is not in D0, or its config space reads all
+    /// ones. Such a read is an Unsupported Request, fatal on firmware-first
+    /// servers; so it is never made.
+    fn check_decoding(&self) -> Result<(), Error> {
+        let not_read = |why: String| Error::Bar {
+            bdf: self.bdf,
+            bar: self.bar,
+            reason: format!("not read: {why}"),
+        };
+        let config_err = |source: std::io::Error| Error::BarAccess {
+            bdf: self.bdf,
+            bar: self.bar,
+            op: "read the config space to check",
+            path: self.path.with_file_name("config"),
+            hint: "",
+            source,
+        };
+        let mut cfg = vec![0u8; 256];
+        let n = read_full_at(&self.config, &mut cfg).map_err(config_err)?;
+        cfg.truncate(n);
+        if n < 64 {
+            return Err(not_read(format!("config space too short ({n} bytes)")));
+        }
+        // A VF's vendor and device ids always read all ones; a function that
+        // does not answer reads all ones in its command and status too.
+        if cfg[..8].iter().all(|b| *b == 0xff) {
+            return Err(not_read(
+                "the function does not answer (config space reads all ones)".into(),
+            ));
+        }
+        match &self.pf_config {
+            None => {
+                if le16(&cfg, 4) & COMMAND_MEMORY == 0 {
+                    return Err(not_read(
+                        "memory decoding off (memory space enable clear in PCI_COMMAND)".into(),
+                    ));
+                }
+            }
+            Some(pf) => {
+                let mut pf_cfg = vec![0u8; 4096];
+                let n = read_full_at(pf, &mut pf_cfg).map_err(config_err)?;
+                pf_cfg.truncate(n);
+                match sriov_control(&pf_cfg) {
+                    Some(ctrl) if ctrl & SRIOV_CTRL_MSE != 0 => {}
+                    Some(_) => {
+                        return Err(not_read(
+                            "memory decoding off (VF memory space enable clear in the PF's SR-IOV control)"
+                                .into(),
+                        ))
+                    }
+                    None => {
+                        return Err(not_read(
+                            "the PF's SR-IOV capability cannot be read to check VF memory decoding"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+        }
+        // The kernel's view first (it says "unknown" for functions it does not
+        // power-manage, e.g. unbound ones), then the PM capability itself.
+        let kernel_state = match &self.power_state {
+            Some(f) => {
+                let mut buf = [0u8; 32];
+                let n = read_full_at(f, &mut buf).map_err(config_err)?;
+                let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                ["D1", "D2", "D3hot", "D3cold"]
+                    .contains(&text.as_str())
+                    .then_some(text)
+            }
+            None => None,
+        };
+        let state =
+            kernel_state.or_else(|| pm_state(&cfg).filter(|s| *s != 0).map(|s| format!("D{s}")));
+        if let Some(state) = state {
+            return Err(not_read(format!("the function is in {state}, not D0")));
+        }
+        Ok(())
+    }
+}
+
+/// Reads from offset 0 until `buf` is full or EOF; the byte count.
+fn read_full_at(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// A read-only shared mapping of `len` bytes of a file, unmapped on drop.
@@ -301,12 +465,32 @@ impl<S: Sysfs> SriovManager<S> {
         if size == 0 {
             return Err(bad("not implemented (empty resource file)".into()));
         }
+        let open_attr = |rel: PathBuf| {
+            self.sysfs().open(&rel).map_err(|source| Error::BarAccess {
+                bdf,
+                bar,
+                op: "open",
+                path: self.sysfs().root().join(&rel),
+                hint: "",
+                source,
+            })
+        };
+        let config = open_attr(dir.join("config"))?;
+        let pf_config = if self.sysfs().exists(&dir.join("physfn")) {
+            Some(open_attr(dir.join("physfn/config"))?)
+        } else {
+            None
+        };
+        let power_state = self.sysfs().open(&dir.join("power_state")).ok();
         Ok(BarReader {
             bdf,
             bar,
             path,
             file,
             size,
+            config,
+            pf_config,
+            power_state,
         })
     }
 
@@ -432,6 +616,75 @@ mod tests {
             );
         }
         mgr
+    }
+
+    #[test]
+    fn status_does_not_read_bar2_of_functions_with_memory_decoding_off_or_outside_d0() {
+        let mgr = svff_pf0(2);
+        let pf_status = |mgr: &SriovManager<FakeSysfs>| {
+            mgr.status(Some(&[addr(FPGA_PF)])).unwrap().pfs.remove(0)
+        };
+        mgr.sysfs().set_decoding(FPGA_PF, false);
+        let pf = pf_status(&mgr);
+        let fpga = pf.fpga.as_ref().unwrap();
+        let e = fpga.error.as_deref().unwrap();
+        assert!(
+            e.contains("BAR 2 of 0000:81:00.0: not read: memory decoding off"),
+            "{e}"
+        );
+        assert_eq!(fpga.id, None, "nothing was read");
+        // The PF's VF memory space enable is off too: no VF BAR is read.
+        let e = pf.vfs[0].fpga.as_ref().unwrap().error.as_deref().unwrap();
+        assert!(
+            e.contains(
+                "BAR 2 of 0000:81:10.0: not read: memory decoding off (VF memory space enable"
+            ),
+            "{e}"
+        );
+        mgr.sysfs().set_decoding(FPGA_PF, true);
+        let pf = pf_status(&mgr);
+        assert_eq!(pf.fpga.as_ref().unwrap().id.as_deref(), Some("0x53564646"));
+        assert_eq!(pf.vfs[0].fpga.as_ref().unwrap().error, None);
+        mgr.sysfs().set_power_state(FPGA_PF, 3);
+        let e = pf_status(&mgr).fpga.unwrap().error.unwrap();
+        assert!(
+            e.contains("not read: the function is in D3hot, not D0"),
+            "{e}"
+        );
+        // The kernel says "unknown" for functions it does not power-manage:
+        // the PM capability decides.
+        let power_state = mgr
+            .sysfs()
+            .root()
+            .join("devices/pci0000:00/0000:81:00.0/power_state");
+        std::fs::write(&power_state, "unknown\n").unwrap();
+        let e = pf_status(&mgr).fpga.unwrap().error.unwrap();
+        assert!(e.contains("not read: the function is in D3, not D0"), "{e}");
+        mgr.sysfs().set_power_state(FPGA_PF, 0);
+        std::fs::write(&power_state, "unknown\n").unwrap();
+        assert_eq!(pf_status(&mgr).fpga.unwrap().error, None);
+    }
+
+    #[test]
+    fn power_state_and_sriov_control_are_found_in_config_space_images() {
+        let mut cfg = vec![0u8; 4096];
+        cfg[6] = 0x10;
+        cfg[0x34] = 0x50;
+        // A vendor capability at 0x50 leading to PM at 0x60 in D3hot.
+        cfg[0x50] = 0x09;
+        cfg[0x51] = 0x60;
+        cfg[0x60] = 0x01;
+        cfg[0x64] = 0x03;
+        assert_eq!(pm_state(&cfg), Some(3));
+        cfg[0x60] = 0x05;
+        assert_eq!(pm_state(&cfg), None);
+        // AER at 0x100, then SR-IOV at 0x140 with VF Enable + VF MSE.
+        cfg[0x100..0x104].copy_from_slice(&(0x0001u32 | 1 << 16 | 0x140 << 20).to_le_bytes());
+        cfg[0x140..0x144].copy_from_slice(&(0x0010u32 | 1 << 16).to_le_bytes());
+        cfg[0x148] = 0x09;
+        assert_eq!(sriov_control(&cfg), Some(0x9));
+        cfg[0x100..0x104].copy_from_slice(&0x0001u32.to_le_bytes());
+        assert_eq!(sriov_control(&cfg), None);
     }
 
     #[test]

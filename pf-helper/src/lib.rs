@@ -67,9 +67,13 @@
 //! the number of the `iommu_group` link (`null`: no IOMMU); `holder` the VMM
 //! device id holding the VF per the assignment table (`null`: none; always
 //! `null` until the init/reconf orchestration keeps that table); `held_by` a
-//! process that holds the VF's VFIO group or cdev open, from `/proc/<pid>/fd`
-//! (`null`: none visible to the caller; a non-root `--direct` caller sees only
-//! its own processes). `fpga` ([`FpgaStatus`]; added to format 1 later, so an
+//! process that holds the VF: its VFIO group or cdev open, a VFIO device fd
+//! whose fdinfo names the VF (`file` then reads `anon_inode:[vfio-device] (VFIO
+//! device fd N)`), or a mapping of one of its BARs (`<path> (mapped)`), from
+//! `/proc/<pid>/fd`, `fdinfo` and `maps` (`null`: none visible to the caller; a
+//! non-root `--direct` caller sees only its own processes; a device fd whose
+//! fdinfo does not name its device, as on Linux 6.12, is found only by the
+//! in-use check's group probe, not by status). `fpga` ([`FpgaStatus`]; added to format 1 later, so an
 //! absent field means `null`) is `null` except for functions of the
 //! svff FPGA design (vendor `0x10ee`, device `0x903f`/`0x913f`/`0x923f`/`0x933f`
 //! for PF0..PF3, `0xa03f`..`0xa33f` for their VFs, per
@@ -78,7 +82,8 @@
 //! (the ID and VERSION registers, `0x%08x`), `function` and `is_pf` (from
 //! FUNC_INFO), `error` `null`. When the BAR cannot be read (no root, BAR
 //! claimed by a driver on a kernel with `CONFIG_IO_STRICT_DEVMEM`, function
-//! gone) or ID is not the svff magic `0x53564646` (another QDMA design),
+//! gone, memory decoding off or not in D0: "not read: ...", and the BAR is then
+//! not touched) or ID is not the svff magic `0x53564646` (another QDMA design),
 //! `error` holds the message, `id` what was read if anything, and the other
 //! fields are `null`: one unreadable function never fails the whole status.
 //! With `--direct` every SR-IOV capable
@@ -91,18 +96,25 @@
 //! `bind_vfs`, `qdma_profile`) and `status` (the PF afterwards, as above).
 //!
 //! Before VFs are destroyed or a VF leaves `vfio-pci`, the helper looks for
-//! processes holding the VF's VFIO group (`/dev/vfio/<group>`) or cdev open
-//! (`/proc/<pid>/fd`) and refuses with `vf_in_use` instead of letting the
-//! kernel block the write until the VMM lets go.
+//! every holder of the VF (the `held_by` sources above, then a probe of the
+//! kernel's group exclusivity: a group an open device fd keeps busy answers
+//! `EBUSY`, which also reveals device fds in flight in a unix socket) and
+//! refuses with `vf_in_use` instead of letting the kernel block the write
+//! until the VMM lets go. Drivers that are not loaded are loaded first
+//! (`modprobe`, bounded wait, names restricted to `[a-z0-9_-]`).
 //!
 //! # Daemon protocol (version 1)
 //!
 //! `svff helper` listens on a unix stream socket (default
 //! `/run/svff/helper.sock`, mode 0660, or the socket passed by systemd socket
 //! activation, see `pf-helper/systemd/`). On accept it reads the peer's
-//! credentials with `SO_PEERCRED`; a peer whose uid is not in `allowed_uids`
-//! and whose primary gid is not in `allowed_gids` gets one error line
-//! (`kind` `permission_denied`) and is disconnected.
+//! credentials with `SO_PEERCRED` and its supplementary groups with
+//! `SO_PEERGROUPS`; a peer whose uid is not in `allowed_uids` and none of whose
+//! gids is in `allowed_gids` gets one error line (`kind` `permission_denied`)
+//! and is disconnected at once, without taking a connection slot. A request
+//! line must be complete within 10 s of its first byte (an idle connection is
+//! dropped after 60 s); when all 32 slots are taken, the connection that has
+//! waited longest for a request line is closed to make room.
 //!
 //! A client then sends requests, one JSON object per line (at most 64 KiB), and
 //! gets one response line each, in order:
@@ -117,12 +129,20 @@
 //! Responses: `{"protocol":1,"ok":true,"result":...}` or
 //! `{"protocol":1,"ok":false,"error":{"kind":"too_many_vfs","message":"PF 0000:01:00.0 supports at most 7 VFs (8 requested)"}}`.
 //! Error kinds ([`Error::kind`]): `invalid_argument`, `no_device`,
-//! `too_many_vfs`, `busy`, `vf_in_use`, `no_sriov_configure`, `driver_not_loaded`,
+//! `too_many_vfs`, `busy`, `stuck`, `vf_in_use`, `no_sriov_configure`, `driver_not_loaded`,
 //! `bind_failed`, `count_mismatch`, `sysfs`, `bar`, `not_svff`, `qdma`, `bitstream`, `config`,
 //! `not_allowed` (PF not on the allow-list, or driver not in `vf_drivers`),
-//! `permission_denied`, `protocol`. Unknown fields, malformed addresses or
-//! driver names are `protocol` errors. Requests are carried out one at a time;
-//! the PF driver and QDMA settings come from the PF's entry in the config.
+//! `permission_denied`, `protocol`, `internal`. Unknown fields (on every
+//! request, `ping` included), malformed addresses or driver names are
+//! `protocol` errors. Changes (`vfs_set`, `program`) are carried out one at a
+//! time on a worker thread under a watchdog (`watchdog_s`, default 60 s;
+//! `program` adds its `timeout_s`): when it fires, a sysfs write is blocked in
+//! the kernel; the answer is `stuck`, the write goes on in the background, and
+//! until it returns every other change gets `busy`. `ping` takes no lock;
+//! `status` waits for a change running on one of its PFs (whose attributes the
+//! kernel locks meanwhile) and answers `busy` for a PF whose change is stuck
+//! (after at most 2 s more), while other PFs' status is served as usual.
+//! The PF driver and QDMA settings come from the PF's entry in the config.
 //! The config format is described at [`Config`].
 
 mod bitstream;

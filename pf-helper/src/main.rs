@@ -259,7 +259,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Helper { config } => {
             let config = Config::load(&config)?;
             // Tell a supervisor (or a test) that the socket is ready.
-            let listener = match listener_from_systemd() {
+            let listener = match listener_from_systemd()? {
                 Some(l) => {
                     println!("svff helper listening on the socket passed by systemd");
                     l

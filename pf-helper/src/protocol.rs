@@ -17,8 +17,9 @@ pub(crate) const MAX_LINE: u64 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Liveness check; the result is `{"version": "<crate version>"}`.
-    Ping,
+    /// Liveness check; the result is `{"version": "<crate version>"}`. (A
+    /// struct variant, so that unknown fields are refused as for the others.)
+    Ping {},
     /// The status of the allowed PFs (or of one); the result is a [`crate::Status`].
     Status {
         /// Only this PF.
@@ -115,7 +116,7 @@ mod tests {
             }
         );
         assert_eq!(
-            serde_json::to_string(&Request::Ping).unwrap(),
+            serde_json::to_string(&Request::Ping {}).unwrap(),
             r#"{"op":"ping"}"#
         );
         assert_eq!(
@@ -133,6 +134,8 @@ mod tests {
             r#"{"op":"vfs_set","pf":"0000:01:00.0","count":70000}"#,
             r#"{"op":"vfs_set","pf":"0000:01:00.0","count":1,"bind":"../x"}"#,
             r#"{"op":"rm_rf"}"#,
+            r#"{"op":"ping","extra":1}"#,
+            r#"{"op":"ping","pf":"0000:01:00.0"}"#,
             r#"{"pf":"0000:01:00.0"}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");

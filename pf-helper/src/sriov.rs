@@ -1,6 +1,7 @@
 //! SR-IOV PF management on sysfs: discovery, VF count, driver binding.
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,6 +17,43 @@ use crate::sysfs::Sysfs;
 
 /// Most threads used to bind VFs at once.
 pub const BIND_THREADS: usize = 8;
+
+/// What `/proc/<pid>/fd/N` and `/proc/<pid>/maps` show for a VFIO device file.
+const VFIO_DEVICE_INODE: &str = "anon_inode:[vfio-device]";
+
+/// Largest `/proc/<pid>/maps` read (a VMM's is a few hundred KiB).
+const MAX_MAPS_BYTES: u64 = 16 << 20;
+
+/// A device the in-use check looks for.
+#[derive(Debug)]
+struct Watched {
+    dev: PciAddress,
+    /// Its VFIO group and cdev nodes (empty unless on vfio-pci).
+    files: Vec<PathBuf>,
+    /// `/sys/devices/...` as the kernel names it.
+    kernel_path: PathBuf,
+}
+
+/// What the /proc scan found.
+#[derive(Debug)]
+struct Holders {
+    /// (device, pid, what), at most one per device.
+    found: Vec<(PciAddress, u32, PathBuf)>,
+    /// VFIO device fds of unknown device, (pid, what).
+    unidentified: Vec<(u32, PathBuf)>,
+    watched: Vec<Watched>,
+}
+
+/// A text file of /proc read up to `max` bytes; `None` when unreadable.
+fn read_bounded(path: &Path, max: u64) -> Option<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path).ok()?, max),
+        &mut text,
+    )
+    .ok()?;
+    Some(text)
+}
 
 /// What `set_vf_count` does besides writing the count.
 #[derive(Debug, Clone, Default)]
@@ -79,38 +117,73 @@ impl<S: Sysfs> SriovManager<S> {
         self
     }
 
-    /// The VFIO files of a device bound to `vfio-pci`: its group
-    /// (`/dev/vfio/<group>`) and its cdevs (`/dev/vfio/devices/vfioN`).
-    fn vfio_files(&self, dir: &Path) -> Result<Vec<PathBuf>, Error> {
-        if self.driver_in(dir)?.as_deref() != Some("vfio-pci") {
-            return Ok(Vec::new());
-        }
+    /// What identifies a holder of `dev`: its VFIO files when it is bound to
+    /// `vfio-pci` (its group `/dev/vfio/<group>` and cdevs
+    /// `/dev/vfio/devices/vfioN`), and its kernel path (`/sys/devices/...`),
+    /// which a VFIO device fd names in its fdinfo and a BAR mapping of a
+    /// `resource<N>` file in `/proc/<pid>/maps`.
+    fn watch(&self, dev: PciAddress) -> Result<Watched, Error> {
+        let dir = self.device_dir(dev)?;
         let mut files = Vec::new();
-        if let Some(group) = self.link_name(&dir.join("iommu_group"))? {
-            files.push(Path::new("/dev/vfio").join(group));
+        if self.driver_in(&dir)?.as_deref() == Some("vfio-pci") {
+            if let Some(group) = self.link_name(&dir.join("iommu_group"))? {
+                files.push(Path::new("/dev/vfio").join(group));
+            }
+            if let Ok(cdevs) = self.sysfs.list(&dir.join("vfio-dev")) {
+                files.extend(cdevs.iter().map(|c| Path::new("/dev/vfio/devices").join(c)));
+            }
         }
-        if let Ok(cdevs) = self.sysfs.list(&dir.join("vfio-dev")) {
-            files.extend(cdevs.iter().map(|c| Path::new("/dev/vfio/devices").join(c)));
-        }
-        Ok(files)
+        let root = self.sysfs.root();
+        let real = self
+            .sysfs
+            .canonicalize(&dir)
+            .map_err(|source| Error::NoSuchDevice {
+                bdf: dev,
+                path: root.join(&dir),
+                source,
+            })?;
+        let canonical_root = self
+            .sysfs
+            .canonicalize(Path::new(""))
+            .unwrap_or(root.to_owned());
+        let rel = real.strip_prefix(&canonical_root).unwrap_or(&real);
+        Ok(Watched {
+            dev,
+            files,
+            kernel_path: Path::new("/sys").join(rel),
+        })
     }
 
-    /// The processes holding a VFIO file of one of `devices` open, as
-    /// (device, pid, file), at most one entry per device. Processes whose fd
-    /// table the caller cannot read are not seen, nor a process that kept only a
-    /// VFIO device fd (its group fd closed).
+    /// The processes holding one of `devices`, as (device, pid, what), at most
+    /// one entry per device: an open VFIO group or cdev, a VFIO device fd
+    /// (`anon_inode:[vfio-device]` whose fdinfo names the device, kept even
+    /// after its group fd is closed), or a mapping of one of its BARs (a sysfs
+    /// `resource<N>` file, or a VFIO region of a process that holds no
+    /// identifiable VFIO device fd). Processes whose fd table the caller cannot
+    /// read are not seen, nor an fd in flight in a unix socket.
     fn vfio_holders(
         &self,
         devices: &[PciAddress],
     ) -> Result<Vec<(PciAddress, u32, PathBuf)>, Error> {
-        let mut watched: Vec<(PathBuf, PciAddress)> = Vec::new();
-        for dev in devices {
-            let dir = self.device_dir(*dev)?;
-            watched.extend(self.vfio_files(&dir)?.into_iter().map(|f| (f, *dev)));
-        }
+        Ok(self.scan_holders(devices)?.found)
+    }
+
+    /// [`SriovManager::vfio_holders`], plus the VFIO device fds whose device
+    /// the kernel does not name (fdinfo without `vfio-device-syspath`, as on
+    /// Linux 6.12), as (pid, what).
+    fn scan_holders(&self, devices: &[PciAddress]) -> Result<Holders, Error> {
+        let watched: Vec<Watched> = devices
+            .iter()
+            .map(|d| self.watch(*d))
+            .collect::<Result<_, _>>()?;
         let mut found: Vec<(PciAddress, u32, PathBuf)> = Vec::new();
+        let mut unidentified: Vec<(u32, PathBuf)> = Vec::new();
         if watched.is_empty() {
-            return Ok(found);
+            return Ok(Holders {
+                found,
+                unidentified,
+                watched,
+            });
         }
         // Without a process list nothing can be said: an error, not "nobody".
         let procs = std::fs::read_dir(&self.proc_root).map_err(|source| Error::Sysfs {
@@ -118,6 +191,11 @@ impl<S: Sysfs> SriovManager<S> {
             path: self.proc_root.clone(),
             source,
         })?;
+        let add = |found: &mut Vec<(PciAddress, u32, PathBuf)>, dev: PciAddress, pid, what| {
+            if !found.iter().any(|(d, _, _)| *d == dev) {
+                found.push((dev, pid, what));
+            }
+        };
         for entry in procs.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -130,19 +208,85 @@ impl<S: Sysfs> SriovManager<S> {
             let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
                 continue;
             };
+            let mut has_device_fd = false;
             for fd in fds.flatten() {
                 let Ok(target) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
-                for (file, dev) in &watched {
-                    if *file == target && !found.iter().any(|(d, _, _)| d == dev) {
-                        found.push((*dev, pid, file.clone()));
+                if target.as_os_str() == VFIO_DEVICE_INODE {
+                    has_device_fd = true;
+                    let info = entry.path().join("fdinfo").join(fd.file_name());
+                    let Some(syspath) = read_bounded(&info, 64 * 1024).and_then(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("vfio-device-syspath:"))
+                            .map(|p| PathBuf::from(p.trim()))
+                    }) else {
+                        // The kernel does not name the device: the group probe
+                        // of the in-use check finds it.
+                        unidentified.push((
+                            pid,
+                            PathBuf::from(format!(
+                                "{VFIO_DEVICE_INODE} (VFIO device fd {})",
+                                fd.file_name().to_string_lossy()
+                            )),
+                        ));
+                        continue;
+                    };
+                    for w in watched.iter().filter(|w| w.kernel_path == syspath) {
+                        let what = PathBuf::from(format!(
+                            "{VFIO_DEVICE_INODE} (VFIO device fd {})",
+                            fd.file_name().to_string_lossy()
+                        ));
+                        add(&mut found, w.dev, pid, what);
+                    }
+                    continue;
+                }
+                for w in watched.iter().filter(|w| w.files.contains(&target)) {
+                    add(&mut found, w.dev, pid, target.clone());
+                }
+            }
+            let Some(maps) = read_bounded(&entry.path().join("maps"), MAX_MAPS_BYTES) else {
+                continue;
+            };
+            for line in maps.lines() {
+                // The path is the 6th field; it may contain spaces.
+                let Some(path) = line.splitn(6, ' ').nth(5).map(str::trim_start) else {
+                    continue;
+                };
+                if path == VFIO_DEVICE_INODE && !has_device_fd {
+                    // A VFIO region mapped by a process that closed its device
+                    // fd: which device is not shown, so every watched one on
+                    // vfio-pci may be it.
+                    for w in watched.iter().filter(|w| !w.files.is_empty()) {
+                        let what =
+                            PathBuf::from(format!("{VFIO_DEVICE_INODE} (a mapped VFIO region)"));
+                        add(&mut found, w.dev, pid, what);
+                    }
+                    continue;
+                }
+                let p = Path::new(path);
+                for w in &watched {
+                    let is_bar = p.parent() == Some(&w.kernel_path)
+                        && p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("resource"));
+                    if is_bar {
+                        add(
+                            &mut found,
+                            w.dev,
+                            pid,
+                            PathBuf::from(format!("{path} (mapped)")),
+                        );
                     }
                 }
             }
         }
         found.sort();
-        Ok(found)
+        Ok(Holders {
+            found,
+            unidentified,
+            watched,
+        })
     }
 
     /// The process name (`/proc/<pid>/comm`), empty when unreadable.
@@ -152,14 +296,60 @@ impl<S: Sysfs> SriovManager<S> {
             .unwrap_or_default()
     }
 
-    /// Refuses when a process holds a VFIO file of one of `devices` open:
-    /// removing or unbinding such a device would block in the kernel until it
-    /// is closed.
+    /// Refuses when one of `devices` is held: removing or unbinding it would
+    /// block in the kernel until it is released. First the processes seen in
+    /// `/proc` ([`SriovManager::vfio_holders`]); then, for each device on
+    /// vfio-pci, the kernel's own exclusivity: a group that an open device fd
+    /// still references cannot be opened again (`EBUSY`), which also reveals
+    /// device fds whose device fdinfo does not name and fds no process table
+    /// shows (in flight in a unix socket). The probe opens and at once closes
+    /// the group, which touches no device.
     fn check_not_in_use(&self, pf: PciAddress, devices: &[PciAddress]) -> Result<(), Error> {
-        match self.vfio_holders(devices)?.into_iter().next() {
-            Some((vf, pid, file)) => Err(Error::VfInUse { pf, vf, pid, file }),
-            None => Ok(()),
+        #[cfg(debug_assertions)]
+        if std::env::var_os("SVFF_TEST_SKIP_IN_USE_CHECK").is_some_and(|v| v == "1") {
+            warn!(%pf, "debug build: in-use check skipped (SVFF_TEST_SKIP_IN_USE_CHECK=1)");
+            return Ok(());
         }
+        let holders = self.scan_holders(devices)?;
+        if let Some((vf, pid, file)) = holders.found.into_iter().next() {
+            return Err(Error::VfInUse { pf, vf, pid, file });
+        }
+        for w in &holders.watched {
+            let Some(group) = w.files.iter().find(|f| !f.starts_with("/dev/vfio/devices")) else {
+                continue;
+            };
+            let probe = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(group);
+            match probe {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(match holders.unidentified.first() {
+                        Some((pid, what)) => Error::VfInUse {
+                            pf,
+                            vf: w.dev,
+                            pid: *pid,
+                            file: PathBuf::from(format!(
+                                "{} while {} is busy",
+                                what.display(),
+                                group.display()
+                            )),
+                        },
+                        None => Error::VfHeldUnseen {
+                            pf,
+                            vf: w.dev,
+                            group: group.clone(),
+                        },
+                    });
+                }
+                // Closed at once; a group with no device open has nothing to release.
+                Ok(_) => {}
+                // No such node or not allowed (non-root): nothing more to learn.
+                Err(e) => debug!(group = %group.display(), error = %e, "group probe"),
+            }
+        }
+        Ok(())
     }
 
     /// The sysfs layer.
@@ -395,8 +585,22 @@ impl<S: Sysfs> SriovManager<S> {
         })
     }
 
+    /// Makes sure `driver` is registered with the PCI bus, loading its module
+    /// (as `modprobe` does, with a bounded wait) when it is not, like libvirt
+    /// loads vfio-pci. The name is a [`DriverName`]: plain `[a-z0-9_-]`; the
+    /// daemon takes it from its root-owned config (PF driver, `vf_drivers`).
     fn require_driver_loaded(&self, driver: &DriverName) -> Result<(), Error> {
         let rel = Path::new("bus/pci/drivers").join(driver.as_str());
+        if self.sysfs.exists(&rel) {
+            return Ok(());
+        }
+        info!(%driver, "driver not loaded: loading its module");
+        self.sysfs
+            .load_module(driver.as_str())
+            .map_err(|source| Error::ModuleLoad {
+                driver: driver.clone(),
+                source,
+            })?;
         if self.sysfs.exists(&rel) {
             Ok(())
         } else {

@@ -273,13 +273,39 @@ fn counts_change_in_both_directions_and_to_zero() {
 #[test]
 fn missing_vf_driver_fails_before_touching_the_count() {
     let mgr = igb_on_igb();
-    mgr.sysfs().unload_driver("vfio-pci");
+    mgr.sysfs().remove_module("vfio-pci");
     let err = mgr
         .set_vf_count(pf(), 2, &opts(Some("vfio-pci")))
         .unwrap_err();
-    assert!(matches!(err, Error::DriverNotLoaded { .. }), "{err}");
-    assert!(err.to_string().contains("modprobe"));
+    assert!(matches!(err, Error::ModuleLoad { .. }), "{err}");
+    assert_eq!(err.kind(), "driver_not_loaded");
+    assert!(
+        err.chain().contains("Module vfio-pci not found"),
+        "{}",
+        err.chain()
+    );
     assert_eq!(mgr.vf_counts(pf()).unwrap().1, 0);
+}
+
+#[test]
+fn unloaded_pf_and_vf_drivers_are_loaded_by_the_helper() {
+    let fake = FakeSysfs::with_igb();
+    fake.unload_driver("igb");
+    fake.unload_driver("vfio-pci");
+    let mgr = fake.manager();
+    let o = VfsSetOptions {
+        pf_driver: Some(drv("igb")),
+        bind: Some(drv("vfio-pci")),
+        qdma: None,
+    };
+    let r = mgr.set_vf_count(pf(), 4, &o).unwrap();
+    assert_eq!(mgr.sysfs().module_loads(), ["igb", "vfio-pci"]);
+    assert_eq!(r.status.driver.as_deref(), Some("igb"));
+    assert!(r
+        .status
+        .vfs
+        .iter()
+        .all(|v| v.driver.as_deref() == Some("vfio-pci")));
 }
 
 #[test]
@@ -532,4 +558,59 @@ fn unrelated_open_files_and_unbound_vfs_do_not_count_as_in_use() {
     mgr.set_vf_count(pf(), 3, &opts(Some("vfio-pci"))).unwrap();
     mgr.set_vf_count(pf(), 1, &opts(Some("vfio-pci"))).unwrap();
     assert_eq!(mgr.vf_counts(pf()).unwrap().1, 1);
+}
+
+#[test]
+fn vfio_device_fds_and_bar_mappings_count_as_holders() {
+    let mgr = igb_on_igb();
+    let r = mgr.set_vf_count(pf(), 2, &opts(Some("vfio-pci"))).unwrap();
+    let vf = r.status.vfs[1].bdf;
+    // A device fd whose fdinfo names the VF (its group fd closed).
+    mgr.sysfs().hold_device_fd(51, &vf.to_string(), true);
+    let st = mgr.pf_status(pf()).unwrap();
+    assert_eq!(st.vfs[0].held_by, None);
+    let held = st.vfs[1].held_by.as_ref().unwrap();
+    assert_eq!(held.pid, 51);
+    assert!(
+        held.file
+            .starts_with("anon_inode:[vfio-device] (VFIO device fd"),
+        "{}",
+        held.file
+    );
+    let err = mgr
+        .set_vf_count(pf(), 3, &opts(Some("vfio-pci")))
+        .unwrap_err();
+    assert!(matches!(err, Error::VfInUse { pid: 51, .. }), "{err}");
+    mgr.sysfs().exit_process(51);
+    // One whose fdinfo does not name it (Linux 6.12) is not attributed by the scan.
+    mgr.sysfs().hold_device_fd(52, &vf.to_string(), false);
+    assert_eq!(mgr.pf_status(pf()).unwrap().vfs[1].held_by, None);
+    mgr.sysfs().exit_process(52);
+    // A mapping of the VF's BAR through sysfs.
+    let resource = format!("/sys/devices/pci0000:00/{vf}/resource0");
+    mgr.sysfs().map_file(53, &resource);
+    let err = mgr
+        .set_vf_count(pf(), 3, &opts(Some("vfio-pci")))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("PF {}: VF {vf} is in use: pid 53 holds {resource} (mapped) open; pause or close it before changing VFs", pf())
+    );
+    mgr.sysfs().exit_process(53);
+    // A VFIO region mapped by a process that closed its device fd: its device
+    // is not shown, so every VF on vfio-pci may be it.
+    mgr.sysfs().map_file(54, "anon_inode:[vfio-device]");
+    let err = mgr
+        .set_vf_count(pf(), 3, &opts(Some("vfio-pci")))
+        .unwrap_err();
+    assert!(matches!(err, Error::VfInUse { pid: 54, .. }), "{err}");
+    assert!(err.to_string().contains("a mapped VFIO region"), "{err}");
+    mgr.sysfs().exit_process(54);
+    // Mappings of other files, of another device's BAR, are not holders.
+    mgr.sysfs()
+        .map_file(55, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+    mgr.sysfs()
+        .map_file(55, "/sys/devices/pci0000:00/0000:01:00.0/resource0");
+    mgr.set_vf_count(pf(), 3, &opts(Some("vfio-pci"))).unwrap();
+    assert_eq!(mgr.vf_counts(pf()).unwrap().1, 3);
 }

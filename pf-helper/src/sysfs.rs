@@ -4,6 +4,8 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Access to a sysfs tree. Paths are relative to [`Sysfs::root`]
 /// (e.g. `bus/pci/devices/0000:01:00.0/sriov_numvfs`).
@@ -53,6 +55,16 @@ pub trait Sysfs: fmt::Debug + Send + Sync {
         fs::File::open(self.root().join(rel))
     }
 
+    /// Loads the kernel module `name` (a plain module name, e.g. `vfio-pci`),
+    /// as `modprobe` does. The default refuses: only [`RealSysfs`] on `/sys`
+    /// loads modules.
+    fn load_module(&self, name: &str) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("cannot load module {name}: this sysfs does not load modules"),
+        ))
+    }
+
     /// The absolute, link-free path.
     fn canonicalize(&self, rel: &Path) -> io::Result<PathBuf> {
         fs::canonicalize(self.root().join(rel))
@@ -83,9 +95,100 @@ impl Default for RealSysfs {
     }
 }
 
+/// Where modprobe is looked for (never through `PATH`).
+const MODPROBE: [&str; 4] = [
+    "/usr/sbin/modprobe",
+    "/sbin/modprobe",
+    "/usr/bin/modprobe",
+    "/bin/modprobe",
+];
+
+/// The longest a `modprobe` may take before it is killed.
+const MODPROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A module name modprobe gets: `[a-z0-9_-]`, starting with a letter or digit,
+/// at most 56 bytes (the kernel's MODULE_NAME_LEN - 1 is 55 on 64-bit).
+fn valid_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 56
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Runs `modprobe -q -- name` with a bounded wait; the error carries its stderr.
+fn modprobe(name: &str) -> io::Result<()> {
+    if !valid_module_name(name) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "refusing to load module {:?}: not a plain module name",
+                name.escape_debug().to_string()
+            ),
+        ));
+    }
+    let Some(tool) = MODPROBE.iter().find(|p| Path::new(p).exists()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no modprobe in {}", MODPROBE.join(", ")),
+        ));
+    };
+    let mut child = Command::new(tool)
+        .args(["--", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .spawn()?;
+    let deadline = Instant::now() + MODPROBE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{tool} {name} did not finish within {} s and was killed",
+                    MODPROBE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(e) = child.stderr.take() {
+        let _ = io::Read::read_to_string(&mut io::Read::take(e, 4096), &mut stderr);
+    }
+    Err(io::Error::other(format!(
+        "{tool} {name} exited with {status}: {}",
+        stderr.trim()
+    )))
+}
+
 impl Sysfs for RealSysfs {
     fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn load_module(&self, name: &str) -> io::Result<()> {
+        // A tree elsewhere (a test's) must never load modules into this kernel.
+        if self.root != Path::new("/sys") {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "cannot load module {name}: sysfs root {} is not /sys",
+                    self.root.display()
+                ),
+            ));
+        }
+        modprobe(name)
     }
 
     fn write(&self, rel: &Path, value: &str) -> io::Result<()> {
@@ -107,6 +210,41 @@ impl Sysfs for RealSysfs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_names_are_plain_and_trees_other_than_sys_load_nothing() {
+        for good in [
+            "igb",
+            "vfio-pci",
+            "vfio_pci",
+            "pci-pf-stub",
+            "qdma-pf",
+            "8139cp",
+        ] {
+            assert!(valid_module_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-r",
+            "../x",
+            "a b",
+            "Igb",
+            "x/y",
+            "a;b",
+            &"a".repeat(57),
+        ] {
+            assert!(!valid_module_name(bad), "{bad}");
+            assert_eq!(
+                modprobe(bad).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let err = RealSysfs::with_root(dir.path())
+            .load_module("igb")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+    }
 
     #[test]
     fn real_sysfs_writes_existing_attributes_and_never_creates_files() {

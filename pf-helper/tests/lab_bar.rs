@@ -212,3 +212,96 @@ fn bar_claimed_by_a_driver_gives_a_clear_error_not_a_crash() {
     );
     assert!(text.contains("a driver has claimed the BAR"), "{text}");
 }
+
+/// Offset of the SR-IOV control register (extended capability 0x0010, + 8)
+/// in `pf`'s config space.
+fn sriov_control_offset(pf: PciAddress) -> u64 {
+    let cfg = fs::read(dev(pf).join("config")).unwrap();
+    let mut at = 0x100usize;
+    loop {
+        let h = u32::from_le_bytes(cfg[at..at + 4].try_into().unwrap());
+        assert!(h != 0 && at >= 0x100, "{pf} has no SR-IOV capability");
+        if h & 0xffff == 0x0010 {
+            return at as u64 + 8;
+        }
+        at = (h >> 20) as usize & 0xffc;
+    }
+}
+
+fn read_config16(bdf: PciAddress, at: u64) -> u16 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 2];
+    fs::File::open(dev(bdf).join("config"))
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u16::from_le_bytes(b)
+}
+
+fn write_config16(bdf: PciAddress, at: u64, value: u16) {
+    use std::os::unix::fs::FileExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(dev(bdf).join("config"))
+        .unwrap()
+        .write_all_at(&value.to_le_bytes(), at)
+        .unwrap();
+}
+
+/// Writes a config register back to its value when dropped.
+struct RestoreConfig(PciAddress, u64, u16);
+
+impl Drop for RestoreConfig {
+    fn drop(&mut self) {
+        write_config16(self.0, self.1, self.2);
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn bars_of_functions_with_memory_decoding_off_are_not_read() {
+    modprobe("pci-pf-stub");
+    let pf = PciAddress::parse(&lab_env("SVFF_LAB_NVME_PF")).unwrap();
+    let mgr = SriovManager::new(RealSysfs::new());
+    let opts = VfsSetOptions {
+        pf_driver: Some(DriverName::parse("pci-pf-stub").unwrap()),
+        ..Default::default()
+    };
+    mgr.set_vf_count(pf, 0, &opts).unwrap();
+    let _cleanup = ZeroVfs(&mgr, pf);
+    mgr.set_vf_count(pf, 1, &opts).unwrap();
+    let (_, vf) = mgr.vfs(pf).unwrap()[0];
+
+    // The PF: PCI_COMMAND's memory space bit cleared through sysfs `config`.
+    let command = read_config16(pf, 4);
+    assert_ne!(command & 0x2, 0, "precondition: {pf} decodes memory");
+    let restore = RestoreConfig(pf, 4, command);
+    write_config16(pf, 4, command & !0x2);
+    assert!(!memory_decoding(pf));
+    let bar = mgr.open_bar(pf, 0).unwrap();
+    let err = bar.read_u32(NVME_VS).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("BAR 0 of {pf}: not read: memory decoding off")),
+        "{err}"
+    );
+    drop(restore);
+    assert_eq!(bar.read_u32(NVME_VS).unwrap(), QEMU_NVME_VS);
+
+    // The VF: the VF memory space enable bit of the PF's SR-IOV control.
+    let ctrl_at = sriov_control_offset(pf);
+    let ctrl = read_config16(pf, ctrl_at);
+    assert_eq!(ctrl & 0x9, 0x9, "precondition: VF Enable and VF MSE set");
+    let restore = RestoreConfig(pf, ctrl_at, ctrl);
+    write_config16(pf, ctrl_at, ctrl & !0x8);
+    let bar = mgr.open_bar(vf, 0).unwrap();
+    let err = bar.read_u32(NVME_VS).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "BAR 0 of {vf}: not read: memory decoding off (VF memory space enable"
+        )),
+        "{err}"
+    );
+    drop(restore);
+    assert_eq!(bar.read_u32(NVME_VS).unwrap(), 0, "VS of the offline {vf}");
+}

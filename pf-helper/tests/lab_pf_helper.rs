@@ -4,8 +4,10 @@
 //! and leaves them with 0 VFs.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -371,6 +373,19 @@ impl Drop for HelperDaemon {
 /// only the igb PF on the allow-list (with `pf_extra` appended to its entry);
 /// returns once it says it listens.
 fn start_helper(pf_extra: &str) -> HelperDaemon {
+    start_helper_with("", &[], pf_extra, "", &[])
+}
+
+/// [`start_helper`] with `top` (top-level keys) first in the config, these
+/// `allowed_gids`, `more` appended after the igb PF's entry and `env` in the
+/// daemon's environment.
+fn start_helper_with(
+    top: &str,
+    allowed_gids: &[u32],
+    pf_extra: &str,
+    more: &str,
+    env: &[(&str, &str)],
+) -> HelperDaemon {
     let dir = PathBuf::from(format!("/tmp/svff-lab-helper-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -379,7 +394,7 @@ fn start_helper(pf_extra: &str) -> HelperDaemon {
     fs::write(
         &config,
         format!(
-            "socket = \"{}\"\nsocket_group = \"1000\"\nallowed_uids = [0, 1000]\nallowed_gids = []\n\n[[pf]]\nbdf = \"{}\"\ndriver = \"igb\"\n{pf_extra}\n",
+            "{top}socket = \"{}\"\nsocket_group = \"1000\"\nallowed_uids = [0, 1000]\nallowed_gids = {allowed_gids:?}\n\n[[pf]]\nbdf = \"{}\"\ndriver = \"igb\"\n{pf_extra}\n{more}\n",
             socket.display(),
             igb_pf()
         ),
@@ -389,6 +404,7 @@ fn start_helper(pf_extra: &str) -> HelperDaemon {
     let mut child = Command::new(SVFF)
         .args(["helper", "--config"])
         .arg(&config)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -690,4 +706,353 @@ fn vf_whose_vfio_group_is_held_open_is_not_destroyed() {
         "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci", "--json",
     ]);
     assert_all_vfs_on(&pf, "vfio-pci", 3);
+}
+
+/// Hang guard of one raw request to the daemon: it must answer at all, and
+/// long before this (it is not a timing requirement of the feature).
+const ANSWER_GUARD: Duration = Duration::from_secs(30);
+
+/// Sends one request line to the daemon and returns its response, failing the
+/// test if no answer comes within [`ANSWER_GUARD`].
+fn raw_request(socket: &Path, line: &str) -> Value {
+    let mut s = UnixStream::connect(socket).expect("connect to the helper");
+    s.set_read_timeout(Some(ANSWER_GUARD)).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&s)
+        .read_line(&mut answer)
+        .unwrap_or_else(|e| panic!("no answer to {line} within {ANSWER_GUARD:?}: {e}"));
+    eprintln!("> {line}\n< {}", answer.trim_end());
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"))
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn daemon_answers_ping_and_status_with_40_half_open_connections() {
+    let _guard = setup();
+    let helper = start_helper("");
+    // Each sends the start of a request, then nothing.
+    let stalled: Vec<UnixStream> = (0..40)
+        .map(|_| {
+            let mut s = UnixStream::connect(&helper.socket).unwrap();
+            s.write_all(br#"{"op":"#).unwrap();
+            s
+        })
+        .collect();
+    let ping = raw_request(&helper.socket, r#"{"op":"ping"}"#);
+    assert_eq!(ping["ok"], true, "{ping}");
+    assert_eq!(ping["result"]["version"], env!("CARGO_PKG_VERSION"));
+    let status = raw_request(&helper.socket, r#"{"op":"status"}"#);
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["result"]["pfs"][0], sysfs_view(&igb_pf()));
+    // A unit request with an unknown field is refused like every other.
+    let extra = raw_request(&helper.socket, r#"{"op":"ping","extra":1}"#);
+    assert_eq!(extra["error"]["kind"], "protocol", "{extra}");
+    drop(stalled);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn daemon_lets_in_a_peer_whose_supplementary_group_is_allowed() {
+    let _guard = setup();
+    let helper = start_helper_with("", &[2000], "", "", &[]);
+    let sock = helper.socket.to_str().unwrap().to_owned();
+    let as_groups = |groups: &str| {
+        let g = format!("--groups={groups}");
+        run(
+            &["setpriv", "--reuid=65534", "--regid=65534", &g, "--", SVFF],
+            &["--socket", &sock, "status", "--json"],
+        )
+    };
+    // Group 1000 owns the socket (so the peer can connect); 2000 is allowed.
+    let out = as_groups("1000,2000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["pfs"][0], sysfs_view(&igb_pf()));
+    let out = as_groups("1000");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534 gid 65534"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// VFIO ioctls (linux/vfio.h: _IO(VFIO_TYPE ';', VFIO_BASE 100 + n)).
+const VFIO_SET_IOMMU: libc::c_ulong = 0x3b66;
+const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = 0x3b68;
+const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = 0x3b6a;
+const VFIO_TYPE1_IOMMU: libc::c_ulong = 1;
+
+/// Opens `vf`'s VFIO device fd the legacy way (container, group,
+/// `VFIO_GROUP_GET_DEVICE_FD`), then closes the group and the container: only
+/// the device fd remains.
+fn vfio_device_fd(vf: &str) -> OwnedFd {
+    let rw = |p: &str| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap_or_else(|e| panic!("open {p}: {e}"))
+    };
+    let container = rw("/dev/vfio/vfio");
+    let group_no = svff_lab::guest::iommu_group(vf);
+    let group = rw(&format!("/dev/vfio/{group_no}"));
+    let container_fd: libc::c_int = container.as_raw_fd();
+    // SAFETY: VFIO_GROUP_SET_CONTAINER reads one int (the container fd) from
+    // the pointer, which points to `container_fd` on the stack; both files are open.
+    let rc = unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_SET_CONTAINER, &container_fd) };
+    assert_eq!(
+        rc,
+        0,
+        "VFIO_GROUP_SET_CONTAINER: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: VFIO_SET_IOMMU takes its argument by value; no memory is passed.
+    let rc = unsafe { libc::ioctl(container.as_raw_fd(), VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU) };
+    assert_eq!(rc, 0, "VFIO_SET_IOMMU: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(vf).unwrap();
+    // SAFETY: VFIO_GROUP_GET_DEVICE_FD reads a NUL-terminated device name from
+    // the pointer, which points to `name`, alive across the call.
+    let fd = unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD, name.as_ptr()) };
+    assert!(
+        fd >= 0,
+        "VFIO_GROUP_GET_DEVICE_FD {vf}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    let device = unsafe { OwnedFd::from_raw_fd(fd) };
+    drop(group);
+    drop(container);
+    device
+}
+
+fn set_vfs_on_vfio_pci(pf: &str, n: u16) {
+    svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        pf,
+        &n.to_string(),
+        "--pf-driver",
+        "igb",
+        "--bind",
+        "vfio-pci",
+        "--json",
+    ]);
+}
+
+/// `svff --direct vfs set --pf <pf> 3 --bind vfio-pci` must refuse because
+/// `pid` holds `vf`, with a message naming both and `what`.
+fn assert_refused_in_use(pf: &str, vf: &str, pid: u32, what: &str) {
+    let out = svff(&[
+        "--direct", "vfs", "set", "--pf", pf, "3", "--bind", "vfio-pci",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("VF {vf} is in use: pid {pid} holds")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(what), "{stderr}");
+    assert_eq!(numvfs(pf), 2);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vf_held_only_by_a_vfio_device_fd_or_a_bar_mapping_is_not_destroyed() {
+    let _guard = setup();
+    let pf = igb_pf();
+    set_vfs_on_vfio_pci(&pf, 2);
+    let (_, vf) = sysfs_vfs(&pf).remove(1);
+
+    // A child holds only the device fd (its group and container are closed).
+    let device = vfio_device_fd(&vf);
+    let inherited = nix::unistd::dup(&device).unwrap(); // no FD_CLOEXEC: the child gets it
+    let child = Command::new("sleep").arg("300").spawn().unwrap();
+    drop(inherited);
+    drop(device);
+    let holder = Holder(child);
+    let pid = holder.0.id();
+    // Linux 6.12's fdinfo does not name the device of a VFIO device fd: the
+    // check learns it from the group the kernel keeps busy for it.
+    assert_refused_in_use(&pf, &vf, pid, "anon_inode:[vfio-device]");
+    drop(holder);
+
+    // The device fd in flight in a unix socket: in no process's fd table.
+    let held = in_flight(vfio_device_fd(&vf));
+    let out = svff(&[
+        "--direct", "vfs", "set", "--pf", &pf, "3", "--bind", "vfio-pci",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "VF {vf} is in use: /dev/vfio/{} is held through an fd no process shows",
+            svff_lab::guest::iommu_group(&vf)
+        )),
+        "{stderr}"
+    );
+    assert_eq!(numvfs(&pf), 2);
+    drop(held);
+
+    // This process maps the VF's BAR0 through sysfs.
+    let resource = fs::File::open(dev(&vf).join("resource0")).unwrap();
+    let len = std::num::NonZeroUsize::new(4096).unwrap();
+    // SAFETY: a fresh shared read-only mapping at an address the kernel picks;
+    // nothing reads it, and it is unmapped below with the same length.
+    let map = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &resource,
+            0,
+        )
+    }
+    .expect("mmap the VF's resource0");
+    drop(resource);
+    assert_refused_in_use(&pf, &vf, std::process::id(), "resource0");
+    // SAFETY: `map` is the 4096-byte mapping made above, not used after this.
+    unsafe { nix::sys::mman::munmap(map, len.get()) }.unwrap();
+
+    set_vfs_on_vfio_pci(&pf, 3);
+    assert_all_vfs_on(&pf, "vfio-pci", 3);
+}
+
+/// A VFIO device fd in flight in a unix socket: no process has it in its fd
+/// table, so no in-use check can see it, yet the VF stays open until the socket
+/// is closed (on drop).
+struct InFlight {
+    _ends: (UnixStream, UnixStream),
+}
+
+fn in_flight(device: OwnedFd) -> InFlight {
+    let (a, b) = UnixStream::pair().unwrap();
+    let fds = [device.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(b"x")];
+    nix::sys::socket::sendmsg::<()>(
+        a.as_raw_fd(),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .expect("send the device fd");
+    drop(device);
+    InFlight { _ends: (a, b) }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn stuck_sriov_numvfs_write_leaves_ping_and_status_answering() {
+    let _guard = setup();
+    let pf = igb_pf();
+    let nvme = nvme_pf();
+    set_vfs_on_vfio_pci(&pf, 2);
+    // The in-use check would refuse (it sees the group busy): the debug
+    // build's test knob skips it, as a holder opening the VF right after the
+    // check would.
+    let helper = start_helper_with(
+        "watchdog_s = 10\n",
+        &[],
+        "",
+        &format!("[[pf]]\nbdf = \"{nvme}\"\ndriver = \"pci-pf-stub\"\n"),
+        &[("SVFF_TEST_SKIP_IN_USE_CHECK", "1")],
+    );
+    let sock = helper.socket.to_str().unwrap().to_owned();
+    let (_, vf) = sysfs_vfs(&pf).remove(1);
+    let held = in_flight(vfio_device_fd(&vf));
+
+    // The removal blocks in the kernel until the VF's device is released. The
+    // daemon must answer this request by itself (its 10 s watchdog); 90 s is
+    // the hang guard of the test.
+    let out = run(
+        &["timeout", "90", SVFF],
+        &["--socket", &sock, "vfs", "set", "--pf", &pf, "0"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let answered = out.status.code() != Some(124);
+    let checks = std::panic::catch_unwind(|| {
+        assert!(answered, "vfs set got no answer within 90 s");
+        assert!(!out.status.success());
+        assert!(stderr.contains("has not finished"), "{stderr}");
+        let ping = raw_request(&helper.socket, r#"{"op":"ping"}"#);
+        assert_eq!(ping["ok"], true, "{ping}");
+        // The stuck PF's attributes would block a reader too: busy, promptly.
+        let st = raw_request(&helper.socket, &format!(r#"{{"op":"status","pf":"{pf}"}}"#));
+        assert_eq!(st["error"]["kind"], "busy", "{st}");
+        // Another PF's status is read as usual.
+        let st = raw_request(
+            &helper.socket,
+            &format!(r#"{{"op":"status","pf":"{nvme}"}}"#),
+        );
+        assert_eq!(st["ok"], true, "{st}");
+        assert_eq!(st["result"]["pfs"][0], sysfs_view(&nvme));
+        let again = raw_request(
+            &helper.socket,
+            &format!(r#"{{"op":"vfs_set","pf":"{pf}","count":1}}"#),
+        );
+        assert_eq!(again["error"]["kind"], "busy", "{again}");
+    });
+    // Release the device: the kernel write completes.
+    drop(held);
+    if let Err(panic) = checks {
+        drop(helper);
+        std::panic::resume_unwind(panic);
+    }
+    // Once the write returned, the PF's status reads again (each try waits up
+    // to 2 s for the stuck change to return; the loop is bounded).
+    let mut last = Value::Null;
+    for _ in 0..20 {
+        last = raw_request(&helper.socket, &format!(r#"{{"op":"status","pf":"{pf}"}}"#));
+        if last["ok"] == true {
+            break;
+        }
+    }
+    assert_eq!(last["ok"], true, "{last}");
+    assert_eq!(last["result"]["pfs"][0]["numvfs"], 0);
+    assert_eq!(numvfs(&pf), 0);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vfs_set_direct_loads_the_pf_and_vf_drivers_itself() {
+    let _guard = setup();
+    let pf = igb_pf();
+    let out = run(&["modprobe", "-r"], &["vfio_pci", "igb"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for d in ["igb", "vfio-pci"] {
+        assert!(
+            !Path::new("/sys/bus/pci/drivers").join(d).exists(),
+            "precondition: {d} unloaded"
+        );
+    }
+    let report = svff_ok_json(&[
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        &pf,
+        "4",
+        "--pf-driver",
+        "igb",
+        "--bind",
+        "vfio-pci",
+        "--json",
+    ]);
+    print_steps(&report);
+    assert_eq!(link_name(&dev(&pf).join("driver")).as_deref(), Some("igb"));
+    assert_all_vfs_on(&pf, "vfio-pci", 4);
 }

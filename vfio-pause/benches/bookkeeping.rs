@@ -67,7 +67,7 @@ fn main() {
     let dev = PausableDevice::open(
         "bench0",
         container.clone(),
-        VfSource::Sysfs(addr.clone()),
+        VfSource::Sysfs(addr),
         DeviceOptions {
             mmap_bars: true,
             ..DeviceOptions::default()
@@ -86,15 +86,13 @@ fn main() {
         pt.push(black_box(dev.pause().unwrap()));
         p.push(t.elapsed());
         let t = Instant::now();
-        ut.push(black_box(
-            dev.unpause(VfSource::Sysfs(addr.clone())).unwrap(),
-        ));
+        ut.push(black_box(dev.unpause(VfSource::Sysfs(addr)).unwrap()));
         u.push(t.elapsed());
     }
     let mut noop = vec![];
     for _ in 0..iters {
         let t = Instant::now();
-        black_box(dev.unpause(VfSource::Sysfs(addr.clone())).unwrap());
+        black_box(dev.unpause(VfSource::Sysfs(addr)).unwrap());
         noop.push(t.elapsed());
     }
     dev.pause().unwrap();

@@ -1,6 +1,6 @@
 //! The hardware boundary: everything vfio-pause asks of VFIO goes through
 //! [`VfioBackend`], implemented over vfio-ioctls ([`crate::VfioIoctlsBackend`])
-//! and by a recording, failure-injecting double ([`crate::FakeBackend`]).
+//! and by a recording, failure-injecting double (`FakeBackend`, feature `sim`).
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -191,6 +191,12 @@ pub trait VfioBackend: Send + Sync + fmt::Debug {
     /// Wire interrupt `index` to these eventfds (vector n -> `fds[n]`);
     /// an empty slice disables the whole index.
     fn set_irqs(&self, vf: VfId, index: u32, fds: &[&EventFd]) -> Result<()>;
+
+    /// Fire vector `vector` of interrupt `index` from the host side
+    /// (`VFIO_DEVICE_SET_IRQS`, `DATA_BOOL | ACTION_TRIGGER`): the kernel
+    /// signals the eventfd wired to it, as if the device had raised it. For
+    /// self-tests of the interrupt wiring.
+    fn trigger_irq(&self, vf: VfId, index: u32, vector: u32) -> Result<()>;
 
     /// Host address of an open VF.
     fn address(&self, vf: VfId) -> Result<PciAddress>;

@@ -313,7 +313,7 @@ impl PausableDevice {
         hooks: Arc<dyn VmmHooks>,
     ) -> Result<Self> {
         let id = id.into();
-        let host = source.address().clone();
+        let host = *source.address();
         let opened = container.open_vf(source)?;
         let vf = opened.vf;
         let setup = || -> Result<(Profile, usize, Vec<MmapArea>)> {
@@ -411,7 +411,7 @@ impl PausableDevice {
 
     /// Host address of the VF currently (or, when paused, last) attached.
     pub fn host(&self) -> PciAddress {
-        self.lock().host.clone()
+        self.lock().host
     }
 
     /// Timings of the last pause and the last unpause.
@@ -1008,6 +1008,19 @@ impl PausableDevice {
                 self.container.with_backend(|b| b.irq_count(vf, index))
             }
             (state, _) => Err(self.invalid("query irqs", state)),
+        }
+    }
+
+    /// Fire vector `vector` of interrupt `index` from the host side: the
+    /// kernel signals the eventfd wired to it (a self-test of the wiring).
+    /// Only while attached.
+    pub fn trigger_irq(&self, index: u32, vector: u32) -> Result<()> {
+        let g = self.lock();
+        match (g.state, g.vf) {
+            (DeviceState::Attached, Some(vf)) => self
+                .container
+                .with_backend(|b| b.trigger_irq(vf, index, vector)),
+            (state, _) => Err(self.invalid("trigger an irq", state)),
         }
     }
 

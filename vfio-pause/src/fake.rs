@@ -288,7 +288,7 @@ impl FakeBackend {
 
     /// Create (or replace) a function at `address`.
     pub fn add_vf(&self, address: &PciAddress, vf: FakeVf) {
-        self.lock().present.insert(address.clone(), vf);
+        self.lock().present.insert(*address, vf);
     }
 
     /// Remove the function at `address` (like `sriov_numvfs=0`). The simulated
@@ -320,8 +320,9 @@ impl FakeBackend {
         self.lock().failures.push((op, skip));
     }
 
-    /// Make the next call of kind `op` wait, before it does anything, until
-    /// the returned gate is released.
+    /// Make the next call of kind `op` wait until the returned gate is
+    /// released: before it does anything, except [`FakeOp::Close`], which
+    /// waits after the device fd is closed (when a real remover goes on).
     pub fn gate(&self, op: FakeOp) -> FakeGate {
         let (etx, erx) = std::sync::mpsc::channel();
         let (rtx, rrx) = std::sync::mpsc::channel();
@@ -519,18 +520,24 @@ impl VfioBackend for FakeBackend {
     }
 
     fn close_device(&self, vf: VfId) -> Result<()> {
+        let res = {
+            let mut s = self.lock();
+            let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
+                address: PciAddress::zero(),
+                what: format!("no open VF with handle {}", vf.0),
+            })?;
+            s.calls.push(FakeCall::Close(o.address));
+            // Even an injected failure releases everything (the trait's contract).
+            if Self::injected(&mut s, FakeOp::Close) {
+                Err(Self::eio(&o.address, "close"))
+            } else {
+                Ok(())
+            }
+        };
+        // Gated after the fd is closed: the moment a remover blocked on it
+        // goes on (the real close returns after the function reset).
         self.pass_gate(FakeOp::Close);
-        let mut s = self.lock();
-        let o = s.open.remove(&vf).ok_or_else(|| Error::OutOfRange {
-            address: PciAddress::zero(),
-            what: format!("no open VF with handle {}", vf.0),
-        })?;
-        s.calls.push(FakeCall::Close(o.address));
-        // Even an injected failure releases everything (the trait's contract).
-        if Self::injected(&mut s, FakeOp::Close) {
-            return Err(Self::eio(&o.address, "close"));
-        }
-        Ok(())
+        res
     }
 
     unsafe fn dma_map(&self, iova: u64, size: u64, _host_addr: *mut u8) -> Result<()> {
@@ -617,9 +624,9 @@ impl VfioBackend for FakeBackend {
 
     fn region_read(&self, vf: VfId, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::Read {
-            address: address.clone(),
+            address,
             index,
             offset,
             len: buf.len(),
@@ -651,9 +658,9 @@ impl VfioBackend for FakeBackend {
 
     fn region_write(&self, vf: VfId, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::Write {
-            address: address.clone(),
+            address,
             index,
             offset,
             data: data.to_vec(),
@@ -696,8 +703,8 @@ impl VfioBackend for FakeBackend {
 
     fn mmap_region(&self, vf: VfId, index: u32, offset: u64, len: u64) -> Result<MmapArea> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
-        s.calls.push(FakeCall::Mmap(address.clone(), index));
+        let address = open_vf(&mut s, vf)?.address;
+        s.calls.push(FakeCall::Mmap(address, index));
         if Self::injected(&mut s, FakeOp::Mmap) {
             return Err(Self::eio(&address, "mmap"));
         }
@@ -720,8 +727,8 @@ impl VfioBackend for FakeBackend {
 
     fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
-        s.calls.push(FakeCall::Munmap(address.clone(), area.index));
+        let address = open_vf(&mut s, vf)?.address;
+        s.calls.push(FakeCall::Munmap(address, area.index));
         let fail = Self::injected(&mut s, FakeOp::Munmap);
         let o = open_vf(&mut s, vf)?;
         // munmap cannot really fail for a valid mapping; the injected error
@@ -735,9 +742,9 @@ impl VfioBackend for FakeBackend {
 
     fn set_irqs(&self, vf: VfId, index: u32, fds: &[&EventFd]) -> Result<()> {
         let mut s = self.lock();
-        let address = open_vf(&mut s, vf)?.address.clone();
+        let address = open_vf(&mut s, vf)?.address;
         s.calls.push(FakeCall::SetIrqs {
-            address: address.clone(),
+            address,
             index,
             count: fds.len(),
         });
@@ -753,8 +760,21 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
+    fn trigger_irq(&self, vf: VfId, index: u32, vector: u32) -> Result<()> {
+        let mut s = self.lock();
+        let o = open_vf(&mut s, vf)?;
+        match o.irqs_enabled.get(&index) {
+            Some(&n) if (vector as usize) < n => Ok(()),
+            _ => Err(Error::io(
+                &o.address,
+                format!("trigger index {index} vector {vector}: not wired"),
+                io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        }
+    }
+
     fn address(&self, vf: VfId) -> Result<PciAddress> {
         let mut s = self.lock();
-        Ok(open_vf(&mut s, vf)?.address.clone())
+        Ok(open_vf(&mut s, vf)?.address)
     }
 }

@@ -1049,7 +1049,10 @@ pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
             }
             c.closed = true;
         }
-        let res = if h.dev.state() == DeviceState::Detached {
+        // Detaching ends stalled accesses; it is refused while another thread
+        // is inside a pause or unpause, so it is tried again once every call
+        // has left.
+        let mut res = if h.dev.state() == DeviceState::Detached {
             Ok(())
         } else {
             h.dev.detach()
@@ -1059,6 +1062,9 @@ pub unsafe extern "C" fn vp_device_close(d: *mut VpDevice) -> VpStatus {
             c = h.idle.wait(c).unwrap_or_else(|p| p.into_inner());
         }
         drop(c);
+        if res.is_err() && h.dev.state() != DeviceState::Detached {
+            res = h.dev.detach();
+        }
         // SAFETY: `d` came from Box::into_raw, nothing is inside it any more
         // and new calls are refused: freed exactly once.
         drop(unsafe { Box::from_raw(d) });

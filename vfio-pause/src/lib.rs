@@ -13,7 +13,8 @@
 //!
 //! Layers:
 //! - [`VfioBackend`]: the VFIO operations, implemented over rust-vmm's
-//!   vfio-ioctls by [`VfioIoctlsBackend`] and by the test double [`FakeBackend`].
+//!   vfio-ioctls by [`VfioIoctlsBackend`] and by the test double `FakeBackend`
+//!   (cargo feature `sim`, for tests; not in the production library).
 //! - [`Container`]: one per VM, owns the backend and the guest
 //!   memory registered for DMA.
 //! - [`PausableDevice`]: the state machine; its documentation has the

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_group_status, vfio_irq_info, vfio_region_info, VFIO_TYPE1v2_IOMMU,
     VFIO_BASE, VFIO_DEVICE_FLAGS_PCI, VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
 };
 use vfio_ioctls::VfioContainer;
 use vmm_sys_util::eventfd::EventFd;
@@ -253,14 +253,14 @@ impl VfioIoctlsBackend {
     }
 }
 
-/// Take a group out of its container. EINVAL means it is in none: the kernel
-/// took it out itself when its last device was removed.
+/// Take a group out of its container. EINVAL (or ENODEV) means it is in
+/// none: the kernel took it out itself when its last device was removed.
 fn unset_container(group: &File, address: &PciAddress) -> Option<Error> {
     // SAFETY: `group` is an open group fd; UNSET_CONTAINER takes no argument.
     let ret = unsafe { ioctl_with_val(group, VFIO_GROUP_UNSET_CONTAINER(), 0) };
     if ret < 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) {
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENODEV)) {
             tracing::debug!("VF {address}: group already out of the container (VF removed)");
             return None;
         }
@@ -283,14 +283,12 @@ const CAP_MSIX_MAPPABLE: u16 = 3;
 /// Bound on the capability chain we walk and on the info size we accept.
 const MAX_REGION_INFO: u32 = 64 * 1024;
 
+/// Sparse-mmap areas (if that capability is present) and MSI-X mappable.
+type RegionCaps = (Option<Vec<(u64, u64)>>, bool);
+
 /// Read region `index`'s capability chain: the sparse-mmap areas (if that
 /// capability is present) and whether the MSI-X table may be mmapped.
-fn region_caps(
-    dev: &Fd,
-    index: u32,
-    argsz: u32,
-    address: &PciAddress,
-) -> Result<(Option<Vec<(u64, u64)>>, bool)> {
+fn region_caps(dev: &Fd, index: u32, argsz: u32, address: &PciAddress) -> Result<RegionCaps> {
     if argsz > MAX_REGION_INFO {
         return Err(Error::OutOfRange {
             address: *address,
@@ -587,7 +585,7 @@ impl VfioBackend for VfioIoctlsBackend {
             .get(index as usize)
             .copied()
             .ok_or_else(|| Error::OutOfRange {
-                address: v.address.clone(),
+                address: v.address,
                 what: format!("no region {index}"),
             })
     }
@@ -710,7 +708,7 @@ impl VfioBackend for VfioIoctlsBackend {
     }
 
     fn munmap_region(&self, vf: VfId, area: MmapArea) -> Result<()> {
-        let address = self.vf(vf)?.address.clone();
+        let address = self.vf(vf)?.address;
         // SAFETY: `area` was returned by mmap_region and is unmapped exactly once
         // (the device forgets it after this call).
         let ret = unsafe { libc::munmap(area.host_addr as *mut libc::c_void, area.len) };
@@ -760,8 +758,32 @@ impl VfioBackend for VfioIoctlsBackend {
         Ok(())
     }
 
+    fn trigger_irq(&self, vf: VfId, index: u32, vector: u32) -> Result<()> {
+        let v = self.vf(vf)?;
+        // struct vfio_irq_set with one bool (u8) of data, padded to u32s.
+        let buf: [u32; 6] = [
+            (5 * 4 + 1) as u32,
+            VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            vector,
+            1,
+            1, // data[0] = true (little-endian: first byte 1)
+        ];
+        let dev = Fd(v.fd());
+        // SAFETY: `buf` is a complete vfio_irq_set with one bool of data,
+        // argsz covers it, and it outlives the call.
+        let ret = unsafe { ioctl_with_ptr(&dev, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
+        if ret < 0 {
+            return Err(Error::last_os(
+                &v.address,
+                format!("VFIO_DEVICE_SET_IRQS trigger index {index} vector {vector}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn address(&self, vf: VfId) -> Result<PciAddress> {
-        Ok(self.vf(vf)?.address.clone())
+        Ok(self.vf(vf)?.address)
     }
 }
 
@@ -770,7 +792,7 @@ fn check_range(v: &RealVf, index: u32, offset: u64, len: usize) -> Result<Region
     let end = offset.checked_add(len as u64);
     if r.size == 0 || end.is_none_or(|e| e > r.size) {
         return Err(Error::OutOfRange {
-            address: v.address.clone(),
+            address: v.address,
             what: format!(
                 "access {offset:#x}+{len} outside region {index} (size {:#x})",
                 r.size

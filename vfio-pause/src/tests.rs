@@ -259,14 +259,29 @@ fn unpause_onto_another_bdf_with_same_identity_moves_the_device() {
     f.fake.remove_vf(&addr(VF1)).unwrap();
 }
 
+/// What the fake can show of a passed fd: the device hands it to the
+/// backend as a group-fd source, which owns and closes it (a pipe's write
+/// end: the read end sees EOF). That the real backend opens the VF from the
+/// very fd is the lab test of the same name.
 #[test]
-fn unpause_through_a_passed_group_fd_opens_from_it() {
+fn unpause_with_a_passed_fd_hands_it_to_the_backend_which_closes_it() {
     let f = fx();
     f.dev.pause().unwrap();
-    let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    let mut ends = [0 as libc::c_int; 2];
+    // SAFETY: `ends` has room for the two fds pipe2 writes.
+    let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0);
+    // SAFETY: pipe2 just created these fds and nothing else owns them.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(ends[0]),
+            OwnedFd::from_raw_fd(ends[1]),
+        )
+    };
     f.dev
         .unpause(VfSource::GroupFd {
-            group: fd,
+            group: write_end,
             address: addr(VF1),
         })
         .unwrap();
@@ -274,6 +289,8 @@ fn unpause_through_a_passed_group_fd_opens_from_it() {
         address: addr(VF1),
         group_fd: true
     }));
+    let mut b = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut &read_end, &mut b).unwrap(), 0);
 }
 
 #[test]
@@ -679,7 +696,7 @@ fn dropping_an_attached_device_closes_the_vf() {
 }
 
 #[test]
-fn many_cycles_keep_no_handle_and_no_call_history_in_the_device() {
+fn fifty_cycles_close_every_handle_at_pause_and_open_one_vf_at_unpause() {
     let f = fx();
     for i in 0..50 {
         f.dev.pause().unwrap();
@@ -1082,4 +1099,43 @@ fn failed_map_hook_at_unpause_removes_guest_mappings_before_munmap() {
         "a map_bars that failed half-way is undone: {log:?}"
     );
     assert_eq!(f.fake.open_handles(), 0);
+}
+
+/// The request-IRQ flow in the fake: a VF's device fd is closed, the remover
+/// deletes the VF at once, and the kernel takes its group out of the
+/// container (dropping every mapping, it was the only group) before our
+/// leave runs. Another VF joining in that window must be told it is first
+/// and map the guest RAM again, although our count still has the old group.
+#[test]
+fn a_group_the_kernel_detached_before_our_leave_does_not_hide_lost_mappings() {
+    let f = fx();
+    f.fake.add_vf(&addr(VF2), FakeVf::nvme());
+    let other = PausableDevice::open(
+        "nvme1",
+        f.container.clone(),
+        sysfs(VF2),
+        DeviceOptions::default(),
+        Arc::new(TrapAllBars),
+    )
+    .unwrap();
+    other.pause().unwrap();
+    let gate = f.fake.gate(FakeOp::Close);
+    thread::scope(|s| {
+        let pausing = s.spawn(|| f.dev.pause());
+        gate.wait_entered();
+        // VF1's device fd is closed, its group not yet left: remove VF1.
+        f.fake.remove_vf(&addr(VF1)).unwrap();
+        assert!(
+            f.fake.dma_mappings().is_empty(),
+            "type1 dropped the mappings"
+        );
+        other.unpause(sysfs(VF2)).unwrap();
+        gate.release();
+        pausing.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        f.fake.dma_mappings().get(&0),
+        Some(&4096),
+        "the VF that joined after the kernel's detach mapped the RAM again"
+    );
 }

@@ -19,15 +19,73 @@ use vmm_sys_util::eventfd::EventFd;
 
 const GUEST_RAM: usize = 16 << 20;
 
-/// Put `pf` on pci-pf-stub with `n` VFs, bind VF `which` to vfio-pci, return its BDF.
-fn pf_with_vfio_vf(pf: &str, n: u32, which: usize) -> String {
-    guest::modprobe("vfio-pci");
-    guest::bind(pf, "pci-pf-stub");
-    guest::set_numvfs(pf, 0);
-    guest::set_numvfs(pf, n);
-    let vf = guest::vfs_of(pf)[which].clone();
-    guest::bind(&vf, "vfio-pci");
-    vf
+/// A PF on pci-pf-stub with `n` VFs, the ones at `bind` bound to vfio-pci.
+/// Dropped, it destroys its VFs (`sriov_numvfs=0`): declare devices of its
+/// VFs after it, so they are dropped (closed) first.
+struct Pf {
+    pf: String,
+    vfs: Vec<String>,
+}
+
+impl Pf {
+    fn new(pf: String, n: u32, bind: &[usize]) -> Pf {
+        guest::modprobe("vfio-pci");
+        guest::bind(&pf, "pci-pf-stub");
+        guest::set_numvfs(&pf, 0);
+        guest::set_numvfs(&pf, n);
+        let vfs = guest::vfs_of(&pf);
+        for &i in bind {
+            guest::bind(&vfs[i], "vfio-pci");
+        }
+        Pf { pf, vfs }
+    }
+
+    fn nvme(n: u32, bind: &[usize]) -> Pf {
+        Pf::new(guest::nvme_pf(), n, bind)
+    }
+
+    fn igb(n: u32, bind: &[usize]) -> Pf {
+        Pf::new(guest::igb_pf(), n, bind)
+    }
+}
+
+impl Drop for Pf {
+    fn drop(&mut self) {
+        guest::set_numvfs(&self.pf, 0);
+    }
+}
+
+/// The usual setup: a [`Pf`], one VFIO container for the VM and 16 MiB of
+/// guest RAM registered in it for DMA.
+struct Lab {
+    pf: Pf,
+    container: Arc<Container>,
+    _mem: GuestMemoryMmap,
+}
+
+impl Lab {
+    fn new(pf: Pf) -> Lab {
+        let container = Container::open_real().unwrap();
+        let mem = guest_ram(&container);
+        Lab {
+            pf,
+            container,
+            _mem: mem,
+        }
+    }
+
+    fn pf(&self) -> &str {
+        &self.pf.pf
+    }
+
+    fn vf(&self, i: usize) -> &str {
+        &self.pf.vfs[i]
+    }
+
+    /// Device "vf0" on VF `i`, opened by sysfs path.
+    fn open(&self, i: usize, options: DeviceOptions) -> PausableDevice {
+        open(&self.container, self.vf(i), options)
+    }
 }
 
 /// `sriov_numvfs=0`, timed: returns only once the kernel destroyed every VF,
@@ -163,6 +221,31 @@ fn vfio_request_lines() -> usize {
         .count()
 }
 
+/// Non-blocking eventfds for `n` vectors.
+fn eventfds(n: u32) -> Vec<EventFd> {
+    (0..n)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect()
+}
+
+/// Fire each vector of `index` through VFIO (`SET_IRQS` DATA_BOOL|TRIGGER:
+/// the kernel signals the eventfd wired to that vector) and check that its
+/// eventfd, and only its, got exactly that interrupt.
+fn assert_each_vector_arrives(dev: &PausableDevice, index: u32, fds: &[EventFd], when: &str) {
+    for (v, _) in fds.iter().enumerate() {
+        dev.trigger_irq(index, v as u32)
+            .unwrap_or_else(|e| panic!("{when}: trigger vector {v}: {}", chain(&e)));
+        for (w, fd) in fds.iter().enumerate() {
+            let got = fd.read().ok();
+            if w == v {
+                assert_eq!(got, Some(1), "{when}: vector {v} reached its eventfd");
+            } else {
+                assert_eq!(got, None, "{when}: vector {v} also signalled vector {w}");
+            }
+        }
+    }
+}
+
 fn sysfs(vf: &str) -> VfSource {
     VfSource::Sysfs(vf.parse().unwrap())
 }
@@ -171,11 +254,9 @@ fn sysfs(vf: &str) -> VfSource {
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 2, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(2, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     let ids = cfg32(&dev, 0);
     assert_eq!(ids, 0x0010_1b36, "nvme VF ids through vfio config space");
     // NVMe VS register (BAR0 + 0x08). QEMU's nvme VF is offline until the PF
@@ -192,15 +273,15 @@ fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
             .pause()
             .unwrap_or_else(|e| panic!("pause: {}", chain(&e)));
         assert_eq!(dev.state(), DeviceState::Paused);
-        assert_no_vf_resources(guest::iommu_group(&vf));
+        assert_no_vf_resources(guest::iommu_group(vf));
         // Paused: config from the shadow, BAR reads all-ones.
         assert_eq!(cfg32(&dev, 0), ids);
         assert_eq!(bar32(&dev, 0, 0x08), u32::MAX);
-        let removal = numvfs_zero(&pf);
-        let vf2 = recreate(&pf, 2, 0);
+        let removal = numvfs_zero(pf);
+        let vf2 = recreate(pf, 2, 0);
         assert_eq!(vf2, vf, "VF 0 comes back at the same BDF");
         let u = dev
-            .unpause(sysfs(&vf))
+            .unpause(sysfs(vf))
             .unwrap_or_else(|e| panic!("unpause: {}", chain(&e)));
         assert!(u.get(Phase::DmaRemap).is_some(), "container lost its DMA");
         assert_eq!(cfg32(&dev, 0), ids);
@@ -226,64 +307,56 @@ fn pause_releases_fds_so_numvfs_zero_does_not_block_20_cycles_without_leaks() {
         rss < rss_after_first + 4096,
         "VmRSS grew from {rss_after_first} KiB to {rss} KiB over 19 cycles"
     );
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn igb_vf_with_msix_and_bar_mmaps_survives_three_numvfs_cycles() {
     guest::require_lab();
-    let pf = guest::igb_pf();
-    let vf = pf_with_vfio_vf(&pf, 2, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
+    let lab = Lab::new(Pf::igb(2, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
     let options = DeviceOptions::default().with_mmap_bars(true);
-    let dev = open(&container, &vf, options);
+    let dev = open(container, vf, options);
     assert_eq!(cfg32(&dev, 0), 0x10ca_8086, "igb VF ids");
     let vectors = dev.irq_count(irq::MSIX).unwrap();
     println!(
         "igb VF: {vectors} MSI-X vectors, {} BAR mmaps",
         dev.bar_mmaps().len()
     );
-    let fds: Vec<EventFd> = (0..vectors).map(|_| EventFd::new(0).unwrap()).collect();
+    let fds = eventfds(vectors);
+    let probes: Vec<EventFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
     dev.set_irqs(irq::MSIX, fds).unwrap();
+    assert_each_vector_arrives(&dev, irq::MSIX, &probes, "attached");
     // VTSTATUS (BAR0 + 0x08) of the VF.
     let status = bar32(&dev, 0, 0x08);
     assert_ne!(status, u32::MAX, "BAR0 read reached the VF");
     for cycle in 0..3 {
         let p = dev.pause().unwrap();
-        assert_no_vf_resources(guest::iommu_group(&vf));
-        numvfs_zero(&pf);
-        recreate(&pf, 2, 0);
+        assert_no_vf_resources(guest::iommu_group(vf));
+        numvfs_zero(pf);
+        recreate(pf, 2, 0);
         let u = dev
-            .unpause(sysfs(&vf))
+            .unpause(sysfs(vf))
             .unwrap_or_else(|e| panic!("unpause igb VF: {}", chain(&e)));
         assert_eq!(cfg32(&dev, 0), 0x10ca_8086);
         assert_ne!(bar32(&dev, 0, 0x08), u32::MAX);
         assert!(!dev.bar_mmaps().is_empty());
+        assert_each_vector_arrives(&dev, irq::MSIX, &probes, &format!("after cycle {cycle}"));
         println!("igb cycle {cycle}: pause [{p}]; unpause [{u}]");
     }
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn unpause_onto_other_identity_fails_naming_both_and_then_unpauses_onto_the_right_one() {
     guest::require_lab();
-    let nvme_pf = guest::nvme_pf();
-    let igb_pf = guest::igb_pf();
-    let nvme_vf = pf_with_vfio_vf(&nvme_pf, 1, 0);
-    let igb_vf = pf_with_vfio_vf(&igb_pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &nvme_vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let igb = Pf::igb(1, &[0]);
+    let (nvme_vf, igb_vf) = (lab.vf(0), igb.vfs[0].as_str());
+    let dev = lab.open(0, DeviceOptions::default());
     dev.pause().unwrap();
     let fds_paused = fd_count();
-    let e = dev.unpause(sysfs(&igb_vf)).unwrap_err();
+    let e = dev.unpause(sysfs(igb_vf)).unwrap_err();
     let msg = e.to_string();
     println!("wrong identity: {msg}");
     assert!(matches!(e, Error::IdentityMismatch { .. }), "{msg}");
@@ -291,77 +364,61 @@ fn unpause_onto_other_identity_fails_naming_both_and_then_unpauses_onto_the_righ
         msg.contains("1b36:0010") && msg.contains("8086:10ca"),
         "{msg}"
     );
-    assert!(msg.contains(&nvme_vf) && msg.contains(&igb_vf), "{msg}");
+    assert!(msg.contains(nvme_vf) && msg.contains(igb_vf), "{msg}");
     assert_eq!(dev.state(), DeviceState::Paused);
     assert_eq!(fd_count(), fds_paused, "the igb VF's fds were closed again");
-    assert_no_vf_resources(guest::iommu_group(&igb_vf));
-    dev.unpause(sysfs(&nvme_vf))
+    assert_no_vf_resources(guest::iommu_group(igb_vf));
+    dev.unpause(sysfs(nvme_vf))
         .unwrap_or_else(|e| panic!("unpause onto the right VF: {}", chain(&e)));
     assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&nvme_pf, 0);
-    guest::set_numvfs(&igb_pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn unpause_when_the_vf_is_gone_fails_cleanly_and_stays_paused() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     dev.pause().unwrap();
-    numvfs_zero(&pf);
+    numvfs_zero(pf);
     let fds = fd_count();
-    let e = dev.unpause(sysfs(&vf)).unwrap_err();
+    let e = dev.unpause(sysfs(vf)).unwrap_err();
     println!("gone: {}", chain(&e));
     assert!(matches!(e, Error::VfGone { .. }), "{}", chain(&e));
     assert_eq!(dev.state(), DeviceState::Paused);
     assert_eq!(fd_count(), fds);
-    recreate(&pf, 1, 0);
-    dev.unpause(sysfs(&vf)).unwrap();
+    recreate(pf, 1, 0);
+    dev.unpause(sysfs(vf)).unwrap();
     assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn pause_twice_and_unpause_twice_are_noops_on_real_vfio() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let vf = lab.vf(0);
+    let dev = lab.open(0, DeviceOptions::default());
     assert!(!dev.pause().unwrap().noop);
     let fds = fd_count();
     assert!(dev.pause().unwrap().noop);
     assert_eq!(fd_count(), fds);
-    assert!(!dev.unpause(sysfs(&vf)).unwrap().noop);
+    assert!(!dev.unpause(sysfs(vf)).unwrap().noop);
     let fds = fd_count();
-    assert!(dev.unpause(sysfs(&vf)).unwrap().noop);
+    assert!(dev.unpause(sysfs(vf)).unwrap().noop);
     assert_eq!(fd_count(), fds);
     assert_eq!(dev.state(), DeviceState::Attached);
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
     let options = DeviceOptions::default().with_mmap_bars(true);
-    let dev = open(&container, &vf, options);
+    let dev = open(container, vf, options);
     let maps = dev.bar_mmaps();
     assert!(!maps.is_empty(), "BAR0 of an nvme VF is mmap-able");
     // SAFETY: host_addr is a live MAP_SHARED mapping of BAR0 (>= 4 KiB); a
@@ -370,9 +427,9 @@ fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
     assert_eq!(vs_mmio, bar32(&dev, 0, 8), "mmap and read() agree");
     dev.pause().unwrap();
     assert!(dev.bar_mmaps().is_empty());
-    assert_no_vf_resources(guest::iommu_group(&vf));
-    numvfs_zero(&pf);
-    let vf = recreate(&pf, 1, 0);
+    assert_no_vf_resources(guest::iommu_group(vf));
+    numvfs_zero(pf);
+    let vf = recreate(pf, 1, 0);
     // What a privileged helper would hand over with SCM_RIGHTS.
     let group: OwnedFd = fs::OpenOptions::new()
         .read(true)
@@ -396,21 +453,18 @@ fn unpause_through_a_passed_group_fd_and_bar_mmaps_released_at_pause() {
     assert_no_vf_resources(guest::iommu_group(&vf));
     // Back to an own open by sysfs path in the same container.
     dev.unpause(sysfs(&vf)).unwrap();
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn c_program_cycles_a_real_vf_through_the_c_abi() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let pf = Pf::nvme(2, &[0]);
+    let (vf, pf) = (pf.vfs[0].clone(), pf);
     let exe = std::path::Path::new("/tmp/vfio-pause-cycle");
     common::build_c_cycle(exe, false);
     let out = std::process::Command::new(exe)
-        .args(["real", &pf, &vf, "2", "3"])
+        .args(["real", &pf.pf, &vf, "2", "3"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -421,18 +475,15 @@ fn c_program_cycles_a_real_vf_through_the_c_abi() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("cycle: ok"));
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn msix_vectors_wired_before_pause_are_wired_again_after_unpause_onto_a_new_vf() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     let msix = find_cap(&dev, 0x11).expect("nvme VF has MSI-X");
     let ctrl = |dev: &PausableDevice| {
         let mut b = [0u8; 2];
@@ -443,11 +494,11 @@ fn msix_vectors_wired_before_pause_are_wired_again_after_unpause_onto_a_new_vf()
     let vectors = dev.irq_count(irq::MSIX).unwrap();
     println!("nvme VF offers {vectors} MSI-X vectors");
     assert!(vectors >= 1);
-    let fds: Vec<EventFd> = (0..vectors.min(2))
-        .map(|_| EventFd::new(0).unwrap())
-        .collect();
+    let fds = eventfds(vectors.min(2));
+    let probes: Vec<EventFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
     dev.set_irqs(irq::MSIX, fds)
         .unwrap_or_else(|e| panic!("enable MSI-X: {}", chain(&e)));
+    assert_each_vector_arrives(&dev, irq::MSIX, &probes, "wired");
     assert_ne!(
         ctrl(&dev) & 0x8000,
         0,
@@ -455,16 +506,14 @@ fn msix_vectors_wired_before_pause_are_wired_again_after_unpause_onto_a_new_vf()
     );
     dev.pause().unwrap();
     assert_ne!(ctrl(&dev) & 0x8000, 0, "the shadow keeps the guest's view");
-    numvfs_zero(&pf);
-    recreate(&pf, 1, 0);
-    let u = dev.unpause(sysfs(&vf)).unwrap();
+    numvfs_zero(pf);
+    recreate(pf, 1, 0);
+    let u = dev.unpause(sysfs(vf)).unwrap();
     println!("unpause with MSI-X: {u}");
     assert_ne!(ctrl(&dev) & 0x8000, 0, "MSI-X enabled again on the new VF");
+    assert_each_vector_arrives(&dev, irq::MSIX, &probes, "after unpause onto the new VF");
     dev.set_irqs(irq::MSIX, Vec::new()).unwrap();
     assert_eq!(ctrl(&dev) & 0x8000, 0, "MSI-X disabled");
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 /// The kernel's request IRQ tells the VMM that a remover waits; a VMM with
@@ -473,14 +522,12 @@ fn msix_vectors_wired_before_pause_are_wired_again_after_unpause_onto_a_new_vf()
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     let req = EventFd::new(0).unwrap();
     dev.set_request_irq(Some(req.try_clone().unwrap())).unwrap();
-    let pf2 = pf.clone();
+    let pf2 = pf.to_string();
     let remover = std::thread::spawn(move || numvfs_zero(&pf2));
     // Blocks until vfio-pci relays the remover's request to us.
     let n = req.read().unwrap();
@@ -494,13 +541,10 @@ fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
         took.as_secs_f64() * 1e3
     );
     assert_eq!(dev.state(), DeviceState::Paused);
-    assert!(guest::vfs_of(&pf).is_empty(), "the VF was removed");
-    recreate(&pf, 1, 0);
-    dev.unpause(sysfs(&vf)).unwrap();
+    assert!(guest::vfs_of(pf).is_empty(), "the VF was removed");
+    recreate(pf, 1, 0);
+    dev.unpause(sysfs(vf)).unwrap();
     assert!(dev.request_is_unplug());
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 /// The request-IRQ flow, repeated: the remover is blocked on the open VF, the
@@ -512,16 +556,14 @@ fn request_irq_from_a_blocked_remover_is_answered_by_pause_which_unblocks_it() {
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn vf_removed_right_after_its_device_fd_closes_leaves_no_group_fd_and_no_panic() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     for round in 0..5 {
-        let group = guest::iommu_group(&vf);
+        let group = guest::iommu_group(vf);
         let req = EventFd::new(0).unwrap();
         dev.set_request_irq(Some(req.try_clone().unwrap())).unwrap();
-        let pf2 = pf.clone();
+        let pf2 = pf.to_string();
         let remover = std::thread::spawn(move || numvfs_zero(&pf2));
         assert!(req.read().unwrap() >= 1, "request IRQ relayed");
         dev.pause()
@@ -529,14 +571,11 @@ fn vf_removed_right_after_its_device_fd_closes_leaves_no_group_fd_and_no_panic()
         remover.join().unwrap();
         assert_no_vf_resources(group);
         assert!(!container.dma_mapped(), "round {round}: container empty");
-        recreate(&pf, 1, 0);
-        dev.unpause(sysfs(&vf))
+        recreate(pf, 1, 0);
+        dev.unpause(sysfs(vf))
             .unwrap_or_else(|e| panic!("round {round}: unpause: {}", chain(&e)));
         assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
     }
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 /// `KVM_DEV_VFIO_FILE_ADD` of `group` to the KVM VFIO device `dev` (`add`),
@@ -568,8 +607,8 @@ fn passed_group_fds_are_registered_with_the_kvm_vfio_device() {
     use std::os::fd::{AsRawFd, FromRawFd};
     guest::require_lab();
     guest::modprobe("kvm-amd");
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let pf = Pf::nvme(1, &[0]);
+    let vf = pf.vfs[0].as_str();
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm in L1");
     let vm = kvm.create_vm().unwrap();
     let mut cd = kvm_bindings::kvm_create_device {
@@ -590,7 +629,7 @@ fn passed_group_fds_are_registered_with_the_kvm_vfio_device() {
     let group = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(format!("/dev/vfio/{}", guest::iommu_group(&vf)))
+        .open(format!("/dev/vfio/{}", guest::iommu_group(vf)))
         .unwrap();
     let same_file = group.try_clone().unwrap();
     let d = PausableDevice::open(
@@ -618,7 +657,7 @@ fn passed_group_fds_are_registered_with_the_kvm_vfio_device() {
     drop(same_file);
     drop(d);
     drop(container);
-    guest::set_numvfs(&pf, 0);
+    drop(pf);
 }
 
 /// The kernel's region capabilities are read (MSI-X mappable on the BAR with
@@ -628,15 +667,9 @@ fn passed_group_fds_are_registered_with_the_kvm_vfio_device() {
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn bar_mmaps_leave_out_the_msix_table_and_pba_pages() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(
-        &container,
-        &vf,
-        DeviceOptions::default().with_mmap_bars(true),
-    );
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default().with_mmap_bars(true));
     let msix = find_cap(&dev, 0x11).expect("nvme VF has MSI-X");
     let vectors = u64::from((cfg32(&dev, msix) >> 16) & 0x7ff) + 1;
     let table = cfg32(&dev, msix + 4);
@@ -674,13 +707,103 @@ fn bar_mmaps_leave_out_the_msix_table_and_pba_pages() {
         let vs = unsafe { std::ptr::read_volatile((first.host_addr + 8) as *const u32) };
         assert_eq!(vs, bar32(&dev, 0, 8), "mmap and read() agree");
         dev.pause().unwrap();
-        numvfs_zero(&pf);
-        recreate(&pf, 1, 0);
-        dev.unpause(sysfs(&vf)).unwrap();
+        numvfs_zero(pf);
+        recreate(pf, 1, 0);
+        dev.unpause(sysfs(vf)).unwrap();
     }
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
+}
+
+/// The passed fd is the one the device is opened from: while it is held, an
+/// own open of `/dev/vfio/<group>` would fail (one open file per group), and
+/// after the unpause the kernel reports that very file in the container.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn unpause_through_a_passed_group_fd_opens_from_it() {
+    use vfio_bindings::bindings::vfio::{vfio_group_status, VFIO_GROUP_FLAGS_CONTAINER_SET};
+    guest::require_lab();
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf) = (lab.pf(), lab.vf(0));
+    let dev = lab.open(0, DeviceOptions::default());
+    dev.pause().unwrap();
+    numvfs_zero(pf);
+    recreate(pf, 1, 0);
+    let path = format!("/dev/vfio/{}", guest::iommu_group(vf));
+    let group = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let same_file = group.try_clone().unwrap();
+    let status = |f: &fs::File| {
+        let mut st = vfio_group_status {
+            argsz: std::mem::size_of::<vfio_group_status>() as u32,
+            flags: 0,
+        };
+        // VFIO_GROUP_GET_STATUS = _IO(';', 100 + 3)
+        let req = (b';' as libc::c_ulong) << 8 | 103;
+        // SAFETY: `f` is an open VFIO group file and `st` a correctly sized
+        // vfio_group_status the kernel fills in.
+        let ret = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(f), req, &mut st) };
+        assert_eq!(
+            ret,
+            0,
+            "VFIO_GROUP_GET_STATUS: {}",
+            std::io::Error::last_os_error()
+        );
+        st.flags
+    };
+    assert_eq!(status(&same_file) & VFIO_GROUP_FLAGS_CONTAINER_SET, 0);
+    dev.unpause(VfSource::GroupFd {
+        group: group.into(),
+        address: vf.parse().unwrap(),
+    })
+    .unwrap_or_else(|e| panic!("unpause via group fd: {}", chain(&e)));
+    assert_ne!(
+        status(&same_file) & VFIO_GROUP_FLAGS_CONTAINER_SET,
+        0,
+        "the passed group file is the one in the container"
+    );
+    let own = fs::OpenOptions::new().read(true).write(true).open(&path);
+    assert_eq!(
+        own.map(drop).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EBUSY)),
+        "no second open of the group is possible, so none was made"
+    );
+    assert_eq!(cfg32(&dev, 0), 0x0010_1b36);
+    dev.pause().unwrap();
+    assert_eq!(
+        status(&same_file) & VFIO_GROUP_FLAGS_CONTAINER_SET,
+        0,
+        "left the container at pause"
+    );
+}
+
+/// The window that made vfio-ioctls' `VfioDevice` drop panic, made
+/// deterministic with the backend's own steps: the device fd is closed, the
+/// VF is removed (nothing blocks the remover now), and only then does the
+/// group leave. The kernel has taken the group out of the container itself;
+/// the leave succeeds and no fd of the group stays open.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn group_leaves_cleanly_when_its_vf_was_removed_between_device_close_and_leave() {
+    use vfio_pause::VfioBackend;
+    guest::require_lab();
+    let pf = Pf::nvme(1, &[0]);
+    let vf = pf.vfs[0].clone();
+    let group = guest::iommu_group(&vf);
+    let backend = vfio_pause::VfioIoctlsBackend::new().unwrap();
+    let joined = backend
+        .join_group(sysfs(&vf))
+        .unwrap_or_else(|e| panic!("join: {}", chain(&e)));
+    assert!(joined.first, "an empty container: first group");
+    let dev = backend.open_device(joined.group).unwrap();
+    backend.close_device(dev).unwrap();
+    numvfs_zero(&pf.pf);
+    assert!(guest::vfs_of(&pf.pf).is_empty(), "the VF was removed");
+    backend
+        .leave_group(joined.group)
+        .unwrap_or_else(|e| panic!("leave after removal: {}", chain(&e)));
+    assert_no_vf_resources(group);
 }
 
 /// A VMM whose first VF came as a passed group fd, then opens another VF of
@@ -689,16 +812,12 @@ fn bar_mmaps_leave_out_the_msix_table_and_pba_pages() {
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn passed_group_fd_first_then_sysfs_open_share_one_container() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf0 = pf_with_vfio_vf(&pf, 2, 0);
-    let vf1 = guest::vfs_of(&pf)[1].clone();
-    bind_vfio(&vf1);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
+    let lab = Lab::new(Pf::nvme(2, &[0, 1]));
+    let (vf0, vf1, container) = (lab.vf(0), lab.vf(1), &lab.container);
     let group: OwnedFd = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(format!("/dev/vfio/{}", guest::iommu_group(&vf0)))
+        .open(format!("/dev/vfio/{}", guest::iommu_group(vf0)))
         .unwrap()
         .into();
     let a = PausableDevice::open(
@@ -712,21 +831,18 @@ fn passed_group_fd_first_then_sysfs_open_share_one_container() {
         Arc::new(TrapAllBars),
     )
     .unwrap_or_else(|e| panic!("open from group fd: {}", chain(&e)));
-    let b = open(&container, &vf1, DeviceOptions::default());
+    let b = open(container, vf1, DeviceOptions::default());
     assert_eq!(cfg32(&a, 0), 0x0010_1b36);
     assert_eq!(cfg32(&b, 0), 0x0010_1b36);
     a.pause().unwrap();
     assert!(container.dma_mapped(), "b keeps the container");
-    a.unpause(sysfs(&vf0))
+    a.unpause(sysfs(vf0))
         .unwrap_or_else(|e| panic!("unpause by sysfs: {}", chain(&e)));
     b.pause().unwrap();
     a.pause().unwrap();
     assert!(!container.dma_mapped());
-    assert_no_vf_resources(guest::iommu_group(&vf0));
-    assert_no_vf_resources(guest::iommu_group(&vf1));
-    drop((a, b));
-    drop(container);
-    guest::set_numvfs(&pf, 0);
+    assert_no_vf_resources(guest::iommu_group(vf0));
+    assert_no_vf_resources(guest::iommu_group(vf1));
 }
 
 fn summarize(name: &str, runs: &[Timings]) {
@@ -764,15 +880,13 @@ fn lab_bench_prints_per_phase_times_on_real_vfs() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let pf = guest::nvme_pf();
-    let vf = pf_with_vfio_vf(&pf, 1, 0);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
-    let dev = open(&container, &vf, DeviceOptions::default());
+    let lab = Lab::new(Pf::nvme(1, &[0]));
+    let (pf, vf, container) = (lab.pf(), lab.vf(0), &lab.container);
+    let dev = open(container, vf, DeviceOptions::default());
     let (mut pauses, mut unpauses) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         pauses.push(dev.pause().unwrap());
-        unpauses.push(dev.unpause(sysfs(&vf)).unwrap());
+        unpauses.push(dev.unpause(sysfs(vf)).unwrap());
     }
     println!("BENCH real nvme VF {vf}, 16 MiB guest RAM mapped, same VF:");
     summarize("  pause", &pauses);
@@ -781,18 +895,15 @@ fn lab_bench_prints_per_phase_times_on_real_vfs() {
     for _ in 0..runs {
         pauses.push(dev.pause().unwrap());
         let t = Instant::now();
-        numvfs_zero(&pf);
-        recreate(&pf, 1, 0);
+        numvfs_zero(pf);
+        recreate(pf, 1, 0);
         counts.push(t.elapsed().as_secs_f64() * 1e3);
-        unpauses.push(dev.unpause(sysfs(&vf)).unwrap());
+        unpauses.push(dev.unpause(sysfs(vf)).unwrap());
     }
     println!("BENCH with sriov_numvfs 1 -> 0 -> 1 + bind between pause and unpause:");
     summarize("  pause", &pauses);
     println!("  numvfs cycle + bind: {}", stats(&counts));
     summarize("  unpause", &unpauses);
-    drop(dev);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }
 
 /// Lab benchmark of a whole reconf in pause mode for N VFs of one VM (one
@@ -809,19 +920,11 @@ fn lab_bench_parallel_pause_reconf_of_n_vfs() {
         .unwrap_or(3);
     let pf = guest::nvme_pf();
     for n in [1u32, 4, 10] {
-        guest::modprobe("vfio-pci");
-        guest::bind(&pf, "pci-pf-stub");
-        guest::set_numvfs(&pf, 0);
-        guest::set_numvfs(&pf, n);
-        let vfs = guest::vfs_of(&pf);
-        for vf in &vfs {
-            guest::bind(vf, "vfio-pci");
-        }
-        let container = Container::open_real().unwrap();
-        let mem = guest_ram(&container);
-        let devs: Vec<PausableDevice> = vfs
-            .iter()
-            .map(|vf| open(&container, vf, DeviceOptions::default()))
+        let all: Vec<usize> = (0..n as usize).collect();
+        let lab = Lab::new(Pf::new(pf.clone(), n, &all));
+        let vfs = lab.pf.vfs.clone();
+        let devs: Vec<PausableDevice> = (0..vfs.len())
+            .map(|i| lab.open(i, DeviceOptions::default()))
             .collect();
         let (mut pause_ms, mut count_ms, mut bind_ms, mut unpause_ms, mut total_ms) =
             (vec![], vec![], vec![], vec![], vec![]);
@@ -869,38 +972,32 @@ fn lab_bench_parallel_pause_reconf_of_n_vfs() {
             stats(&unpause_ms)
         );
         drop(devs);
-        drop(container);
-        drop(mem);
+        drop(lab);
     }
-    guest::set_numvfs(&pf, 0);
 }
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn vfs_sharing_a_container_pause_and_unpause_in_parallel_and_dma_is_remapped_once() {
     guest::require_lab();
-    let pf = guest::nvme_pf();
-    let vf0 = pf_with_vfio_vf(&pf, 2, 0);
-    let vf1 = guest::vfs_of(&pf)[1].clone();
-    bind_vfio(&vf1);
-    let container = Container::open_real().unwrap();
-    let _mem = guest_ram(&container);
+    let lab = Lab::new(Pf::nvme(2, &[0, 1]));
+    let (pf, vf0, vf1, container) = (lab.pf(), lab.vf(0), lab.vf(1), &lab.container);
     let devs = [
-        open(&container, &vf0, DeviceOptions::default()),
-        open(&container, &vf1, DeviceOptions::default()),
+        open(container, vf0, DeviceOptions::default()),
+        open(container, vf1, DeviceOptions::default()),
     ];
-    let vfs = [vf0.clone(), vf1.clone()];
+    let vfs = [vf0, vf1];
     std::thread::scope(|s| {
         for d in &devs {
             s.spawn(move || d.pause().unwrap());
         }
     });
     assert!(!container.dma_mapped());
-    assert_no_vf_resources(guest::iommu_group(&vf0));
-    assert_no_vf_resources(guest::iommu_group(&vf1));
-    numvfs_zero(&pf);
-    recreate(&pf, 2, 0);
-    bind_vfio(&vf1);
+    assert_no_vf_resources(guest::iommu_group(vf0));
+    assert_no_vf_resources(guest::iommu_group(vf1));
+    numvfs_zero(pf);
+    recreate(pf, 2, 0);
+    bind_vfio(vf1);
     let timings: Vec<Timings> = std::thread::scope(|s| {
         let hs: Vec<_> = devs
             .iter()
@@ -924,7 +1021,4 @@ fn vfs_sharing_a_container_pause_and_unpause_in_parallel_and_dma_is_remapped_onc
         assert_eq!(cfg32(d, 0), 0x0010_1b36);
         assert_eq!(d.state(), DeviceState::Attached);
     }
-    drop(devs);
-    drop(container);
-    guest::set_numvfs(&pf, 0);
 }

@@ -16,7 +16,15 @@
 //! ```
 //!
 //! Tests that run inside L1 use [`guest`]; the `svff-lab test` command boots one L1 and runs
-//! every `lab_*` test binary of the workspace in it.
+//! every `lab_*` test binary of the workspace in it. Tests that need a guest to see a device
+//! start an L2 VM inside L1 with [`l2`] (nested KVM; stock QEMU today, other VMMs through
+//! [`l2::Vmm`]).
+//!
+//! L1 runs with one vCPU under single-threaded TCG by default ([`TcgThread`], [`DEFAULT_CPUS`];
+//! `SVFF_LAB_CPUS`, `SVFF_LAB_TCG_THREAD` change it): with two vCPUs an L2 guest needs more than
+//! 150 s to reach its init, and multi-threaded TCG loses LAPIC timer interrupts now and then.
+//! Whatever the configuration, a stalled L1 is detected by per-CPU heartbeats of its agent (with
+//! one vCPU: by the silence of all of them) and killed ([`LabError::Stalled`]).
 
 mod agent;
 mod config;
@@ -27,9 +35,11 @@ mod initramfs;
 pub mod l2;
 pub mod proto;
 mod session;
+mod signals;
 
 pub use agent::serve as serve_agent;
 pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
 pub use session::{shell, Lab, Output};
+pub use signals::{await_signal_cleanup, exit_cleanly_on_signals};

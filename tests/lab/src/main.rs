@@ -242,6 +242,13 @@ fn cmd_test(filters: &[String], timeout: u64, args: &[String]) -> Result<u8, Lab
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A signal must not leave the session directory or QEMU behind (see svff_lab's signals).
+    if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Test { .. }) {
+        if let Err(e) = svff_lab::exit_cleanly_on_signals() {
+            eprintln!("svff-lab: error: cannot install the signal cleanup: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.cmd {
         Cmd::Run { timeout, cmd } => cmd_run(timeout, &cmd),
         Cmd::Shell => LabConfig::detect()
@@ -260,6 +267,7 @@ fn main() -> ExitCode {
             }),
         Cmd::Agent => svff_lab::serve_agent().map(|()| 0),
     };
+    svff_lab::await_signal_cleanup();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -17,7 +17,8 @@ use crate::initramfs::ensure_initramfs;
 use crate::proto::{Reply, Request, Stream};
 use crate::{LabConfig, LabError};
 
-const TMP_PREFIX: &str = "svff-lab.";
+/// Session directories are `<tmp>/svff-lab.<pid>.<nanos>`.
+pub(crate) const TMP_PREFIX: &str = "svff-lab.";
 
 /// The result of a command run in L1.
 #[derive(Debug, Clone, PartialEq, Eq)]
