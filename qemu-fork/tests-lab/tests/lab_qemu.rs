@@ -452,3 +452,104 @@ fn patched_qemu_runs_a_plain_vfio_pci_igb_vf_as_stock_qemu_does_and_does_not_pau
     guest::set_numvfs(&pf, 0);
     guest::unbind(&pf);
 }
+
+/// Runs `f` and returns its result with its wall time.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn pause_unpause_and_device_del_add_of_the_same_vf_change_timed_in_one_boot() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    // On a root port, so that the baseline can hot-unplug it.
+    let mut vmm = l2::Qemu::stock()
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .device(&format!("svff-vfio-pci,host={vf},id=vf0,bus=rp0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+    let gbdf = guest_igb_vf(&mut vm);
+    let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
+
+    // svff: pause, count change, bind, unpause.
+    let (r, pause) = timed(|| qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" }))));
+    r.unwrap();
+    let ((), change) = timed(|| {
+        numvfs("0");
+        numvfs("1");
+    });
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    let ((), bind) = timed(|| bind_vfio(&new_vf));
+    let (r, unpause) = timed(|| {
+        qmp.execute(
+            "svff-vfio-unpause",
+            Some(json!({ "id": "vf0", "host": new_vf })),
+        )
+    });
+    r.unwrap();
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "8086 10ca",
+        "svff: same guest BDF"
+    );
+    let svff = pause + change + bind + unpause;
+
+    // Baseline: device_del (until DEVICE_DELETED), count change, bind, device_add.
+    let (r, del) = timed(|| {
+        qmp.execute("device_del", Some(json!({ "id": "vf0" })))
+            .and_then(|_| qmp.wait_event("DEVICE_DELETED", CMD))
+    });
+    r.unwrap_or_else(|e| panic!("device_del: {e}"));
+    let gone = vm
+        .sh(&format!("[ ! -e /sys/bus/pci/devices/{gbdf} ]"), CMD)
+        .unwrap();
+    assert!(gone.success(), "the guest lost {gbdf} after device_del");
+    let ((), change2) = timed(|| {
+        numvfs("0");
+        numvfs("1");
+    });
+    let vf2 = guest::vfs_of(&pf)[0].clone();
+    let ((), bind2) = timed(|| bind_vfio(&vf2));
+    let (r, add) = timed(|| {
+        qmp.execute(
+            "device_add",
+            Some(json!({ "driver": "vfio-pci", "host": vf2, "id": "plain0", "bus": "rp0" })),
+        )
+    });
+    r.unwrap_or_else(|e| panic!("device_add: {e}"));
+    // The guest's hotplug handling is asynchronous: wait (bounded) for the function.
+    let (seen, guest_add) = timed(|| {
+        vm.sh(
+            &format!(
+                "i=0; while [ ! -e /sys/bus/pci/devices/{gbdf} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -e /sys/bus/pci/devices/{gbdf} ]"
+            ),
+            CMD,
+        )
+        .unwrap()
+    });
+    assert!(
+        seen.success(),
+        "the guest sees {gbdf} again after device_add"
+    );
+    let detach = del + change2 + bind2 + add + guest_add;
+    println!(
+        "svff pause-mode change: {svff:?} (pause {pause:?}, sriov_numvfs 1 -> 0 -> 1 {change:?}, bind {bind:?}, unpause {unpause:?})"
+    );
+    println!(
+        "device_del/device_add change: {detach:?} (device_del to DEVICE_DELETED {del:?}, sriov_numvfs 1 -> 0 -> 1 {change2:?}, bind {bind2:?}, device_add {add:?}, until the guest sees it {guest_add:?})"
+    );
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
