@@ -553,3 +553,31 @@ fn pause_unpause_and_device_del_add_of_the_same_vf_change_timed_in_one_boot() {
     guest::set_numvfs(&pf, 0);
     guest::unbind(&pf);
 }
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn numvfs_zero_while_attached_is_answered_by_a_pause_not_an_unplug() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let mut q = start(&vf);
+    assert_eq!(query(&mut q)["state"], "attached");
+    // No svff-vfio-pause: the kernel's request IRQ must make QEMU release the VF,
+    // else this write blocks (the kernel re-asks every 10 s, forever).
+    let ((), disable) = timed(|| {
+        guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    });
+    assert!(guest::vfs_of(&pf).is_empty(), "VFs destroyed");
+    let info = query(&mut q);
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["pause-count"], 1);
+    assert_eq!(q.vf_fds(), Vec::<String>::new());
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    unpause(&mut q, &new_vf).unwrap_or_else(|e| panic!("unpause: {e:?}"));
+    assert_eq!(query(&mut q)["state"], "attached");
+    println!("sriov_numvfs 1 -> 0 with the VF attached: {disable:?}");
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+}
