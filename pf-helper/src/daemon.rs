@@ -121,7 +121,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     }
                 }
                 let opts = VfsSetOptions {
-                    pf_driver: pfc.driver.clone(),
+                    pf_driver: pfc.pf_driver(),
                     bind: bind.clone(),
                     qdma: pfc.qdma.clone(),
                 };

@@ -271,6 +271,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The configuration file has an error at a known place.
+    #[error("config {}:{line}:{column}: {key}: {reason}", path.display())]
+    ConfigAt {
+        /// The file.
+        path: PathBuf,
+        /// Line, 1-based.
+        line: usize,
+        /// Column, 1-based.
+        column: usize,
+        /// The key the error is about, e.g. `pf[1].vfs`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The PF is not on the daemon's allow-list.
     #[error("PF {pf} is not on the helper's allow-list")]
     PfNotAllowed {
@@ -334,7 +348,7 @@ impl Error {
             Error::NotSvffFunction { .. } => "not_svff",
             Error::Qdma { .. } => "qdma",
             Error::Bitstream { .. } => "bitstream",
-            Error::Config { .. } => "config",
+            Error::Config { .. } | Error::ConfigAt { .. } => "config",
             Error::PfNotAllowed { .. } | Error::DriverNotAllowed { .. } => "not_allowed",
             Error::Socket { .. } => "socket",
             Error::Protocol(_) => "protocol",
