@@ -452,7 +452,11 @@ impl Config {
             }
             if vm.qmp_timeout_s == 0 || vm.detach_timeout_s == 0 {
                 return Err(at(
-                    key(if vm.qmp_timeout_s == 0 { "qmp_timeout_s" } else { "detach_timeout_s" }),
+                    key(if vm.qmp_timeout_s == 0 {
+                        "qmp_timeout_s"
+                    } else {
+                        "detach_timeout_s"
+                    }),
                     format!("VM {}: deadlines must be at least 1 s", vm.name),
                 ));
             }
@@ -534,8 +538,7 @@ impl Config {
         if raw.allowed_uids.is_empty() && raw.allowed_gids.is_empty() {
             return Err(Error::Config {
                 path: path.to_owned(),
-                reason: "allowed_uids and allowed_gids are both empty: nobody could connect"
-                    .into(),
+                reason: "allowed_uids and allowed_gids are both empty: nobody could connect".into(),
             });
         }
         if !raw.state_dir.is_absolute() {
@@ -755,7 +758,10 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
         assert_eq!((line, col), (13, 1), "{key} {reason}");
         assert_eq!(key, "pf[1].numvfs");
         assert!(reason.contains("unknown field `numvfs`"), "{reason}");
-        let (line, _, key, _) = located(&system_with("kind = \"qmp\"\n", "kind = \"qmp\"\nqmp_path = \"/x\"\n"));
+        let (line, _, key, _) = located(&system_with(
+            "kind = \"qmp\"\n",
+            "kind = \"qmp\"\nqmp_path = \"/x\"\n",
+        ));
         assert_eq!((line, key.as_str()), (17, "vm[0].qmp_path"));
     }
 
@@ -766,30 +772,97 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
         let (line, _, key, reason) = located(&system_with("kind = \"qmp\"", "kind = \"libvirt\""));
         assert_eq!((line, key.as_str()), (16, "vm[0].kind"));
         assert!(reason.contains("libvirt"), "{reason}");
-        let (line, _, key, _) = located(&system_with("profile = \"pci-pf-stub\"", "profile = \"fancy\""));
+        let (line, _, key, _) = located(&system_with(
+            "profile = \"pci-pf-stub\"",
+            "profile = \"fancy\"",
+        ));
         assert_eq!((line, key.as_str()), (6, "pf[0].profile"));
-        let (line, _, key, _) = located(&system_with("bdf = \"0000:02:00.0\"", "bdf = \"0000:02:00\""));
+        let (line, _, key, _) = located(&system_with(
+            "bdf = \"0000:02:00.0\"",
+            "bdf = \"0000:02:00\"",
+        ));
         assert_eq!((line, key.as_str()), (10, "pf[1].bdf"));
-        let (line, _, key, _) = located(&system_with("pause_policy = \"stall\"", "pause_policy = \"wait\""));
+        let (line, _, key, _) = located(&system_with(
+            "pause_policy = \"stall\"",
+            "pause_policy = \"wait\"",
+        ));
         assert_eq!((line, key.as_str()), (25, "vm[1].pause_policy"));
     }
 
     #[test]
     fn vm_errors_name_the_vm_line_and_key() {
         let cases: [(&str, &str, usize, &str, &str); 9] = [
-            ("name = \"vm2\"", "name = \"vm1\"", 22, "vm[1].name", "VM vm1 listed twice"),
-            ("name = \"vm2\"", "name = \"2vm\"", 22, "vm[1].name", "invalid VM name"),
-            ("qmp = \"/run/vm1.sock\"", "qmp = \"vm1.sock\"", 17, "vm[0].qmp", "absolute"),
-            ("[\"rp0\", \"rp1\"]", "[\"rp0\", \"r p\"]", 18, "vm[0].hotplug_ports", "invalid bus id"),
-            ("index = [3]", "index = [4]", 29, "vm[1].vfs", "VF index 4 of PF 0000:01:00.0 does not exist (the PF gets 4 VFs)"),
-            ("index = [3]", "index = [0, 0]", 29, "vm[1].vfs", "already assigned to VM vm2"),
-            ("index = [3]", "count = 3", 29, "vm[1].vfs", "ask for 5 VFs of PF 0000:01:00.0, which gets 4"),
-            ("pf = \"0000:01:00.0\", index = [3]", "pf = \"0000:03:00.0\", index = [3]", 29, "vm[1].vfs", "PF 0000:03:00.0 is not configured"),
-            ("index = [3]", "index = [3], count = 1", 29, "vm[1].vfs", "either count or index"),
+            (
+                "name = \"vm2\"",
+                "name = \"vm1\"",
+                22,
+                "vm[1].name",
+                "VM vm1 listed twice",
+            ),
+            (
+                "name = \"vm2\"",
+                "name = \"2vm\"",
+                22,
+                "vm[1].name",
+                "invalid VM name",
+            ),
+            (
+                "qmp = \"/run/vm1.sock\"",
+                "qmp = \"vm1.sock\"",
+                17,
+                "vm[0].qmp",
+                "absolute",
+            ),
+            (
+                "[\"rp0\", \"rp1\"]",
+                "[\"rp0\", \"r p\"]",
+                18,
+                "vm[0].hotplug_ports",
+                "invalid bus id",
+            ),
+            (
+                "index = [3]",
+                "index = [4]",
+                29,
+                "vm[1].vfs",
+                "VF index 4 of PF 0000:01:00.0 does not exist (the PF gets 4 VFs)",
+            ),
+            (
+                "index = [3]",
+                "index = [0, 0]",
+                29,
+                "vm[1].vfs",
+                "already assigned to VM vm2",
+            ),
+            (
+                "index = [3]",
+                "count = 3",
+                29,
+                "vm[1].vfs",
+                "ask for 5 VFs of PF 0000:01:00.0, which gets 4",
+            ),
+            (
+                "pf = \"0000:01:00.0\", index = [3]",
+                "pf = \"0000:03:00.0\", index = [3]",
+                29,
+                "vm[1].vfs",
+                "PF 0000:03:00.0 is not configured",
+            ),
+            (
+                "index = [3]",
+                "index = [3], count = 1",
+                29,
+                "vm[1].vfs",
+                "either count or index",
+            ),
         ];
         for (from, to, want_line, want_key, want_reason) in cases {
             let (line, _, key, reason) = located(&system_with(from, to));
-            assert_eq!((line, key.as_str()), (want_line, want_key), "{to}: {reason}");
+            assert_eq!(
+                (line, key.as_str()),
+                (want_line, want_key),
+                "{to}: {reason}"
+            );
             assert!(reason.contains(want_reason), "{to}: {reason}");
         }
     }
@@ -801,7 +874,10 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
             "profile = \"pci-pf-stub\"\ndriver = \"igb\"",
         ));
         assert_eq!((line, key.as_str()), (7, "pf[0].driver"));
-        assert!(reason.contains("uses driver pci-pf-stub, not igb"), "{reason}");
+        assert!(
+            reason.contains("uses driver pci-pf-stub, not igb"),
+            "{reason}"
+        );
         let (line, _, key, reason) = located(&system_with(
             "driver = \"igb\"",
             "driver = \"igb\"\nqdma = { vf = { qmax = 8 } }",

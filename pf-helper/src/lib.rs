@@ -153,6 +153,7 @@ mod error;
 #[cfg(test)]
 mod fake;
 mod fpga;
+mod orch;
 mod pci;
 mod protocol;
 mod qdma;
@@ -162,10 +163,19 @@ mod sysfs;
 
 pub use bitstream::BitstreamConfig;
 pub use client::request;
-pub use config::{Config, PfConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH};
+pub use config::{
+    Config, PfConfig, PfProfile, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR,
+};
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
 pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
+pub use orch::journal::{Mode, CRASH_AFTER_ENV, JOURNAL_VERSION};
+pub use orch::state::{AssignState, Assignment, AssignmentTable, StateDir, TABLE_FORMAT_VERSION};
+pub use orch::vmm::{Connector, QmpConnector, QmpVmm, Vmm};
+pub use orch::{
+    device_id, AssignRequest, OpReport, Orchestrator, TimedStep, RESULT_FORMAT_VERSION,
+};
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
