@@ -181,6 +181,7 @@ pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
 pub use status::{
-    FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION,
+    fill_holders, AssignmentStatus, FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus,
+    VfsSetReport, STATUS_FORMAT_VERSION,
 };
 pub use sysfs::{RealSysfs, Sysfs};

@@ -153,6 +153,7 @@ impl OpReport {
 
 /// `--assign VM=COUNT`: VM gets COUNT more VFs of the PF (the lowest free indices).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AssignRequest {
     /// The VM.
     pub vm: String,
@@ -921,6 +922,57 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
     /// The assignment table.
     pub fn table(&self) -> Result<AssignmentTable, Error> {
         self.state.load_table()
+    }
+
+    /// The table's entries of `pfs`, each with the pause state its VMM
+    /// reports (`query-svff-vfio`), for `svff status`.
+    pub fn status_assignments(
+        &self,
+        pfs: &[PciAddress],
+    ) -> Result<Vec<crate::status::AssignmentStatus>, Error> {
+        let table = self.state.load_table()?;
+        let entries: Vec<&Assignment> = table
+            .assignments
+            .iter()
+            .filter(|a| pfs.contains(&a.pf))
+            .collect();
+        let mut answers: BTreeMap<
+            String,
+            Result<Option<Vec<qmp_ext::svff::SvffVfioInfo>>, String>,
+        > = BTreeMap::new();
+        for a in &entries {
+            if answers.contains_key(&a.vm) {
+                continue;
+            }
+            let answer = self
+                .vm_config(&a.vm)
+                .and_then(|cfg| self.vmms.connect(cfg))
+                .and_then(|mut c| c.pause_states())
+                .map_err(|e| e.chain());
+            answers.insert(a.vm.clone(), answer);
+        }
+        Ok(entries
+            .into_iter()
+            .map(|a| {
+                let (vmm_state, vmm_note) = match answers.get(&a.vm) {
+                    Some(Ok(Some(list))) => match list.iter().find(|i| i.id == a.id) {
+                        Some(i) => (Some(i.state), None),
+                        None => (None, Some(format!("the VMM does not list {}", a.id))),
+                    },
+                    Some(Ok(None)) => (
+                        None,
+                        Some("VMM does not speak the svff QMP commands".to_owned()),
+                    ),
+                    Some(Err(e)) => (None, Some(e.clone())),
+                    None => (None, None),
+                };
+                crate::status::AssignmentStatus {
+                    entry: a.clone(),
+                    vmm_state,
+                    vmm_note,
+                }
+            })
+            .collect())
     }
 }
 
