@@ -42,7 +42,7 @@ test-rtl: deps
 test-fuzz: deps
 	@if [ -f qmp-ext/fuzz/ci.sh ]; then bash qmp-ext/fuzz/ci.sh; fi
 
-test-lab: build
+test-lab: build qemu
 	$(LAB) test
 
 test: lint doc test-host test-rtl test-fuzz test-lab
