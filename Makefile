@@ -7,7 +7,7 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 LAB = target/debug/svff-lab
 
-.PHONY: all deps build demo test test-host test-rtl test-fuzz test-lab lint doc clean
+.PHONY: all deps build demo qemu test test-host test-rtl test-fuzz test-lab lint doc clean
 
 all: build
 
@@ -20,6 +20,11 @@ build: deps
 
 demo: build
 	$(LAB) run --timeout 600 -- bash $(CURDIR)/scripts/demo.sh
+
+# svff's QEMU (qemu-fork/): upstream QEMU + patches + libvfio_pause.a, cached by input hash in
+# ~/.cache/svff-qemu/; prints the binary's path.
+qemu: deps
+	@bash qemu-fork/build.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check
@@ -37,7 +42,7 @@ test-rtl: deps
 test-fuzz: deps
 	@if [ -f qmp-ext/fuzz/ci.sh ]; then bash qmp-ext/fuzz/ci.sh; fi
 
-test-lab: build
+test-lab: build qemu
 	$(LAB) test
 
 test: lint doc test-host test-rtl test-fuzz test-lab

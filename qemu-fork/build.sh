@@ -1,59 +1,178 @@
 #!/usr/bin/env bash
-# Fetches upstream QEMU 10.0.2 (Debian's orig tarball), applies svff's patch series and builds
-# qemu-system-x86_64. See README.md. Usage: build.sh [--check]
+# Builds svff's QEMU: upstream QEMU (Debian's orig tarball, sha256 pinned below) + patches/series +
+# vfio-pause's staticlib, configured for x86_64-softmmu with KVM only. The result is cached under
+# ${SVFF_QEMU_CACHE:-~/.cache/svff-qemu}/<hash of the inputs>/ and its path printed on the last
+# line of stdout. See README.md.
+#
+# Usage: build.sh            build (or reuse the cached build); prints the binary's path
+#        build.sh --check    fetch, verify and check that the series applies; no build
+#        build.sh --path     print the binary's path if it is cached, exit 1 otherwise (no build)
+#        build.sh --key      print the hash of the inputs (no fetch, no build)
+# Every build (or cache hit) also copies the binary to <workspace>/target/svff-qemu/, with the key
+# beside it, where lab tests find it (L1 sees the workspace, not ~/.cache of root).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-ver=10.0.2
-work=$here/build
-src=$work/qemu-$ver
+root=$(cd "$here/.." && pwd)
 mode=${1:-build}
 
-mkdir -p "$work"
-tarball=$(ls "$work"/qemu_"$ver"*.orig.tar.xz 2>/dev/null | head -n1 || true)
-if [ -z "$tarball" ]; then
-    echo "qemu-fork: fetching Debian's qemu source package (orig tarball) ..."
-    grep -rqs 'deb-src\|Types:.*deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/ ||
-        { echo "qemu-fork: no deb-src source configured; run scripts/deps.sh first" >&2; exit 1; }
-    # Only the orig tarball (upstream source) is needed; the Debian packaging parts may be absent
-    # from the mirror, so apt-get's status is not the test: the tarball is.
-    (cd "$work" && apt-get source --download-only -t bookworm-backports qemu) || true
-    tarball=$(ls "$work"/qemu_"$ver"*.orig.tar.xz 2>/dev/null | head -n1 || true)
-    [ -n "$tarball" ] || { echo "qemu-fork: could not fetch qemu_$ver*.orig.tar.xz" >&2; exit 1; }
-fi
-if [ ! -d "$src" ]; then
-    echo "qemu-fork: unpacking $(basename "$tarball")"
-    tar -C "$work" -xf "$tarball"
-    [ -d "$src" ] || mv "$work"/qemu-"$ver"* "$src"
-fi
+# The source: QEMU 10.2.2, Debian's +ds orig tarball (sha256 from the .dsc of qemu 1:10.2.2+ds-1).
+ver=10.2.2
+debver=1:10.2.2+ds-1
+tarball_name=qemu_${ver}+ds.orig.tar.xz
+tarball_sha256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
 
-applied=0
-while read -r p; do
-    case "$p" in ''|'#'*) continue ;; esac
-    if patch -d "$src" -p1 --forward --dry-run -s < "$here/patches/$p" >/dev/null; then
-        patch -d "$src" -p1 --forward -s < "$here/patches/$p"
-    elif patch -d "$src" -p1 -R --dry-run -s < "$here/patches/$p" >/dev/null; then
-        : # already applied
-    else
-        echo "qemu-fork: patch $p does not apply to QEMU $ver" >&2
+cache=${SVFF_QEMU_CACHE:-${HOME:-/root}/.cache/svff-qemu}
+dl=$cache/downloads
+log() { echo "qemu-fork: $*" >&2; }
+[ "$mode" = --key ] || mkdir -p "$dl"
+
+tarball=$dl/$tarball_name
+if [ "$mode" = --key ]; then
+    :
+elif [ ! -f "$tarball" ] || ! echo "$tarball_sha256  $tarball" | sha256sum -c --status; then
+    rm -f "$tarball"
+    log "fetching $tarball_name (apt-get source qemu=$debver)"
+    offered() { apt-cache showsrc qemu 2>/dev/null | grep " $tarball_sha256 .*$tarball_name" >/dev/null; }
+    if ! offered; then
+        # Enable deb-src (only) for the suites carrying 10.2.2 by copying the first stanza of
+        # the machine's Debian source, as scripts/deps.sh does: svff never names a mirror.
+        srcs=/etc/apt/sources.list.d/debian.sources
+        mine=/etc/apt/sources.list.d/svff-qemu-src.sources
+        if [ "$(id -u)" -eq 0 ] && [ -f "$srcs" ] && [ ! -f "$mine" ]; then
+            awk 'BEGIN{RS=""; FS="\n"} NR==1 { for (i = 1; i <= NF; i++) {
+                    if ($i ~ /^Suites:/) print "Suites: forky sid";
+                    else if ($i ~ /^Types:/) print "Types: deb-src";
+                    else if ($i ~ /^#/) continue;
+                    else print $i } }' "$srcs" > "$mine"
+            log "enabled deb-src for forky and sid in $mine"
+            apt-get update -q >&2
+        fi
+    fi
+    if ! offered; then
+        log "no deb-src source offers $tarball_name (qemu $debver, forky/sid): copy the first"
+        log "  stanza of /etc/apt/sources.list.d/debian.sources with 'Types: deb-src' and"
+        log "  'Suites: forky sid' into a new .sources file, then apt-get update"
         exit 1
     fi
-    applied=$((applied + 1))
-done < "$here/patches/series"
-echo "qemu-fork: $applied patches in the series apply to QEMU $ver"
-[ "$mode" = --check ] && exit 0
+    tmp=$(mktemp -d "$dl/apt.XXXXXX")
+    # Only the orig tarball is needed; the Debian packaging parts may be absent from the mirror,
+    # so apt-get's status is not the test: the checksum of the tarball is.
+    (cd "$tmp" && apt-get source --download-only "qemu=$debver" >&2) || true
+    [ -f "$tmp/$tarball_name" ] && mv "$tmp/$tarball_name" "$tarball"
+    rm -rf "$tmp"
+    [ -f "$tarball" ] || { log "could not fetch $tarball_name"; exit 1; }
+fi
+[ "$mode" = --key ] || echo "$tarball_sha256  $tarball" | sha256sum -c --status ||
+    { log "$tarball: sha256 differs from the pinned $tarball_sha256"; exit 1; }
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q --no-install-recommends libfdt-dev libglib2.0-dev libpixman-1-dev ninja-build \
-    python3-venv pkg-config flex bison libslirp-dev
-[ -x "$work/venv/bin/meson" ] || { python3 -m venv "$work/venv" && "$work/venv/bin/pip" install -q 'meson>=1.5' pycotap; }
-# The +ds tarball drops prebuilt firmware that the build still lists: empty stand-ins.
-for f in edk2-aarch64-code.fd edk2-arm-code.fd edk2-arm-vars.fd edk2-i386-code.fd edk2-i386-secure-code.fd \
-         edk2-i386-vars.fd edk2-x86_64-code.fd edk2-x86_64-secure-code.fd edk2-riscv-code.fd edk2-riscv-vars.fd \
-         edk2-loongarch64-code.fd edk2-loongarch64-vars.fd; do
-    [ -e "$src/pc-bios/$f.bz2" ] || [ -e "$src/pc-bios/$f" ] || : > "$src/pc-bios/$f"
+patches=()
+while read -r p; do
+    case "$p" in '' | '#'*) continue ;; esac
+    [ -f "$here/patches/$p" ] || { log "patches/series names a missing patch $p"; exit 1; }
+    patches+=("$here/patches/$p")
+done < "$here/patches/series"
+
+apply_series() { # $1: source dir
+    local p
+    for p in "${patches[@]}"; do
+        patch -d "$1" -p1 --forward --quiet --no-backup-if-mismatch < "$p" >&2 ||
+            { log "patch $(basename "$p") does not apply to QEMU $ver"; return 1; }
+    done
+}
+
+if [ "$mode" = --check ]; then
+    tmp=$(mktemp -d "$cache/check.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    tar -C "$tmp" -xf "$tarball"
+    apply_series "$tmp/qemu-$ver"
+    log "${#patches[@]} patches in the series apply to QEMU $ver"
+    exit 0
+fi
+
+# The staticlib (crate-type includes "staticlib" in vfio-pause/Cargo.toml).
+if [ "$mode" = build ]; then
+    log "building libvfio_pause.a (cargo build -p vfio-pause --release)"
+    (cd "$root" && ${CARGO:-cargo} build -q -p vfio-pause --release >&2)
+fi
+lib=$root/target/release/libvfio_pause.a
+header=$root/vfio-pause/include/vfio_pause.h
+schema=$root/qmp-ext/qapi/svff.json
+[ -f "$lib" ] || { log "no $lib (build it with cargo build -p vfio-pause --release)"; exit 1; }
+
+# Configure flags: x86_64-softmmu with KVM, nothing svff does not need. QEMU's own Rust stays off:
+# a second Rust staticlib beside it would duplicate std's symbols.
+flags=(--target-list=x86_64-softmmu --enable-kvm --disable-tcg --disable-rust --disable-docs --disable-tools
+    --disable-guest-agent --disable-user --disable-gtk --disable-sdl --disable-vnc --disable-opengl
+    --disable-spice --disable-curses --disable-xen --disable-libusb --disable-usb-redir
+    --disable-install-blobs --disable-werror --disable-debug-info --enable-slirp
+    --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu)
+
+key=$( {
+    echo "$tarball_sha256"
+    printf '%s\n' "${flags[@]}"
+    sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$lib" "$header" "$schema" | cut -d' ' -f1
+} | sha256sum | cut -c1-16)
+[ "$mode" = --key ] && { echo "$key"; exit 0; }
+out=$cache/$key
+bin=$out/bin/qemu-system-x86_64
+publish() { # copy for the lab tests, atomically
+    local d=$root/target/svff-qemu
+    mkdir -p "$d"
+    cp "$bin" "$d/.qemu-system-x86_64.tmp" && mv "$d/.qemu-system-x86_64.tmp" "$d/qemu-system-x86_64"
+    echo "$key" > "$d/key"
+}
+if [ -x "$bin" ]; then
+    log "cached build $key"
+    [ "$mode" = --path ] || publish
+    echo "$bin"
+    exit 0
+fi
+[ "$mode" = --path ] && { log "no cached build for these inputs ($key)"; exit 1; }
+
+# Build needs (Debian packages, and meson>=1.5 + pycotap from PyPI: the +ds tarball drops the
+# Python wheels QEMU bundles, and Debian 12's meson is 1.0; it also drops the prebuilt dtbs, which
+# dtc from device-tree-compiler then builds).
+need=()
+for p in libfdt-dev libglib2.0-dev libpixman-1-dev ninja-build python3-venv pkg-config flex bison \
+    device-tree-compiler \
+    libslirp-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
-cd "$src"
-PATH=$work/venv/bin:$PATH ./configure --target-list=x86_64-softmmu --disable-docs --disable-install-blobs \
-    --disable-werror --enable-slirp
-PATH=$work/venv/bin:$PATH ninja -C build qemu-system-x86_64
-echo "qemu-fork: built $src/build/qemu-system-x86_64"
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+fi
+venv=$cache/venv
+[ -x "$venv/bin/meson" ] || {
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q 'meson>=1.5,<2' 'pycotap>=1.1' >&2
+}
+
+work=$out.tmp
+rm -rf "$work"
+mkdir -p "$work"
+log "unpacking $tarball_name into $work"
+tar -C "$work" -xf "$tarball"
+src=$work/qemu-$ver
+# The svff QMP schema is maintained in qmp-ext and included unchanged (patch 0003 includes it).
+cp "$schema" "$src/qapi/svff.json"
+apply_series "$src"
+log "${#patches[@]} patches applied"
+
+t0=$(date +%s)
+(cd "$src" && PATH=$venv/bin:$PATH ./configure "${flags[@]}" \
+    "-Dsvff_vfio_pause=$lib" "-Dsvff_vfio_pause_include=$(dirname "$header")" >&2)
+t1=$(date +%s)
+PATH=$venv/bin:$PATH ninja -C "$src/build" qemu-system-x86_64 >&2
+t2=$(date +%s)
+log "configure $((t1 - t0)) s, ninja $((t2 - t1)) s"
+mkdir -p "$work/bin"
+cp "$src/build/qemu-system-x86_64" "$work/bin/"
+printf 'configure_s=%s\nninja_s=%s\nnproc=%s\nloadavg=%s\n' "$((t1 - t0))" "$((t2 - t1))" \
+    "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" > "$work/build-times"
+# Keep only the binary and its record; the tree is large and can be re-made from the inputs.
+rm -rf "$src"
+rm -rf "$out"
+mv "$work" "$out"
+publish
+echo "$bin"

@@ -4,7 +4,11 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use svff_types::PausePolicy;
+use toml::Spanned;
 
 use crate::bitstream::BitstreamConfig;
 use crate::error::Error;
@@ -16,7 +20,13 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/svff/helper.toml";
 /// Default socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/svff/helper.sock";
 
-/// The daemon's configuration (`/etc/svff/helper.toml`). Unknown keys are errors.
+/// Default state directory (assignment table and journal).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/svff";
+
+/// The daemon's configuration (`/etc/svff/helper.toml`): the daemon's own
+/// settings, the PFs it manages and the VMs their VFs go to. Unknown keys are
+/// errors; every error names the file, the line and column, and the key
+/// (`pf[1].vfs`, `vm[0].vfs[0].index`), see [`Error::ConfigAt`].
 ///
 /// ```toml
 /// socket = "/run/svff/helper.sock"   # default
@@ -25,50 +35,96 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/svff/helper.sock";
 /// allowed_gids = [990]               # peers allowed by primary or supplementary gid
 /// vf_drivers = ["vfio-pci"]          # drivers VFs may be bound to (default)
 /// watchdog_s = 60                    # a change running longer is reported stuck (default)
+/// state_dir = "/var/lib/svff"        # assignment table and journal (default)
 ///
 /// [[pf]]
 /// bdf = "0000:01:00.0"
-/// driver = "igb"                     # PF driver to bind before changing VFs; optional
+/// profile = "generic"                # generic (own driver) | pci-pf-stub | qdma | nvme
+/// driver = "igb"                     # generic: PF driver to bind first; optional
+/// vfs = 4                            # VF count `svff init` creates; optional
 ///
 /// [[pf]]
 /// bdf = "0000:81:00.0"
-/// driver = "qdma-pf"
-/// qdma = { pf = { qmax = 512 }, vf = { qmax = 64 } }
+/// profile = "qdma"                   # PF driver qdma-pf
+/// vfs = 8
+/// qdma = { pf = { qmax = 512 }, vf = { qmax = 64 } }   # per-function settings
 /// bitstream = { fpga_manager = "fpga0", firmware = "svff_user.bin" }
 ///
 /// [[pf]]
 /// bdf = "0000:02:00.0"
-/// driver = "nvme"                    # the nvme profile: VFs are NVMe secondary controllers
+/// profile = "nvme"                   # PF driver nvme: VFs are NVMe secondary controllers
 /// nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }   # every VF, VF 3 apart
+///
+/// [[vm]]
+/// name = "vm1"
+/// kind = "qmp"                       # an existing QEMU / svff-vmm, reached over QMP
+/// qmp = "/run/vm1/qmp.sock"
+/// hotplug_ports = ["rp0", "rp1"]     # buses for device_add (q35 root ports)
+/// pause_policy = "ignore"            # ignore | stall (default ignore)
+/// vfs = [{ pf = "0000:01:00.0", count = 2 }, { pf = "0000:81:00.0", index = [0, 3] }]
 /// ```
 ///
 /// The file must be owned by root and not writable by group or others.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Unix socket path (ignored under systemd socket activation).
-    #[serde(default = "default_socket")]
     pub socket: PathBuf,
     /// Group that owns the socket (mode 0660); name or decimal gid.
-    #[serde(default)]
     pub socket_group: Option<String>,
     /// Peer uids allowed to talk to the daemon.
-    #[serde(default)]
     pub allowed_uids: Vec<u32>,
     /// Gids allowed to talk to the daemon: a peer whose primary gid or one of
     /// whose supplementary groups (`SO_PEERGROUPS`) is listed is let in.
-    #[serde(default)]
     pub allowed_gids: Vec<u32>,
     /// Drivers VFs may be bound to.
-    #[serde(default = "default_vf_drivers")]
     pub vf_drivers: Vec<DriverName>,
     /// Seconds a change (vfs_set; program adds its `timeout_s`) may take
     /// before the daemon answers that it is stuck in the kernel (default 60).
-    #[serde(default = "default_watchdog")]
     pub watchdog_s: u64,
+    /// Where the assignment table and the journal live.
+    pub state_dir: PathBuf,
     /// The PFs the daemon may manage: its allow-list.
-    #[serde(default, rename = "pf")]
     pub pfs: Vec<PfConfig>,
+    /// The VMs VFs are assigned to.
+    pub vms: Vec<VmConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+    #[serde(default)]
+    allowed_gids: Vec<u32>,
+    #[serde(default = "default_vf_drivers")]
+    vf_drivers: Vec<DriverName>,
+    #[serde(default = "default_watchdog")]
+    watchdog_s: u64,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default, rename = "pf")]
+    pfs: Vec<Spanned<PfConfig>>,
+    #[serde(default, rename = "vm")]
+    vms: Vec<Spanned<RawVm>>,
+}
+
+/// How a PF is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PfProfile {
+    /// The PF's own driver (`driver`, or whatever is bound).
+    Generic,
+    /// `pci-pf-stub`: SR-IOV on any PF with a standard capability.
+    PciPfStub,
+    /// Xilinx/AMD QDMA: `qdma-pf`, with `qdma` per-function settings.
+    Qdma,
+    /// The kernel's `nvme` driver: VFs are NVMe secondary controllers with
+    /// `nvme` flexible VQ/VI resources.
+    Nvme,
 }
 
 /// One allowed PF.
@@ -77,9 +133,16 @@ pub struct Config {
 pub struct PfConfig {
     /// The PF's address.
     pub bdf: PciAddress,
-    /// The PF driver to bind before changing the VF count (own driver, `pci-pf-stub`, `qdma-pf`).
+    /// How the PF is driven (default: from `driver`; `generic` without one).
+    #[serde(default)]
+    pub profile: Option<PfProfile>,
+    /// The PF driver to bind before changing the VF count (own driver,
+    /// `pci-pf-stub`, `qdma-pf`); implied by `profile` `pci-pf-stub` and `qdma`.
     #[serde(default)]
     pub driver: Option<DriverName>,
+    /// The VF count `svff init` creates (none: init leaves the count alone).
+    #[serde(default)]
+    pub vfs: Option<u16>,
     /// QDMA settings applied after VF creation.
     #[serde(default)]
     pub qdma: Option<QdmaProfile>,
@@ -92,49 +155,434 @@ pub struct PfConfig {
     pub nvme: Option<crate::nvme::NvmeProfile>,
 }
 
+/// How svff reaches a VM's VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmKind {
+    /// svff's own VMM, started and supervised by svff.
+    SvffVmm,
+    /// An existing QEMU or svff-vmm, reached through its QMP socket.
+    Qmp,
+}
+
+/// Which VFs of a PF a VM gets: `count` VFs (the lowest free indices) or
+/// exactly the VFs `index`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfSelect {
+    /// The PF.
+    pub pf: PciAddress,
+    /// How many VFs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u16>,
+    /// Which VFs (`virtfnN` indices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Vec<u16>>,
+}
+
+/// One VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// Its name (`[A-Za-z][A-Za-z0-9_-]*`, at most 32 bytes), used by `--assign`.
+    pub name: String,
+    /// How svff reaches it.
+    pub kind: VmKind,
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// Buses `device_add` may put a VF on (QEMU ids of q35 root ports), used
+    /// in order; empty: `device_add` without `bus`.
+    pub hotplug_ports: Vec<String>,
+    /// Guest BAR access policy while a VF is paused.
+    pub pause_policy: PausePolicy,
+    /// Deadline of a stalled access in milliseconds (policy `stall`).
+    pub stall_ms: Option<u64>,
+    /// Hand the VMM an open VFIO group fd at unpause (for VMMs that cannot
+    /// open `/dev/vfio` themselves).
+    pub pass_group_fd: bool,
+    /// Deadline of every QMP command, seconds (default 10).
+    pub qmp_timeout_s: u64,
+    /// Deadline for `DEVICE_DELETED` after `device_del`, seconds (default 30).
+    pub detach_timeout_s: u64,
+    /// For `svff-vmm`: its command line.
+    pub command: Vec<String>,
+    /// The VFs it gets at init.
+    pub vfs: Vec<VfSelect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: String,
+    kind: VmKind,
+    qmp: PathBuf,
+    #[serde(default)]
+    hotplug_ports: Vec<String>,
+    #[serde(default)]
+    pause_policy: PausePolicy,
+    #[serde(default)]
+    stall_ms: Option<u64>,
+    #[serde(default)]
+    pass_group_fd: bool,
+    #[serde(default = "default_qmp_timeout")]
+    qmp_timeout_s: u64,
+    #[serde(default = "default_detach_timeout")]
+    detach_timeout_s: u64,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    vfs: Vec<VfSelect>,
+}
+
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET_PATH)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 
 fn default_watchdog() -> u64 {
     60
 }
 
+fn default_qmp_timeout() -> u64 {
+    10
+}
+
+fn default_detach_timeout() -> u64 {
+    30
+}
+
 fn default_vf_drivers() -> Vec<DriverName> {
     vec![DriverName::vfio_pci()]
 }
 
+/// Line and column (1-based) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+/// The key path at byte `span.start`: the enclosing `[table]` / `[[array]]`
+/// header (arrays counted: `pf[1]`) and the key of the line, or the text
+/// under the span when the line has no `=` (an unknown key the span covers).
+fn key_at(text: &str, span: &std::ops::Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut table = String::new();
+    let mut header_line = false;
+    for l in text[..line_end].lines() {
+        let t = l.trim();
+        header_line = true;
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_owned();
+            let n = counts
+                .entry(name.clone())
+                .and_modify(|n| *n += 1)
+                .or_insert(0);
+            table = format!("{name}[{n}]");
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_owned();
+        } else {
+            header_line = false;
+        }
+    }
+    let line = &text[line_start..line_end];
+    let key = if header_line {
+        String::new()
+    } else {
+        match line.split_once('=') {
+            Some((k, _)) => k.trim().to_owned(),
+            None => text.get(span.clone()).unwrap_or("").trim().to_owned(),
+        }
+    };
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+/// The span of `key = ...` in the table whose header (or first key) `table`
+/// points at: searched up to the next table header; else `table` itself.
+fn key_span(text: &str, table: &std::ops::Range<usize>, key: &str) -> std::ops::Range<usize> {
+    let start = table.start.min(text.len());
+    let mut pos = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    for (n, l) in text[pos..].split_inclusive('\n').enumerate() {
+        let t = l.trim_start();
+        if n > 0 && t.starts_with('[') {
+            break;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            if k.trim() == key {
+                let lead = l.len() - t.len();
+                return pos + lead..pos + lead + key.len();
+            }
+        }
+        pos += l.len();
+    }
+    table.clone()
+}
+
+fn valid_vm_name(name: &str) -> bool {
+    name.len() <= 32
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A QEMU id (`[A-Za-z][A-Za-z0-9._-]*`), as a bus name for `device_add`.
+pub(crate) fn valid_qemu_id(id: &str) -> bool {
+    id.len() <= 64
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl PfConfig {
+    /// The profile in force: `profile`, else implied by `driver`.
+    pub fn effective_profile(&self) -> PfProfile {
+        match (self.profile, self.driver.as_ref().map(DriverName::as_str)) {
+            (Some(p), _) => p,
+            (None, Some("pci-pf-stub")) => PfProfile::PciPfStub,
+            (None, Some(crate::qdma::QDMA_PF_DRIVER)) => PfProfile::Qdma,
+            (None, Some(crate::nvme::NVME_PF_DRIVER)) => PfProfile::Nvme,
+            (None, _) => PfProfile::Generic,
+        }
+    }
+
+    /// The PF driver to bind before changing VFs.
+    pub fn pf_driver(&self) -> Option<DriverName> {
+        match self.effective_profile() {
+            PfProfile::Generic => self.driver.clone(),
+            PfProfile::PciPfStub => DriverName::parse("pci-pf-stub").ok(),
+            PfProfile::Qdma => DriverName::parse(crate::qdma::QDMA_PF_DRIVER).ok(),
+            PfProfile::Nvme => DriverName::parse(crate::nvme::NVME_PF_DRIVER).ok(),
+        }
+    }
+}
+
 impl Config {
-    /// Parses and checks config text; `path` only names the file in errors.
+    /// Parses and checks config text; `path` names the file in errors, which
+    /// carry the line, column and key they are about ([`Error::ConfigAt`]).
     pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
-        let bad = |reason: String| Error::Config {
-            path: path.to_owned(),
-            reason,
+        let at = |span: std::ops::Range<usize>, reason: String| {
+            let (line, column) = line_col(text, span.start);
+            Error::ConfigAt {
+                path: path.to_owned(),
+                line,
+                column,
+                key: key_at(text, &span),
+                reason,
+            }
         };
-        let config: Config = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => at(span, e.message().trim_end().to_owned()),
+            None => Error::Config {
+                path: path.to_owned(),
+                reason: e.message().trim_end().to_owned(),
+            },
+        })?;
         let mut seen = std::collections::BTreeSet::new();
-        for pf in &config.pfs {
+        let mut pfs = Vec::new();
+        for spanned in &raw.pfs {
+            let pf = spanned.get_ref();
+            let span = spanned.span();
+            let key = |k: &str| key_span(text, &span, k);
             if !seen.insert(pf.bdf) {
-                return Err(bad(format!("PF {} listed twice", pf.bdf)));
+                return Err(at(key("bdf"), format!("PF {} listed twice", pf.bdf)));
             }
             if let Some(q) = &pf.qdma {
-                q.validate().map_err(bad)?;
+                q.validate().map_err(|r| at(key("qdma"), r))?;
+                if pf.effective_profile() != PfProfile::Qdma {
+                    return Err(at(
+                        key("qdma"),
+                        format!("PF {}: qdma settings need profile \"qdma\"", pf.bdf),
+                    ));
+                }
             }
             if let Some(n) = &pf.nvme {
                 n.resources()
-                    .map_err(|r| bad(format!("PF {}: {r}", pf.bdf)))?;
+                    .map_err(|r| at(key("nvme"), format!("PF {}: {r}", pf.bdf)))?;
+                if pf.effective_profile() != PfProfile::Nvme {
+                    return Err(at(
+                        key("nvme"),
+                        format!("PF {}: nvme resources need profile \"nvme\"", pf.bdf),
+                    ));
+                }
             }
             if let Some(b) = &pf.bitstream {
                 b.validate()
-                    .map_err(|r| bad(format!("PF {}: {r}", pf.bdf)))?;
+                    .map_err(|r| at(key("bitstream"), format!("PF {}: {r}", pf.bdf)))?;
             }
+            if let (Some(p), Some(d)) = (pf.profile, &pf.driver) {
+                let implied = match p {
+                    PfProfile::Generic => None,
+                    PfProfile::PciPfStub => Some("pci-pf-stub"),
+                    PfProfile::Qdma => Some(crate::qdma::QDMA_PF_DRIVER),
+                    PfProfile::Nvme => Some(crate::nvme::NVME_PF_DRIVER),
+                };
+                if implied.is_some_and(|i| i != d.as_str()) {
+                    return Err(at(
+                        key("driver"),
+                        format!(
+                            "PF {}: profile {} uses driver {}, not {d}",
+                            pf.bdf,
+                            serde_json::to_string(&p).unwrap_or_default(),
+                            implied.unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            pfs.push(pf.clone());
         }
-        if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
-            return Err(bad(
-                "allowed_uids and allowed_gids are both empty: nobody could connect".into(),
-            ));
+        let mut vms: Vec<VmConfig> = Vec::new();
+        // Indices taken per PF, to refuse double assignments.
+        let mut taken: BTreeMap<(PciAddress, u16), String> = BTreeMap::new();
+        let mut counted: BTreeMap<PciAddress, u32> = BTreeMap::new();
+        for spanned in &raw.vms {
+            let vm = spanned.get_ref();
+            let span = spanned.span();
+            let key = |k: &str| key_span(text, &span, k);
+            if !valid_vm_name(&vm.name) {
+                return Err(at(
+                    key("name"),
+                    format!(
+                        "invalid VM name {:?} (allowed: a letter, then letters, digits, _ and -; at most 32)",
+                        vm.name
+                    ),
+                ));
+            }
+            if vms.iter().any(|v| v.name == vm.name) {
+                return Err(at(key("name"), format!("VM {} listed twice", vm.name)));
+            }
+            if !vm.qmp.is_absolute() {
+                return Err(at(
+                    key("qmp"),
+                    format!("VM {}: qmp must be an absolute socket path", vm.name),
+                ));
+            }
+            if let Some(p) = vm.hotplug_ports.iter().find(|p| !valid_qemu_id(p)) {
+                return Err(at(
+                    key("hotplug_ports"),
+                    format!("VM {}: invalid bus id {p:?}", vm.name),
+                ));
+            }
+            if vm.qmp_timeout_s == 0 || vm.detach_timeout_s == 0 {
+                return Err(at(
+                    key(if vm.qmp_timeout_s == 0 {
+                        "qmp_timeout_s"
+                    } else {
+                        "detach_timeout_s"
+                    }),
+                    format!("VM {}: deadlines must be at least 1 s", vm.name),
+                ));
+            }
+            if vm.kind == VmKind::Qmp && !vm.command.is_empty() {
+                return Err(at(
+                    key("command"),
+                    format!("VM {}: command is for kind \"svff-vmm\" only", vm.name),
+                ));
+            }
+            for sel in &vm.vfs {
+                let k = key("vfs");
+                let Some(pfc) = pfs.iter().find(|p| p.bdf == sel.pf) else {
+                    return Err(at(
+                        k,
+                        format!("VM {}: PF {} is not configured ([[pf]])", vm.name, sel.pf),
+                    ));
+                };
+                let total = pfc.vfs.unwrap_or(0);
+                match (sel.count, &sel.index) {
+                    (Some(_), Some(_)) | (None, None) => {
+                        return Err(at(
+                            k,
+                            format!(
+                                "VM {}: give either count or index for PF {}",
+                                vm.name, sel.pf
+                            ),
+                        ))
+                    }
+                    (Some(n), None) => *counted.entry(sel.pf).or_default() += u32::from(n),
+                    (None, Some(list)) => {
+                        for &i in list {
+                            if i >= total {
+                                return Err(at(
+                                    k,
+                                    format!(
+                                        "VM {}: VF index {i} of PF {} does not exist (the PF gets {total} VFs)",
+                                        vm.name, sel.pf
+                                    ),
+                                ));
+                            }
+                            if let Some(other) = taken.insert((sel.pf, i), vm.name.clone()) {
+                                return Err(at(
+                                    k,
+                                    format!(
+                                        "VM {}: VF {i} of PF {} is already assigned to VM {other}",
+                                        vm.name, sel.pf
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                }
+                let explicit = taken.keys().filter(|(p, _)| *p == sel.pf).count() as u32;
+                let want = explicit + counted.get(&sel.pf).copied().unwrap_or(0);
+                if want > u32::from(total) {
+                    return Err(at(
+                        k,
+                        format!(
+                            "VM {}: the VMs ask for {want} VFs of PF {}, which gets {total} (pf.vfs)",
+                            vm.name, sel.pf
+                        ),
+                    ));
+                }
+            }
+            vms.push(VmConfig {
+                name: vm.name.clone(),
+                kind: vm.kind,
+                qmp: vm.qmp.clone(),
+                hotplug_ports: vm.hotplug_ports.clone(),
+                pause_policy: vm.pause_policy,
+                stall_ms: vm.stall_ms,
+                pass_group_fd: vm.pass_group_fd,
+                qmp_timeout_s: vm.qmp_timeout_s,
+                detach_timeout_s: vm.detach_timeout_s,
+                command: vm.command.clone(),
+                vfs: vm.vfs.clone(),
+            });
         }
-        Ok(config)
+        if raw.allowed_uids.is_empty() && raw.allowed_gids.is_empty() {
+            return Err(Error::Config {
+                path: path.to_owned(),
+                reason: "allowed_uids and allowed_gids are both empty: nobody could connect".into(),
+            });
+        }
+        if !raw.state_dir.is_absolute() {
+            return Err(Error::Config {
+                path: path.to_owned(),
+                reason: "state_dir must be an absolute path".into(),
+            });
+        }
+        Ok(Config {
+            socket: raw.socket,
+            socket_group: raw.socket_group,
+            allowed_uids: raw.allowed_uids,
+            allowed_gids: raw.allowed_gids,
+            vf_drivers: raw.vf_drivers,
+            watchdog_s: raw.watchdog_s,
+            state_dir: raw.state_dir,
+            pfs,
+            vms,
+        })
     }
 
     /// Reads the file, refusing one that is not owned by root or is writable
@@ -172,6 +620,11 @@ impl Config {
     /// The allow-list entry of `pf`.
     pub fn pf(&self, pf: PciAddress) -> Option<&PfConfig> {
         self.pfs.iter().find(|p| p.bdf == pf)
+    }
+
+    /// The VM called `name`.
+    pub fn vm(&self, name: &str) -> Option<&VmConfig> {
+        self.vms.iter().find(|v| v.name == name)
     }
 
     /// Whether a peer with these credentials (uid, primary gid, supplementary
@@ -240,12 +693,248 @@ mod tests {
         assert!(err.to_string().contains("twice"));
     }
 
+    const SYSTEM: &str = r#"allowed_uids = [0]
+state_dir = "/var/lib/svff-test"
+
+[[pf]]
+bdf = "0000:01:00.0"
+profile = "pci-pf-stub"
+vfs = 4
+
+[[pf]]
+bdf = "0000:02:00.0"
+driver = "igb"
+vfs = 2
+
+[[vm]]
+name = "vm1"
+kind = "qmp"
+qmp = "/run/vm1.sock"
+hotplug_ports = ["rp0", "rp1"]
+vfs = [{ pf = "0000:01:00.0", count = 2 }, { pf = "0000:02:00.0", index = [1] }]
+
+[[vm]]
+name = "vm2"
+kind = "svff-vmm"
+qmp = "/run/vm2.sock"
+pause_policy = "stall"
+stall_ms = 200
+pass_group_fd = true
+command = ["/usr/bin/svff-vmm", "--kernel", "/boot/k"]
+vfs = [{ pf = "0000:01:00.0", index = [3] }]
+"#;
+
+    /// The error of `text`, which must be a located config error.
+    fn located(text: &str) -> (usize, usize, String, String) {
+        match parse(text).unwrap_err() {
+            Error::ConfigAt {
+                line,
+                column,
+                key,
+                reason,
+                path,
+            } => {
+                assert_eq!(path, Path::new("/etc/svff/helper.toml"));
+                (line, column, key, reason)
+            }
+            e => panic!("not a located error: {e}"),
+        }
+    }
+
+    /// `SYSTEM` with `from` replaced by `to` (which must occur).
+    fn system_with(from: &str, to: &str) -> String {
+        assert!(SYSTEM.contains(from), "{from}");
+        SYSTEM.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn system_config_with_pfs_and_vms_parses() {
+        let c = parse(SYSTEM).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/svff-test"));
+        assert_eq!(c.pfs[0].effective_profile(), PfProfile::PciPfStub);
+        assert_eq!(c.pfs[0].pf_driver().unwrap().as_str(), "pci-pf-stub");
+        assert_eq!(c.pfs[0].vfs, Some(4));
+        assert_eq!(c.pfs[1].effective_profile(), PfProfile::Generic);
+        assert_eq!(c.pfs[1].pf_driver().unwrap().as_str(), "igb");
+        let vm1 = c.vm("vm1").unwrap();
+        assert_eq!(vm1.kind, VmKind::Qmp);
+        assert_eq!(vm1.hotplug_ports, ["rp0", "rp1"]);
+        assert_eq!(vm1.pause_policy, PausePolicy::Ignore);
+        assert_eq!((vm1.qmp_timeout_s, vm1.detach_timeout_s), (10, 30));
+        assert_eq!(vm1.vfs[0].count, Some(2));
+        assert_eq!(vm1.vfs[1].index, Some(vec![1]));
+        let vm2 = c.vm("vm2").unwrap();
+        assert_eq!(vm2.kind, VmKind::SvffVmm);
+        assert_eq!(vm2.pause_policy, PausePolicy::Stall);
+        assert!(vm2.pass_group_fd);
+        assert_eq!(vm2.stall_ms, Some(200));
+    }
+
+    #[test]
+    fn commented_example_file_parses() {
+        let text = include_str!("../systemd/helper.toml.example");
+        let c = parse(text).unwrap();
+        assert!(!c.pfs.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_error_names_line_and_key() {
+        let (line, col, key, reason) = located(&system_with("vfs = 2\n", "vfs = 2\nnumvfs = 3\n"));
+        assert_eq!((line, col), (13, 1), "{key} {reason}");
+        assert_eq!(key, "pf[1].numvfs");
+        assert!(reason.contains("unknown field `numvfs`"), "{reason}");
+        let (line, _, key, _) = located(&system_with(
+            "kind = \"qmp\"\n",
+            "kind = \"qmp\"\nqmp_path = \"/x\"\n",
+        ));
+        assert_eq!((line, key.as_str()), (17, "vm[0].qmp_path"));
+    }
+
+    #[test]
+    fn wrong_types_and_values_name_line_and_key() {
+        let (line, _, key, reason) = located(&system_with("vfs = 4", "vfs = \"four\""));
+        assert_eq!((line, key.as_str()), (7, "pf[0].vfs"), "{reason}");
+        let (line, _, key, reason) = located(&system_with("kind = \"qmp\"", "kind = \"libvirt\""));
+        assert_eq!((line, key.as_str()), (16, "vm[0].kind"));
+        assert!(reason.contains("libvirt"), "{reason}");
+        let (line, _, key, _) = located(&system_with(
+            "profile = \"pci-pf-stub\"",
+            "profile = \"fancy\"",
+        ));
+        assert_eq!((line, key.as_str()), (6, "pf[0].profile"));
+        let (line, _, key, _) = located(&system_with(
+            "bdf = \"0000:02:00.0\"",
+            "bdf = \"0000:02:00\"",
+        ));
+        assert_eq!((line, key.as_str()), (10, "pf[1].bdf"));
+        let (line, _, key, _) = located(&system_with(
+            "pause_policy = \"stall\"",
+            "pause_policy = \"wait\"",
+        ));
+        assert_eq!((line, key.as_str()), (25, "vm[1].pause_policy"));
+    }
+
+    #[test]
+    fn vm_errors_name_the_vm_line_and_key() {
+        let cases: [(&str, &str, usize, &str, &str); 9] = [
+            (
+                "name = \"vm2\"",
+                "name = \"vm1\"",
+                22,
+                "vm[1].name",
+                "VM vm1 listed twice",
+            ),
+            (
+                "name = \"vm2\"",
+                "name = \"2vm\"",
+                22,
+                "vm[1].name",
+                "invalid VM name",
+            ),
+            (
+                "qmp = \"/run/vm1.sock\"",
+                "qmp = \"vm1.sock\"",
+                17,
+                "vm[0].qmp",
+                "absolute",
+            ),
+            (
+                "[\"rp0\", \"rp1\"]",
+                "[\"rp0\", \"r p\"]",
+                18,
+                "vm[0].hotplug_ports",
+                "invalid bus id",
+            ),
+            (
+                "index = [3]",
+                "index = [4]",
+                29,
+                "vm[1].vfs",
+                "VF index 4 of PF 0000:01:00.0 does not exist (the PF gets 4 VFs)",
+            ),
+            (
+                "index = [3]",
+                "index = [0, 0]",
+                29,
+                "vm[1].vfs",
+                "already assigned to VM vm2",
+            ),
+            (
+                "index = [3]",
+                "count = 3",
+                29,
+                "vm[1].vfs",
+                "ask for 5 VFs of PF 0000:01:00.0, which gets 4",
+            ),
+            (
+                "pf = \"0000:01:00.0\", index = [3]",
+                "pf = \"0000:03:00.0\", index = [3]",
+                29,
+                "vm[1].vfs",
+                "PF 0000:03:00.0 is not configured",
+            ),
+            (
+                "index = [3]",
+                "index = [3], count = 1",
+                29,
+                "vm[1].vfs",
+                "either count or index",
+            ),
+        ];
+        for (from, to, want_line, want_key, want_reason) in cases {
+            let (line, _, key, reason) = located(&system_with(from, to));
+            assert_eq!(
+                (line, key.as_str()),
+                (want_line, want_key),
+                "{to}: {reason}"
+            );
+            assert!(reason.contains(want_reason), "{to}: {reason}");
+        }
+    }
+
+    #[test]
+    fn pf_profile_conflicts_are_located() {
+        let (line, _, key, reason) = located(&system_with(
+            "profile = \"pci-pf-stub\"",
+            "profile = \"pci-pf-stub\"\ndriver = \"igb\"",
+        ));
+        assert_eq!((line, key.as_str()), (7, "pf[0].driver"));
+        assert!(
+            reason.contains("uses driver pci-pf-stub, not igb"),
+            "{reason}"
+        );
+        let (line, _, key, reason) = located(&system_with(
+            "driver = \"igb\"",
+            "driver = \"igb\"\nqdma = { vf = { qmax = 8 } }",
+        ));
+        assert_eq!((line, key.as_str()), (12, "pf[1].qdma"));
+        assert!(reason.contains("need profile \"qdma\""), "{reason}");
+        let (line, _, key, _) = located(&system_with(
+            "bdf = \"0000:02:00.0\"",
+            "bdf = \"0000:01:00.0\"",
+        ));
+        assert_eq!((line, key.as_str()), (10, "pf[1].bdf"));
+    }
+
+    #[test]
+    fn located_errors_print_file_line_and_key() {
+        let err = parse(&system_with("vfs = 4", "vfs = -4")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config /etc/svff/helper.toml:7:7: pf[0].vfs: "),
+            "{text}"
+        );
+        assert_eq!(err.kind(), "config");
+    }
+
     #[test]
     fn nvme_profile_parses_and_bad_tables_are_refused() {
         let c = parse(
             "allowed_uids = [0]\n[[pf]]\nbdf = \"0000:02:00.0\"\ndriver = \"nvme\"\nnvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }\n",
         )
         .unwrap();
+        assert_eq!(c.pfs[0].effective_profile(), PfProfile::Nvme);
+        assert_eq!(c.pfs[0].pf_driver().unwrap().as_str(), "nvme");
         let r = c.pfs[0].nvme.as_ref().unwrap().resources().unwrap();
         assert_eq!(r.for_vf(0), Some(crate::nvme::VfResources { vq: 2, vi: 1 }));
         assert_eq!(r.for_vf(3), Some(crate::nvme::VfResources { vq: 4, vi: 2 }));
@@ -253,8 +942,12 @@ mod tests {
             "nvme = { vq = 2 }",
             "nvme = { vf = { x = { vq = 2, vi = 1 } } }",
             "nvme = { vq = 2, vi = 1, qmax = 4 }",
+            "profile = \"pci-pf-stub\"\nnvme = { vq = 2, vi = 1 }",
         ] {
-            let text = format!("allowed_uids = [0]\n[[pf]]\nbdf = \"0000:02:00.0\"\n{bad}\n");
+            let text = format!(
+                "allowed_uids = [0]\n[[pf]]\nbdf = \"0000:02:00.0\"\nprofile = \"nvme\"\n{bad}\n"
+            )
+            .replace("profile = \"nvme\"\nprofile", "profile");
             assert!(parse(&text).is_err(), "{bad}");
         }
     }

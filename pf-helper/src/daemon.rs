@@ -18,6 +18,8 @@ use tracing::{error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::orch::vmm::{Connector, QmpConnector};
+use crate::orch::Orchestrator;
 use crate::pci::PciAddress;
 use crate::protocol::{Request, Response, MAX_LINE};
 use crate::sriov::{SriovManager, VfsSetOptions};
@@ -39,6 +41,8 @@ const LINE_DEADLINE: Duration = Duration::from_secs(10);
 pub struct Daemon<S: Sysfs> {
     config: Config,
     mgr: SriovManager<S>,
+    /// How VMMs are reached (QMP; a double in tests).
+    vmms: Box<dyn Connector>,
     /// The change being carried out (at most one at a time), if any.
     running: Mutex<Option<Running>>,
     /// Signalled when `running` ends or is declared stuck.
@@ -81,12 +85,45 @@ impl<S: Sysfs + 'static> Daemon<S> {
         Daemon {
             config,
             mgr,
+            vmms: Box::new(QmpConnector),
             running: Mutex::new(None),
             running_changed: Condvar::new(),
             next_change: AtomicU64::new(0),
             slots: Mutex::new(BTreeMap::new()),
             next_slot: AtomicU64::new(0),
         }
+    }
+
+    /// Reaches VMMs through `vmms` instead of QMP sockets (tests).
+    pub fn with_connector(mut self, vmms: Box<dyn Connector>) -> Self {
+        self.vmms = vmms;
+        self
+    }
+
+    fn orchestrator(&self) -> Result<Orchestrator<'_, S>, Error> {
+        Orchestrator::new(&self.config, &self.mgr, self.vmms.as_ref())
+    }
+
+    /// The watchdog of an orchestration change: the daemon's plus every
+    /// VM's deadlines (a detach and a command per VF it may hold).
+    fn orch_watchdog(&self) -> Duration {
+        let per_vm: u64 = self
+            .config
+            .vms
+            .iter()
+            .map(|v| (v.detach_timeout_s + 2 * v.qmp_timeout_s) * 8)
+            .sum();
+        self.config.watchdog() * 2 + Duration::from_secs(per_vm)
+    }
+
+    /// Finishes an operation the journal shows as interrupted (run at
+    /// start-up, before serving); `Ok(None)` when there is none.
+    pub fn recover_at_start(&self) -> Result<Option<crate::orch::OpReport>, Error> {
+        let orch = self.orchestrator()?;
+        if crate::orch::journal::pending(orch.state())?.is_none() {
+            return Ok(None);
+        }
+        orch.recover().map(Some)
     }
 
     fn allowed_pf(&self, pf: PciAddress) -> Result<&crate::config::PfConfig, Error> {
@@ -108,7 +145,12 @@ impl<S: Sysfs + 'static> Daemon<S> {
                 };
                 list.and_then(|l| {
                     self.wait_for_changes_on(&l)?;
-                    self.mgr.status(Some(&l))
+                    let mut status = self.mgr.status(Some(&l))?;
+                    if !self.config.vms.is_empty() {
+                        status.assignments = self.orchestrator()?.status_assignments(&l)?;
+                        crate::status::fill_holders(&mut status);
+                    }
+                    Ok(status)
                 })
                 .and_then(|s| to_value(&s))
             }
@@ -126,7 +168,7 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     }
                 }
                 let opts = VfsSetOptions {
-                    pf_driver: pfc.driver.clone(),
+                    pf_driver: pfc.pf_driver(),
                     bind: bind.clone(),
                     qdma: pfc.qdma.clone(),
                 };
@@ -155,6 +197,38 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     },
                 )
             }),
+            Request::Init {} => match self.config.pfs.first() {
+                None => Err(Error::Plan("no PF is configured".into())),
+                Some(first) => self.change(first.bdf, "init".into(), self.orch_watchdog(), |d| {
+                    d.orchestrator()?.init().and_then(|r| to_value(&r))
+                }),
+            },
+            Request::Reconf {
+                pf,
+                vfs,
+                mode,
+                assign,
+            } => self.allowed_pf(*pf).and_then(|_| {
+                let (pf, vfs, mode, assign) = (*pf, *vfs, *mode, assign.clone());
+                self.change(
+                    pf,
+                    format!("reconf to {vfs}"),
+                    self.orch_watchdog(),
+                    move |d| {
+                        d.orchestrator()?
+                            .reconf(pf, vfs, mode, &assign)
+                            .and_then(|r| to_value(&r))
+                    },
+                )
+            }),
+            Request::Recover {} => match self.config.pfs.first() {
+                None => Err(Error::Plan("no PF is configured".into())),
+                Some(first) => {
+                    self.change(first.bdf, "recover".into(), self.orch_watchdog(), |d| {
+                        d.orchestrator()?.recover().and_then(|r| to_value(&r))
+                    })
+                }
+            },
             Request::Program { pf } => self.allowed_pf(*pf).and_then(|pfc| {
                 let cfg = pfc.bitstream.clone().ok_or_else(|| Error::Config {
                     path: "helper config".into(),

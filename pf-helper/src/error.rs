@@ -271,6 +271,94 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The configuration file has an error at a known place.
+    #[error("config {}:{line}:{column}: {key}: {reason}", path.display())]
+    ConfigAt {
+        /// The file.
+        path: PathBuf,
+        /// Line, 1-based.
+        line: usize,
+        /// Column, 1-based.
+        column: usize,
+        /// The key the error is about, e.g. `pf[1].vfs`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file of the state directory could not be used.
+    #[error("state {}: {op} failed", path.display())]
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file of the state directory has content this svff cannot read.
+    #[error("state {}: {reason}", path.display())]
+    StateCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another orchestration operation holds the state directory's lock.
+    #[error("another svff operation is running ({holder}); try again when it has finished")]
+    OperationRunning {
+        /// The lock file's content: pid and operation.
+        holder: String,
+    },
+    /// The journal shows an operation that did not finish.
+    #[error("an interrupted operation ({what}) is in the journal {}: run `svff recover` first", path.display())]
+    RecoveryNeeded {
+        /// The operation's begin record, summarised.
+        what: String,
+        /// The journal.
+        path: PathBuf,
+    },
+    /// A VMM did not do what was asked, or did not answer in time.
+    #[error("VM {vm}: {action}")]
+    Vmm {
+        /// The VM's name.
+        vm: String,
+        /// What was asked, naming the device.
+        action: String,
+        /// The QMP error (timeout, closed, command error).
+        #[source]
+        source: qmp_ext::Error,
+    },
+    /// Something a VM's kind cannot do (yet).
+    #[error("VM {vm}: {reason}")]
+    VmmUnsupported {
+        /// The VM's name.
+        vm: String,
+        /// Why.
+        reason: String,
+    },
+    /// A VM name that is not in the config.
+    #[error("unknown VM {name:?} (configured: {known})")]
+    UnknownVm {
+        /// The name asked for.
+        name: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// A request the current state cannot satisfy (e.g. more VFs assigned than exist).
+    #[error("{0}")]
+    Plan(String),
+    /// An operation failed part-way; what was done about it.
+    #[error("{operation} failed: {outcome}")]
+    OperationFailed {
+        /// The operation, e.g. `reconf of PF 0000:01:00.0 to 2 VFs (pause mode)`.
+        operation: String,
+        /// What the helper did: `rolled back: ...` or `finished, but ...`.
+        outcome: String,
+        /// The first failure.
+        #[source]
+        source: Box<Error>,
+    },
     /// The PF is not on the daemon's allow-list.
     #[error("PF {pf} is not on the helper's allow-list")]
     PfNotAllowed {
@@ -367,7 +455,14 @@ impl Error {
             Error::NotSvffFunction { .. } => "not_svff",
             Error::Qdma { .. } => "qdma",
             Error::Bitstream { .. } => "bitstream",
-            Error::Config { .. } => "config",
+            Error::Config { .. } | Error::ConfigAt { .. } => "config",
+            Error::State { .. } | Error::StateCorrupt { .. } => "state",
+            Error::OperationRunning { .. } => "busy",
+            Error::RecoveryNeeded { .. } => "recovery_needed",
+            Error::Vmm { .. } => "vmm",
+            Error::VmmUnsupported { .. } => "not_supported",
+            Error::UnknownVm { .. } | Error::Plan(_) => "invalid_argument",
+            Error::OperationFailed { source, .. } => source.kind(),
             Error::PfNotAllowed { .. } | Error::DriverNotAllowed { .. } => "not_allowed",
             Error::Socket { .. } => "socket",
             Error::Protocol(_) => "protocol",

@@ -40,6 +40,16 @@
 //!   `vq:0,vi:0` leaves it offline. Refusals (`nvme_resources`) name the PF,
 //!   the VF and the resource, e.g. "PF 0000:02:00.0: NVMe VF resources: VF 1:
 //!   3 VQ requested, at most 2 per secondary controller (VQFRSM)".
+//! - [`Orchestrator`]: `svff init`, `svff reconf`, `svff recover` across
+//!   running VMs ([`Vmm`] / [`Connector`]: QMP to QEMU or svff-vmm), with the
+//!   assignment table ([`StateDir`], [`AssignmentTable`]) and the
+//!   write-ahead journal in the config's `state_dir`. The flow, the failure
+//!   outcomes and the `--json` result ([`OpReport`], format
+//!   [`RESULT_FORMAT_VERSION`]) are described in the `orch` module docs,
+//!   reproduced here:
+//!
+#![doc = include_str!("orch/README.md")]
+//!
 //!
 //! # `svff status --json` (format version 1)
 //!
@@ -95,8 +105,8 @@
 //! VFs by `virtfnN` index. `vendor`/`device` are the sysfs attributes verbatim;
 //! `driver` is the name of the `driver` link (`null`: unbound); `iommu_group`
 //! the number of the `iommu_group` link (`null`: no IOMMU); `holder` the VMM
-//! device id holding the VF per the assignment table (`null`: none; always
-//! `null` until the init/reconf orchestration keeps that table); `held_by` a
+//! device id holding the VF per the assignment table (`null`: none, or the
+//! table is not known: a `--direct` status without a readable `--config`); `held_by` a
 //! process that holds the VF: its VFIO group or cdev open, a VFIO device fd
 //! whose fdinfo names the VF (`file` then reads `anon_inode:[vfio-device] (VFIO
 //! device fd N)`), or a mapping of one of its BARs (`<path> (mapped)`), from
@@ -176,6 +186,37 @@
 //! (after at most 2 s more), while other PFs' status is served as usual.
 //! The PF driver and QDMA settings come from the PF's entry in the config.
 //! The config format is described at [`Config`].
+//!
+//! Orchestration requests (results: an [`OpReport`]), carried out as changes
+//! (one at a time, under the watchdog plus the VMs' deadlines):
+//!
+//! | request | CLI |
+//! |---|---|
+//! | `{"op":"init"}` | `svff init` |
+//! | `{"op":"reconf","pf":"0000:01:00.0","vfs":2,"mode":"detach","assign":[{"vm":"vm1","count":1}]}` (`mode` default `pause`, `assign` optional) | `svff reconf --pf 0000:01:00.0 --vfs 2 --mode detach --assign vm1=1` |
+//! | `{"op":"recover"}` | `svff recover` |
+//!
+//! Their error kinds add `state` (state directory unusable), `vmm` (a VMM
+//! failed or did not answer; the message names the VM and device),
+//! `recovery_needed` (the journal holds an unfinished operation),
+//! `not_supported` (starting `svff-vmm` VMs), and `busy` for a second
+//! operation while one runs. The daemon finishes an interrupted operation at
+//! start-up, before serving.
+//!
+//! # Status: the assignment table
+//!
+//! With VMs configured, `svff status --json` adds `assignments` (absent when
+//! empty): the table's entries of the PFs shown, each as in
+//! `assignments.json` plus `vmm_state` (the VMM's `query-svff-vfio` state:
+//! `attached`, `paused`, `pausing`, `unpausing`, `detached`; `null` when it
+//! cannot say) and `vmm_note` (why `vmm_state` is `null`, e.g. "VMM does not
+//! speak the svff QMP commands"); each VF's `holder` is its device id:
+//!
+//! ```json
+//! "assignments": [ { "pf": "0000:01:00.0", "vf": 0, "host": "0000:01:10.0", "vm": "vm1",
+//!   "id": "svff-0000-01-00.0-vf0", "bus": "svffrp0", "guest": "0000:01:00.0",
+//!   "state": "attached", "vmm_state": "paused", "vmm_note": null } ]
+//! ```
 
 mod bitstream;
 mod client;
@@ -186,6 +227,7 @@ mod error;
 mod fake;
 mod fpga;
 mod nvme;
+mod orch;
 mod pci;
 mod protocol;
 mod qdma;
@@ -195,7 +237,10 @@ mod sysfs;
 
 pub use bitstream::BitstreamConfig;
 pub use client::request;
-pub use config::{Config, PfConfig, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH};
+pub use config::{
+    Config, PfConfig, PfProfile, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR,
+};
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
 pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
@@ -207,11 +252,18 @@ pub use nvme::{
     PlannedVf, PrimaryCaps, ResourceType, SecondaryController, SecondaryStatus, VfResources,
     VirtAction, NVME_PF_DRIVER,
 };
+pub use orch::journal::{Mode, CRASH_AFTER_ENV, JOURNAL_VERSION};
+pub use orch::state::{AssignState, Assignment, AssignmentTable, StateDir, TABLE_FORMAT_VERSION};
+pub use orch::vmm::{Connector, QmpConnector, QmpVmm, Vmm};
+pub use orch::{
+    device_id, AssignRequest, OpReport, Orchestrator, TimedStep, RESULT_FORMAT_VERSION,
+};
 pub use pci::{DriverName, PciAddress};
 pub use protocol::{ErrorBody, Request, Response, PROTOCOL_VERSION};
 pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
 pub use status::{
-    FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus, VfsSetReport, STATUS_FORMAT_VERSION,
+    fill_holders, AssignmentStatus, FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus,
+    VfsSetReport, STATUS_FORMAT_VERSION,
 };
 pub use sysfs::{RealSysfs, Sysfs};

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use svff_pf_helper::{
-    bind_socket, listener_from_systemd, request, Config, Daemon, DriverName, Error, FpgaStatus,
-    NvmeResources, PciAddress, RealSysfs, Request, SriovManager, Status, VfsSetOptions,
-    VfsSetReport, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH,
+    bind_socket, listener_from_systemd, request, AssignRequest, Config, Daemon, DriverName, Error,
+    FpgaStatus, Mode, NvmeResources, OpReport, Orchestrator, PciAddress, QmpConnector, RealSysfs,
+    Request, SriovManager, Status, VfsSetOptions, VfsSetReport, DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH,
 };
 
 /// Manage SR-IOV virtual functions of FPGA (and other) PFs for svff.
@@ -24,6 +25,10 @@ struct Cli {
     /// Do the work in this process on /sys instead of asking the daemon (needs root).
     #[arg(long, global = true)]
     direct: bool,
+    /// The TOML config (root-owned, not group/world writable): read by
+    /// `helper`, and by init/reconf/recover/status with --direct.
+    #[arg(long = "config", global = true, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config_path: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +45,44 @@ enum Command {
     /// Manage a PF's virtual functions.
     #[command(subcommand)]
     Vfs(VfsCommand),
+    /// Bring every configured PF up: bitstream, VFs, vfio-pci, each VF into its VM.
+    ///
+    /// Journaled; running it again on a system in that state changes nothing
+    /// and says so. Exits 1 when a device could not be attached.
+    Init {
+        /// Print the result as JSON (format in the svff-pf-helper crate docs, `format_version` 1).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a PF's VF count across running VMs.
+    ///
+    /// Pause mode (default): VMMs holding the PF's VFs pause them in parallel,
+    /// the count changes, surviving VFs are unpaused onto the re-created VFs,
+    /// VFs that are gone are removed from their guests. Detach mode:
+    /// device_del, count change, device_add (works with stock QEMU).
+    Reconf {
+        /// The PF, e.g. 0000:01:00.0.
+        #[arg(long, value_name = "BDF")]
+        pf: PciAddress,
+        /// The new VF count.
+        #[arg(long, value_name = "N")]
+        vfs: u16,
+        /// pause or detach.
+        #[arg(long, value_enum, default_value = "pause")]
+        mode: ModeArg,
+        /// New VFs for VMs: VM=COUNT,... (the lowest free indices).
+        #[arg(long, value_name = "VM=COUNT,...")]
+        assign: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish an operation the journal shows as interrupted (the helper died).
+    Recover {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Program the bitstream configured for a PF (through the daemon only).
     Program {
         /// The PF, e.g. 0000:81:00.0.
@@ -51,11 +94,13 @@ enum Command {
     /// Listens on the config's socket (or the one passed by systemd socket
     /// activation), checks each peer's uid/gid with SO_PEERCRED, and serves the
     /// JSON-line protocol described in the svff-pf-helper crate docs.
-    Helper {
-        /// The TOML config (root-owned, not group/world writable).
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Helper,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Pause,
+    Detach,
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +254,77 @@ fn print_status(status: &Status) {
     }
 }
 
+fn print_assignments(status: &Status) {
+    if status.assignments.is_empty() {
+        return;
+    }
+    println!("assignments:");
+    for a in &status.assignments {
+        let e = &a.entry;
+        println!(
+            "  PF {} VF {:<3} {} -> VM {} as {} guest {} {:?}{}",
+            e.pf,
+            e.vf,
+            e.host,
+            e.vm,
+            e.id,
+            e.guest.as_deref().unwrap_or("-"),
+            e.state,
+            match (&a.vmm_state, &a.vmm_note) {
+                (Some(s), _) => format!(" (VMM: {})", s.name()),
+                (None, Some(n)) => format!(" (VMM: {n})"),
+                _ => String::new(),
+            }
+        );
+    }
+}
+
+fn print_op(r: &OpReport) {
+    for c in &r.changes {
+        println!("{c}");
+    }
+    for s in &r.steps {
+        println!(
+            "  {:<14} {:<10} {:>10.3} ms",
+            s.name,
+            s.vm.as_deref().unwrap_or("-"),
+            s.ms
+        );
+    }
+    for f in &r.failures {
+        println!("FAILED: {f}");
+    }
+}
+
+fn op_out(r: &OpReport, json: bool) -> Result<(), Error> {
+    if json {
+        json_out(r)?;
+    } else {
+        print_op(r);
+    }
+    if r.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Plan(format!(
+            "{} device(s) could not be restored: {}",
+            r.failures.len(),
+            r.failures.join("; ")
+        )))
+    }
+}
+
+/// Runs `f` on an orchestrator in this process (--direct).
+fn direct_orch(
+    cli: &Cli,
+    f: impl FnOnce(&Orchestrator<'_, RealSysfs>) -> Result<OpReport, Error>,
+) -> Result<OpReport, Error> {
+    require_root()?;
+    let config = Config::load(&cli.config_path)?;
+    let mgr = SriovManager::new(RealSysfs::new());
+    let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
+    f(&orch)
+}
+
 fn print_report(r: &VfsSetReport) {
     if r.changed {
         println!("PF {}: VFs {} -> {}", r.pf, r.from, r.to);
@@ -235,7 +351,15 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Status(args) => {
             let status: Status = if cli.direct {
                 let mgr = SriovManager::new(RealSysfs::new());
-                mgr.status((!args.pf.is_empty()).then_some(&args.pf[..]))?
+                let mut s = mgr.status((!args.pf.is_empty()).then_some(&args.pf[..]))?;
+                // The table needs the config; without one the status is the kernel's alone.
+                if let Ok(config) = Config::load(&cli.config_path) {
+                    let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
+                    let pfs: Vec<PciAddress> = s.pfs.iter().map(|p| p.bdf).collect();
+                    s.assignments = orch.status_assignments(&pfs)?;
+                    svff_pf_helper::fill_holders(&mut s);
+                }
+                s
             } else if args.pf.len() == 1 {
                 decode(request(
                     &cli.socket,
@@ -254,6 +378,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 json_out(&status)
             } else {
                 print_status(&status);
+                print_assignments(&status);
                 Ok(())
             }
         }
@@ -309,6 +434,53 @@ fn run(cli: Cli) -> Result<(), Error> {
                 Ok(())
             }
         }
+        Command::Init { json } => {
+            let r = if cli.direct {
+                direct_orch(&cli, |o| o.init())?
+            } else {
+                decode(request(&cli.socket, &Request::Init {})?)?
+            };
+            op_out(&r, json)
+        }
+        Command::Reconf {
+            pf,
+            vfs,
+            mode,
+            ref assign,
+            json,
+        } => {
+            let mode = match mode {
+                ModeArg::Pause => Mode::Pause,
+                ModeArg::Detach => Mode::Detach,
+            };
+            let assign = assign
+                .as_deref()
+                .map(AssignRequest::parse_list)
+                .transpose()?
+                .unwrap_or_default();
+            let r = if cli.direct {
+                direct_orch(&cli, |o| o.reconf(pf, vfs, mode, &assign))?
+            } else {
+                decode(request(
+                    &cli.socket,
+                    &Request::Reconf {
+                        pf,
+                        vfs,
+                        mode,
+                        assign,
+                    },
+                )?)?
+            };
+            op_out(&r, json)
+        }
+        Command::Recover { json } => {
+            let r = if cli.direct {
+                direct_orch(&cli, |o| o.recover())?
+            } else {
+                decode(request(&cli.socket, &Request::Recover {})?)?
+            };
+            op_out(&r, json)
+        }
         Command::Program { pf } => {
             if cli.direct {
                 return Err(Error::Usage(
@@ -319,8 +491,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             let v = request(&cli.socket, &Request::Program { pf })?;
             json_out(&v)
         }
-        Command::Helper { config } => {
-            let config = Config::load(&config)?;
+        Command::Helper => {
+            let config = Config::load(&cli.config_path)?;
             // Tell a supervisor (or a test) that the socket is ready.
             let listener = match listener_from_systemd()? {
                 Some(l) => {
@@ -334,6 +506,16 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
             };
             let daemon = Arc::new(Daemon::new(config, SriovManager::new(RealSysfs::new())));
+            // An operation the previous helper left unfinished is finished first.
+            match daemon.recover_at_start() {
+                Ok(None) => {}
+                Ok(Some(r)) => {
+                    tracing::info!(changes = ?r.changes, failures = ?r.failures, "recovered at start-up")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.chain(), "recovery at start-up failed; `svff recover` retries")
+                }
+            }
             daemon.serve(listener)
         }
     }
@@ -341,7 +523,7 @@ fn run(cli: Cli) -> Result<(), Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(if matches!(cli.command, Command::Helper { .. }) {
+    init_tracing(if matches!(cli.command, Command::Helper) {
         "info"
     } else {
         "warn"

@@ -39,6 +39,23 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resources: Option<crate::nvme::NvmeResources>,
     },
+    /// `svff init`; the result is an [`crate::OpReport`].
+    Init {},
+    /// `svff reconf`; the result is an [`crate::OpReport`].
+    Reconf {
+        /// The PF.
+        pf: PciAddress,
+        /// The VF count.
+        vfs: u16,
+        /// pause (default) or detach.
+        #[serde(default)]
+        mode: crate::orch::journal::Mode,
+        /// New VFs for VMs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        assign: Vec<crate::orch::AssignRequest>,
+    },
+    /// `svff recover`; the result is an [`crate::OpReport`].
+    Recover {},
     /// Programs the PF's configured bitstream; the result is `{"steps": [...]}`.
     Program {
         /// The PF.

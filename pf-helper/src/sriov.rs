@@ -487,6 +487,7 @@ impl<S: Sysfs> SriovManager<S> {
             .map(|pf| self.pf_status(pf))
             .collect::<Result<_, _>>()?;
         Ok(Status {
+            assignments: Vec::new(),
             format_version: STATUS_FORMAT_VERSION,
             pfs,
         })

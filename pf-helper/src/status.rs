@@ -15,6 +15,27 @@ pub struct Status {
     pub format_version: u32,
     /// The PFs, sorted by address.
     pub pfs: Vec<PfStatus>,
+    /// The helper's assignment table for these PFs, each entry with the
+    /// pause state its VMM reports (added to format 1 later: absent means
+    /// empty; always empty when the table is not readable, e.g. a
+    /// `--direct` status without `--config`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assignments: Vec<AssignmentStatus>,
+}
+
+/// One entry of the assignment table, as `svff status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentStatus {
+    /// The entry (PF, VF index, host BDF, VM, device id, bus, guest address, state).
+    #[serde(flatten)]
+    pub entry: crate::orch::state::Assignment,
+    /// The device's state as the VMM reports it (`query-svff-vfio`:
+    /// `attached`, `paused`, `pausing`, `unpausing`, `detached`), `null`
+    /// when the VMM does not speak the svff commands or did not answer.
+    pub vmm_state: Option<svff_types::DeviceState>,
+    /// Why `vmm_state` is `null`: `"VMM does not speak the svff QMP
+    /// commands"`, or the error reaching it; `null` when it answered.
+    pub vmm_note: Option<String>,
 }
 
 /// One SR-IOV physical function.
@@ -135,4 +156,17 @@ pub struct VfsSetReport {
     pub steps: Vec<Step>,
     /// The PF afterwards.
     pub status: PfStatus,
+}
+
+/// Sets each VF's `holder` to the device id the assignment table gives it.
+pub fn fill_holders(status: &mut Status) {
+    for pf in &mut status.pfs {
+        for vf in &mut pf.vfs {
+            vf.holder = status
+                .assignments
+                .iter()
+                .find(|a| a.entry.pf == pf.bdf && a.entry.vf == vf.index)
+                .map(|a| a.entry.id.clone());
+        }
+    }
 }

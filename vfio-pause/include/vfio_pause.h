@@ -97,6 +97,20 @@ typedef struct VpTimings {
   uint64_t phase_ns[VP_PHASE_COUNT];
 } VpTimings;
 
+// Guest accesses a paused device handled, summed over all its pauses.
+typedef struct VpAccessCounters {
+  // Config-space reads served from the shadow.
+  uint64_t config_reads;
+  // Config-space writes kept in the shadow for the unpause.
+  uint64_t config_writes;
+  // BAR reads answered with all-ones (policy `ignore`).
+  uint64_t bar_reads;
+  // BAR writes dropped (policy `ignore`).
+  uint64_t bar_writes;
+  // BAR accesses that waited for the unpause (policy `stall`).
+  uint64_t stalled;
+} VpAccessCounters;
+
 // A stalled BAR access's deadline across `vp_device_try_bar_*` retries:
 // zero-initialise it for every guest access.
 typedef struct VpStall {
@@ -159,6 +173,14 @@ enum VpStatus vp_container_map_dma(struct VpContainer *c,
                                    uint64_t size,
                                    void *host_addr);
 
+// Unregister guest memory registered with `vp_container_map_dma` at exactly
+// `iova` and `size` (and unmap it from the IOMMU if it is mapped). For VMMs
+// whose guest memory layout changes at run time (QEMU's memory listener).
+//
+// # Safety
+// `c` must be a live handle.
+enum VpStatus vp_container_unmap_dma(struct VpContainer *c, uint64_t iova, uint64_t size);
+
 // Free a container. Devices opened in it keep it alive until they are closed.
 //
 // # Safety
@@ -191,6 +213,16 @@ enum VpStatus vp_device_open(struct VpContainer *c,
 // `d` must be a live device handle; `timings` NULL or writable.
 enum VpStatus vp_device_pause(struct VpDevice *d, struct VpTimings *timings);
 
+// Pause with a paused-access policy for this pause only: `stall_ms` = 0
+// selects `ignore`, otherwise `stall` with that deadline per access
+// (bounded by the library's maximum). As `vp_device_pause` otherwise.
+//
+// # Safety
+// `d` must be a live device handle; `timings` NULL or writable.
+enum VpStatus vp_device_pause_with(struct VpDevice *d,
+                                   uint64_t stall_ms,
+                                   struct VpTimings *timings);
+
 // Unpause onto `bdf` (own open with `group_fd` = -1, or a passed group fd,
 // owned by the library from now on). On error the device stays paused.
 //
@@ -220,6 +252,12 @@ enum VpStatus vp_device_state(const struct VpDevice *d, uint32_t *out);
 enum VpStatus vp_device_last_timings(const struct VpDevice *d,
                                      struct VpTimings *pause,
                                      struct VpTimings *unpause);
+
+// Counters of guest accesses handled while paused (for `query-svff-vfio`).
+//
+// # Safety
+// `d` must be a live device handle, `out` writable.
+enum VpStatus vp_device_access_counters(const struct VpDevice *d, struct VpAccessCounters *out);
 
 // Guest config-space read (from the shadow while paused).
 //

@@ -168,6 +168,22 @@ pub struct VpTimings {
     pub phase_ns: [u64; VP_PHASE_COUNT],
 }
 
+/// Guest accesses a paused device handled, summed over all its pauses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VpAccessCounters {
+    /// Config-space reads served from the shadow.
+    pub config_reads: u64,
+    /// Config-space writes kept in the shadow for the unpause.
+    pub config_writes: u64,
+    /// BAR reads answered with all-ones (policy `ignore`).
+    pub bar_reads: u64,
+    /// BAR writes dropped (policy `ignore`).
+    pub bar_writes: u64,
+    /// BAR accesses that waited for the unpause (policy `stall`).
+    pub stalled: u64,
+}
+
 /// A BAR mmap handed to `map_bars`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -535,6 +551,26 @@ pub unsafe extern "C" fn vp_container_map_dma(
     })
 }
 
+/// Unregister guest memory registered with `vp_container_map_dma` at exactly
+/// `iova` and `size` (and unmap it from the IOMMU if it is mapped). For VMMs
+/// whose guest memory layout changes at run time (QEMU's memory listener).
+///
+/// # Safety
+/// `c` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn vp_container_unmap_dma(
+    c: *mut VpContainer,
+    iova: u64,
+    size: u64,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: per the contract `c` is NULL or a live handle.
+        let c = unsafe { c.as_ref() }.ok_or_else(|| Fail::Arg("container is NULL".into()))?;
+        c.container.unregister_dma(iova, size)?;
+        Ok(())
+    })
+}
+
 /// Free a container. Devices opened in it keep it alive until they are closed.
 ///
 /// # Safety
@@ -651,6 +687,35 @@ pub unsafe extern "C" fn vp_device_pause(d: *mut VpDevice, timings: *mut VpTimin
     })
 }
 
+/// Pause with a paused-access policy for this pause only: `stall_ms` = 0
+/// selects `ignore`, otherwise `stall` with that deadline per access
+/// (bounded by the library's maximum). As `vp_device_pause` otherwise.
+///
+/// # Safety
+/// `d` must be a live device handle; `timings` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_pause_with(
+    d: *mut VpDevice,
+    stall_ms: u64,
+    timings: *mut VpTimings,
+) -> VpStatus {
+    entry(|| {
+        let (policy, deadline) = if stall_ms == 0 {
+            (svff_types::PausePolicy::Ignore, Duration::ZERO)
+        } else {
+            (
+                svff_types::PausePolicy::Stall,
+                Duration::from_millis(stall_ms),
+            )
+        };
+        // SAFETY: forwarded contract.
+        let t = unsafe { dev(d) }?.pause_with(policy, deadline)?;
+        // SAFETY: forwarded contract.
+        unsafe { put_timings(timings, &t) };
+        Ok(())
+    })
+}
+
 /// Unpause onto `bdf` (own open with `group_fd` = -1, or a passed group fd,
 /// owned by the library from now on). On error the device stays paused.
 ///
@@ -738,6 +803,35 @@ pub unsafe extern "C" fn vp_device_last_timings(
             put_timings(pause, p.as_ref().unwrap_or(&zero));
             put_timings(unpause, u.as_ref().unwrap_or(&zero));
         }
+        Ok(())
+    })
+}
+
+/// Counters of guest accesses handled while paused (for `query-svff-vfio`).
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_access_counters(
+    d: *const VpDevice,
+    out: *mut VpAccessCounters,
+) -> VpStatus {
+    entry(|| {
+        // SAFETY: forwarded contract.
+        let n = unsafe { dev(d) }?.access_counters();
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe {
+            *out = VpAccessCounters {
+                config_reads: n.shadow_reads,
+                config_writes: n.shadow_writes,
+                bar_reads: n.ignored_reads,
+                bar_writes: n.ignored_writes,
+                stalled: n.stalled,
+            }
+        };
         Ok(())
     })
 }
@@ -1141,6 +1235,125 @@ mod tests {
             assert_eq!(vp_device_close(ptr::null_mut()), VpStatus::VpOk);
             vp_container_free(ptr::null_mut());
         }
+    }
+
+    #[test]
+    fn pause_with_sets_the_policy_of_that_pause_only() {
+        let (c, d) = sim_device();
+        let mut buf = [0u8; 4];
+        let mut stall = VpStall::default();
+        // SAFETY: live handles, `buf` has room for 4 bytes, `stall` valid.
+        unsafe {
+            assert_eq!(
+                vp_device_pause_with(d, 1000, ptr::null_mut()),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_try_bar_read(d, 0, 0, buf.as_mut_ptr(), 4, &mut stall),
+                VpStatus::VpRetry,
+                "stall policy: the access must wait for the unpause"
+            );
+            assert_eq!(
+                vp_device_unpause(d, c"0000:02:00.1".as_ptr(), -1, ptr::null_mut()),
+                VpStatus::VpOk,
+                "{}",
+                last_error()
+            );
+            assert_eq!(vp_device_pause_with(d, 0, ptr::null_mut()), VpStatus::VpOk);
+            stall = VpStall::default();
+            assert_eq!(
+                vp_device_try_bar_read(d, 0, 0, buf.as_mut_ptr(), 4, &mut stall),
+                VpStatus::VpOk,
+                "ignore policy: answered at once"
+            );
+            assert_eq!(buf, [0xff; 4]);
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+    }
+
+    #[test]
+    fn access_counters_count_paused_config_and_bar_accesses() {
+        let (c, d) = sim_device();
+        let mut n = VpAccessCounters::default();
+        let mut buf = [0u8; 4];
+        // SAFETY: live handles, `buf` has room for the 4 bytes read.
+        unsafe {
+            assert_eq!(
+                vp_device_config_read(d, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_access_counters(d, &mut n), VpStatus::VpOk);
+            assert_eq!(n.config_reads, 0, "attached reads are not counted");
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(
+                vp_device_config_read(d, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_config_write(d, 4, buf.as_ptr(), 2),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_read(d, 0, 0, buf.as_mut_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_write(d, 0, 0, buf.as_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(
+                vp_device_bar_write(d, 0, 4, buf.as_ptr(), 4),
+                VpStatus::VpOk
+            );
+            assert_eq!(vp_device_access_counters(d, &mut n), VpStatus::VpOk);
+            assert_eq!(
+                (
+                    n.config_reads,
+                    n.config_writes,
+                    n.bar_reads,
+                    n.bar_writes,
+                    n.stalled
+                ),
+                (1, 1, 1, 2, 0)
+            );
+            assert_eq!(
+                vp_device_access_counters(d, ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+    }
+
+    #[test]
+    fn unmap_dma_removes_exactly_the_registered_range() {
+        let (c, d) = sim_device();
+        let mut mem = vec![0u8; 0x2000];
+        let host = mem.as_mut_ptr().cast::<c_void>();
+        // SAFETY: live handles; `mem` outlives the registration (unregistered
+        // below, before it is dropped) and is not touched while registered.
+        unsafe {
+            assert_eq!(
+                vp_container_map_dma(c, 0x10000, 0x2000, host),
+                VpStatus::VpOk
+            );
+            assert_ne!(
+                vp_container_unmap_dma(c, 0x10000, 0x1000),
+                VpStatus::VpOk,
+                "a range that was not registered as such is refused"
+            );
+            assert!(last_error().contains("0x10000"), "{}", last_error());
+            assert_eq!(vp_container_unmap_dma(c, 0x10000, 0x2000), VpStatus::VpOk);
+            assert_ne!(vp_container_unmap_dma(c, 0x10000, 0x2000), VpStatus::VpOk);
+            assert_eq!(
+                vp_container_unmap_dma(ptr::null_mut(), 0, 1),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
+        drop(mem);
     }
 
     #[test]

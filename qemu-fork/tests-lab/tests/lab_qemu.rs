@@ -1,0 +1,583 @@
+//! svff's patched QEMU in the lab's L1 with KVM: `svff-vfio-pci` on a real
+//! igb VF (vfio-pci, intel-iommu, Linux 6.12). Most runs have no guest OS
+//! (`-S`): they prove the host side (fds, numvfs cycle, reopen, identity,
+//! QMP); one boots an L2 Linux (`svff_lab::l2`) to show what the guest sees.
+//! Each test sets up its PFs and leaves their VFs destroyed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use svff_lab::guest;
+use svff_lab::l2::{self, Image, L2};
+use svff_qemu_lab::{fd_links, qemu_binary, Qemu};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Put `pf` on pci-pf-stub with `n` VFs and bind VF `which` to vfio-pci.
+fn pf_with_vfio_vf(pf: &str, n: u32, which: usize) -> String {
+    guest::modprobe("vfio-pci");
+    guest::bind(pf, "pci-pf-stub");
+    guest::set_numvfs(pf, 0);
+    guest::set_numvfs(pf, n);
+    let vf = guest::vfs_of(pf)[which].clone();
+    bind_vfio(&vf);
+    vf
+}
+
+fn bind_vfio(vf: &str) {
+    guest::write_attr(guest::dev_path(vf).join("driver_override"), "vfio-pci");
+    guest::write_attr("/sys/bus/pci/drivers_probe", vf);
+    assert_eq!(
+        guest::driver_of(vf).as_deref(),
+        Some("vfio-pci"),
+        "{vf} bound"
+    );
+}
+
+/// The patched QEMU with KVM, no guest code running, `vf` as `svff-vfio-pci` id `vf0`.
+fn start(vf: &str) -> Qemu {
+    guest::modprobe("kvm_amd");
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let args: Vec<String> = [
+        "-S",
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-L",
+        "/usr/share/qemu",
+        "-bios",
+        "qboot.rom",
+        "-device",
+        &format!("svff-vfio-pci,host={vf},id=vf0"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Qemu::start(&bin, &args, QMP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn query(q: &mut Qemu) -> Value {
+    let v = q.execute("query-svff-vfio", None).unwrap();
+    let list = v.as_array().expect("query-svff-vfio returns a list");
+    assert_eq!(list.len(), 1, "one pausable device: {v}");
+    list[0].clone()
+}
+
+fn pause(q: &mut Qemu) -> Value {
+    q.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap_or_else(|e| panic!("pause: {e}"))
+}
+
+fn unpause(q: &mut Qemu, host: &str) -> Result<Value, (String, String)> {
+    q.try_execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": host })),
+    )
+}
+
+fn group_node(vf: &str) -> String {
+    format!("/dev/vfio/{}", guest::iommu_group(vf))
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn pause_closes_every_vf_fd_so_numvfs_cycles_and_unpause_reopens_a_new_vf() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    let mut q = start(&vf);
+
+    let info = query(&mut q);
+    assert_eq!(info["id"], "vf0");
+    assert_eq!(info["state"], "attached");
+    assert_eq!(info["host"], vf.as_str());
+    assert_eq!(info["pause-count"], 0);
+    let fds = q.vf_fds();
+    assert!(
+        fds.contains(&group_node(&vf)),
+        "group fd of {vf} open: {fds:?}"
+    );
+    assert!(
+        fds.iter().any(|l| l.contains("vfio-device")),
+        "device fd of {vf} open: {fds:?}"
+    );
+
+    let t = pause(&mut q);
+    assert!(t["total-ns"].as_u64().unwrap() > 0, "{t}");
+    assert!(!t["phases"].as_array().unwrap().is_empty(), "{t}");
+    assert_eq!(
+        q.vf_fds(),
+        Vec::<String>::new(),
+        "no fd of the VF after pause"
+    );
+    let info = query(&mut q);
+    assert_eq!(info["state"], "paused");
+    assert_eq!(info["pause-count"], 1);
+    assert_eq!(info["policy"], "ignore");
+
+    // With an fd of a VF open this write would block in the kernel forever.
+    let t0 = Instant::now();
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    let disable = t0.elapsed();
+    assert!(guest::vfs_of(&pf).is_empty(), "VFs destroyed");
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "2");
+    let new_vf = guest::vfs_of(&pf)[1].clone();
+    bind_vfio(&new_vf);
+
+    let t = unpause(&mut q, &new_vf).unwrap_or_else(|e| panic!("unpause: {e:?}"));
+    assert!(t["total-ns"].as_u64().unwrap() > 0, "{t}");
+    let info = query(&mut q);
+    assert_eq!(info["state"], "attached");
+    assert_eq!(info["host"], new_vf.as_str());
+    assert!(info["last-unpause"].is_object(), "{info}");
+    let fds = q.vf_fds();
+    assert!(
+        fds.contains(&group_node(&new_vf)),
+        "group of {new_vf}: {fds:?}"
+    );
+
+    let states: Vec<String> = q
+        .take_events()
+        .into_iter()
+        .filter(|e| e.name == "SVFF_VFIO_STATE_CHANGED")
+        .map(|e| {
+            e.data
+                .as_ref()
+                .and_then(|d| d.get("state"))
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(states, ["pausing", "paused", "unpausing", "attached"]);
+    println!(
+        "pause {} ns, sriov_numvfs 2 -> 0 {disable:?}, unpause {} ns",
+        info["last-pause"]["total-ns"], info["last-unpause"]["total-ns"]
+    );
+    assert!(
+        q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()),
+        "QEMU quits cleanly"
+    );
+    guest::set_numvfs(&pf, 0);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn unpause_onto_a_function_with_other_ids_fails_and_leaves_the_device_paused() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let other = pf_with_vfio_vf(&guest::nvme_pf(), 1, 0);
+    let mut q = start(&vf);
+    pause(&mut q);
+
+    let (class, desc) = unpause(&mut q, &other).expect_err("an nvme VF is not the igb VF");
+    assert_eq!(class, "GenericError");
+    assert!(
+        desc.contains(&other) && desc.contains("still paused"),
+        "{desc}"
+    );
+    assert_eq!(query(&mut q)["state"], "paused");
+    assert_eq!(
+        q.vf_fds(),
+        Vec::<String>::new(),
+        "the refused VF is closed again"
+    );
+
+    unpause(&mut q, &vf).unwrap_or_else(|e| panic!("unpause onto the right VF: {e:?}"));
+    assert_eq!(query(&mut q)["state"], "attached");
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+    guest::set_numvfs(&guest::nvme_pf(), 0);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn twenty_pause_unpause_cycles_leave_the_fd_count_unchanged() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let mut q = start(&vf);
+    let before = q.fd_links();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        pause(&mut q);
+        assert_eq!(
+            q.vf_fds(),
+            Vec::<String>::new(),
+            "cycle {i}: paused, no VF fd"
+        );
+        unpause(&mut q, &vf).unwrap_or_else(|e| panic!("cycle {i}: {e:?}"));
+    }
+    let after = q.fd_links();
+    println!(
+        "20 cycles in {:?}; fds before {} after {}",
+        t0.elapsed(),
+        before.len(),
+        after.len()
+    );
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "before {before:?}\nafter {after:?}"
+    );
+    assert_eq!(query(&mut q)["pause-count"], 20);
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+}
+
+/// Deadline for an L2 boot (`SVFF_LAB_L2_BOOT_DEADLINE` seconds, default 300).
+fn boot_deadline() -> Duration {
+    Duration::from_secs(
+        std::env::var("SVFF_LAB_L2_BOOT_DEADLINE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    )
+}
+
+const CMD: Duration = Duration::from_secs(60);
+
+/// Vendor and device id the guest reads from the device's config space now
+/// (not the kernel's cached copy), as "vvvv dddd".
+fn guest_config_ids(vm: &mut L2, gbdf: &str) -> String {
+    vm.sh_ok(
+        &format!("od -An -tx2 -N4 /sys/bus/pci/devices/{gbdf}/config"),
+        CMD,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .trim()
+    .to_string()
+}
+
+/// The guest interface of `gbdf` (igbvf's net device).
+fn guest_iface(vm: &mut L2, gbdf: &str) -> String {
+    vm.sh_ok(&format!("ls /sys/bus/pci/devices/{gbdf}/net"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+/// Number of the guest's MSI-X vectors of `gbdf` in /proc/interrupts.
+fn guest_msix_vectors(vm: &mut L2, gbdf: &str) -> usize {
+    vm.sh_ok("cat /proc/interrupts", CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .lines()
+        .filter(|l| l.contains(&format!("PCI-MSIX-{gbdf}")))
+        .count()
+}
+
+/// Load igbvf, bring the VF's interface up; returns (interface, MSI-X vectors).
+fn igbvf_up(vm: &mut L2, gbdf: &str) -> (String, usize) {
+    let out = vm.sh("modprobe igbvf", CMD).unwrap();
+    assert!(out.success(), "modprobe igbvf: {out:?}");
+    let eth = guest_iface(vm, gbdf);
+    assert!(!eth.is_empty(), "igbvf made no net device for {gbdf}");
+    let out = vm.sh(&format!("ip link set {eth} up"), CMD).unwrap();
+    assert!(out.success(), "ip link set {eth} up: {out:?}");
+    let n = guest_msix_vectors(vm, gbdf);
+    (eth, n)
+}
+
+/// The one igb VF (8086:10ca) the guest sees.
+fn guest_igb_vf(vm: &mut L2) -> String {
+    let gbdf = vm
+        .sh_ok(
+            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x8086:0x10ca ] && echo ${d##*/}; done; true",
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        !gbdf.is_empty() && !gbdf.contains('\n'),
+        "one igb VF in L2: {gbdf:?}"
+    );
+    gbdf
+}
+
+/// The igb PF on its own driver with `n` VFs, VF 0 bound to vfio-pci.
+fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
+    guest::modprobe("kvm-amd");
+    guest::modprobe("vfio-pci");
+    let pf = guest::igb_pf();
+    if guest::driver_of(&pf).is_some() {
+        guest::set_numvfs(&pf, 0);
+    }
+    guest::bind(&pf, "igb");
+    guest::set_numvfs(&pf, n);
+    let vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&vf);
+    (pf, vf)
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_unpause() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .device(&format!("svff-vfio-pci,host={vf},id=vf0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "L2 boot with svff-vfio-pci: {:.1} s",
+        vm.boot_time.as_secs_f64()
+    );
+    // QEMU created the socket before the guest ran: it exists now.
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+
+    let gbdf = guest_igb_vf(&mut vm);
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+    // igbvf enables MSI-X through svff-vfio-pci's IRQ wiring (tx, rx, mailbox).
+    let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
+    let driver = |vm: &mut L2| {
+        vm.sh_ok(
+            &format!("basename $(readlink /sys/bus/pci/devices/{gbdf}/driver) 2>/dev/null"),
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    assert_eq!(driver(&mut vm), "igbvf");
+
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    let vf_fds: Vec<String> = fd_links(vm.vmm_pid() as u32)
+        .into_iter()
+        .filter(|l| {
+            l.contains("vfio-device") || l == &format!("/dev/vfio/{}", guest::iommu_group(&vf))
+        })
+        .collect();
+    assert_eq!(
+        vf_fds,
+        Vec::<String>::new(),
+        "no fd of {vf} in QEMU while paused"
+    );
+    // While paused the guest reads config space from the shadow.
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": new_vf })),
+    )
+    .unwrap();
+
+    // Same guest address, config space read from the new VF, driver still bound.
+    assert_eq!(guest_config_ids(&mut vm, &gbdf), "8086 10ca");
+    assert_eq!(driver(&mut vm), "igbvf", "igbvf still bound to {gbdf}");
+    // The interface cycles on the new VF: MSI-X is disabled and enabled again on it.
+    let out = vm
+        .sh(
+            &format!("ip link set {eth} down && ip link set {eth} up"),
+            CMD,
+        )
+        .unwrap();
+    assert!(out.success(), "ip link down/up on the new VF: {out:?}");
+    assert_eq!(
+        guest_msix_vectors(&mut vm, &gbdf),
+        3,
+        "MSI-X vectors after unpause"
+    );
+    let dmesg = vm.dmesg().unwrap();
+    for unplug in ["Card not present", "Link Down", "Removing from iommu group"] {
+        assert!(
+            !dmesg.contains(unplug),
+            "guest saw an unplug ({unplug}):\n{dmesg}"
+        );
+    }
+    println!(
+        "L2 dmesg tail:\n{}",
+        dmesg.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+    );
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn patched_qemu_runs_a_plain_vfio_pci_igb_vf_as_stock_qemu_does_and_does_not_pause_it() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .device(&format!("vfio-pci,host={vf},id=plain0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+
+    // What lab_l2 checks for stock QEMU: the guest sees the VF, igbvf binds
+    // and requests its 3 MSI-X vectors.
+    let gbdf = guest_igb_vf(&mut vm);
+    let (_, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(
+        vectors, 3,
+        "igbvf's MSI-X vectors of {gbdf} under plain vfio-pci"
+    );
+    // A plain vfio-pci is not pausable: not listed, and pausing it is refused.
+    assert_eq!(qmp.execute("query-svff-vfio", None).unwrap(), json!([]));
+    let e = qmp
+        .execute("svff-vfio-pause", Some(json!({ "id": "plain0" })))
+        .expect_err("a plain vfio-pci does not pause");
+    let q = e.qmp().expect("a QMP error");
+    assert_eq!(format!("{:?}", q.class), "DeviceNotFound");
+    assert!(q.desc.contains("not a pausable VFIO device"), "{}", q.desc);
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
+
+/// Runs `f` and returns its result with its wall time.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn pause_unpause_and_device_del_add_of_the_same_vf_change_timed_in_one_boot() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    // On a root port, so that the baseline can hot-unplug it.
+    let mut vmm = l2::Qemu::stock()
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .device(&format!("svff-vfio-pci,host={vf},id=vf0,bus=rp0"))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+    let gbdf = guest_igb_vf(&mut vm);
+    let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
+
+    // svff: pause, count change, bind, unpause.
+    let (r, pause) = timed(|| qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" }))));
+    r.unwrap();
+    let ((), change) = timed(|| {
+        numvfs("0");
+        numvfs("1");
+    });
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    let ((), bind) = timed(|| bind_vfio(&new_vf));
+    let (r, unpause) = timed(|| {
+        qmp.execute(
+            "svff-vfio-unpause",
+            Some(json!({ "id": "vf0", "host": new_vf })),
+        )
+    });
+    r.unwrap();
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "8086 10ca",
+        "svff: same guest BDF"
+    );
+    let svff = pause + change + bind + unpause;
+
+    // Baseline: device_del (until DEVICE_DELETED), count change, bind, device_add.
+    let (r, del) = timed(|| {
+        qmp.execute("device_del", Some(json!({ "id": "vf0" })))
+            .and_then(|_| qmp.wait_event("DEVICE_DELETED", CMD))
+    });
+    r.unwrap_or_else(|e| panic!("device_del: {e}"));
+    let gone = vm
+        .sh(&format!("[ ! -e /sys/bus/pci/devices/{gbdf} ]"), CMD)
+        .unwrap();
+    assert!(gone.success(), "the guest lost {gbdf} after device_del");
+    let ((), change2) = timed(|| {
+        numvfs("0");
+        numvfs("1");
+    });
+    let vf2 = guest::vfs_of(&pf)[0].clone();
+    let ((), bind2) = timed(|| bind_vfio(&vf2));
+    let (r, add) = timed(|| {
+        qmp.execute(
+            "device_add",
+            Some(json!({ "driver": "vfio-pci", "host": vf2, "id": "plain0", "bus": "rp0" })),
+        )
+    });
+    r.unwrap_or_else(|e| panic!("device_add: {e}"));
+    // The guest's hotplug handling is asynchronous: wait (bounded) for the function.
+    let (seen, guest_add) = timed(|| {
+        vm.sh(
+            &format!(
+                "i=0; while [ ! -e /sys/bus/pci/devices/{gbdf} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -e /sys/bus/pci/devices/{gbdf} ]"
+            ),
+            CMD,
+        )
+        .unwrap()
+    });
+    assert!(
+        seen.success(),
+        "the guest sees {gbdf} again after device_add"
+    );
+    let detach = del + change2 + bind2 + add + guest_add;
+    println!(
+        "svff pause-mode change: {svff:?} (pause {pause:?}, sriov_numvfs 1 -> 0 -> 1 {change:?}, bind {bind:?}, unpause {unpause:?})"
+    );
+    println!(
+        "device_del/device_add change: {detach:?} (device_del to DEVICE_DELETED {del:?}, sriov_numvfs 1 -> 0 -> 1 {change2:?}, bind {bind2:?}, device_add {add:?}, until the guest sees it {guest_add:?})"
+    );
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn numvfs_zero_while_attached_is_answered_by_a_pause_not_an_unplug() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 1, 0);
+    let mut q = start(&vf);
+    assert_eq!(query(&mut q)["state"], "attached");
+    // No svff-vfio-pause: the kernel's request IRQ must make QEMU release the VF,
+    // else this write blocks (the kernel re-asks every 10 s, forever).
+    let ((), disable) = timed(|| {
+        guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "0");
+    });
+    assert!(guest::vfs_of(&pf).is_empty(), "VFs destroyed");
+    let info = query(&mut q);
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["pause-count"], 1);
+    assert_eq!(q.vf_fds(), Vec::<String>::new());
+    guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), "1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    unpause(&mut q, &new_vf).unwrap_or_else(|e| panic!("unpause: {e:?}"));
+    assert_eq!(query(&mut q)["state"], "attached");
+    println!("sriov_numvfs 1 -> 0 with the VF attached: {disable:?}");
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+}

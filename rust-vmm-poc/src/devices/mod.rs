@@ -1,0 +1,115 @@
+//! Emulated devices and the port-I/O / MMIO dispatch that vCPU threads call on exits.
+
+mod legacy;
+mod serial;
+mod test_device;
+mod vfio;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+pub use legacy::{
+    CMOS_DATA, CMOS_INDEX, DEBUG_EXIT_PORT, I8042_COMMAND, I8042_DATA, I8042_RESET, POST_PORT,
+};
+pub use serial::{SerialPort, SerialSink, COM1_BASE, COM1_IRQ};
+pub use test_device::{
+    TestDevice, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
+};
+
+pub use vfio::VfioPci;
+
+use crate::pci::{DevFn, PciBus, CONF1_ADDRESS};
+use crate::vm::ExitReason;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every device of a VM, shared by its vCPU threads.
+#[derive(Debug)]
+pub(crate) struct Devices {
+    serial: Mutex<SerialPort>,
+    pci: Mutex<PciBus>,
+    vfio: Vec<Arc<VfioEntry>>,
+}
+
+/// A passed-through VF as QMP sees it.
+#[derive(Debug)]
+pub(crate) struct VfioEntry {
+    /// The VMM id.
+    pub(crate) id: String,
+    /// Its address on the guest's bus 0.
+    pub(crate) guest: DevFn,
+    /// The policy of the current or last pause (at first: the one it was opened with).
+    pub(crate) policy: Mutex<vfio_pause::PausePolicy>,
+    /// The device.
+    pub(crate) dev: Arc<vfio_pause::PausableDevice>,
+    /// Completed pauses.
+    pub(crate) pauses: std::sync::atomic::AtomicU64,
+}
+
+impl Devices {
+    pub(crate) fn new(serial: SerialPort, pci: PciBus, vfio: Vec<Arc<VfioEntry>>) -> Self {
+        Devices {
+            serial: Mutex::new(serial),
+            pci: Mutex::new(pci),
+            vfio,
+        }
+    }
+
+    /// The passed-through VFs.
+    pub(crate) fn vfio(&self) -> &[Arc<VfioEntry>] {
+        &self.vfio
+    }
+
+    /// The PCI bus (QMP and tests reach devices through it).
+    pub(crate) fn pci(&self) -> MutexGuard<'_, PciBus> {
+        lock(&self.pci)
+    }
+
+    /// `in` from `port`: fills `data`. Unclaimed ports read all-ones, as on a PC.
+    pub(crate) fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+                data[0] = lock(&self.serial).read((p - COM1_BASE) as u8);
+            }
+            CONF1_ADDRESS..=0xcff => lock(&self.pci).pio_read(port, data),
+            I8042_DATA | I8042_COMMAND | POST_PORT | CMOS_INDEX | CMOS_DATA => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// `out` to `port`. Returns the exit the write asks for, if any.
+    pub(crate) fn pio_write(&self, port: u16, data: &[u8]) -> Option<ExitReason> {
+        match (port, data) {
+            (p, [v]) if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+                lock(&self.serial).write((p - COM1_BASE) as u8, *v);
+                None
+            }
+            (CONF1_ADDRESS..=0xcff, _) => {
+                lock(&self.pci).pio_write(port, data);
+                None
+            }
+            (I8042_COMMAND, [I8042_RESET]) => Some(ExitReason::GuestReset),
+            (DEBUG_EXIT_PORT, [code, ..]) => Some(ExitReason::DebugExit(*code)),
+            _ => None,
+        }
+    }
+
+    /// MMIO read at guest-physical `addr` that no memory slot covers: the BAR that decodes
+    /// it, else all-ones (as an unclaimed PCI read).
+    pub(crate) fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !lock(&self.pci).mmio_read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+
+    /// MMIO write outside every slot: to the BAR that decodes it, else dropped.
+    pub(crate) fn mmio_write(&self, addr: u64, data: &[u8]) {
+        lock(&self.pci).mmio_write(addr, data);
+    }
+
+    /// Flushes the serial sink (at exit).
+    pub(crate) fn flush(&self) {
+        lock(&self.serial).flush();
+    }
+}

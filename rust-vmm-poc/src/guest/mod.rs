@@ -1,0 +1,187 @@
+//! The built-in test guest (`--guest test`): 32-bit flat protected-mode code in
+//! `test_guest.S`, assembled into this crate with `global_asm!` (no other target needed),
+//! copied to [`GUEST_LOAD_ADDR`](crate::GUEST_LOAD_ADDR) and entered there.
+//!
+//! What it does, and prints on COM1 (one line each, `\n`-terminated, numbers decimal unless
+//! said otherwise):
+//!
+//! 1. `svff-guest: start`
+//! 2. enumerates bus 0 over conf1 (every device, functions 1..7 of multi-function ones) and
+//!    prints each function found:
+//!    `svff-guest: found 00:DD.F vendor=VVVV device=DDDD class=CCCCCC` (hex);
+//! 3. takes every function that is not a bridge (class 0x06) and has a memory BAR0 below
+//!    4 GiB as a *target* (at most 32), enabling its memory decoding, then prints
+//!    `svff-guest: enumerated N functions, M targets`;
+//! 4. sets up interrupts: an IDT (exceptions print `svff-guest: exception` and end the VM
+//!    with debug exit 0xee), the 8259 PICs at vectors 0x20/0x28 with only IRQ 4 open, the
+//!    LAPIC software-enabled, `sti`; enables COM1's THR-empty interrupt once and prints
+//!    `svff-guest: serial irqs=N` (1 when IRQ 4 arrived through the VMM's irqfd, 0 if not);
+//!    then, for each target with an MSI-X capability, points table entry 0 at vector
+//!    0x40 + target index, enables MSI-X and prints `svff-guest: dev=00:DD.F msix vector=V`;
+//! 5. loops in *rounds*: per target, reads its vendor ID in config space (0xffff: the
+//!    function is gone: prints `svff-guest: dev=00:DD.F event=gone` once; when it returns,
+//!    re-enables decoding and prints `... event=back`), then reads BAR0+0 (identity) and
+//!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
+//!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
+//! 6. every `report_every` rounds prints, per target,
+//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N id=XXXXXXXX`
+//!    (`max_tsc`: the longest single BAR read in TSC ticks; `irqs`: MSI-X interrupts taken;
+//!    `id`: the last BAR0+0 value, hex);
+//! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
+//!    debug exit port; otherwise it loops until the VMM ends.
+//!
+//! [`parse_counters`] reads the counter lines back.
+
+use std::arch::global_asm;
+
+global_asm!(include_str!("test_guest.S"), options(att_syntax, raw));
+
+extern "C" {
+    static svff_guest_start: u8;
+    static svff_guest_params: u8;
+    static svff_guest_end: u8;
+}
+
+/// Parameters of the test guest, patched into its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestGuest {
+    /// Rounds before the guest ends the VM (debug exit 0); 0: never.
+    pub rounds: u32,
+    /// Rounds between counter reports (at least 1).
+    pub report_every: u32,
+}
+
+impl Default for TestGuest {
+    fn default() -> Self {
+        TestGuest {
+            rounds: 0,
+            report_every: 1000,
+        }
+    }
+}
+
+fn span() -> (*const u8, usize, usize) {
+    // SAFETY: only the addresses of the three symbols defined by the global_asm! above are
+    // taken; nothing is read through them here.
+    let (s, p, e) = {
+        (
+            std::ptr::addr_of!(svff_guest_start),
+            std::ptr::addr_of!(svff_guest_params),
+            std::ptr::addr_of!(svff_guest_end),
+        )
+    };
+    (s, p as usize - s as usize, e as usize - s as usize)
+}
+
+impl TestGuest {
+    /// The guest image with these parameters.
+    pub fn image(&self) -> Vec<u8> {
+        let (start, params, len) = span();
+        // SAFETY: `svff_guest_start..svff_guest_end` is one contiguous read-only section
+        // emitted by the global_asm! above (start before end, same section), alive for the
+        // whole program.
+        let mut img = unsafe { std::slice::from_raw_parts(start, len) }.to_vec();
+        img[params..params + 4].copy_from_slice(&self.rounds.to_le_bytes());
+        img[params + 4..params + 8].copy_from_slice(&self.report_every.max(1).to_le_bytes());
+        img
+    }
+}
+
+/// One counter line of the test guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCounters {
+    /// The function, `00:DD.F`.
+    pub dev: String,
+    /// Rounds completed when printed.
+    pub round: u64,
+    /// BAR reads so far.
+    pub reads: u64,
+    /// Reads that were not all-ones.
+    pub ok: u64,
+    /// All-ones reads.
+    pub ones: u64,
+    /// Times the function disappeared from config space.
+    pub gone: u64,
+    /// Times it came back.
+    pub back: u64,
+    /// Longest single BAR read, TSC ticks.
+    pub max_tsc: u64,
+    /// MSI-X interrupts taken.
+    pub irqs: u64,
+    /// Last value of BAR0+0.
+    pub id: u32,
+}
+
+/// Parses a `svff-guest: dev=... round=...` counter line (None for any other line).
+pub fn parse_counters(line: &str) -> Option<GuestCounters> {
+    let rest = line.trim().strip_prefix("svff-guest: dev=")?;
+    let mut it = rest.split(' ');
+    let dev = it.next()?.to_string();
+    let mut c = GuestCounters {
+        dev,
+        round: 0,
+        reads: 0,
+        ok: 0,
+        ones: 0,
+        gone: 0,
+        back: 0,
+        max_tsc: 0,
+        irqs: 0,
+        id: 0,
+    };
+    let mut seen = 0;
+    for kv in it {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "id" => c.id = u32::from_str_radix(v, 16).ok()?,
+            _ => {
+                let n: u64 = v.parse().ok()?;
+                match k {
+                    "round" => c.round = n,
+                    "reads" => c.reads = n,
+                    "ok" => c.ok = n,
+                    "ones" => c.ones = n,
+                    "gone" => c.gone = n,
+                    "back" => c.back = n,
+                    "max_tsc" => c.max_tsc = n,
+                    "irqs" => c.irqs = n,
+                    _ => return None,
+                }
+            }
+        }
+        seen += 1;
+    }
+    (seen == 9).then_some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_starts_with_a_jump_and_carries_its_parameters() {
+        let img = TestGuest {
+            rounds: 7,
+            report_every: 3,
+        }
+        .image();
+        assert_eq!(img[0], 0xe9, "jmp rel32");
+        let (_, p, len) = span();
+        assert_eq!(img.len(), len);
+        assert_eq!(&img[p..p + 8], &[7, 0, 0, 0, 3, 0, 0, 0]);
+        assert!(len < 64 << 10);
+    }
+
+    #[test]
+    fn counter_lines_parse_and_other_lines_do_not() {
+        let c = parse_counters(
+            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 id=53564646",
+        )
+        .unwrap();
+        assert_eq!(c.dev, "00:01.0");
+        assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
+        assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
+        assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
+        assert!(parse_counters("svff-guest: start").is_none());
+    }
+}

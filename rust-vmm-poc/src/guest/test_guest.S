@@ -1,0 +1,651 @@
+# svff test guest: 32-bit flat protected mode, paging and interrupts off, loaded at 0x100000
+# (GUEST_LOAD_ADDR) and entered at its first byte with a stack set up by the VMM.
+#
+# Absolute addresses are 0x100000 + (label - svff_guest_start): G(label) below, spelled out.
+# Register use: ebx/ebp survive calls; helpers clobber eax, ecx, edx, esi, edi as noted.
+
+.pushsection .rodata.svff_test_guest,"a",@progbits
+.code32
+.p2align 4
+.globl svff_guest_start
+svff_guest_start:
+    .byte 0xe9                          # jmp rel32 (fixed size, so the layout below is fixed)
+    .long .Lg_entry - . - 4
+    .p2align 3
+.globl svff_guest_params
+svff_guest_params:                      # filled in by the VMM (TestGuest::params)
+.Lg_p_rounds:       .long 0             # stop after this many rounds (0: never)
+.Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
+
+.p2align 2
+.Lg_nfuncs:     .long 0
+.Lg_ntargets:   .long 0
+.Lg_cur_id:     .long 0
+.Lg_cur_class:  .long 0
+.Lg_cur_hdr:    .long 0
+.Lg_rounds:     .long 0
+.Lg_countdown:  .long 0
+.Lg_serial_irqs: .long 0
+.Lg_idtr:       .word 256 * 8 - 1
+                .long 0x100000 + .Lg_idt - svff_guest_start
+.p2align 3
+.Lg_idt:        .fill 256 * 8, 1, 0
+# One 64-byte entry per target function (at most 32):
+#   +0 conf1 address of its dword 0, +4 BAR0 address, +8 ok, +12 ones, +16 gone, +20 back,
+#   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
+#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none)
+.p2align 6
+.Lg_targets:    .fill 32 * 64, 1, 0
+
+.Lg_s_start:    .asciz "svff-guest: start\n"
+.Lg_s_found:    .asciz "svff-guest: found "
+.Lg_s_vendor:   .asciz " vendor="
+.Lg_s_device:   .asciz " device="
+.Lg_s_class:    .asciz " class="
+.Lg_s_enum:     .asciz "svff-guest: enumerated "
+.Lg_s_funcs:    .asciz " functions, "
+.Lg_s_targets:  .asciz " targets\n"
+.Lg_s_dev:      .asciz "svff-guest: dev="
+.Lg_s_gone:     .asciz " event=gone\n"
+.Lg_s_back:     .asciz " event=back\n"
+.Lg_s_round:    .asciz " round="
+.Lg_s_reads:    .asciz " reads="
+.Lg_s_ok:       .asciz " ok="
+.Lg_s_ones:     .asciz " ones="
+.Lg_s_gonec:    .asciz " gone="
+.Lg_s_backc:    .asciz " back="
+.Lg_s_max:      .asciz " max_tsc="
+.Lg_s_id:       .asciz " id="
+.Lg_s_done:     .asciz "svff-guest: done rounds="
+.Lg_s_irqs:     .asciz " irqs="
+.Lg_s_serial:   .asciz "svff-guest: serial irqs="
+.Lg_s_msix:     .asciz " msix vector="
+.Lg_s_exc:      .asciz "svff-guest: exception\n"
+
+# ---- output helpers --------------------------------------------------------------------
+# putc: al -> COM1. Clobbers nothing.
+.Lg_putc:
+    pushl %edx
+    movw $0x3f8, %dx
+    outb %al, %dx
+    popl %edx
+    ret
+
+# puts: esi = NUL-terminated string. Clobbers eax, esi.
+.Lg_puts:
+2:  lodsb
+    testb %al, %al
+    jz 3f
+    call .Lg_putc
+    jmp 2b
+3:  ret
+
+# put_hex: eax = value, ecx = digits (1..8), most significant first. Clobbers eax, ecx, edx.
+.Lg_put_hex:
+    pushl %ebx
+    movl %eax, %ebx
+    movl $8, %edx
+    subl %ecx, %edx
+    shll $2, %edx
+    pushl %ecx
+    movl %edx, %ecx
+    shll %cl, %ebx
+    popl %ecx
+2:  roll $4, %ebx
+    movl %ebx, %eax
+    andl $0xf, %eax
+    cmpl $10, %eax
+    jb 3f
+    addl $0x27, %eax                   # 'a' - '0' - 10
+3:  addl $0x30, %eax
+    call .Lg_putc
+    loop 2b
+    popl %ebx
+    ret
+
+# put_dec: eax = value, unsigned decimal. Clobbers eax, ecx, edx.
+.Lg_put_dec:
+    pushl %ebx
+    movl $10, %ebx
+    xorl %ecx, %ecx
+2:  xorl %edx, %edx
+    divl %ebx
+    pushl %edx
+    incl %ecx
+    testl %eax, %eax
+    jnz 2b
+3:  popl %eax
+    addl $0x30, %eax
+    call .Lg_putc
+    loop 3b
+    popl %ebx
+    ret
+
+# put_bdf: eax = conf1 address -> "00:DD.F". Clobbers eax, ecx, edx.
+.Lg_put_bdf:
+    pushl %ebx
+    movl %eax, %ebx
+    movb $0x30, %al
+    call .Lg_putc
+    call .Lg_putc
+    movb $0x3a, %al
+    call .Lg_putc
+    movl %ebx, %eax
+    shrl $11, %eax
+    andl $0x1f, %eax
+    movl $2, %ecx
+    call .Lg_put_hex
+    movb $0x2e, %al
+    call .Lg_putc
+    movl %ebx, %eax
+    shrl $8, %eax
+    andl $7, %eax
+    movl $1, %ecx
+    call .Lg_put_hex
+    popl %ebx
+    ret
+
+# ---- PCI configuration mechanism #1 ------------------------------------------------------
+# cfg_read: eax = conf1 address -> eax = dword. Clobbers edx.
+.Lg_cfg_read:
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfc, %dx
+    inl %dx, %eax
+    ret
+
+# enable_mem: edi = conf1 address of dword 0: sets Memory Space in the command register.
+# Clobbers eax, edx.
+.Lg_enable_mem:
+    movl %edi, %eax
+    orl $4, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfc, %dx
+    inw %dx, %ax
+    orw $2, %ax
+    outw %ax, %dx
+    ret
+
+# add_target: edi = conf1 address of a non-bridge function: records it if its BAR0 is a
+# memory BAR below 4 GiB, and enables its memory decoding. Clobbers eax, ecx, edx.
+.Lg_add_target:
+    movl (0x100000 + .Lg_ntargets - svff_guest_start), %eax
+    cmpl $32, %eax
+    jae 9f
+    movl %edi, %eax
+    orl $0x10, %eax
+    call .Lg_cfg_read
+    testl $1, %eax
+    jnz 9f                              # I/O BAR
+    movl %eax, %ecx
+    andl $0xfffffff0, %ecx
+    andl $6, %eax
+    cmpl $4, %eax
+    jne 3f
+    movl %edi, %eax                     # 64-bit BAR: the upper half must be 0
+    orl $0x14, %eax
+    call .Lg_cfg_read
+    testl %eax, %eax
+    jnz 9f
+3:  testl %ecx, %ecx
+    jz 9f                               # unassigned
+    movl (0x100000 + .Lg_ntargets - svff_guest_start), %eax
+    shll $6, %eax
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %eax
+    movl %edi, 0(%eax)
+    movl %ecx, 4(%eax)
+    movl (0x100000 + .Lg_cur_id - svff_guest_start), %edx
+    movl %edx, 44(%eax)
+    incl (0x100000 + .Lg_ntargets - svff_guest_start)
+    call .Lg_enable_mem
+9:  ret
+
+# ---- one register read ------------------------------------------------------------------
+# read_reg: edi = address, ebp = target entry: reads the dword, timing it with rdtsc, and
+# counts it. Returns the value in eax. Clobbers eax, ecx, edx, esi.
+.Lg_read_reg:
+    lfence
+    rdtsc
+    movl %eax, %esi
+    movl (%edi), %ecx
+    lfence
+    rdtsc
+    subl %esi, %eax
+    cmpl 24(%ebp), %eax
+    jbe 2f
+    movl %eax, 24(%ebp)
+2:  incl 36(%ebp)
+    cmpl $0xffffffff, %ecx
+    jne 3f
+    incl 12(%ebp)
+    jmp 4f
+3:  incl 8(%ebp)
+4:  movl %ecx, %eax
+    ret
+
+# print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
+.Lg_print_event:
+    pushl %esi
+    movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
+    call .Lg_puts
+    movl 0(%ebp), %eax
+    call .Lg_put_bdf
+    popl %esi
+    call .Lg_puts
+    ret
+
+# field: esi = label text, eax = value -> prints both. Clobbers eax, ecx, edx, esi.
+.Lg_field:
+    pushl %eax
+    call .Lg_puts
+    popl %eax
+    call .Lg_put_dec
+    ret
+
+# report_all: one counter line per target. Clobbers eax, ecx, edx, esi.
+.Lg_report_all:
+    pushl %ebx
+    pushl %ebp
+    xorl %ebx, %ebx
+2:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae 9f
+    movl %ebx, %ebp
+    shll $6, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
+    call .Lg_puts
+    movl 0(%ebp), %eax
+    call .Lg_put_bdf
+    movl $(0x100000 + .Lg_s_round - svff_guest_start), %esi
+    movl (0x100000 + .Lg_rounds - svff_guest_start), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_reads - svff_guest_start), %esi
+    movl 36(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_ok - svff_guest_start), %esi
+    movl 8(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_ones - svff_guest_start), %esi
+    movl 12(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_gonec - svff_guest_start), %esi
+    movl 16(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_backc - svff_guest_start), %esi
+    movl 20(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_max - svff_guest_start), %esi
+    movl 24(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_irqs - svff_guest_start), %esi
+    movl 40(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_id - svff_guest_start), %esi
+    call .Lg_puts
+    movl 32(%ebp), %eax
+    movl $8, %ecx
+    call .Lg_put_hex
+    movb $0x0a, %al
+    call .Lg_putc
+    incl %ebx
+    jmp 2b
+9:  popl %ebp
+    popl %ebx
+    ret
+
+# ---- interrupts ---------------------------------------------------------------------------
+# set_gate: eax = vector, edx = handler address: 32-bit interrupt gate. Clobbers ecx, edx.
+.Lg_set_gate:
+    leal (0x100000 + .Lg_idt - svff_guest_start)(,%eax,8), %ecx
+    movw %dx, (%ecx)
+    movw $0x08, 2(%ecx)
+    movw $0x8e00, 4(%ecx)
+    shrl $16, %edx
+    movw %dx, 6(%ecx)
+    ret
+
+.Lg_isr_default:                        # spurious or unexpected: ignore
+    iret
+
+.Lg_isr_exc:                            # any CPU exception: say so, end the VM with 0xee
+    movl $(0x100000 + .Lg_s_exc - svff_guest_start), %esi
+    call .Lg_puts
+    movw $0x501, %dx
+    movb $0xee, %al
+    outb %al, %dx
+2:  hlt
+    jmp 2b
+
+.Lg_isr_serial:                         # COM1 THR-empty on IRQ 4 (PIC vector 0x24)
+    pushl %eax
+    pushl %edx
+    incl (0x100000 + .Lg_serial_irqs - svff_guest_start)
+    movw $0x3fa, %dx                    # IIR: acknowledges THR empty
+    inb %dx, %al
+    movw $0x3f9, %dx                    # IER = 0: no more
+    xorl %eax, %eax
+    outb %al, %dx
+    movb $0x20, %al                     # PIC EOI
+    outb %al, $0x20
+    popl %edx
+    popl %eax
+    iret
+
+# MSI-X: target i takes vector 0x40 + i; stub i is at .Lg_isr_stubs + 16 * i.
+.p2align 4
+.Lg_isr_stubs:
+.irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .p2align 4
+    pushl %eax
+    movl $\n, %eax
+    jmp .Lg_isr_msix
+.endr
+.Lg_isr_msix:
+    shll $6, %eax
+    incl (0x100000 + .Lg_targets - svff_guest_start + 40)(%eax)
+    movl $0, 0xfee000b0                 # LAPIC EOI
+    popl %eax
+    iret
+
+# setup_interrupts: IDT, 8259 PICs remapped to 0x20/0x28 with only IRQ 4 open, LAPIC
+# software-enabled, sti. Clobbers eax, ecx, edx.
+.Lg_setup_interrupts:
+    xorl %eax, %eax
+2:  movl $(0x100000 + .Lg_isr_default - svff_guest_start), %edx
+    call .Lg_set_gate
+    incl %eax
+    cmpl $256, %eax
+    jb 2b
+    xorl %eax, %eax
+3:  movl $(0x100000 + .Lg_isr_exc - svff_guest_start), %edx
+    call .Lg_set_gate
+    incl %eax
+    cmpl $32, %eax
+    jb 3b
+    movl $0x24, %eax
+    movl $(0x100000 + .Lg_isr_serial - svff_guest_start), %edx
+    call .Lg_set_gate
+    xorl %eax, %eax
+4:  movl %eax, %edx
+    shll $4, %edx
+    addl $(0x100000 + .Lg_isr_stubs - svff_guest_start), %edx
+    pushl %eax
+    addl $0x40, %eax
+    call .Lg_set_gate
+    popl %eax
+    incl %eax
+    cmpl $32, %eax
+    jb 4b
+    lidt (0x100000 + .Lg_idtr - svff_guest_start)
+    movb $0x11, %al                     # ICW1: edge, cascade, ICW4
+    outb %al, $0x20
+    outb %al, $0xa0
+    movb $0x20, %al                     # ICW2: vector bases
+    outb %al, $0x21
+    movb $0x28, %al
+    outb %al, $0xa1
+    movb $0x04, %al                     # ICW3: slave on IRQ 2
+    outb %al, $0x21
+    movb $0x02, %al
+    outb %al, $0xa1
+    movb $0x01, %al                     # ICW4: 8086 mode
+    outb %al, $0x21
+    outb %al, $0xa1
+    movb $0xef, %al                     # masks: only IRQ 4
+    outb %al, $0x21
+    movb $0xff, %al
+    outb %al, $0xa1
+    movl $0x1ff, 0xfee000f0             # LAPIC SVR: enabled, spurious vector 0xff
+    sti
+    ret
+
+# setup_msix: ebp = target entry, ebx = its index: finds the MSI-X capability, points table
+# entry 0 at vector 0x40 + index on the boot CPU, unmasks it and enables MSI-X.
+# Clobbers eax, ecx, edx, esi, edi.
+.Lg_setup_msix:
+    movl 0(%ebp), %eax
+    orl $4, %eax
+    call .Lg_cfg_read
+    testl $0x100000, %eax               # Status: capabilities list
+    jz 9f
+    movl 0(%ebp), %eax
+    orl $0x34, %eax
+    call .Lg_cfg_read
+    andl $0xfc, %eax
+    movl %eax, %esi
+    movl $48, %edi                      # bound the walk
+2:  testl %esi, %esi
+    jz 9f
+    decl %edi
+    jz 9f
+    movl 0(%ebp), %eax
+    orl %esi, %eax
+    call .Lg_cfg_read
+    cmpb $0x11, %al
+    je 3f
+    shrl $8, %eax
+    andl $0xfc, %eax
+    movl %eax, %esi
+    jmp 2b
+3:  movl 0(%ebp), %eax                  # esi = capability offset
+    orl %esi, %eax
+    addl $4, %eax
+    call .Lg_cfg_read                   # table offset | BIR
+    movl %eax, %edi
+    andl $7, %eax
+    leal 0x10(,%eax,4), %ecx
+    movl 0(%ebp), %eax
+    orl %ecx, %eax
+    call .Lg_cfg_read                   # that BAR
+    testl $1, %eax
+    jnz 9f
+    andl $0xfffffff0, %eax
+    jz 9f
+    andl $0xfffffff8, %edi
+    addl %edi, %eax
+    movl %eax, 48(%ebp)
+    movl $0xfee00000, 0(%eax)           # entry 0: APIC ID 0, physical
+    movl $0, 4(%eax)
+    leal 0x40(%ebx), %ecx
+    movl %ecx, 8(%eax)                  # fixed, edge, vector 0x40 + index
+    movl $0, 12(%eax)                   # unmasked
+    movl 0(%ebp), %eax                  # Message Control: Enable, no Function Mask
+    orl %esi, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfe, %dx
+    inw %dx, %ax
+    orw $0x8000, %ax
+    andw $0xbfff, %ax
+    outw %ax, %dx
+    movl $(0x100000 + .Lg_s_msix - svff_guest_start), %esi
+    call .Lg_print_event
+    leal 0x40(%ebx), %eax
+    call .Lg_put_dec
+    movb $0x0a, %al
+    call .Lg_putc
+9:  ret
+
+# ---- main ---------------------------------------------------------------------------------
+.Lg_entry:
+    cli
+    cld
+    movl $(0x100000 + .Lg_s_start - svff_guest_start), %esi
+    call .Lg_puts
+
+    xorl %ebx, %ebx                     # ebx = devfn 0..255 on bus 0
+.Lg_enum:
+    cmpl $256, %ebx
+    jae .Lg_enum_done
+    movl %ebx, %edi
+    shll $8, %edi
+    orl $0x80000000, %edi               # edi = conf1 address of dword 0
+    movl %edi, %eax
+    call .Lg_cfg_read
+    cmpw $0xffff, %ax
+    je .Lg_enum_absent
+    movl %eax, (0x100000 + .Lg_cur_id - svff_guest_start)
+    movl %edi, %eax
+    orl $8, %eax
+    call .Lg_cfg_read
+    shrl $8, %eax
+    movl %eax, (0x100000 + .Lg_cur_class - svff_guest_start)
+    movl %edi, %eax
+    orl $0xc, %eax
+    call .Lg_cfg_read
+    shrl $16, %eax
+    movl %eax, (0x100000 + .Lg_cur_hdr - svff_guest_start)
+    incl (0x100000 + .Lg_nfuncs - svff_guest_start)
+
+    movl $(0x100000 + .Lg_s_found - svff_guest_start), %esi
+    call .Lg_puts
+    movl %edi, %eax
+    call .Lg_put_bdf
+    movl $(0x100000 + .Lg_s_vendor - svff_guest_start), %esi
+    call .Lg_puts
+    movl (0x100000 + .Lg_cur_id - svff_guest_start), %eax
+    andl $0xffff, %eax
+    movl $4, %ecx
+    call .Lg_put_hex
+    movl $(0x100000 + .Lg_s_device - svff_guest_start), %esi
+    call .Lg_puts
+    movl (0x100000 + .Lg_cur_id - svff_guest_start), %eax
+    shrl $16, %eax
+    movl $4, %ecx
+    call .Lg_put_hex
+    movl $(0x100000 + .Lg_s_class - svff_guest_start), %esi
+    call .Lg_puts
+    movl (0x100000 + .Lg_cur_class - svff_guest_start), %eax
+    movl $6, %ecx
+    call .Lg_put_hex
+    movb $0x0a, %al
+    call .Lg_putc
+
+    movl (0x100000 + .Lg_cur_class - svff_guest_start), %eax
+    shrl $16, %eax
+    cmpl $6, %eax                       # bridges are not read
+    je 2f
+    call .Lg_add_target
+2:  testl $7, %ebx
+    jnz .Lg_enum_inc
+    testl $0x80, (0x100000 + .Lg_cur_hdr - svff_guest_start)
+    jnz .Lg_enum_inc                    # multi-function: look at functions 1..7
+    jmp .Lg_enum_skip_dev
+.Lg_enum_absent:
+    testl $7, %ebx
+    jnz .Lg_enum_inc
+.Lg_enum_skip_dev:
+    orl $7, %ebx
+.Lg_enum_inc:
+    incl %ebx
+    jmp .Lg_enum
+
+.Lg_enum_done:
+    movl $(0x100000 + .Lg_s_enum - svff_guest_start), %esi
+    movl (0x100000 + .Lg_nfuncs - svff_guest_start), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_funcs - svff_guest_start), %esi
+    call .Lg_puts
+    movl (0x100000 + .Lg_ntargets - svff_guest_start), %eax
+    call .Lg_put_dec
+    movl $(0x100000 + .Lg_s_targets - svff_guest_start), %esi
+    call .Lg_puts
+
+    call .Lg_setup_interrupts
+    movw $0x3f9, %dx                    # IER: THR empty -> IRQ 4 at once
+    movb $0x02, %al
+    outb %al, %dx
+    movl $100000000, %ecx               # bounded wait for it
+2:  cmpl $0, (0x100000 + .Lg_serial_irqs - svff_guest_start)
+    jne 3f
+    pause
+    loop 2b
+3:  movl $(0x100000 + .Lg_s_serial - svff_guest_start), %esi
+    movl (0x100000 + .Lg_serial_irqs - svff_guest_start), %eax
+    call .Lg_field
+    movb $0x0a, %al
+    call .Lg_putc
+
+    xorl %ebx, %ebx
+4:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae 5f
+    movl %ebx, %ebp
+    shll $6, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    call .Lg_setup_msix
+    incl %ebx
+    jmp 4b
+5:  movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
+    movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
+
+.Lg_round:
+    xorl %ebx, %ebx                     # ebx = target index
+.Lg_target:
+    cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae .Lg_round_end
+    movl %ebx, %ebp
+    shll $6, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    movl 0(%ebp), %eax
+    call .Lg_cfg_read
+    cmpw $0xffff, %ax
+    jne 4f
+    testl $1, 28(%ebp)                  # vendor 0xffff: gone from config space
+    jnz .Lg_target_next
+    orl $1, 28(%ebp)
+    incl 16(%ebp)
+    movl $(0x100000 + .Lg_s_gone - svff_guest_start), %esi
+    call .Lg_print_event
+    jmp .Lg_target_next
+4:  testl $1, 28(%ebp)
+    jz 5f
+    andl $0xfffffffe, 28(%ebp)          # back: decoding may have been reset meanwhile
+    incl 20(%ebp)
+    movl 0(%ebp), %edi
+    call .Lg_enable_mem
+    movl $(0x100000 + .Lg_s_back - svff_guest_start), %esi
+    call .Lg_print_event
+5:  movl 4(%ebp), %edi                  # BAR0 + 0: identity
+    call .Lg_read_reg
+    movl %eax, 32(%ebp)
+    movl 4(%ebp), %edi                  # BAR0 + 8: status
+    addl $8, %edi
+    call .Lg_read_reg
+    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
+    jne .Lg_target_next
+    cmpl $0, 48(%ebp)
+    je .Lg_target_next
+    movl 4(%ebp), %edi
+    movl $0, 0x14(%edi)
+.Lg_target_next:
+    incl %ebx
+    jmp .Lg_target
+
+.Lg_round_end:
+    incl (0x100000 + .Lg_rounds - svff_guest_start)
+    decl (0x100000 + .Lg_countdown - svff_guest_start)
+    jnz 6f
+    movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
+    movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
+    call .Lg_report_all
+6:  movl (0x100000 + .Lg_p_rounds - svff_guest_start), %eax
+    testl %eax, %eax
+    jz .Lg_round
+    cmpl (0x100000 + .Lg_rounds - svff_guest_start), %eax
+    ja .Lg_round
+    movl $(0x100000 + .Lg_s_done - svff_guest_start), %esi
+    movl (0x100000 + .Lg_rounds - svff_guest_start), %eax
+    call .Lg_field
+    movb $0x0a, %al
+    call .Lg_putc
+    movw $0x501, %dx                    # debug exit, code 0
+    xorl %eax, %eax
+    outb %al, %dx
+7:  hlt
+    jmp 7b
+
+.globl svff_guest_end
+svff_guest_end:
+.code64
+.popsection

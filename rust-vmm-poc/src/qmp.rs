@@ -1,0 +1,301 @@
+//! The VMM's QMP commands, served by qmp-ext's [`Server`](qmp_ext::Server).
+//!
+//! The server itself answers `qmp_capabilities`, `query-version`, `getfd` and `closefd`
+//! (descriptors passed with SCM_RIGHTS, kept per connection). This handler adds:
+//!
+//! | command | arguments | effect |
+//! |---|---|---|
+//! | `query-status` | none | `{"running": bool, "status": "running" \| "paused" \| "shutdown"}` |
+//! | `stop` | none | pauses every vCPU (returns once they are all out of the guest); event `STOP` |
+//! | `cont` | none | resumes; event `RESUME` |
+//! | `quit` | none | ends the VM: the VMM joins its threads, closes its fds and exits 0 |
+//! | `x-svff-set-present` | `{"device": "00:DD.F", "present": bool}` | hides/shows an emulated function in config space (tests of how guests notice a removal) |
+//! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
+//! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
+//! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
+//!
+//! A pause without `policy` uses the device's last one (at first `--vfio ...,policy=`,
+//! default `ignore`); `stall` waits at most 10 s per access.
+//!
+//! When the VM ends the VMM emits `SHUTDOWN` with `guest` and `reason` (`host-qmp-quit`,
+//! `guest-shutdown`, `guest-reset`, `guest-panic` for a debug exit, `vcpu-failed`).
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use qmp_ext::svff::{
+    self, PausableDevices, QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioPausedAccesses,
+    SvffVfioPhase, SvffVfioState, SvffVfioStateChanged, SvffVfioTimings, SvffVfioUnpause,
+};
+use qmp_ext::{decode_arguments, EventSink, Handler, QmpCommand, QmpError, Session};
+use vfio_pause::{DeviceState, PciAddress, Timings, VfSource};
+
+use crate::devices::{lock, VfioEntry};
+use crate::pci::DevFn;
+use crate::vm::{ExitReason, RunState, VmHandle};
+
+/// How long a stalled access waits under `policy=stall` (vfio-pause bounds it to 10 s).
+pub const STALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn timings(t: &Timings) -> SvffVfioTimings {
+    SvffVfioTimings {
+        total_ns: t.total.as_nanos() as u64,
+        phases: t
+            .phases
+            .iter()
+            .map(|(p, d)| SvffVfioPhase {
+                name: *p,
+                ns: d.as_nanos() as u64,
+            })
+            .collect(),
+    }
+}
+
+fn parse_host(s: &str) -> Result<PciAddress, QmpError> {
+    let bdf = s
+        .strip_prefix("/sys/bus/pci/devices/")
+        .unwrap_or(s)
+        .trim_end_matches('/');
+    bdf.parse()
+        .map_err(|_| QmpError::generic(format!("'{s}' is not a PCI address or its sysfs path")))
+}
+
+/// The svff-vmm QMP command handler.
+#[derive(Debug)]
+pub struct QmpHandler {
+    vm: VmHandle,
+    events: EventSink,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPresent {
+    device: String,
+    present: bool,
+}
+
+/// Parses `00:DD.F` (bus 0 only).
+pub fn parse_devfn(s: &str) -> Option<DevFn> {
+    let rest = s.strip_prefix("00:")?;
+    let (d, f) = rest.split_once('.')?;
+    if d.len() != 2 || f.len() != 1 {
+        return None;
+    }
+    DevFn::new(u8::from_str_radix(d, 16).ok()?, f.parse().ok()?)
+}
+
+impl QmpHandler {
+    /// A handler steering `vm`, emitting events to `events` (the server's sink).
+    pub fn new(vm: VmHandle, events: EventSink) -> Self {
+        QmpHandler { vm, events }
+    }
+
+    /// Emits `SHUTDOWN` for `reason` (the VMM calls this as the VM ends).
+    pub fn emit_shutdown(events: &EventSink, reason: &ExitReason) {
+        let (guest, why) = match reason {
+            ExitReason::Quit => (false, "host-qmp-quit"),
+            ExitReason::GuestShutdown => (true, "guest-shutdown"),
+            ExitReason::GuestReset => (true, "guest-reset"),
+            ExitReason::DebugExit(_) => (true, "guest-panic"),
+            ExitReason::VcpuFailed { .. } => (false, "vcpu-failed"),
+        };
+        let mut data = Map::new();
+        data.insert("guest".into(), json!(guest));
+        data.insert("reason".into(), json!(why));
+        events.emit("SHUTDOWN", Some(data));
+    }
+}
+
+impl Handler for QmpHandler {
+    fn execute(
+        &self,
+        session: &mut Session,
+        command: &str,
+        arguments: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        if matches!(
+            command,
+            SvffVfioPause::NAME | SvffVfioUnpause::NAME | QuerySvffVfio::NAME
+        ) {
+            if let Some(r) = svff::dispatch(self, session, command, arguments) {
+                return r;
+            }
+            return Err(QmpError::command_not_found(command));
+        }
+        let no_args = |a: Map<String, Value>| decode_arguments::<NoArgs>(command, a).map(|_| ());
+        match command {
+            "query-status" => {
+                no_args(arguments)?;
+                let (running, status) = match self.vm.state() {
+                    RunState::Running => (true, "running"),
+                    RunState::Paused => (false, "paused"),
+                    RunState::Shutdown => (false, "shutdown"),
+                };
+                Ok(json!({"running": running, "status": status}))
+            }
+            "stop" => {
+                no_args(arguments)?;
+                let was = self.vm.state();
+                self.vm
+                    .pause()
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                if was == RunState::Running {
+                    self.events.emit("STOP", None);
+                }
+                Ok(json!({}))
+            }
+            "cont" => {
+                no_args(arguments)?;
+                if self.vm.state() == RunState::Shutdown {
+                    return Err(QmpError::generic("the VM is shutting down"));
+                }
+                let was = self.vm.state();
+                self.vm.resume();
+                if was == RunState::Paused {
+                    self.events.emit("RESUME", None);
+                }
+                Ok(json!({}))
+            }
+            "quit" => {
+                no_args(arguments)?;
+                self.vm.request_exit(ExitReason::Quit);
+                Ok(json!({}))
+            }
+            "x-svff-set-present" => {
+                let a: SetPresent = decode_arguments(command, arguments)?;
+                let df = parse_devfn(&a.device).ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "device '{}' is not a bus-0 address 00:DD.F",
+                        a.device
+                    ))
+                })?;
+                self.vm
+                    .set_device_present(df, a.present)
+                    .map_err(|e| QmpError::device_not_found(e.to_string()))?;
+                Ok(json!({}))
+            }
+            _ => Err(QmpError::command_not_found(command)),
+        }
+    }
+}
+
+impl QmpHandler {
+    fn entry(&self, id: &str) -> Result<Arc<VfioEntry>, QmpError> {
+        self.vm
+            .vfio()
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))
+    }
+
+    fn changed(&self, id: &str, state: SvffVfioState) {
+        self.events.emit_event(&SvffVfioStateChanged {
+            id: id.into(),
+            state,
+        });
+    }
+}
+
+impl PausableDevices for QmpHandler {
+    fn pause(&self, args: SvffVfioPause) -> Result<SvffVfioTimings, QmpError> {
+        let e = self.entry(&args.id)?;
+        let policy = args.policy.unwrap_or(*lock(&e.policy));
+        let was = e.dev.state();
+        let t = e
+            .dev
+            .pause_with(policy, STALL_DEADLINE)
+            .map_err(|err| QmpError::generic(format!("pausing '{}': {err}", e.id)))?;
+        if was == DeviceState::Attached {
+            *lock(&e.policy) = policy;
+            e.pauses.fetch_add(1, Ordering::Relaxed);
+            self.changed(&e.id, SvffVfioState::Paused);
+        }
+        Ok(timings(&t))
+    }
+
+    fn unpause(
+        &self,
+        args: SvffVfioUnpause,
+        group_fd: Option<OwnedFd>,
+    ) -> Result<SvffVfioTimings, QmpError> {
+        let e = self.entry(&args.id)?;
+        let host = match &args.host {
+            Some(h) => parse_host(h)?,
+            None => e.dev.host(),
+        };
+        let source = match group_fd {
+            Some(group) => VfSource::GroupFd {
+                group,
+                address: host,
+            },
+            None => VfSource::Sysfs(host),
+        };
+        let was = e.dev.state();
+        let t = e
+            .dev
+            .unpause(source)
+            .map_err(|err| QmpError::generic(format!("unpausing '{}': {err}", e.id)))?;
+        if was == DeviceState::Paused {
+            self.changed(&e.id, SvffVfioState::Attached);
+        }
+        Ok(timings(&t))
+    }
+
+    fn query(&self) -> Result<Vec<SvffVfioInfo>, QmpError> {
+        Ok(self
+            .vm
+            .vfio()
+            .iter()
+            .map(|e| {
+                let state = e.dev.state();
+                let c = e.dev.access_counters();
+                let (lp, lu) = e.dev.last_timings();
+                SvffVfioInfo {
+                    id: e.id.clone(),
+                    state,
+                    host: e.dev.host().to_string(),
+                    guest: format!("0000:{}", e.guest),
+                    policy: (state != SvffVfioState::Attached).then(|| *lock(&e.policy)),
+                    pause_count: e.pauses.load(Ordering::Relaxed),
+                    paused_accesses: SvffVfioPausedAccesses {
+                        config_reads: c.shadow_reads,
+                        config_writes: c.shadow_writes,
+                        bar_reads: c.ignored_reads,
+                        bar_writes: c.ignored_writes,
+                    },
+                    last_pause: lp.as_ref().map(timings),
+                    last_unpause: lu.as_ref().map(timings),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_0_addresses_parse_and_others_do_not() {
+        assert_eq!(parse_devfn("00:1f.7"), DevFn::new(0x1f, 7));
+        assert_eq!(parse_devfn("00:02.0"), DevFn::new(2, 0));
+        for bad in [
+            "01:02.0",
+            "00:20.0",
+            "00:02.8",
+            "00:2.0",
+            "0000:00:02.0",
+            "x",
+        ] {
+            assert_eq!(parse_devfn(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! VFs of the lab's igb PF passed through to svff-vmm with vfio-pause: the test guest finds
+//! them on its bus 0 with their real identity and reads their live BAR0 registers.
+
+use std::process::Command;
+
+use svff_lab::guest::{self, bind, set_numvfs, unbind, vfs_of};
+use svff_vmm::parse_counters;
+
+/// The igb PF on pci-pf-stub with `n` VFs, all bound to vfio-pci. Returns the VFs.
+fn igb_vfs(n: u32) -> (String, Vec<String>) {
+    let pf = guest::igb_pf();
+    if guest::driver_of(&pf).is_some() {
+        set_numvfs(&pf, 0);
+    }
+    bind(&pf, "pci-pf-stub");
+    set_numvfs(&pf, n);
+    let vfs = vfs_of(&pf);
+    for vf in &vfs {
+        bind(vf, "vfio-pci");
+    }
+    (pf, vfs)
+}
+
+fn cleanup(pf: &str, vfs: &[String]) {
+    for vf in vfs {
+        unbind(vf);
+    }
+    set_numvfs(pf, 0);
+    unbind(pf);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn test_guest_reads_live_registers_of_two_passed_through_igb_vfs() {
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args([
+            "--test-devices",
+            "0",
+            "--guest-rounds",
+            "40",
+            "--guest-report-every",
+            "20",
+        ])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--vfio=/sys/bus/pci/devices/{},id=vf1", vfs[1]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    println!("{text}");
+    cleanup(&pf, &vfs);
+    assert!(
+        out.status.success(),
+        "svff-vmm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dev in ["00:01.0", "00:02.0"] {
+        assert!(
+            text.contains(&format!(
+                "svff-guest: found {dev} vendor=8086 device=10ca class=020000"
+            )),
+            "{dev} is an igb VF in the guest"
+        );
+        let c = text
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == dev)
+            .unwrap_or_else(|| panic!("no counters for {dev}"));
+        assert_eq!(c.round, 40);
+        assert_eq!((c.reads, c.ok, c.ones, c.gone), (80, 80, 0, 0), "{c:?}");
+        assert_ne!(c.id, u32::MAX, "CTRL of a live VF");
+    }
+    assert!(text.contains("svff-guest: enumerated 3 functions, 2 targets"));
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn vfs_that_do_not_exist_or_are_not_on_vfio_pci_are_refused_naming_them() {
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let run = |spec: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+            .args(["--serial", "none", "--vfio", spec])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("0000:09:1f.7");
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--vfio 0000:09:1f.7: no such PCI function"),
+        "{err}"
+    );
+
+    let (pf, vfs) = igb_vfs(1);
+    unbind(&vfs[0]);
+    let (code, err) = run(&vfs[0]);
+    cleanup(&pf, &vfs);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!(
+            "--vfio {}: bound to no driver, not vfio-pci",
+            vfs[0]
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn two_vfs_paused_over_a_numvfs_cycle_and_unpaused_never_leave_the_guests_config_space() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--vfio={},id=vf1,policy=ignore", vfs[1]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    // The last complete counter line of `dev`.
+    let last = |dev: &str| {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == dev)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("first reports", &|| last("00:02.0").is_some());
+    let before: Vec<_> = ["00:01.0", "00:02.0"].map(|d| last(d).unwrap()).into();
+
+    for id in ["vf0", "vf1"] {
+        let t = qmp
+            .execute(
+                "svff-vfio-pause",
+                Some(json!({"id": id, "policy": "ignore"})),
+            )
+            .unwrap();
+        println!("pause {id}: {t}");
+        assert!(t["total-ns"].as_u64().unwrap() > 0);
+    }
+    // Every fd of both VFs is closed: the count change does not block.
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 2);
+    let new_vfs = vfs_of(&pf);
+    for vf in &new_vfs {
+        bind(vf, "vfio-pci");
+    }
+    for (id, vf) in ["vf0", "vf1"].iter().zip(&new_vfs) {
+        let t = qmp
+            .execute("svff-vfio-unpause", Some(json!({"id": id, "host": vf})))
+            .unwrap();
+        println!("unpause {id}: {t}");
+    }
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    println!("{info:#}");
+    let paused_bar_reads: u64 = info
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["state"], "attached");
+            assert_eq!(d["pause-count"], 1);
+            d["paused-accesses"]["bar-reads"].as_u64().unwrap()
+        })
+        .sum();
+    // Two reports after the unpause, so every read of the pause window is counted.
+    let round_now = last("00:02.0").unwrap().round;
+    wait("reports after the unpause", &|| {
+        last("00:02.0").is_some_and(|c| c.round >= round_now + 40)
+    });
+    let after: Vec<_> = ["00:01.0", "00:02.0"].map(|d| last(d).unwrap()).into();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    let mut guest_ones = 0;
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            a.gone, 0,
+            "the guest never saw {} leave config space",
+            a.dev
+        );
+        assert!(
+            a.ok > b.ok,
+            "valid reads again after the unpause: {b:?} -> {a:?}"
+        );
+        assert_ne!(a.id, u32::MAX, "{a:?}");
+        guest_ones += a.ones;
+    }
+    // All-ones only inside the pause window: exactly the BAR reads vfio-pause ignored.
+    assert_eq!(guest_ones, paused_bar_reads);
+}
+
+fn fds_and_rss_kib(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn fifty_pause_unpause_cycles_leave_the_vmm_with_the_same_fds() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--serial", "none"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let cycle = |qmp: &mut Client| {
+        qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+            .unwrap();
+        qmp.execute("svff-vfio-unpause", Some(json!({"id": "vf0"})))
+            .unwrap();
+    };
+    cycle(&mut qmp); // first-use allocations
+    let (fds0, rss0) = fds_and_rss_kib(pid);
+    let start = Instant::now();
+    for _ in 0..50 {
+        cycle(&mut qmp);
+    }
+    let per_cycle = start.elapsed() / 50;
+    let (fds1, rss1) = fds_and_rss_kib(pid);
+    println!(
+        "50 pause/unpause cycles: {per_cycle:?} per cycle; fds {fds0} -> {fds1}; RSS {rss0} -> {rss1} KiB"
+    );
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    assert!(status.success());
+    assert_eq!(info[0]["pause-count"], 51);
+    assert_eq!(fds1, fds0, "no fd leaked over 50 cycles");
+}
