@@ -245,7 +245,7 @@ pub use daemon::{bind_socket, listener_from_systemd, Daemon};
 pub use error::Error;
 pub use fpga::{BarReader, SvffIdentity, SVFF_REGS_BAR};
 pub use nvme::{
-    apply_plan as nvme_apply_plan, check_plan as nvme_check_plan,
+    apply_plan as nvme_apply_plan, changed_vfs as nvme_changed_vfs, check_plan as nvme_check_plan,
     primary_caps as nvme_primary_caps, read_status as nvme_read_status,
     secondary_controllers as nvme_secondary_controllers, AdminCommand, AdminError, DevNvmeOpener,
     NvmeAdmin, NvmeDevice, NvmeOpener, NvmeProfile, NvmeResources, NvmeStatus, PassthruCmd,

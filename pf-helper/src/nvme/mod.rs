@@ -475,6 +475,31 @@ pub fn check_plan(
     Ok(plan)
 }
 
+/// Whether secondary `s` already is as `p` plans it: online with exactly the
+/// planned counts, or (planned `0/0`) offline with none.
+fn matches(p: &PlannedVf, s: &SecondaryController) -> bool {
+    let offline = p.want.vq == 0 && p.want.vi == 0;
+    if offline {
+        !s.online && s.nvq == 0 && s.nvi == 0
+    } else {
+        s.online && s.nvq == p.want.vq && s.nvi == p.want.vi
+    }
+}
+
+/// The VF indices of `plan` whose secondary controller `apply_plan` (without
+/// `force`) would change, given the current `secondaries`: for pool mode,
+/// the only VFs to pause.
+pub fn changed_vfs(plan: &[PlannedVf], secondaries: &[SecondaryController]) -> Vec<u16> {
+    plan.iter()
+        .filter(|p| {
+            !secondaries
+                .iter()
+                .any(|s| s.scid == p.scid && matches(p, s))
+        })
+        .map(|p| p.index)
+        .collect()
+}
+
 /// Carries out `plan` (from [`check_plan`]) on the controller: every
 /// secondary whose state differs from the plan (with `force`: every planned
 /// secondary, as after a VF count change, where the VFs are new devices) is
@@ -490,11 +515,7 @@ pub fn apply_plan(
 ) -> Result<usize, Error> {
     let before = secondary_controllers(ctrl)?;
     let is_done = |p: &PlannedVf, list: &[SecondaryController]| {
-        list.iter().find(|s| s.scid == p.scid).is_some_and(|s| {
-            let offline = p.want.vq == 0 && p.want.vi == 0;
-            s.online != offline && s.nvq == p.want.vq && s.nvi == p.want.vi
-                || offline && !s.online && s.nvq == 0 && s.nvi == 0
-        })
+        list.iter().any(|s| s.scid == p.scid && matches(p, s))
     };
     let todo: Vec<&PlannedVf> = plan
         .iter()

@@ -194,6 +194,8 @@ fn apply_sets_offline_then_assigns_vq_then_vi_then_online() {
     };
     let req = NvmeResources::parse_spec("0=vq:2,vi:1,1=vq:4,vi:2").unwrap();
     let plan = plan_for(&fake, 2, &req).unwrap();
+    let secs = secondary_controllers(&fake).unwrap();
+    assert_eq!(changed_vfs(&plan, &secs), [0, 1]);
     fake.model().log.clear();
     let changed = apply_plan(pf(), &fake, &plan, false, &|_| None).unwrap();
     assert_eq!(changed, 2);
@@ -237,6 +239,13 @@ fn apply_sets_offline_then_assigns_vq_then_vi_then_online() {
         }
     );
     // Applying the same plan again touches nothing, unless forced (new VFs).
+    assert!(changed_vfs(&plan, &secondary_controllers(&fake).unwrap()).is_empty());
+    let one = NvmeResources::parse_spec("0=vq:2,vi:1,1=vq:2,vi:1").unwrap();
+    let plan2 = plan_for(&fake, 2, &one).unwrap();
+    assert_eq!(
+        changed_vfs(&plan2, &secondary_controllers(&fake).unwrap()),
+        [1]
+    );
     fake.model().log.clear();
     assert_eq!(apply_plan(pf(), &fake, &plan, false, &|_| None).unwrap(), 0);
     assert!(fake.log().iter().all(|(op, _, _)| *op == 0x06));
