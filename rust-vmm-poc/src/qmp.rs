@@ -10,6 +10,7 @@
 //! | `cont` | none | resumes; event `RESUME` |
 //! | `quit` | none | ends the VM: the VMM joins its threads, closes its fds and exits 0 |
 //! | `x-svff-set-present` | `{"device": "00:DD.F", "present": bool}` | hides/shows an emulated function in config space (tests of how guests notice a removal) |
+//! | `x-svff-trigger-irq` | `{"id", "vector"}` | test only: the kernel fires MSI-X vector `vector` of an attached `--vfio` device (`VFIO_DEVICE_SET_IRQS` trigger), so it travels VFIO -> eventfd -> KVM irqfd -> guest; an error while paused or before the guest enabled MSI-X |
 //! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
 //! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
 //! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
@@ -80,6 +81,13 @@ struct NoArgs {}
 struct SetPresent {
     device: String,
     present: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerIrq {
+    id: String,
+    vector: u32,
 }
 
 /// Parses `00:DD.F` (bus 0 only).
@@ -180,6 +188,19 @@ impl Handler for QmpHandler {
                 self.vm
                     .set_device_present(df, a.present)
                     .map_err(|e| QmpError::device_not_found(e.to_string()))?;
+                Ok(json!({}))
+            }
+            "x-svff-trigger-irq" => {
+                let a: TriggerIrq = decode_arguments(command, arguments)?;
+                let e = self.entry(&a.id)?;
+                e.dev
+                    .trigger_irq(vfio_pause::irq::MSIX, a.vector)
+                    .map_err(|err| {
+                        QmpError::generic(format!(
+                            "'{}': triggering MSI-X vector {}: {err}",
+                            e.id, a.vector
+                        ))
+                    })?;
                 Ok(json!({}))
             }
             _ => Err(QmpError::command_not_found(command)),

@@ -292,3 +292,102 @@ fn fifty_pause_unpause_cycles_leave_the_vmm_with_the_same_fds() {
     assert_eq!(info[0]["pause-count"], 51);
     assert_eq!(fds1, fds0, "no fd leaked over 50 cycles");
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn msix_interrupts_of_an_igb_vf_reach_the_guest_before_a_pause_and_after_the_unpause_onto_a_new_vf(
+) {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let irqs = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+            .map(|c| c.irqs)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("MSI-X enabled by the guest", &|| {
+        out().contains("svff-guest: dev=00:01.0 msix vector=64")
+    });
+    wait("first reports", &|| irqs().is_some());
+    assert_eq!(irqs(), Some(0), "no interrupt before one is triggered");
+    let fire = |qmp: &mut Client, n: u64| {
+        qmp.execute("x-svff-trigger-irq", Some(json!({"id": "vf0", "vector": 0})))
+            .unwrap();
+        wait(&format!("interrupt {n} in the guest"), &|| {
+            irqs().is_some_and(|i| i >= n)
+        });
+    };
+    fire(&mut qmp, 1);
+    fire(&mut qmp, 2);
+
+    qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    let paused = qmp.execute("x-svff-trigger-irq", Some(json!({"id": "vf0", "vector": 0})));
+    assert!(paused.is_err(), "a paused VF has no vectors: {paused:?}");
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0]})),
+    )
+    .unwrap();
+    fire(&mut qmp, 3);
+    fire(&mut qmp, 4);
+    let round = || {
+        let o = out();
+        o.lines()
+            .rev()
+            .filter_map(parse_counters)
+            .next()
+            .map_or(0, |c| c.round)
+    };
+    let r = round();
+    wait("two more reports", &|| round() >= r + 40);
+    let last = irqs();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(
+        last,
+        Some(4),
+        "each triggered vector reached the guest once, none other"
+    );
+}

@@ -300,7 +300,7 @@ impl Vm {
                 Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
             })?;
             let c = container.clone().expect("created above for VFIO devices");
-            let dev = VfioPci::open(c, &spec.host, &spec.id, spec.policy)?;
+            let dev = VfioPci::open(c, &spec.host, &spec.id, spec.policy, router.clone())?;
             vfio.push(Arc::new(VfioEntry {
                 id: spec.id.clone(),
                 guest: df,
