@@ -391,3 +391,138 @@ fn msix_interrupts_of_an_igb_vf_reach_the_guest_before_a_pause_and_after_the_unp
         "each triggered vector reached the guest once, none other"
     );
 }
+
+/// The uid and gid the unprivileged VMM runs as (`nobody`).
+const NOBODY: u32 = 65534;
+
+fn open_group(vf: &str) -> std::fs::File {
+    let path = format!("/dev/vfio/{}", guest::iommu_group(vf));
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn an_unprivileged_vmm_gets_group_fds_over_qmp_and_pauses_and_unpauses_across_a_numvfs_cycle() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let group_node = format!("/dev/vfio/{}", guest::iommu_group(&vfs[0]));
+    let meta = std::fs::metadata(&group_node).unwrap();
+    assert!(
+        meta.uid() == 0 && meta.mode() & 0o077 == 0,
+        "{group_node} is root's only, so the VMM cannot open it itself"
+    );
+    let kvm_mode = std::fs::metadata("/dev/kvm").unwrap().permissions().mode();
+    std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    // type1 pins guest RAM against RLIMIT_MEMLOCK of an unprivileged process.
+    let mut child = Command::new("prlimit")
+        .args(["--memlock=unlimited", "setpriv"])
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0,fd=g0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some("65534"),
+        "{uid_line}"
+    );
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let pre = qmp.execute("query-status", None).unwrap();
+    assert_eq!(pre["status"], "prelaunch");
+    let refused = qmp.execute("x-svff-start", None);
+    assert!(refused.is_err(), "no fd passed yet: {refused:?}");
+    // The refused start took nothing: the handshake goes on.
+    let g0 = open_group(&vfs[0]);
+    qmp.send_fd("g0", g0.as_fd()).unwrap();
+    drop(g0);
+    qmp.execute("x-svff-start", None).unwrap();
+    wait("first reports", &|| last().is_some());
+    qmp.execute("x-svff-trigger-irq", Some(json!({"id": "vf0", "vector": 0})))
+        .unwrap();
+    wait("an interrupt before the pause", &|| {
+        last().is_some_and(|c| c.irqs >= 1)
+    });
+    let before = last().unwrap();
+
+    qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    let g1 = open_group(&new_vfs[0]);
+    qmp.send_fd("g1", g1.as_fd()).unwrap();
+    drop(g1);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0], "fdname": "g1"})),
+    )
+    .unwrap();
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    println!("{info:#}");
+    assert_eq!(info[0]["state"], "attached");
+    assert_eq!(info[0]["host"], new_vfs[0].as_str());
+    let paused_reads = info[0]["paused-accesses"]["bar-reads"].as_u64().unwrap();
+    qmp.execute("x-svff-trigger-irq", Some(json!({"id": "vf0", "vector": 0})))
+        .unwrap();
+    let r = last().unwrap().round;
+    wait("an interrupt and two reports after the unpause", &|| {
+        last().is_some_and(|c| c.irqs > before.irqs && c.round >= r + 40)
+    });
+    let after = last().unwrap();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(kvm_mode)).unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(after.gone, 0, "the guest never saw the VF leave");
+    assert!(after.ok > before.ok, "{before:?} -> {after:?}");
+    assert_eq!(after.ones, paused_reads, "all-ones only in the pause window");
+    assert_ne!(after.id, u32::MAX);
+}

@@ -20,10 +20,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use vfio_pause::{
-    irq, Container, DeviceOptions, PausableDevice, PausePolicy, PciAddress, TrapAllBars,
-    VfSource,
-};
+use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, TrapAllBars, VfSource};
 
 use crate::error::{io, Error};
 use crate::pci::{
@@ -149,14 +146,16 @@ fn shadowed(offset: usize) -> bool {
 }
 
 impl VfioPci {
-    /// Opens the VF at `host` (bound to vfio-pci) into `container`, under the VMM id `id`.
+    /// Opens the VF of `source` (bound to vfio-pci; by its sysfs address or through a passed
+    /// group fd) into `container`, under the VMM id `id`.
     pub fn open(
         container: Arc<Container>,
-        host: &PciAddress,
+        source: VfSource,
         id: &str,
         policy: PausePolicy,
         router: Arc<Mutex<GsiRouter>>,
     ) -> Result<Self, Error> {
+        let host = *source.address();
         let res = host.sysfs_path().join("resource");
         if !Path::new(&host.sysfs_path()).exists() {
             return Err(Error::Pci(format!("--vfio {host}: no such PCI function")));
@@ -176,7 +175,7 @@ impl VfioPci {
         let dev = PausableDevice::open(
             id,
             container,
-            VfSource::Sysfs(*host),
+            source,
             DeviceOptions {
                 policy,
                 mmap_bars: false,

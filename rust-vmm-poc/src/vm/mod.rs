@@ -96,6 +96,9 @@ pub struct VfioSpec {
     pub id: String,
     /// What guest BAR accesses do while it is paused (unless a pause says otherwise).
     pub policy: vfio_pause::PausePolicy,
+    /// Open the VF through this already-open VFIO group fd (passed over QMP with `getfd`
+    /// under this name) instead of opening `/dev/vfio/<group>`.
+    pub fd: Option<String>,
 }
 
 impl Default for VmConfig {
@@ -238,6 +241,15 @@ fn serial_sink(out: SerialOutput) -> Result<SerialSink, Error> {
 impl Vm {
     /// Builds the VM: opens KVM, creates RAM, irqchip, PIT, devices and vCPUs, loads the guest.
     pub fn new(config: VmConfig) -> Result<Vm, Error> {
+        Self::with_group_fds(config, std::collections::HashMap::new())
+    }
+
+    /// A VM whose `--vfio ...,fd=<name>` devices open through the group fds in `fds`
+    /// (by name; every named one must be there).
+    pub fn with_group_fds(
+        config: VmConfig,
+        mut fds: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    ) -> Result<Vm, Error> {
         if config.cpus == 0 || config.cpus > MAX_CPUS {
             return Err(Error::Config(format!(
                 "{} vCPUs requested, 1..={MAX_CPUS} supported",
@@ -300,7 +312,19 @@ impl Vm {
                 Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
             })?;
             let c = container.clone().expect("created above for VFIO devices");
-            let dev = VfioPci::open(c, &spec.host, &spec.id, spec.policy, router.clone())?;
+            let source = match &spec.fd {
+                None => vfio_pause::VfSource::Sysfs(spec.host),
+                Some(name) => vfio_pause::VfSource::GroupFd {
+                    group: fds.remove(name).ok_or_else(|| {
+                        Error::Config(format!(
+                            "VFIO device {}: no group fd named '{name}' was passed",
+                            spec.id
+                        ))
+                    })?,
+                    address: spec.host,
+                },
+            };
+            let dev = VfioPci::open(c, source, &spec.id, spec.policy, router.clone())?;
             vfio.push(Arc::new(VfioEntry {
                 id: spec.id.clone(),
                 guest: df,
