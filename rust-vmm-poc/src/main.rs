@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use qmp_ext::{EventSink, Server, ServerConfig, VersionInfo};
 use svff_vmm::{
-    Error, GuestImage, LinuxBoot, QmpHandler, Start, StartGate, START_TIMEOUT, SerialOutput, TestGuest, VfioSpec, Vm, VmConfig,
-    DEFAULT_CMDLINE,
+    Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, Start, StartGate, TestGuest, VfioSpec,
+    Vm, VmConfig, DEFAULT_CMDLINE, START_TIMEOUT,
 };
 use vfio_pause::PausePolicy;
 
@@ -125,9 +125,11 @@ struct Cli {
     cmdline: Option<String>,
 
     /// Pass a VF (bound to vfio-pci) through:
-    /// `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall]`, repeatable; placed on bus 0
-    /// after the test devices; id defaults to vfio<N>. Config space goes through vfio-pause
-    /// (BARs and ROM shadowed), BAR accesses are trapped and forwarded. QMP svff-vfio-pause /
+    /// `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall][,mmap=on|off][,fd=<name>]`,
+    /// repeatable; placed on bus 0 after the test devices; id defaults to vfio<N>. Config
+    /// space goes through vfio-pause (BARs and ROM shadowed). BARs are mapped into KVM slots
+    /// while attached (not the MSI-X table and PBA pages, which trap); mmap=off traps every
+    /// BAR access. QMP svff-vfio-pause /
     /// svff-vfio-unpause pause it; while paused, BAR reads give all-ones (ignore) or wait up
     /// to 10 s for the unpause (stall). MSI-X is emulated and wired through KVM irqfds.
     /// `fd=<name>` (a name not starting with a digit): open the VF through a VFIO group fd
@@ -169,6 +171,7 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
     let mut id = format!("vfio{index}");
     let mut policy = PausePolicy::Ignore;
     let mut fd = None;
+    let mut mmap = true;
     for p in parts {
         match p.split_once('=') {
             Some(("id", v)) if !v.is_empty() => id = v.to_string(),
@@ -177,9 +180,11 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
             }
             Some(("policy", "ignore")) => policy = PausePolicy::Ignore,
             Some(("policy", "stall")) => policy = PausePolicy::Stall,
+            Some(("mmap", "on")) => mmap = true,
+            Some(("mmap", "off")) => mmap = false,
             _ => {
                 return Err(Error::Config(format!(
-                    "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall, fd=<name>)"
+                    "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall, mmap=on|off, fd=<name>)"
                 )))
             }
         }
@@ -189,6 +194,7 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
         id,
         policy,
         fd,
+        mmap,
     })
 }
 
@@ -379,8 +385,14 @@ mod tests {
         let s = parse_vfio("0000:01:10.0,id=vf0,fd=g0", 0).unwrap();
         assert_eq!(s.fd.as_deref(), Some("g0"));
         assert_eq!(parse_vfio("0000:01:10.0", 0).unwrap().fd, None);
+        assert!(parse_vfio("0000:01:10.0", 0).unwrap().mmap);
+        assert!(!parse_vfio("0000:01:10.0,mmap=off", 0).unwrap().mmap);
+        assert!(parse_vfio("0000:01:10.0,mmap=maybe", 0).is_err());
         assert!(parse_vfio("0000:01:10.0,fd=", 0).is_err());
-        assert!(parse_vfio("0000:01:10.0,fd=3", 0).is_err(), "names, not numbers");
+        assert!(
+            parse_vfio("0000:01:10.0,fd=3", 0).is_err(),
+            "names, not numbers"
+        );
     }
 
     #[test]

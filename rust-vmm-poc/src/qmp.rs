@@ -11,6 +11,7 @@
 //! | `quit` | none | ends the VM: the VMM joins its threads, closes its fds and exits 0 |
 //! | `x-svff-set-present` | `{"device": "00:DD.F", "present": bool}` | hides/shows an emulated function in config space (tests of how guests notice a removal) |
 //! | `x-svff-trigger-irq` | `{"id", "vector"}` | test only: the kernel fires MSI-X vector `vector` of an attached `--vfio` device (`VFIO_DEVICE_SET_IRQS` trigger), so it travels VFIO -> eventfd -> KVM irqfd -> guest; an error while paused or before the guest enabled MSI-X |
+//! | `x-svff-query-bar-slots` | none | test only: per `--vfio` device `{"id", "slots", "maps", "trapped"}`: KVM slots mapped now, slots added so far, BAR accesses that trapped to the VMM outside the MSI-X table/PBA |
 //! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
 //! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
 //! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
@@ -194,6 +195,24 @@ impl Handler for QmpHandler {
                     .set_device_present(df, a.present)
                     .map_err(|e| QmpError::device_not_found(e.to_string()))?;
                 Ok(json!({}))
+            }
+            "x-svff-query-bar-slots" => {
+                no_args(arguments)?;
+                Ok(Value::Array(
+                    self.vm
+                        .vfio()
+                        .iter()
+                        .map(|e| {
+                            let (slots, maps) = e.slots.counts();
+                            json!({
+                                "id": e.id,
+                                "slots": slots,
+                                "maps": maps,
+                                "trapped": e.trapped.load(Ordering::Relaxed),
+                            })
+                        })
+                        .collect(),
+                ))
             }
             "x-svff-trigger-irq" => {
                 let a: TriggerIrq = decode_arguments(command, arguments)?;

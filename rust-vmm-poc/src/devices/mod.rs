@@ -1,5 +1,6 @@
 //! Emulated devices and the port-I/O / MMIO dispatch that vCPU threads call on exits.
 
+mod bar_slots;
 mod legacy;
 mod serial;
 mod test_device;
@@ -15,6 +16,7 @@ pub use test_device::{
     TestDevice, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 
+pub use bar_slots::{BarSlots, SlotPool};
 pub use vfio::VfioPci;
 
 use crate::pci::{DevFn, PciBus, CONF1_ADDRESS};
@@ -45,6 +47,10 @@ pub(crate) struct VfioEntry {
     pub(crate) dev: Arc<vfio_pause::PausableDevice>,
     /// Completed pauses.
     pub(crate) pauses: std::sync::atomic::AtomicU64,
+    /// Its BARs' KVM slots.
+    pub(crate) slots: BarSlots,
+    /// BAR accesses that reached the VMM (trapped) outside the MSI-X table and PBA.
+    pub(crate) trapped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Devices {

@@ -1,7 +1,7 @@
 //! A VF passed through with vfio-pause: config space forwarded to the VF through
 //! [`PausableDevice`] except the BARs and the expansion ROM, which this model shadows (sizes
 //! from the VF's sysfs `resource` file, addresses as the guest programs them; never forwarded),
-//! and every BAR access trapped and forwarded (no BAR is mapped into the guest yet).
+//! and BAR accesses that reach the VMM forwarded.
 //!
 //! Paused (QMP `svff-vfio-pause`), config space is served from vfio-pause's shadow and BAR
 //! accesses follow the device's policy (all-ones, or the vCPU waits for the unpause).
@@ -15,12 +15,20 @@
 //! (route first; on mask the irqfd goes first, then the route). The PBA reads the
 //! model's pending bits (none for a VF: a masked vector's signals wait in its eventfd).
 //!
-//! Not yet: BAR mmaps into KVM slots, MSI (only MSI-X is wired).
+//! BARs: vfio-pause mmaps their mappable areas (not the MSI-X table and PBA pages) and
+//! [`BarSlots`] maps them into KVM slots at the guest's BAR addresses, following BAR moves
+//! and decode changes; the slots go at pause (accesses then trap and get the policy) and
+//! come back at unpause. `--vfio ...,mmap=off` traps every access instead.
+//!
+//! Not yet: MSI (only MSI-X is wired).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, TrapAllBars, VfSource};
+use super::BarSlots;
+
+use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, VfSource};
 
 use crate::error::{io, Error};
 use crate::pci::{
@@ -132,6 +140,8 @@ pub struct VfioPci {
     dev: Arc<PausableDevice>,
     shadow: ConfigSpace,
     msix: Option<(MsixLayout, Msix)>,
+    slots: BarSlots,
+    trapped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for VfioPci {
@@ -154,6 +164,8 @@ impl VfioPci {
         id: &str,
         policy: PausePolicy,
         router: Arc<Mutex<GsiRouter>>,
+        slots: Option<BarSlots>,
+        trapped: Arc<AtomicU64>,
     ) -> Result<Self, Error> {
         let host = *source.address();
         let res = host.sysfs_path().join("resource");
@@ -178,10 +190,13 @@ impl VfioPci {
             source,
             DeviceOptions {
                 policy,
-                mmap_bars: false,
+                mmap_bars: slots.is_some(),
                 ..DeviceOptions::default()
             },
-            Arc::new(TrapAllBars),
+            match &slots {
+                Some(s) => Arc::new(s.clone()) as Arc<dyn vfio_pause::VmmHooks>,
+                None => Arc::new(vfio_pause::TrapAllBars),
+            },
         )
         .map_err(|e| Error::Vfio {
             device: format!("{id} ({host})"),
@@ -212,7 +227,19 @@ impl VfioPci {
             dev: Arc::new(dev),
             shadow,
             msix,
+            slots: slots.unwrap_or_else(|| BarSlots::disabled(id)),
+            trapped,
         })
+    }
+
+    fn guest_bars_changed(&self) {
+        let bars: Vec<(usize, u64)> = self
+            .shadow
+            .decoded_bars()
+            .into_iter()
+            .map(|(i, a, _)| (i, a))
+            .collect();
+        self.slots.set_guest_bars(&bars);
     }
 
     /// The VF's MSI-X layout, if it has MSI-X.
@@ -299,11 +326,13 @@ impl PciDevice for VfioPci {
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         if shadowed(offset) {
-            return self.shadow.write(offset, data);
+            self.shadow.write(offset, data);
+            return self.guest_bars_changed();
         }
         if (reg::COMMAND..reg::COMMAND + 2).contains(&offset) {
             // The bus decodes BARs from the shadow's command register.
             self.shadow.write(offset, data);
+            self.guest_bars_changed();
         }
         if let Some(cap) = self.msix.as_ref().map(|(l, _)| l.cap) {
             if offset < cap + 4 && offset + data.len() > cap {
@@ -324,6 +353,7 @@ impl PciDevice for VfioPci {
                 m.pba_read(off, data)
             };
         }
+        self.trapped.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.dev.bar_read(bar as u32, offset, data) {
             tracing::debug!("{}: BAR{bar} read {offset:#x}: {e}", self.name);
             data.fill(0xff);
@@ -340,6 +370,7 @@ impl PciDevice for VfioPci {
             }
             return;
         }
+        self.trapped.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.dev.bar_write(bar as u32, offset, data) {
             tracing::debug!("{}: BAR{bar} write {offset:#x}: {e}", self.name);
         }

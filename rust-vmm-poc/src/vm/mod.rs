@@ -99,6 +99,8 @@ pub struct VfioSpec {
     /// Open the VF through this already-open VFIO group fd (passed over QMP with `getfd`
     /// under this name) instead of opening `/dev/vfio/<group>`.
     pub fd: Option<String>,
+    /// Map its BARs into KVM slots while attached (else every access traps).
+    pub mmap: bool,
 }
 
 impl Default for VmConfig {
@@ -260,7 +262,11 @@ impl Vm {
         let kvm_sys = open_kvm(&config.kvm_device)?;
         let vm = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         let mem = memory::create(config.memory)?;
-        memory::register(&vm, &mem)?;
+        let ram_slots = memory::register(&vm, &mem)?;
+        let slot_pool = Arc::new(Mutex::new(crate::devices::SlotPool::new(
+            ram_slots,
+            kvm_sys.get_nr_memslots() as u32,
+        )));
 
         vm.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm("KVM_SET_TSS_ADDR"))?;
@@ -324,13 +330,29 @@ impl Vm {
                     address: spec.host,
                 },
             };
-            let dev = VfioPci::open(c, source, &spec.id, spec.policy, router.clone())?;
+            let slots = crate::devices::BarSlots::new(
+                format!("vfio {}", spec.id),
+                vm.clone(),
+                slot_pool.clone(),
+            );
+            let trapped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let dev = VfioPci::open(
+                c,
+                source,
+                &spec.id,
+                spec.policy,
+                router.clone(),
+                spec.mmap.then(|| slots.clone()),
+                trapped.clone(),
+            )?;
             vfio.push(Arc::new(VfioEntry {
                 id: spec.id.clone(),
                 guest: df,
                 policy: Mutex::new(spec.policy),
                 dev: dev.device(),
                 pauses: Default::default(),
+                slots,
+                trapped,
             }));
             pci.add(df, Box::new(dev))?;
         }
