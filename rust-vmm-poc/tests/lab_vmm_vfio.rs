@@ -568,7 +568,7 @@ fn bars_of_an_attached_vf_are_kvm_slots_that_go_at_pause_and_come_back_at_unpaus
         .unwrap()
         .lines()
         .filter_map(parse_counters)
-        .last()
+        .next_back()
         .expect("counters of the mmap=off run");
 
     let serial = dir.path().join("serial.log");
