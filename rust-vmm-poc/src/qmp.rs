@@ -11,6 +11,8 @@
 //! | `quit` | none | ends the VM: the VMM joins its threads, closes its fds and exits 0 |
 //! | `x-svff-set-present` | `{"device": "00:DD.F", "present": bool}` | hides/shows an emulated function in config space (tests of how guests notice a removal) |
 //! | `x-svff-trigger-irq` | `{"id", "vector"}` | test only: the kernel fires MSI-X vector `vector` of an attached `--vfio` device (`VFIO_DEVICE_SET_IRQS` trigger), so it travels VFIO -> eventfd -> KVM irqfd -> guest; an error while paused or before the guest enabled MSI-X |
+//! | `device_add` | `{"driver": "vfio-pci", "host", "id", "policy"?, "fdname"?, "mmap"?, "bus"? (ignored)}` | hot-plugs a VF at the first free device number of bus 0 (needs a VMM started with a `--vfio`); returns `{"guest": "00:DD.F"}` |
+//! | `device_del` | `{"id"}` | hot-unplugs a VFIO device at once (surprise removal: no guest handshake): detached, off the bus; event `DEVICE_DELETED` `{"device", "path"}` |
 //! | `x-svff-query-bar-slots` | none | test only: per `--vfio` device `{"id", "slots", "maps", "trapped"}`: KVM slots mapped now, slots added so far, BAR accesses that trapped to the VMM outside the MSI-X table/PBA |
 //! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
 //! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
@@ -87,6 +89,30 @@ struct NoArgs {}
 struct SetPresent {
     device: String,
     present: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceAdd {
+    driver: String,
+    host: String,
+    id: String,
+    #[serde(default)]
+    policy: Option<vfio_pause::PausePolicy>,
+    #[serde(default)]
+    fdname: Option<String>,
+    #[serde(default)]
+    mmap: Option<bool>,
+    /// Accepted for QEMU compatibility; the device goes on bus 0.
+    #[serde(default)]
+    #[allow(dead_code)]
+    bus: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceDel {
+    id: String,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +221,49 @@ impl Handler for QmpHandler {
                     .set_device_present(df, a.present)
                     .map_err(|e| QmpError::device_not_found(e.to_string()))?;
                 Ok(json!({}))
+            }
+            "device_del" => {
+                let a: DeviceDel = decode_arguments(command, arguments)?;
+                self.vm.vfio_del(&a.id).map_err(|_| {
+                    QmpError::device_not_found(format!("Device '{}' not found", a.id))
+                })?;
+                let mut data = Map::new();
+                data.insert("device".into(), json!(a.id));
+                data.insert(
+                    "path".into(),
+                    json!(format!("/machine/peripheral/{}", a.id)),
+                );
+                self.events.emit("DEVICE_DELETED", Some(data));
+                Ok(json!({}))
+            }
+            "device_add" => {
+                let a: DeviceAdd = decode_arguments(command, arguments)?;
+                if a.driver != "vfio-pci" {
+                    return Err(QmpError::generic(format!(
+                        "device_add: driver '{}' is not supported (only vfio-pci)",
+                        a.driver
+                    )));
+                }
+                let host = parse_host(&a.host)?;
+                let source = match &a.fdname {
+                    Some(n) => VfSource::GroupFd {
+                        group: session.take_fd(n)?,
+                        address: host,
+                    },
+                    None => VfSource::Sysfs(host),
+                };
+                let spec = crate::vm::VfioSpec {
+                    host,
+                    id: a.id.clone(),
+                    policy: a.policy.unwrap_or(vfio_pause::PausePolicy::Ignore),
+                    fd: None,
+                    mmap: a.mmap.unwrap_or(true),
+                };
+                let df = self
+                    .vm
+                    .vfio_add(&spec, source)
+                    .map_err(|e| QmpError::generic(format!("device_add of '{}': {e}", a.id)))?;
+                Ok(json!({"guest": df.to_string()}))
             }
             "x-svff-query-bar-slots" => {
                 no_args(arguments)?;

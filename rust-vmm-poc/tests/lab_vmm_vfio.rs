@@ -669,3 +669,93 @@ fn bars_of_an_attached_vf_are_kvm_slots_that_go_at_pause_and_come_back_at_unpaus
         trapped_run.max_tsc, mapped_first.reads, mapped_first.max_tsc, after.max_tsc
     );
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn device_del_and_device_add_of_a_vf_are_seen_by_the_guest_as_a_removal_and_an_addition() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("first reports", &|| last().is_some());
+    let before = last().unwrap();
+    assert_eq!((before.gone, before.back), (0, 0));
+
+    qmp.execute("device_del", Some(json!({"id": "vf0"})))
+        .unwrap();
+    let ev = qmp
+        .wait_event("DEVICE_DELETED", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(ev.data.as_ref().unwrap()["device"], "vf0");
+    wait("the guest to see the VF gone", &|| {
+        out().contains("svff-guest: dev=00:01.0 event=gone")
+    });
+    assert!(qmp.execute("query-svff-vfio", None).unwrap()[0].is_null());
+    // Every fd of the VF is closed: the count change does not block.
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    let r = qmp
+        .execute(
+            "device_add",
+            Some(json!({"driver": "vfio-pci", "host": new_vfs[0], "id": "vf0"})),
+        )
+        .unwrap();
+    assert_eq!(r["guest"], "00:01.0");
+    wait("the guest to see the VF back", &|| {
+        out().contains("svff-guest: dev=00:01.0 event=back")
+    });
+    let rd = last().unwrap().round;
+    wait("two reports after the addition", &|| {
+        last().is_some_and(|c| c.round >= rd + 40)
+    });
+    let after = last().unwrap();
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    assert_eq!(info[0]["host"], new_vfs[0].as_str());
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!((after.gone, after.back), (1, 1), "{after:?}");
+    assert!(after.ok > before.ok, "valid reads on the added VF");
+    assert_ne!(after.id, u32::MAX);
+}

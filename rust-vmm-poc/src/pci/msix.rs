@@ -186,6 +186,17 @@ impl Msix {
     }
 }
 
+impl Drop for Msix {
+    /// A removed device leaves no irqfd or route behind.
+    fn drop(&mut self) {
+        for (gsi, evt) in &self.vectors {
+            if let Err(e) = lock(&self.router).clear_msi(*gsi, evt) {
+                tracing::warn!("MSI-X GSI {gsi} at removal: {e}");
+            }
+        }
+    }
+}
+
 fn put(w: u32, offset: u64, data: &mut [u8]) {
     let b = w.to_le_bytes();
     let s = (offset % 4) as usize;

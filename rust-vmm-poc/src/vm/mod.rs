@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, LinuxBoot, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioEntry, VfioPci, COM1_IRQ};
+use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioEntry, COM1_IRQ};
 use crate::error::{io, kvm, Error};
 use crate::guest::TestGuest;
 use crate::pci::{DevFn, PciBus};
@@ -190,6 +190,18 @@ impl VmHandle {
             .ok_or_else(|| Error::Config("the VM has ended".into()))
     }
 
+    /// Hot-unplugs the `--vfio`/`device_add` device `id`: detached (every fd closed, BAR
+    /// slots and MSI-X routes gone) and removed from bus 0, so the guest reads all-ones
+    /// from its config space from now on.
+    pub fn vfio_del(&self, id: &str) -> Result<(), Error> {
+        self.devices()?.vfio_del(id)
+    }
+
+    /// Hot-plugs a VF (`device_add`) at the first free device number of bus 0; returns it.
+    pub fn vfio_add(&self, spec: &VfioSpec, source: vfio_pause::VfSource) -> Result<DevFn, Error> {
+        self.devices()?.vfio_add(spec, source)
+    }
+
     /// The passed-through VFs (empty once the VM ended).
     pub(crate) fn vfio(&self) -> Vec<Arc<VfioEntry>> {
         self.devices()
@@ -306,6 +318,14 @@ impl Vm {
             })?;
             Some(c)
         };
+        let hotplug = container
+            .clone()
+            .map(|container| crate::devices::VfioFactory {
+                container,
+                router: router.clone(),
+                slot_pool: slot_pool.clone(),
+                vm: vm.clone(),
+            });
         let mut vfio = Vec::new();
         for spec in &config.vfio {
             if vfio.iter().any(|e: &Arc<VfioEntry>| e.id == spec.id) {
@@ -317,7 +337,6 @@ impl Vm {
             let df = pci.next_free_device().ok_or_else(|| {
                 Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
             })?;
-            let c = container.clone().expect("created above for VFIO devices");
             let source = match &spec.fd {
                 None => vfio_pause::VfSource::Sysfs(spec.host),
                 Some(name) => vfio_pause::VfSource::GroupFd {
@@ -330,33 +349,14 @@ impl Vm {
                     address: spec.host,
                 },
             };
-            let slots = crate::devices::BarSlots::new(
-                format!("vfio {}", spec.id),
-                vm.clone(),
-                slot_pool.clone(),
-            );
-            let trapped = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let dev = VfioPci::open(
-                c,
-                source,
-                &spec.id,
-                spec.policy,
-                router.clone(),
-                spec.mmap.then(|| slots.clone()),
-                trapped.clone(),
-            )?;
-            vfio.push(Arc::new(VfioEntry {
-                id: spec.id.clone(),
-                guest: df,
-                policy: Mutex::new(spec.policy),
-                dev: dev.device(),
-                pauses: Default::default(),
-                slots,
-                trapped,
-            }));
-            pci.add(df, Box::new(dev))?;
+            let (entry, dev) = hotplug
+                .as_ref()
+                .expect("created above for VFIO devices")
+                .open(spec, source, df)?;
+            vfio.push(entry);
+            pci.add(df, dev)?;
         }
-        let devices = Arc::new(Devices::new(serial, pci, vfio));
+        let devices = Arc::new(Devices::new(serial, pci, vfio, hotplug));
 
         let ctl = Arc::new(Control::new(config.cpus.into())?);
         let cpuid = vcpu::supported_cpuid(&kvm_sys)?;
