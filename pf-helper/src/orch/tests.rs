@@ -666,6 +666,9 @@ fn a_second_operation_while_one_runs_is_refused() {
     assert!(o.init().is_err());
 }
 
+/// One step of a hand-made journal: records it, then does it.
+type JournalStep<'a> = Box<dyn FnOnce(&mut Journal) + 'a>;
+
 /// Writes the journal of a detach reconf 4 -> 2 interrupted after `n` steps
 /// as the helper would have (and does those steps), then recovers.
 #[test]
@@ -693,7 +696,7 @@ fn recover_finishes_a_reconf_interrupted_at_any_journaled_step() {
         // The steps of the real flow, each done after its record.
         let mut c1 = QmpConnector.connect(lab.config.vm("vm1").unwrap()).unwrap();
         let mut c2 = QmpConnector.connect(lab.config.vm("vm2").unwrap()).unwrap();
-        let steps: Vec<Box<dyn FnOnce(&mut Journal)>> = vec![
+        let steps: Vec<JournalStep<'_>> = vec![
             Box::new(|j| {
                 j.record(Step::Detach {
                     vm: "vm1".into(),
