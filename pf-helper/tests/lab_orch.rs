@@ -434,7 +434,7 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
         &s.args(
             &silentcfg,
             &[
-                "reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "silent=1",
+                "reconf", "--pf", &pf, "--vfs", "5", "--mode", "detach", "--assign", "silent=1",
             ],
         ),
         &[
