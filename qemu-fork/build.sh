@@ -107,10 +107,17 @@ flags=(--target-list=x86_64-softmmu --enable-kvm --disable-tcg --disable-rust --
     --disable-install-blobs --disable-werror --disable-debug-info --enable-slirp
     --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu)
 
-key=$( {
+# Two keys: `tree` names a configured QEMU build tree (source, flags, series, schema: what a full
+# compile depends on), `key` the binary (the tree's key plus the library and its header). A new
+# libvfio_pause.a (every clone's differs: rustc records paths) only re-links in the kept tree.
+tree_key=$( {
     echo "$tarball_sha256"
     printf '%s\n' "${flags[@]}"
-    sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$lib" "$header" "$schema" | cut -d' ' -f1
+    sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$schema" | cut -d' ' -f1
+} | sha256sum | cut -c1-16)
+key=$( {
+    echo "$tree_key"
+    sha256sum "$lib" "$header" | cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 [ "$mode" = --key ] && { echo "$key"; exit 0; }
 out=$cache/$key
@@ -148,30 +155,45 @@ venv=$cache/venv
     "$venv/bin/pip" install -q 'meson>=1.5,<2' 'pycotap>=1.1' >&2
 }
 
-work=$out.tmp
-rm -rf "$work"
-mkdir -p "$work"
-log "unpacking $tarball_name into $work"
-tar -C "$work" -xf "$tarball"
-src=$work/qemu-$ver
-# The svff QMP schema is maintained in qmp-ext and included unchanged (patch 0003 includes it).
-cp "$schema" "$src/qapi/svff.json"
-apply_series "$src"
-log "${#patches[@]} patches applied"
-
-t0=$(date +%s)
-(cd "$src" && PATH=$venv/bin:$PATH ./configure "${flags[@]}" \
-    "-Dsvff_vfio_pause=$lib" "-Dsvff_vfio_pause_include=$(dirname "$header")" >&2)
+# The build tree: unpacked, patched and configured once per tree key, kept (without it every new
+# library would cost a full compile); the library and header are copied to fixed paths inside it
+# (only when they differ, so ninja re-links or re-compiles exactly what depends on them).
+tree=$cache/tree-$tree_key
+src=$tree/qemu-$ver
+exec 9>"$cache/tree-$tree_key.lock"
+flock 9
+if [ ! -f "$tree/configured" ]; then
+    rm -rf "$tree"
+    mkdir -p "$tree/svff/include"
+    log "unpacking $tarball_name into $tree"
+    tar -C "$tree" -xf "$tarball"
+    # The svff QMP schema is maintained in qmp-ext and included unchanged (patch 0003 includes it).
+    cp "$schema" "$src/qapi/svff.json"
+    apply_series "$src"
+    log "${#patches[@]} patches applied"
+    cp "$lib" "$tree/svff/libvfio_pause.a"
+    cp "$header" "$tree/svff/include/vfio_pause.h"
+    t0=$(date +%s)
+    (cd "$src" && PATH=$venv/bin:$PATH ./configure "${flags[@]}" \
+        "-Dsvff_vfio_pause=$tree/svff/libvfio_pause.a" "-Dsvff_vfio_pause_include=$tree/svff/include" >&2)
+    t1=$(date +%s)
+    printf 'configure_s=%s\n' "$((t1 - t0))" > "$tree/configure-time"
+    touch "$tree/configured"
+else
+    log "reusing the configured build tree $tree"
+    cmp -s "$lib" "$tree/svff/libvfio_pause.a" || cp "$lib" "$tree/svff/libvfio_pause.a"
+    cmp -s "$header" "$tree/svff/include/vfio_pause.h" || cp "$header" "$tree/svff/include/vfio_pause.h"
+fi
 t1=$(date +%s)
 PATH=$venv/bin:$PATH ninja -C "$src/build" qemu-system-x86_64 >&2
 t2=$(date +%s)
-log "configure $((t1 - t0)) s, ninja $((t2 - t1)) s"
+log "ninja $((t2 - t1)) s ($(cat "$tree/configure-time"))"
+work=$out.tmp
+rm -rf "$work"
 mkdir -p "$work/bin"
 cp "$src/build/qemu-system-x86_64" "$work/bin/"
-printf 'configure_s=%s\nninja_s=%s\nnproc=%s\nloadavg=%s\n' "$((t1 - t0))" "$((t2 - t1))" \
+printf '%s\nninja_s=%s\nnproc=%s\nloadavg=%s\n' "$(cat "$tree/configure-time")" "$((t2 - t1))" \
     "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" > "$work/build-times"
-# Keep only the binary and its record; the tree is large and can be re-made from the inputs.
-rm -rf "$src"
 rm -rf "$out"
 mv "$work" "$out"
 publish

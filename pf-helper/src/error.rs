@@ -327,7 +327,7 @@ pub enum Error {
         action: String,
         /// The QMP error (timeout, closed, command error).
         #[source]
-        source: qmp_ext::Error,
+        source: Box<qmp_ext::Error>,
     },
     /// Something a VM's kind cannot do (yet).
     #[error("VM {vm}: {reason}")]

@@ -179,6 +179,46 @@ mod tests {
     }
 
     #[test]
+    fn orchestration_requests_have_the_documented_shape() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"reconf","pf":"0000:01:00.0","vfs":2,"mode":"detach","assign":[{"vm":"vm1","count":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Reconf {
+                pf: PciAddress::parse("0000:01:00.0").unwrap(),
+                vfs: 2,
+                mode: crate::orch::journal::Mode::Detach,
+                assign: vec![crate::orch::AssignRequest {
+                    vm: "vm1".into(),
+                    count: 1
+                }],
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"op":"reconf","pf":"0000:01:00.0","vfs":8}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::Reconf {
+                mode: crate::orch::journal::Mode::Pause,
+                ..
+            }
+        ));
+        assert_eq!(
+            serde_json::to_string(&Request::Init {}).unwrap(),
+            r#"{"op":"init"}"#
+        );
+        for bad in [
+            r#"{"op":"reconf","pf":"0000:01:00.0","vfs":2,"mode":"teleport"}"#,
+            r#"{"op":"reconf","pf":"0000:01:00.0","vfs":2,"assign":[{"vm":"a","count":1,"x":1}]}"#,
+            r#"{"op":"recover","force":true}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn malformed_requests_are_rejected() {
         for bad in [
             r#"{"op":"vfs_set","pf":"0000:01:00.0","count":4,"extra":1}"#,

@@ -403,7 +403,7 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
     let badcfg = bad.display().to_string();
     fails_with(
         &s.args(&badcfg, &["init"]),
-        &[&format!("config {badcfg}:7:7: pf[0].vfs: invalid type")],
+        &[&format!("config {badcfg}:6:7: pf[0].vfs: invalid type")],
     );
     s.write_config(&bad, "");
     let text = fs::read_to_string(&bad)
@@ -434,7 +434,7 @@ fn lab_orch_init_and_detach_reconf_drive_a_stock_qemu_guest_and_bad_input_change
         &s.args(
             &silentcfg,
             &[
-                "reconf", "--pf", &pf, "--vfs", "4", "--mode", "detach", "--assign", "silent=1",
+                "reconf", "--pf", &pf, "--vfs", "5", "--mode", "detach", "--assign", "silent=1",
             ],
         ),
         &[

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use qmp_ext::{EventSink, Server, ServerConfig, VersionInfo};
 use svff_vmm::{
-    Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, TestGuest, VfioSpec, Vm, VmConfig,
-    DEFAULT_CMDLINE,
+    Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, Start, StartGate, TestGuest, VfioSpec,
+    Vm, VmConfig, DEFAULT_CMDLINE, START_TIMEOUT,
 };
 use vfio_pause::PausePolicy;
 
@@ -85,6 +85,8 @@ struct Cli {
 
     /// Serve QMP on a unix socket at this path (must not exist). Commands: qmp_capabilities,
     /// query-version, query-status, stop, cont, quit, getfd, closefd, x-svff-set-present,
+    /// device_add (vfio-pci), device_del, x-svff-trigger-irq and x-svff-query-bar-slots (test
+    /// only), x-svff-start (start-up handshake of --vfio ...,fd=),
     /// svff-vfio-pause, svff-vfio-unpause, query-svff-vfio.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
@@ -124,11 +126,19 @@ struct Cli {
     cmdline: Option<String>,
 
     /// Pass a VF (bound to vfio-pci) through:
-    /// `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall]`, repeatable; placed on bus 0
-    /// after the test devices; id defaults to vfio<N>. Config space goes through vfio-pause
-    /// (BARs and ROM shadowed), BAR accesses are trapped and forwarded. QMP svff-vfio-pause /
+    /// `<BDF or sysfs path>[,id=<id>][,policy=ignore|stall][,mmap=on|off][,fd=<name>]`,
+    /// repeatable; placed on bus 0 after the test devices; id defaults to vfio<N>. Config
+    /// space goes through vfio-pause (BARs and ROM shadowed). BARs are mapped into KVM slots
+    /// while attached (not the MSI-X table and PBA pages, which trap); mmap=off traps every
+    /// BAR access. QMP svff-vfio-pause /
     /// svff-vfio-unpause pause it; while paused, BAR reads give all-ones (ignore) or wait up
-    /// to 10 s for the unpause (stall). Not yet: BAR mmaps, MSI-X of VFs.
+    /// to 10 s for the unpause (stall). MSI-X is emulated and wired through KVM irqfds.
+    /// `fd=<name>` (a name not starting with a digit): open the VF through a VFIO group fd
+    /// passed over QMP instead of /dev/vfio/<group> (for a VMM without /dev/vfio access);
+    /// then --qmp is required and the VMM starts in the start-up handshake: it serves QMP
+    /// before building the VM, takes `getfd <name>` of every such fd and builds the VM at
+    /// `x-svff-start` on the same connection (answered once the VM is built, or with the
+    /// error that stopped it), waiting at most 300 s for it.
     #[arg(long, value_name = "SPEC")]
     vfio: Vec<String>,
 
@@ -161,19 +171,32 @@ fn parse_vfio(spec: &str, index: usize) -> Result<VfioSpec, Error> {
     })?;
     let mut id = format!("vfio{index}");
     let mut policy = PausePolicy::Ignore;
+    let mut fd = None;
+    let mut mmap = true;
     for p in parts {
         match p.split_once('=') {
             Some(("id", v)) if !v.is_empty() => id = v.to_string(),
+            Some(("fd", v)) if !v.is_empty() && !v.starts_with(|c: char| c.is_ascii_digit()) => {
+                fd = Some(v.to_string())
+            }
             Some(("policy", "ignore")) => policy = PausePolicy::Ignore,
             Some(("policy", "stall")) => policy = PausePolicy::Stall,
+            Some(("mmap", "on")) => mmap = true,
+            Some(("mmap", "off")) => mmap = false,
             _ => {
                 return Err(Error::Config(format!(
-                    "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall)"
+                    "--vfio {spec}: unknown option '{p}' (id=<id>, policy=ignore|stall, mmap=on|off, fd=<name>)"
                 )))
             }
         }
     }
-    Ok(VfioSpec { host, id, policy })
+    Ok(VfioSpec {
+        host,
+        id,
+        policy,
+        fd,
+        mmap,
+    })
 }
 
 fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
@@ -231,24 +254,59 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
 
 fn run(cli: Cli) -> Result<u8, Error> {
     let config = build_config(&cli)?;
-    let vm = Vm::new(config)?;
+    let fd_names: Vec<String> = config.vfio.iter().filter_map(|v| v.fd.clone()).collect();
     let events = EventSink::new();
-    let server = match &cli.qmp {
-        Some(path) => Some(
-            Server::bind(
-                path,
-                ServerConfig {
-                    version: VersionInfo::svff("svff-vmm"),
-                    events: events.clone(),
-                },
-                QmpHandler::new(vm.handle(), events.clone()),
-            )
-            .map_err(|source| Error::Qmp {
-                path: path.clone(),
-                source,
-            })?,
-        ),
-        None => None,
+    let serve = |gate: &StartGate| -> Result<Option<Server>, Error> {
+        let Some(path) = &cli.qmp else {
+            return Ok(None);
+        };
+        Server::bind(
+            path,
+            ServerConfig {
+                version: VersionInfo::svff("svff-vmm"),
+                events: events.clone(),
+            },
+            gate.clone(),
+        )
+        .map(Some)
+        .map_err(|source| Error::Qmp {
+            path: path.clone(),
+            source,
+        })
+    };
+    let (vm, server) = if fd_names.is_empty() {
+        let vm = Vm::new(config)?;
+        let gate = StartGate::started(QmpHandler::new(vm.handle(), events.clone()));
+        let server = serve(&gate)?;
+        (vm, server)
+    } else {
+        if cli.qmp.is_none() {
+            return Err(Error::Config(
+                "--vfio ...,fd=<name> needs --qmp: the group fds are passed over it".into(),
+            ));
+        }
+        let (gate, starts) = StartGate::waiting(fd_names);
+        let server = serve(&gate)?;
+        match starts.recv_timeout(START_TIMEOUT) {
+            Ok(Start::Fds(fds, reply)) => match Vm::with_group_fds(config, fds) {
+                Ok(vm) => {
+                    gate.start(QmpHandler::new(vm.handle(), events.clone()));
+                    let _ = reply.send(Ok(()));
+                    (vm, server)
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                    return Err(e);
+                }
+            },
+            Ok(Start::Quit) => return Ok(0),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "no x-svff-start on the QMP socket within {} s",
+                    START_TIMEOUT.as_secs()
+                )))
+            }
+        }
     };
     let reason = vm.run()?;
     tracing::info!("VM ended: {reason:?}");
@@ -325,6 +383,17 @@ mod tests {
             PausePolicy::Stall
         );
         assert!(parse_vfio("0000:01:10.0,policy=wait", 0).is_err());
+        let s = parse_vfio("0000:01:10.0,id=vf0,fd=g0", 0).unwrap();
+        assert_eq!(s.fd.as_deref(), Some("g0"));
+        assert_eq!(parse_vfio("0000:01:10.0", 0).unwrap().fd, None);
+        assert!(parse_vfio("0000:01:10.0", 0).unwrap().mmap);
+        assert!(!parse_vfio("0000:01:10.0,mmap=off", 0).unwrap().mmap);
+        assert!(parse_vfio("0000:01:10.0,mmap=maybe", 0).is_err());
+        assert!(parse_vfio("0000:01:10.0,fd=", 0).is_err());
+        assert!(
+            parse_vfio("0000:01:10.0,fd=3", 0).is_err(),
+            "names, not numbers"
+        );
     }
 
     #[test]

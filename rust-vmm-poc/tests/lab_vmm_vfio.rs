@@ -292,3 +292,470 @@ fn fifty_pause_unpause_cycles_leave_the_vmm_with_the_same_fds() {
     assert_eq!(info[0]["pause-count"], 51);
     assert_eq!(fds1, fds0, "no fd leaked over 50 cycles");
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn msix_interrupts_of_an_igb_vf_reach_the_guest_before_a_pause_and_after_the_unpause_onto_a_new_vf()
+{
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let irqs = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+            .map(|c| c.irqs)
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("MSI-X enabled by the guest", &|| {
+        out().contains("svff-guest: dev=00:01.0 msix vector=64")
+    });
+    wait("first reports", &|| irqs().is_some());
+    assert_eq!(irqs(), Some(0), "no interrupt before one is triggered");
+    let fire = |qmp: &mut Client, n: u64| {
+        qmp.execute(
+            "x-svff-trigger-irq",
+            Some(json!({"id": "vf0", "vector": 0})),
+        )
+        .unwrap();
+        wait(&format!("interrupt {n} in the guest"), &|| {
+            irqs().is_some_and(|i| i >= n)
+        });
+    };
+    fire(&mut qmp, 1);
+    fire(&mut qmp, 2);
+
+    qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    let paused = qmp.execute(
+        "x-svff-trigger-irq",
+        Some(json!({"id": "vf0", "vector": 0})),
+    );
+    assert!(paused.is_err(), "a paused VF has no vectors: {paused:?}");
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0]})),
+    )
+    .unwrap();
+    fire(&mut qmp, 3);
+    fire(&mut qmp, 4);
+    let round = || {
+        let o = out();
+        o.lines()
+            .rev()
+            .filter_map(parse_counters)
+            .next()
+            .map_or(0, |c| c.round)
+    };
+    let r = round();
+    wait("two more reports", &|| round() >= r + 40);
+    let last = irqs();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(
+        last,
+        Some(4),
+        "each triggered vector reached the guest once, none other"
+    );
+}
+
+/// The uid and gid the unprivileged VMM runs as (`nobody`).
+const NOBODY: u32 = 65534;
+
+fn open_group(vf: &str) -> std::fs::File {
+    let path = format!("/dev/vfio/{}", guest::iommu_group(vf));
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn an_unprivileged_vmm_gets_group_fds_over_qmp_and_pauses_and_unpauses_across_a_numvfs_cycle() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let group_node = format!("/dev/vfio/{}", guest::iommu_group(&vfs[0]));
+    let meta = std::fs::metadata(&group_node).unwrap();
+    assert!(
+        meta.uid() == 0 && meta.mode() & 0o077 == 0,
+        "{group_node} is root's only, so the VMM cannot open it itself"
+    );
+    let kvm_mode = std::fs::metadata("/dev/kvm").unwrap().permissions().mode();
+    std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    // type1 pins guest RAM against RLIMIT_MEMLOCK of an unprivileged process.
+    let mut child = Command::new("prlimit")
+        .args(["--memlock=unlimited", "setpriv"])
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0,fd=g0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some("65534"),
+        "{uid_line}"
+    );
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let pre = qmp.execute("query-status", None).unwrap();
+    assert_eq!(pre["status"], "prelaunch");
+    let refused = qmp.execute("x-svff-start", None);
+    assert!(refused.is_err(), "no fd passed yet: {refused:?}");
+    // The refused start took nothing: the handshake goes on.
+    let g0 = open_group(&vfs[0]);
+    qmp.send_fd("g0", g0.as_fd()).unwrap();
+    drop(g0);
+    qmp.execute("x-svff-start", None).unwrap();
+    wait("first reports", &|| last().is_some());
+    qmp.execute(
+        "x-svff-trigger-irq",
+        Some(json!({"id": "vf0", "vector": 0})),
+    )
+    .unwrap();
+    wait("an interrupt before the pause", &|| {
+        last().is_some_and(|c| c.irqs >= 1)
+    });
+    let before = last().unwrap();
+
+    qmp.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    let g1 = open_group(&new_vfs[0]);
+    qmp.send_fd("g1", g1.as_fd()).unwrap();
+    drop(g1);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0], "fdname": "g1"})),
+    )
+    .unwrap();
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    println!("{info:#}");
+    assert_eq!(info[0]["state"], "attached");
+    assert_eq!(info[0]["host"], new_vfs[0].as_str());
+    let paused_reads = info[0]["paused-accesses"]["bar-reads"].as_u64().unwrap();
+    qmp.execute(
+        "x-svff-trigger-irq",
+        Some(json!({"id": "vf0", "vector": 0})),
+    )
+    .unwrap();
+    let r = last().unwrap().round;
+    wait("an interrupt and two reports after the unpause", &|| {
+        last().is_some_and(|c| c.irqs > before.irqs && c.round >= r + 40)
+    });
+    let after = last().unwrap();
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(kvm_mode)).unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(after.gone, 0, "the guest never saw the VF leave");
+    assert!(after.ok > before.ok, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.ones, paused_reads,
+        "all-ones only in the pause window"
+    );
+    assert_ne!(after.id, u32::MAX);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn bars_of_an_attached_vf_are_kvm_slots_that_go_at_pause_and_come_back_at_unpause() {
+    use qmp_ext::Client;
+    use serde_json::{json, Value};
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The same guest with every BAR access trapped, for the access times printed below.
+    let trap_serial = dir.path().join("trapped.log");
+    let st = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-rounds", "40"])
+        .args(["--guest-report-every", "40"])
+        .arg(format!("--vfio={},id=vf0,mmap=off", vfs[0]))
+        .arg(format!("--serial=file:{}", trap_serial.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let trapped_run = std::fs::read_to_string(&trap_serial)
+        .unwrap()
+        .lines()
+        .filter_map(parse_counters)
+        .next_back()
+        .expect("counters of the mmap=off run");
+
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let two_reports = |what: &str| {
+        let r = last().map_or(0, |c| c.round);
+        wait(what, &|| last().is_some_and(|c| c.round >= r + 40));
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let mut slots = || -> Value {
+        let v = qmp.execute("x-svff-query-bar-slots", None).unwrap();
+        v[0].clone()
+    };
+    wait("first reports", &|| last().is_some());
+    two_reports("reports while attached");
+    let s0 = slots();
+    let mapped_first = last().unwrap();
+    two_reports("more reports while attached");
+    let s1 = slots();
+    println!("attached: {s0} -> {s1}");
+    assert!(s0["slots"].as_u64().unwrap() >= 1, "BARs mapped: {s0}");
+    assert_eq!(
+        s0["trapped"], s1["trapped"],
+        "no BAR read of the guest reached the VMM while mapped"
+    );
+
+    let mut qmp2 = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    qmp2.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    let sp = slots();
+    assert_eq!(sp["slots"], 0, "no slot while paused: {sp}");
+    two_reports("reports while paused");
+    let sp2 = slots();
+    assert!(
+        sp2["trapped"].as_u64() > sp["trapped"].as_u64(),
+        "paused reads trap: {sp} -> {sp2}"
+    );
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    qmp2.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0]})),
+    )
+    .unwrap();
+    let info = qmp2.execute("query-svff-vfio", None).unwrap();
+    let paused_reads = info[0]["paused-accesses"]["bar-reads"].as_u64().unwrap();
+    let su = slots();
+    assert_eq!(su["slots"], s0["slots"], "the same slots again: {su}");
+    two_reports("reports after the unpause");
+    let su2 = slots();
+    assert_eq!(su["trapped"], su2["trapped"], "mapped again: {su} -> {su2}");
+    let after = last().unwrap();
+    qmp2.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(after.gone, 0);
+    assert!(after.ok > mapped_first.ok);
+    assert_eq!(
+        after.ones, paused_reads,
+        "all-ones only in the pause window"
+    );
+    println!(
+        "guest-observed longest BAR read (TSC ticks): trapped (mmap=off) {}, mapped (first {} reads) {}, whole run incl. the pause window {}",
+        trapped_run.max_tsc, mapped_first.reads, mapped_first.max_tsc, after.max_tsc
+    );
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn device_del_and_device_add_of_a_vf_are_seen_by_the_guest_as_a_removal_and_an_addition() {
+    use qmp_ext::Client;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    wait("first reports", &|| last().is_some());
+    let before = last().unwrap();
+    assert_eq!((before.gone, before.back), (0, 0));
+
+    qmp.execute("device_del", Some(json!({"id": "vf0"})))
+        .unwrap();
+    let ev = qmp
+        .wait_event("DEVICE_DELETED", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(ev.data.as_ref().unwrap()["device"], "vf0");
+    wait("the guest to see the VF gone", &|| {
+        out().contains("svff-guest: dev=00:01.0 event=gone")
+    });
+    assert!(qmp.execute("query-svff-vfio", None).unwrap()[0].is_null());
+    // Every fd of the VF is closed: the count change does not block.
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    let r = qmp
+        .execute(
+            "device_add",
+            Some(json!({"driver": "vfio-pci", "host": new_vfs[0], "id": "vf0"})),
+        )
+        .unwrap();
+    assert_eq!(r["guest"], "00:01.0");
+    wait("the guest to see the VF back", &|| {
+        out().contains("svff-guest: dev=00:01.0 event=back")
+    });
+    let rd = last().unwrap().round;
+    wait("two reports after the addition", &|| {
+        last().is_some_and(|c| c.round >= rd + 40)
+    });
+    let after = last().unwrap();
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    assert_eq!(info[0]["host"], new_vfs[0].as_str());
+    qmp.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!((after.gone, after.back), (1, 1), "{after:?}");
+    assert!(after.ok > before.ok, "valid reads on the added VF");
+    assert_ne!(after.id, u32::MAX);
+}

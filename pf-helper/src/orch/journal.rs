@@ -43,7 +43,8 @@ use crate::pci::PciAddress;
 pub const JOURNAL_VERSION: u32 = 1;
 
 /// Environment variable of the crash tests: the helper SIGKILLs itself right
-/// after fsyncing the record with this `seq` (before doing its step).
+/// after fsyncing the record with this `seq` (before doing its step). Read by
+/// debug builds only; a release build ignores it.
 pub const CRASH_AFTER_ENV: &str = "SVFF_TEST_CRASH_AFTER_RECORD";
 
 /// How a reconf treats the VMs.
@@ -199,9 +200,14 @@ impl Journal {
         let op = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let crash_after = std::env::var(CRASH_AFTER_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok());
+        // Test hook, compiled into debug builds only (like the in-use check's bypass).
+        let crash_after = if cfg!(debug_assertions) {
+            std::env::var(CRASH_AFTER_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+        } else {
+            None
+        };
         let mut j = Journal {
             file,
             path,

@@ -666,6 +666,9 @@ fn a_second_operation_while_one_runs_is_refused() {
     assert!(o.init().is_err());
 }
 
+/// One step of a hand-made journal: records it, then does it.
+type JournalStep<'a> = Box<dyn FnOnce(&mut Journal) + 'a>;
+
 /// Writes the journal of a detach reconf 4 -> 2 interrupted after `n` steps
 /// as the helper would have (and does those steps), then recovers.
 #[test]
@@ -693,7 +696,7 @@ fn recover_finishes_a_reconf_interrupted_at_any_journaled_step() {
         // The steps of the real flow, each done after its record.
         let mut c1 = QmpConnector.connect(lab.config.vm("vm1").unwrap()).unwrap();
         let mut c2 = QmpConnector.connect(lab.config.vm("vm2").unwrap()).unwrap();
-        let steps: Vec<Box<dyn FnOnce(&mut Journal)>> = vec![
+        let steps: Vec<JournalStep<'_>> = vec![
             Box::new(|j| {
                 j.record(Step::Detach {
                     vm: "vm1".into(),
@@ -819,4 +822,83 @@ fn svff_vmm_kind_without_a_running_vmm_is_not_supported_yet() {
     };
     assert_eq!(e.kind(), "not_supported");
     assert!(e.to_string().contains("not supported yet"), "{e}");
+}
+
+#[test]
+fn status_assignments_carry_the_vmm_pause_state_or_say_why_not() {
+    let lab = lab(svff(), Behaviour::default(), "");
+    lab.orch().init().unwrap();
+    let mut c1 = QmpConnector.connect(lab.config.vm("vm1").unwrap()).unwrap();
+    c1.pause(&id(1)).unwrap();
+    let st = lab.orch().status_assignments(&[pf()]).unwrap();
+    let by_vf: BTreeMap<u16, &crate::status::AssignmentStatus> =
+        st.iter().map(|a| (a.entry.vf, a)).collect();
+    assert_eq!(by_vf[&0].vmm_state, Some(DeviceState::Attached));
+    assert_eq!(by_vf[&1].vmm_state, Some(DeviceState::Paused));
+    assert_eq!(by_vf[&3].vmm_state, None);
+    assert_eq!(
+        by_vf[&3].vmm_note.as_deref(),
+        Some("VMM does not speak the svff QMP commands")
+    );
+    std::fs::remove_file(&lab.config.vm("vm2").unwrap().qmp).unwrap();
+    let st = lab.orch().status_assignments(&[pf()]).unwrap();
+    let note = st
+        .iter()
+        .find(|a| a.entry.vf == 3)
+        .unwrap()
+        .vmm_note
+        .clone()
+        .unwrap();
+    assert!(
+        note.contains("VM vm2: connecting to its QMP socket"),
+        "{note}"
+    );
+    let mut status = lab.mgr.status(Some(&[pf()])).unwrap();
+    status.assignments = st;
+    crate::status::fill_holders(&mut status);
+    assert_eq!(status.pfs[0].vfs[3].holder.as_deref(), Some(id(3).as_str()));
+    assert_eq!(status.pfs[0].vfs[2].holder, None);
+}
+
+#[test]
+fn the_daemon_finishes_an_interrupted_operation_before_serving() {
+    let lab = lab(Behaviour::default(), Behaviour::default(), "");
+    lab.orch().init().unwrap();
+    let before = lab.orch().table().unwrap().assignments;
+    let target: Vec<Assignment> = before.iter().filter(|a| a.vf < 2).cloned().collect();
+    let sd = StateDir::open(&lab.state_dir()).unwrap();
+    drop(
+        Journal::begin(
+            &sd,
+            Step::Begin {
+                kind: OpKind::Reconf,
+                pf: pf(),
+                mode: Mode::Detach,
+                from: 4,
+                to: 2,
+                before,
+                target,
+            },
+        )
+        .unwrap(),
+    );
+    let Lab {
+        dir: _dir,
+        config,
+        mgr,
+        vms,
+    } = lab;
+    let d = crate::daemon::Daemon::new(config, mgr);
+    let r = d
+        .recover_at_start()
+        .unwrap()
+        .expect("an operation to recover");
+    assert_eq!(r.to, Some(2));
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(vms["vm1"].ids(), ids(&[0, 1]));
+    assert!(vms["vm2"].ids().is_empty());
+    assert!(
+        d.recover_at_start().unwrap().is_none(),
+        "nothing left to recover"
+    );
 }

@@ -88,7 +88,7 @@ impl QmpVmm {
                 Error::Vmm {
                     vm: vm.name.clone(),
                     action: format!("connecting to its QMP socket {}", vm.qmp.display()),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         Ok(QmpVmm {
@@ -105,7 +105,7 @@ impl QmpVmm {
         move |source| Error::Vmm {
             vm: self.vm.clone(),
             action,
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Emulated devices and the port-I/O / MMIO dispatch that vCPU threads call on exits.
 
+mod bar_slots;
 mod legacy;
 mod serial;
 mod test_device;
@@ -15,6 +16,7 @@ pub use test_device::{
     TestDevice, TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 
+pub use bar_slots::{BarSlots, SlotPool};
 pub use vfio::VfioPci;
 
 use crate::pci::{DevFn, PciBus, CONF1_ADDRESS};
@@ -29,7 +31,53 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct Devices {
     serial: Mutex<SerialPort>,
     pci: Mutex<PciBus>,
-    vfio: Vec<Arc<VfioEntry>>,
+    vfio: Mutex<Vec<Arc<VfioEntry>>>,
+    hotplug: Option<VfioFactory>,
+}
+
+/// What opening a VF at run time needs (the VM's container, GSI router, slots).
+#[derive(Debug, Clone)]
+pub(crate) struct VfioFactory {
+    pub(crate) container: Arc<vfio_pause::Container>,
+    pub(crate) router: Arc<Mutex<crate::vm::GsiRouter>>,
+    pub(crate) slot_pool: Arc<Mutex<SlotPool>>,
+    pub(crate) vm: Arc<kvm_ioctls::VmFd>,
+}
+
+impl VfioFactory {
+    /// Opens the VF of `spec` from `source` for guest address `df`.
+    pub(crate) fn open(
+        &self,
+        spec: &crate::vm::VfioSpec,
+        source: vfio_pause::VfSource,
+        df: DevFn,
+    ) -> Result<(Arc<VfioEntry>, Box<dyn crate::pci::PciDevice>), crate::Error> {
+        let slots = BarSlots::new(
+            format!("vfio {}", spec.id),
+            self.vm.clone(),
+            self.slot_pool.clone(),
+        );
+        let trapped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dev = VfioPci::open(
+            self.container.clone(),
+            source,
+            &spec.id,
+            spec.policy,
+            self.router.clone(),
+            spec.mmap.then(|| slots.clone()),
+            trapped.clone(),
+        )?;
+        let entry = Arc::new(VfioEntry {
+            id: spec.id.clone(),
+            guest: df,
+            policy: Mutex::new(spec.policy),
+            dev: dev.device(),
+            pauses: Default::default(),
+            slots,
+            trapped,
+        });
+        Ok((entry, Box::new(dev)))
+    }
 }
 
 /// A passed-through VF as QMP sees it.
@@ -45,20 +93,80 @@ pub(crate) struct VfioEntry {
     pub(crate) dev: Arc<vfio_pause::PausableDevice>,
     /// Completed pauses.
     pub(crate) pauses: std::sync::atomic::AtomicU64,
+    /// Its BARs' KVM slots.
+    pub(crate) slots: BarSlots,
+    /// BAR accesses that reached the VMM (trapped) outside the MSI-X table and PBA.
+    pub(crate) trapped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Devices {
-    pub(crate) fn new(serial: SerialPort, pci: PciBus, vfio: Vec<Arc<VfioEntry>>) -> Self {
+    pub(crate) fn new(
+        serial: SerialPort,
+        pci: PciBus,
+        vfio: Vec<Arc<VfioEntry>>,
+        hotplug: Option<VfioFactory>,
+    ) -> Self {
         Devices {
             serial: Mutex::new(serial),
             pci: Mutex::new(pci),
-            vfio,
+            vfio: Mutex::new(vfio),
+            hotplug,
         }
     }
 
     /// The passed-through VFs.
-    pub(crate) fn vfio(&self) -> &[Arc<VfioEntry>] {
-        &self.vfio
+    pub(crate) fn vfio(&self) -> Vec<Arc<VfioEntry>> {
+        lock(&self.vfio).clone()
+    }
+
+    /// See [`crate::VmHandle::vfio_del`].
+    pub(crate) fn vfio_del(&self, id: &str) -> Result<(), crate::Error> {
+        let entry = {
+            let mut v = lock(&self.vfio);
+            let i = v
+                .iter()
+                .position(|e| e.id == id)
+                .ok_or_else(|| crate::Error::Config(format!("no VFIO device '{id}'")))?;
+            v.remove(i)
+        };
+        // Detach first (BAR slots removed, IRQs disabled, fds closed), then the function
+        // leaves the bus; dropping the model drops its MSI-X routes and irqfds.
+        if let Err(e) = entry.dev.detach() {
+            tracing::warn!("device_del {id}: {e}");
+        }
+        let removed = self.pci().remove(entry.guest);
+        drop(removed);
+        Ok(())
+    }
+
+    /// See [`crate::VmHandle::vfio_add`].
+    pub(crate) fn vfio_add(
+        &self,
+        spec: &crate::vm::VfioSpec,
+        source: vfio_pause::VfSource,
+    ) -> Result<DevFn, crate::Error> {
+        let f = self.hotplug.as_ref().ok_or_else(|| {
+            crate::Error::Config(
+                "device_add of vfio-pci needs a VMM started with at least one --vfio \
+                 (its VFIO container holds the guest RAM mappings)"
+                    .into(),
+            )
+        })?;
+        let mut v = lock(&self.vfio);
+        if v.iter().any(|e| e.id == spec.id) {
+            return Err(crate::Error::Config(format!(
+                "a VFIO device with id '{}' exists",
+                spec.id
+            )));
+        }
+        let df = self
+            .pci()
+            .next_free_device()
+            .ok_or_else(|| crate::Error::Config(format!("no free PCI slot for {}", spec.id)))?;
+        let (entry, dev) = f.open(spec, source, df)?;
+        self.pci().add(df, dev)?;
+        v.push(entry);
+        Ok(df)
     }
 
     /// The PCI bus (QMP and tests reach devices through it).

@@ -1,23 +1,93 @@
 //! A VF passed through with vfio-pause: config space forwarded to the VF through
 //! [`PausableDevice`] except the BARs and the expansion ROM, which this model shadows (sizes
 //! from the VF's sysfs `resource` file, addresses as the guest programs them; never forwarded),
-//! and every BAR access trapped and forwarded (no BAR is mapped into the guest yet).
+//! and BAR accesses that reach the VMM forwarded.
 //!
 //! Paused (QMP `svff-vfio-pause`), config space is served from vfio-pause's shadow and BAR
 //! accesses follow the device's policy (all-ones, or the vCPU waits for the unpause).
 //!
-//! Not yet: BAR mmaps into KVM slots, MSI/MSI-X wiring (the VF's MSI-X table is not reachable
-//! through trapped accesses).
+//! MSI-X: the VF's MSI-X table and PBA are emulated here ([`Msix`], never forwarded: the
+//! kernel programs the real table with host vectors), and so are Enable and Function Mask of
+//! its Message Control (reads merge them into the VF's value; writes are not forwarded).
+//! When the guest enables MSI-X, every vector's eventfd is handed to vfio-pause
+//! (`VFIO_DEVICE_SET_IRQS`, MSI-X index), which re-wires them at every unpause; each
+//! unmasked vector has a KVM GSI route to the guest's message and an irqfd on that eventfd
+//! (route first; on mask the irqfd goes first, then the route). The PBA reads the
+//! model's pending bits (none for a VF: a masked vector's signals wait in its eventfd).
+//!
+//! BARs: vfio-pause mmaps their mappable areas (not the MSI-X table and PBA pages) and
+//! [`BarSlots`] maps them into KVM slots at the guest's BAR addresses, following BAR moves
+//! and decode changes; the slots go at pause (accesses then trap and get the policy) and
+//! come back at unpause. `--vfio ...,mmap=off` traps every access instead.
+//!
+//! Not yet: MSI (only MSI-X is wired).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use vfio_pause::{
-    Container, DeviceOptions, PausableDevice, PausePolicy, PciAddress, TrapAllBars, VfSource,
-};
+use super::BarSlots;
+
+use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, VfSource};
 
 use crate::error::{io, Error};
-use crate::pci::{reg, BarKind, BarSpec, ConfigSpace, PciDevice, MIN_BAR_SIZE, NUM_BARS};
+use crate::pci::{
+    reg, BarKind, BarSpec, ConfigSpace, Msix, PciDevice, CAP_ID_MSIX, MIN_BAR_SIZE, NUM_BARS,
+};
+use crate::vm::GsiRouter;
+
+/// Where a VF's MSI-X capability puts things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsixLayout {
+    /// Config offset of the capability.
+    pub cap: usize,
+    /// Number of vectors.
+    pub vectors: u16,
+    /// BAR and offset of the table.
+    pub table: (usize, u64),
+    /// BAR and offset of the PBA.
+    pub pba: (usize, u64),
+}
+
+impl MsixLayout {
+    /// The layout from the capability's three dwords (ID/next/control, table, PBA).
+    pub fn from_regs(cap: usize, header: u32, table: u32, pba: u32) -> Self {
+        MsixLayout {
+            cap,
+            vectors: ((header >> 16) & 0x7ff) as u16 + 1,
+            table: ((table & 7) as usize, u64::from(table & !7)),
+            pba: ((pba & 7) as usize, u64::from(pba & !7)),
+        }
+    }
+
+    fn table_len(&self) -> u64 {
+        16 * u64::from(self.vectors)
+    }
+
+    fn pba_len(&self) -> u64 {
+        8 * u64::from(self.vectors).div_ceil(64)
+    }
+}
+
+/// Walks the capability list read through `read` (dword reads at aligned offsets) for
+/// MSI-X. The walk is bounded to 48 entries.
+pub fn find_msix(read: &mut dyn FnMut(usize) -> u32) -> Option<MsixLayout> {
+    if read(reg::COMMAND) & (1 << 20) == 0 {
+        return None;
+    }
+    let mut at = (read(0x34) & 0xfc) as usize;
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        let h = read(at);
+        if h as u8 == CAP_ID_MSIX {
+            return Some(MsixLayout::from_regs(at, h, read(at + 4), read(at + 8)));
+        }
+        at = ((h >> 8) & 0xfc) as usize;
+    }
+    None
+}
 
 const IORESOURCE_IO: u64 = 0x100;
 const IORESOURCE_MEM: u64 = 0x200;
@@ -69,6 +139,9 @@ pub struct VfioPci {
     name: String,
     dev: Arc<PausableDevice>,
     shadow: ConfigSpace,
+    msix: Option<(MsixLayout, Msix)>,
+    slots: BarSlots,
+    trapped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for VfioPci {
@@ -83,13 +156,18 @@ fn shadowed(offset: usize) -> bool {
 }
 
 impl VfioPci {
-    /// Opens the VF at `host` (bound to vfio-pci) into `container`, under the VMM id `id`.
+    /// Opens the VF of `source` (bound to vfio-pci; by its sysfs address or through a passed
+    /// group fd) into `container`, under the VMM id `id`.
     pub fn open(
         container: Arc<Container>,
-        host: &PciAddress,
+        source: VfSource,
         id: &str,
         policy: PausePolicy,
+        router: Arc<Mutex<GsiRouter>>,
+        slots: Option<BarSlots>,
+        trapped: Arc<AtomicU64>,
     ) -> Result<Self, Error> {
+        let host = *source.address();
         let res = host.sysfs_path().join("resource");
         if !Path::new(&host.sysfs_path()).exists() {
             return Err(Error::Pci(format!("--vfio {host}: no such PCI function")));
@@ -109,13 +187,16 @@ impl VfioPci {
         let dev = PausableDevice::open(
             id,
             container,
-            VfSource::Sysfs(*host),
+            source,
             DeviceOptions {
                 policy,
-                mmap_bars: false,
+                mmap_bars: slots.is_some(),
                 ..DeviceOptions::default()
             },
-            Arc::new(TrapAllBars),
+            match &slots {
+                Some(s) => Arc::new(s.clone()) as Arc<dyn vfio_pause::VmmHooks>,
+                None => Arc::new(vfio_pause::TrapAllBars),
+            },
         )
         .map_err(|e| Error::Vfio {
             device: format!("{id} ({host})"),
@@ -126,11 +207,86 @@ impl VfioPci {
         for (i, spec) in bars {
             shadow.set_bar(i, spec);
         }
+        let mut read = |off: usize| {
+            let mut b = [0u8; 4];
+            match dev.config_read(off as u64, &mut b) {
+                Ok(()) => u32::from_le_bytes(b),
+                Err(_) => 0,
+            }
+        };
+        let msix = match find_msix(&mut read) {
+            Some(l) if l.vectors <= 64 => Some((l, Msix::external(l.cap, l.vectors, router)?)),
+            Some(l) => {
+                tracing::warn!("{id}: {} MSI-X vectors, at most 64 are wired", l.vectors);
+                None
+            }
+            None => None,
+        };
         Ok(VfioPci {
             name: format!("vfio {id} ({host})"),
             dev: Arc::new(dev),
             shadow,
+            msix,
+            slots: slots.unwrap_or_else(|| BarSlots::disabled(id)),
+            trapped,
         })
+    }
+
+    fn guest_bars_changed(&self) {
+        let bars: Vec<(usize, u64)> = self
+            .shadow
+            .decoded_bars()
+            .into_iter()
+            .map(|(i, a, _)| (i, a))
+            .collect();
+        self.slots.set_guest_bars(&bars);
+    }
+
+    /// The VF's MSI-X layout, if it has MSI-X.
+    pub fn msix_layout(&self) -> Option<MsixLayout> {
+        self.msix.as_ref().map(|(l, _)| *l)
+    }
+
+    /// A write reaching the Message Control word of the MSI-X capability: the model takes
+    /// Enable and Function Mask, and an Enable change wires or unwires the VF's vectors.
+    fn msix_control_write(&mut self, offset: usize, data: &[u8]) {
+        let Some((l, m)) = &mut self.msix else {
+            return;
+        };
+        let hi = l.cap + 3;
+        let Some(&b) = hi.checked_sub(offset).and_then(|i| data.get(i)) else {
+            return;
+        };
+        let was = m.enabled();
+        let ctrl = u16::from(b) << 8;
+        if ctrl & (1 << 15) != 0 && !was {
+            // Eventfds to the VF first: the routes and irqfds follow in set_control.
+            match m.eventfds() {
+                Ok(fds) => {
+                    if let Err(e) = self.dev.set_irqs(irq::MSIX, fds) {
+                        tracing::warn!("{}: wiring MSI-X: {e}", self.name);
+                    }
+                }
+                Err(e) => tracing::warn!("{}: {e}", self.name),
+            }
+        }
+        m.set_control(ctrl);
+        if ctrl & (1 << 15) == 0 && was {
+            if let Err(e) = self.dev.set_irqs(irq::MSIX, Vec::new()) {
+                tracing::warn!("{}: unwiring MSI-X: {e}", self.name);
+            }
+        }
+    }
+
+    fn msix_region(&self, bar: usize, offset: u64) -> Option<(bool, u64)> {
+        let (l, _) = self.msix.as_ref()?;
+        if bar == l.table.0 && (l.table.1..l.table.1 + l.table_len()).contains(&offset) {
+            return Some((true, offset - l.table.1));
+        }
+        if bar == l.pba.0 && (l.pba.1..l.pba.1 + l.pba_len()).contains(&offset) {
+            return Some((false, offset - l.pba.1));
+        }
+        None
     }
 
     /// The pausable device (QMP pauses and unpauses it without the bus lock).
@@ -154,33 +310,67 @@ impl PciDevice for VfioPci {
             return self.shadow.read(offset);
         }
         let mut b = [0u8; 4];
-        match self.dev.config_read(offset as u64, &mut b) {
+        let v = match self.dev.config_read(offset as u64, &mut b) {
             Ok(()) => u32::from_le_bytes(b),
             Err(e) => {
                 tracing::debug!("{}: config read {offset:#x}: {e}", self.name);
-                u32::MAX
+                return u32::MAX;
             }
+        };
+        match &self.msix {
+            Some((l, m)) if l.cap == offset => {
+                (v & !(0xc000 << 16)) | (u32::from(m.control_bits()) << 16)
+            }
+            _ => v,
         }
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         if shadowed(offset) {
-            return self.shadow.write(offset, data);
+            self.shadow.write(offset, data);
+            return self.guest_bars_changed();
         }
         if (reg::COMMAND..reg::COMMAND + 2).contains(&offset) {
             // The bus decodes BARs from the shadow's command register.
             self.shadow.write(offset, data);
+            self.guest_bars_changed();
+        }
+        if let Some(cap) = self.msix.as_ref().map(|(l, _)| l.cap) {
+            if offset < cap + 4 && offset + data.len() > cap {
+                // The capability header is read-only; Message Control is the model's.
+                return self.msix_control_write(offset, data);
+            }
         }
         if let Err(e) = self.dev.config_write(offset as u64, data) {
             tracing::debug!("{}: config write {offset:#x}: {e}", self.name);
         }
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some((table, off)) = self.msix_region(bar, offset) {
+            let m = &self.msix.as_ref().expect("msix_region found it").1;
+            return if table {
+                m.table_read(off, data)
+            } else {
+                m.pba_read(off, data)
+            };
+        }
+        self.trapped.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.dev.bar_read(bar as u32, offset, data) {
             tracing::debug!("{}: BAR{bar} read {offset:#x}: {e}", self.name);
             data.fill(0xff);
         }
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if let Some((table, off)) = self.msix_region(bar, offset) {
+            if table {
+                self.msix
+                    .as_mut()
+                    .expect("msix_region found it")
+                    .1
+                    .table_write(off, data);
+            }
+            return;
+        }
+        self.trapped.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.dev.bar_write(bar as u32, offset, data) {
             tracing::debug!("{}: BAR{bar} write {offset:#x}: {e}", self.name);
         }
@@ -213,6 +403,34 @@ mod tests {
     fn io_bars_and_garbage_are_refused() {
         assert!(parse_resource("0x1000 0x101f 0x40101\n", "vf").is_err());
         assert!(parse_resource("zz\n", "vf").is_err());
+    }
+
+    #[test]
+    fn the_msix_capability_of_an_igb_vf_is_found_behind_msi_x_layout() {
+        // As on the lab's igb VF: MSI-X at 0x70 (next: 0xa0), 3 vectors, table at BAR3+0,
+        // PBA at BAR3+0x2000.
+        let mut cfg = [0u32; 64];
+        cfg[1] = 1 << 20;
+        cfg[0x34 / 4] = 0x70;
+        cfg[0x70 / 4] = 0x0002_a011;
+        cfg[0x74 / 4] = 3;
+        cfg[0x78 / 4] = 0x2003;
+        cfg[0xa0 / 4] = 0x0000_0010;
+        let l = find_msix(&mut |o| cfg[o / 4]).unwrap();
+        assert_eq!(
+            l,
+            MsixLayout {
+                cap: 0x70,
+                vectors: 3,
+                table: (3, 0),
+                pba: (3, 0x2000)
+            }
+        );
+        assert_eq!((l.table_len(), l.pba_len()), (48, 8));
+        cfg[0x70 / 4] = 0x0000_a005;
+        assert_eq!(find_msix(&mut |o| cfg[o / 4]), None, "MSI only");
+        cfg[0x70 / 4] = 0x0000_7005;
+        assert_eq!(find_msix(&mut |o| cfg[o / 4]), None, "a loop ends");
     }
 
     #[test]

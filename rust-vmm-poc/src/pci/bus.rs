@@ -42,6 +42,7 @@ struct Slot {
     devfn: DevFn,
     dev: Box<dyn PciDevice>,
     present: bool,
+    ranges: Vec<vm_allocator::RangeInclusive>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +109,7 @@ impl PciBus {
             return Err(Error::Pci(format!("{devfn} is already taken")));
         }
         let mut idx = 0;
+        let mut ranges = Vec::new();
         while idx < NUM_BARS {
             let Some(spec) = dev.config().bar(idx) else {
                 idx += 1;
@@ -124,16 +126,32 @@ impl PciBus {
                     ))
                 })?;
             dev.config_mut().set_bar_address(idx, r.start());
+            ranges.push(r);
             idx += if spec.kind == BarKind::Memory64 { 2 } else { 1 };
         }
         self.slots.push(Slot {
             devfn,
             dev,
             present: true,
+            ranges,
         });
         self.slots.sort_by_key(|s| s.devfn);
         self.rebuild_routes();
         Ok(())
+    }
+
+    /// Removes the function at `devfn` (hot-unplug), freeing its BAR ranges; it reads
+    /// all-ones from now on. Returns the device model.
+    pub fn remove(&mut self, devfn: DevFn) -> Option<Box<dyn PciDevice>> {
+        let i = self.slots.iter().position(|s| s.devfn == devfn)?;
+        let s = self.slots.remove(i);
+        for r in &s.ranges {
+            if let Err(e) = self.mmio.free(r) {
+                tracing::warn!("freeing BAR range of {devfn}: {e}");
+            }
+        }
+        self.rebuild_routes();
+        Some(s.dev)
     }
 
     /// Shows or hides a function: a hidden one reads all-ones in config space and decodes no

@@ -51,6 +51,14 @@ impl Msix {
         );
         config.init_reg(cap + 4, table | u32::from(bir), 0);
         config.init_reg(cap + 8, pba | u32::from(bir), 0);
+        Self::external(cap, n, router)
+    }
+
+    /// MSI-X state of `n` vectors for a capability at `cap` that lives elsewhere (a VF's
+    /// config space): the caller reports Enable and Function Mask with
+    /// [`Msix::set_control`].
+    pub fn external(cap: usize, n: u16, router: Arc<Mutex<GsiRouter>>) -> Result<Msix, Error> {
+        assert!((1..=64).contains(&n));
         let mut vectors = Vec::new();
         for i in 0..n {
             let gsi = lock(&router).allocate_gsi()?;
@@ -72,6 +80,32 @@ impl Msix {
     /// Call after every config write: picks up Enable and Function Mask.
     pub fn config_written(&mut self, config: &ConfigSpace) {
         let ctrl = (config.read(self.cap) >> 16) as u16;
+        self.set_control(ctrl);
+    }
+
+    /// The Message Control bits this model keeps (Enable, Function Mask), to merge into
+    /// reads of an external capability.
+    pub fn control_bits(&self) -> u16 {
+        (if self.enabled { CTRL_ENABLE } else { 0 }) | (if self.masked { CTRL_MASK } else { 0 })
+    }
+
+    /// Whether MSI-X is enabled.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Duplicates of the vectors' eventfds, vector n at index n (for VFIO_DEVICE_SET_IRQS:
+    /// the kernel signals them, KVM's irqfds read them).
+    pub fn eventfds(&self) -> Result<Vec<EventFd>, Error> {
+        self.vectors
+            .iter()
+            .map(|(_, e)| e.try_clone().map_err(io("duplicating an MSI-X eventfd")))
+            .collect()
+    }
+
+    /// Takes a new Message Control value (Enable and Function Mask; other bits ignored) and
+    /// re-routes every vector if they changed.
+    pub fn set_control(&mut self, ctrl: u16) {
         let (enabled, masked) = (ctrl & CTRL_ENABLE != 0, ctrl & CTRL_MASK != 0);
         if (enabled, masked) != (self.enabled, self.masked) {
             self.enabled = enabled;
@@ -116,14 +150,18 @@ impl Msix {
         self.enabled && !self.masked && self.entries[v][3] & ENTRY_MASKED == 0
     }
 
-    /// Re-routes vector `v` and delivers it if it was pending and is now unmasked.
+    /// Re-routes vector `v` and delivers it if it was pending and is now unmasked; a vector
+    /// that is masked or disabled loses its irqfd, then its route.
     fn update(&mut self, v: usize) {
+        let (gsi, evt) = &self.vectors[v];
         if !self.deliverable(v) {
+            if let Err(err) = lock(&self.router).clear_msi(*gsi, evt) {
+                tracing::warn!("MSI-X vector {v}: {err}");
+            }
             return;
         }
         let e = self.entries[v];
         let addr = u64::from(e[0]) | (u64::from(e[1]) << 32);
-        let (gsi, evt) = &self.vectors[v];
         if let Err(err) = lock(&self.router).set_msi(*gsi, addr, e[2], evt) {
             tracing::warn!("MSI-X vector {v}: {err}");
             return;
@@ -144,6 +182,17 @@ impl Msix {
             let _ = self.vectors[v].1.write(1);
         } else {
             self.pending |= 1 << v;
+        }
+    }
+}
+
+impl Drop for Msix {
+    /// A removed device leaves no irqfd or route behind.
+    fn drop(&mut self) {
+        for (gsi, evt) in &self.vectors {
+            if let Err(e) = lock(&self.router).clear_msi(*gsi, evt) {
+                tracing::warn!("MSI-X GSI {gsi} at removal: {e}");
+            }
         }
     }
 }

@@ -117,6 +117,22 @@ impl GsiRouter {
         }
         Ok(())
     }
+
+    /// Undoes [`GsiRouter::set_msi`] for `gsi` (a masked or disabled vector): the irqfd is
+    /// deassigned first, then the route dropped, so no signal of `evt` meets a GSI without a
+    /// route. Signals of `evt` while it has no irqfd stay in its counter; KVM delivers them
+    /// when the irqfd is assigned again.
+    pub fn clear_msi(&mut self, gsi: u32, evt: &EventFd) -> Result<(), Error> {
+        if self.irqfds.remove(&gsi) {
+            self.vm
+                .unregister_irqfd(evt, gsi)
+                .map_err(kvm(format!("KVM_IRQFD deassign on GSI {gsi}")))?;
+        }
+        if self.msi.remove(&gsi).is_some() {
+            self.commit()?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, LinuxBoot, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
-use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioEntry, VfioPci, COM1_IRQ};
+use crate::devices::{Devices, SerialPort, SerialSink, TestDevice, VfioEntry, COM1_IRQ};
 use crate::error::{io, kvm, Error};
 use crate::guest::TestGuest;
 use crate::pci::{DevFn, PciBus};
@@ -96,6 +96,11 @@ pub struct VfioSpec {
     pub id: String,
     /// What guest BAR accesses do while it is paused (unless a pause says otherwise).
     pub policy: vfio_pause::PausePolicy,
+    /// Open the VF through this already-open VFIO group fd (passed over QMP with `getfd`
+    /// under this name) instead of opening `/dev/vfio/<group>`.
+    pub fd: Option<String>,
+    /// Map its BARs into KVM slots while attached (else every access traps).
+    pub mmap: bool,
 }
 
 impl Default for VmConfig {
@@ -185,6 +190,18 @@ impl VmHandle {
             .ok_or_else(|| Error::Config("the VM has ended".into()))
     }
 
+    /// Hot-unplugs the `--vfio`/`device_add` device `id`: detached (every fd closed, BAR
+    /// slots and MSI-X routes gone) and removed from bus 0, so the guest reads all-ones
+    /// from its config space from now on.
+    pub fn vfio_del(&self, id: &str) -> Result<(), Error> {
+        self.devices()?.vfio_del(id)
+    }
+
+    /// Hot-plugs a VF (`device_add`) at the first free device number of bus 0; returns it.
+    pub fn vfio_add(&self, spec: &VfioSpec, source: vfio_pause::VfSource) -> Result<DevFn, Error> {
+        self.devices()?.vfio_add(spec, source)
+    }
+
     /// The passed-through VFs (empty once the VM ended).
     pub(crate) fn vfio(&self) -> Vec<Arc<VfioEntry>> {
         self.devices()
@@ -238,6 +255,15 @@ fn serial_sink(out: SerialOutput) -> Result<SerialSink, Error> {
 impl Vm {
     /// Builds the VM: opens KVM, creates RAM, irqchip, PIT, devices and vCPUs, loads the guest.
     pub fn new(config: VmConfig) -> Result<Vm, Error> {
+        Self::with_group_fds(config, std::collections::HashMap::new())
+    }
+
+    /// A VM whose `--vfio ...,fd=<name>` devices open through the group fds in `fds`
+    /// (by name; every named one must be there).
+    pub fn with_group_fds(
+        config: VmConfig,
+        mut fds: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    ) -> Result<Vm, Error> {
         if config.cpus == 0 || config.cpus > MAX_CPUS {
             return Err(Error::Config(format!(
                 "{} vCPUs requested, 1..={MAX_CPUS} supported",
@@ -248,7 +274,11 @@ impl Vm {
         let kvm_sys = open_kvm(&config.kvm_device)?;
         let vm = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         let mem = memory::create(config.memory)?;
-        memory::register(&vm, &mem)?;
+        let ram_slots = memory::register(&vm, &mem)?;
+        let slot_pool = Arc::new(Mutex::new(crate::devices::SlotPool::new(
+            ram_slots,
+            kvm_sys.get_nr_memslots() as u32,
+        )));
 
         vm.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm("KVM_SET_TSS_ADDR"))?;
@@ -288,6 +318,14 @@ impl Vm {
             })?;
             Some(c)
         };
+        let hotplug = container
+            .clone()
+            .map(|container| crate::devices::VfioFactory {
+                container,
+                router: router.clone(),
+                slot_pool: slot_pool.clone(),
+                vm: vm.clone(),
+            });
         let mut vfio = Vec::new();
         for spec in &config.vfio {
             if vfio.iter().any(|e: &Arc<VfioEntry>| e.id == spec.id) {
@@ -299,18 +337,26 @@ impl Vm {
             let df = pci.next_free_device().ok_or_else(|| {
                 Error::Config(format!("no free PCI slot for VFIO device {}", spec.id))
             })?;
-            let c = container.clone().expect("created above for VFIO devices");
-            let dev = VfioPci::open(c, &spec.host, &spec.id, spec.policy)?;
-            vfio.push(Arc::new(VfioEntry {
-                id: spec.id.clone(),
-                guest: df,
-                policy: Mutex::new(spec.policy),
-                dev: dev.device(),
-                pauses: Default::default(),
-            }));
-            pci.add(df, Box::new(dev))?;
+            let source = match &spec.fd {
+                None => vfio_pause::VfSource::Sysfs(spec.host),
+                Some(name) => vfio_pause::VfSource::GroupFd {
+                    group: fds.remove(name).ok_or_else(|| {
+                        Error::Config(format!(
+                            "VFIO device {}: no group fd named '{name}' was passed",
+                            spec.id
+                        ))
+                    })?,
+                    address: spec.host,
+                },
+            };
+            let (entry, dev) = hotplug
+                .as_ref()
+                .expect("created above for VFIO devices")
+                .open(spec, source, df)?;
+            vfio.push(entry);
+            pci.add(df, dev)?;
         }
-        let devices = Arc::new(Devices::new(serial, pci, vfio));
+        let devices = Arc::new(Devices::new(serial, pci, vfio, hotplug));
 
         let ctl = Arc::new(Control::new(config.cpus.into())?);
         let cpuid = vcpu::supported_cpuid(&kvm_sys)?;
