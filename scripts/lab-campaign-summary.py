@@ -3,7 +3,8 @@
 
     scripts/lab-campaign-summary.py RESULTS.jsonl [--json]
 
-Stall rates are compared with Fisher's exact test (two-sided) against candidate B, and each
+A stall is a heartbeat loss of a booted L1 (the lab's stall detection); an L1 boot that failed
+before its agent came up (and was retried by svff-lab) is counted apart. Stall rates are compared with Fisher's exact test (two-sided) against candidate B, and each
 candidate's stall rate gets a one-sided 95 % upper bound (Clopper-Pearson; for 0 stalls in n
 boots that is 1 - 0.05**(1/n), e.g. 9.5 % for n = 30).
 """
@@ -51,7 +52,8 @@ def main():
     out = {}
     for c in sorted(by):
         rs = by[c]
-        stalls = sum(1 for r in rs if r["stalled"] or r.get("l1_boot_retried"))
+        stalls = sum(1 for r in rs if r["stalled"])
+        boot_failures = sum(1 for r in rs if r.get("l1_boot_retried"))
         l2 = [r["l2_boot_s"] for r in rs if r["l2_boot_s"] is not None]
         deadline = sum(1 for r in rs if r["l2_deadline_hit"])
         bench = {}
@@ -70,6 +72,7 @@ def main():
             "env": rs[0]["env"],
             "boots": len(rs),
             "stalls": stalls,
+            "l1_boot_failures_retried": boot_failures,
             "stall_upper95": round(upper95(stalls, len(rs)), 3),
             "l2_boots_timed": len(l2),
             "l2_deadline_hit": deadline,
@@ -95,7 +98,8 @@ def main():
     for c, v in out.items():
         print(f"{c} [{v['env']}]: {v['boots']} boots, {v['stalls']} stalled "
               f"(95% upper bound {v['stall_upper95']*100:.1f}%"
-              + (f", Fisher p vs B {v['fisher_p_vs_B']}" if "fisher_p_vs_B" in v else "") + ")")
+              + (f", Fisher p vs B {v['fisher_p_vs_B']}" if "fisher_p_vs_B" in v else "") + ")"
+              + f"; L1 boots that failed before the agent and were retried: {v['l1_boot_failures_retried']}")
         print(f"   L2 boot: median {v['l2_median_s']} s, min {v['l2_min_s']}, max {v['l2_max_s']} "
               f"({v['l2_boots_timed']} timed, {v['l2_deadline_hit']} past the deadline); "
               f"L1 boot median {v['l1_boot_median_s']} s; load(1 min) median {v['loadavg1_median']} "
