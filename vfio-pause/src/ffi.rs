@@ -1088,26 +1088,17 @@ pub unsafe extern "C" fn vp_device_try_bar_read(
     len: usize,
     stall: *mut VpStall,
 ) -> VpStatus {
-    let mut retry = false;
-    let st = entry(|| {
+    let access = |s: &mut Stall| {
         if buf.is_null() {
             return Err(Fail::Arg("buf is NULL".into()));
         }
-        // SAFETY: per the contract `stall` is NULL or valid.
-        let stall = unsafe { stall.as_mut() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
         // SAFETY: non-NULL and writable for `len` bytes per the contract.
         let b = unsafe { std::slice::from_raw_parts_mut(buf, len) };
-        let mut s = stall.get();
         // SAFETY: forwarded contract.
-        retry = unsafe { dev(d) }?.try_bar_read(bar, offset, b, &mut s)? == Access::Retry;
-        stall.set(&s);
-        Ok(())
-    });
-    if st == VpStatus::VpOk && retry {
-        VpStatus::VpRetry
-    } else {
-        st
-    }
+        Ok(unsafe { dev(d) }?.try_bar_read(bar, offset, b, s)?)
+    };
+    // SAFETY: `stall` is NULL or valid per the contract.
+    unsafe { stalled_access(stall, access) }
 }
 
 /// Guest BAR write, as `vp_device_try_bar_read`.
@@ -1123,18 +1114,34 @@ pub unsafe extern "C" fn vp_device_try_bar_write(
     len: usize,
     stall: *mut VpStall,
 ) -> VpStatus {
-    let mut retry = false;
-    let st = entry(|| {
+    let access = |s: &mut Stall| {
         if data.is_null() {
             return Err(Fail::Arg("data is NULL".into()));
         }
-        // SAFETY: per the contract `stall` is NULL or valid.
-        let stall = unsafe { stall.as_mut() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
         // SAFETY: non-NULL and readable for `len` bytes per the contract.
         let b = unsafe { std::slice::from_raw_parts(data, len) };
-        let mut s = stall.get();
         // SAFETY: forwarded contract.
-        retry = unsafe { dev(d) }?.try_bar_write(bar, offset, b, &mut s)? == Access::Retry;
+        Ok(unsafe { dev(d) }?.try_bar_write(bar, offset, b, s)?)
+    };
+    // SAFETY: `stall` is NULL or valid per the contract.
+    unsafe { stalled_access(stall, access) }
+}
+
+/// The common frame of `vp_device_try_bar_read`/`_write`: the stall record in and
+/// out, and `Access::Retry` turned into `VP_RETRY`.
+///
+/// # Safety
+/// `stall` must be NULL or valid for reads and writes.
+unsafe fn stalled_access(
+    stall: *mut VpStall,
+    access: impl FnOnce(&mut Stall) -> Result<Access, Fail>,
+) -> VpStatus {
+    let mut retry = false;
+    let st = entry(|| {
+        // SAFETY: per the contract `stall` is NULL or valid.
+        let stall = unsafe { stall.as_mut() }.ok_or_else(|| Fail::Arg("stall is NULL".into()))?;
+        let mut s = stall.get();
+        retry = access(&mut s)? == Access::Retry;
         stall.set(&s);
         Ok(())
     });
