@@ -102,3 +102,51 @@ fn kvm_is_usable_in_l1_after_loading_kvm_amd() {
     let vm = kvm.create_vm().expect("create a VM in L1");
     vm.create_vcpu(0).expect("create a vCPU in L1");
 }
+
+/// Before the lab kept L1's RAM below 4 GiB, the igb VF BARs landed above 4 GiB and QEMU 10.0.2
+/// decoded them at the truncated 32-bit address: every register read 0 (see
+/// `svff_lab::L1_MEMORY_MIB`).
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn igb_vf_registers_are_live_in_l1_through_its_bars_on_pci_pf_stub() {
+    use guest::igbvf;
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    reset_pf(&pf);
+    bind(&pf, "pci-pf-stub");
+    set_numvfs(&pf, 2);
+    let vfs = vfs_of(&pf);
+    assert_eq!(vfs.len(), 2, "virtfn links: {vfs:?}");
+    let mut seen = Vec::new();
+    for vf in &vfs {
+        bind(vf, "vfio-pci");
+        let res = read_attr(dev_path(vf).join("resource"));
+        let old = guest::set_command_bits(vf, guest::PCI_COMMAND_MEMORY);
+        let bar0 = guest::BarMap::open(vf, 0);
+        let bar3 = guest::BarMap::open(vf, igbvf::MSIX_BAR);
+        let status = bar0.read32(igbvf::STATUS);
+        let vector_ctl = bar3.read32(12);
+        drop((bar0, bar3));
+        guest::config_write16(vf, 4, old);
+        let bar0_line = res.lines().next().unwrap_or_default().to_owned();
+        seen.push((vf.clone(), status, vector_ctl, bar0_line));
+    }
+    for vf in &vfs {
+        unbind(vf);
+    }
+    set_numvfs(&pf, 0);
+    unbind(&pf);
+    for (vf, status, vector_ctl, bar0) in seen {
+        println!("{vf}: BAR0 {bar0}, STATUS {status:#010x}, MSI-X entry 0 control {vector_ctl:#x}");
+        assert!(
+            status & igbvf::STATUS_IOV_MODE != 0
+                && (status >> igbvf::STATUS_NUM_VFS_SHIFT) & 0xf == 2,
+            "{vf}: STATUS {status:#010x} at BAR0 0x0008 must show IOV mode and 2 VFs (BAR0 at {bar0}; 0 means L0 does not decode the BAR there)"
+        );
+        assert_eq!(
+            vector_ctl & 1,
+            1,
+            "{vf}: MSI-X table entry 0 must start masked (BAR3 offset 0xc)"
+        );
+    }
+}
