@@ -286,6 +286,9 @@ pub mod igbvf {
     pub const EIMS: usize = 0x1524;
     /// Extended interrupt mask clear.
     pub const EIMC: usize = 0x1528;
+    /// Extended interrupt auto-clear: a vector set here has its cause cleared when it fires
+    /// (without it the cause stays set and the next EICS write of that vector raises nothing).
+    pub const EIAC: usize = 0x152c;
     /// Extended interrupt cause (read to clear).
     pub const EICR: usize = 0x1580;
     /// VF-to-PF mailbox control.

@@ -150,3 +150,96 @@ fn igb_vf_registers_are_live_in_l1_through_its_bars_on_pci_pf_stub() {
         );
     }
 }
+
+/// Waits until `efd` has fired (its counter is non-zero) or `deadline` passes; returns the count.
+fn eventfd_wait(efd: &vmm_sys_util::eventfd::EventFd, deadline: std::time::Instant) -> u64 {
+    use std::os::fd::AsRawFd;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: efd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for an open eventfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as libc::c_int) };
+        if n > 0 {
+            return efd.read().expect("read eventfd");
+        }
+        if left.is_zero() {
+            return 0;
+        }
+    }
+}
+
+/// The register sequence a guest (or a VMM's test guest) uses to raise MSI-X from an igb VF whose
+/// PF has no driver: the host sets the PF's GPIE.MSIX_MODE once (the `igb` driver would), then
+/// the VF unmasks its vectors in EIMS, makes them auto-clear in EIAC and raises vector `v` by
+/// writing bit `v` to EICS. Measured in the lab (QEMU 10.0.2): without GPIE.MSIX_MODE no vector
+/// fires; without EIAC a vector's cause stays set after it fired and the next EICS write of it
+/// raises nothing until the VF clears the cause (write 1 to EICR). EIAC only ORs bits in (until
+/// the PF resets) and takes effect only once GPIE.MSIX_MODE is set.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn igb_vf_on_pci_pf_stub_raises_each_msix_vector_through_vfio_when_eics_is_written() {
+    use guest::igbvf;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    const CONFIG_REGION: u32 = 7; // VFIO_PCI_CONFIG_REGION_INDEX
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    reset_pf(&pf);
+    bind(&pf, "pci-pf-stub");
+    set_numvfs(&pf, 2);
+    let vf = vfs_of(&pf)[1].clone();
+    bind(&vf, "vfio-pci");
+    let pf_cmd = guest::set_command_bits(&pf, guest::PCI_COMMAND_MEMORY);
+    let pf_bar = guest::BarMap::open(&pf, 0);
+    let gpie = pf_bar.read32(igbvf::PF_GPIE);
+    pf_bar.write32(igbvf::PF_GPIE, gpie | igbvf::PF_GPIE_MSIX_MODE);
+
+    let container = Arc::new(VfioContainer::new(None).expect("open /dev/vfio/vfio"));
+    let ops: Arc<dyn VfioOps> = container.clone();
+    let dev = VfioDevice::new(&dev_path(&vf), ops, false)
+        .unwrap_or_else(|e| panic!("open {vf} through VFIO: {e:?}"));
+    let efds: Vec<EventFd> = (0..igbvf::MSIX_VECTORS)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    dev.enable_msix(efds.iter().collect())
+        .unwrap_or_else(|e| panic!("enable MSI-X of {vf}: {e:?}"));
+    let mut cmd = [0u8; 2];
+    dev.region_read(CONFIG_REGION, &mut cmd, 4);
+    let cmd = u16::from_le_bytes(cmd) | guest::PCI_COMMAND_MASTER;
+    dev.region_write(CONFIG_REGION, &cmd.to_le_bytes(), 4);
+    let write = |reg: usize, v: u32| dev.region_write(0, &v.to_le_bytes(), reg as u64);
+    let all = (1u32 << igbvf::MSIX_VECTORS) - 1;
+    write(igbvf::EIAC, all);
+    write(igbvf::EIMS, all);
+    let mut fired = Vec::new();
+    for (v, efd) in efds.iter().enumerate() {
+        for round in 0..2 {
+            write(igbvf::EICS, 1 << v);
+            let n = eventfd_wait(efd, Instant::now() + Duration::from_secs(10));
+            fired.push((v, round, n));
+        }
+    }
+    write(igbvf::EIMC, all);
+    let _ = dev.disable_msix();
+    drop(dev);
+    drop(container);
+    pf_bar.write32(igbvf::PF_GPIE, gpie);
+    drop(pf_bar);
+    guest::config_write16(&pf, 4, pf_cmd);
+    unbind(&vf);
+    set_numvfs(&pf, 0);
+    unbind(&pf);
+    println!("(vector, round, eventfd count): {fired:?}");
+    for (v, round, n) in fired {
+        assert!(
+            n >= 1,
+            "{vf}: MSI-X vector {v} did not fire within 10 s of EICS write {round}"
+        );
+    }
+}
