@@ -1016,3 +1016,161 @@ fn unpause_with_a_group_fd_passed_by_getfd_works_where_qemu_cannot_open_dev_vfio
     assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
     guest::set_numvfs(&pf, 0);
 }
+
+// ---- igb VF with igbvf in L2: interrupts and the recover=aer mechanism ----
+
+/// Sum of the guest's interrupt counts of `gbdf`'s MSI-X vectors.
+fn guest_msix_count(vm: &mut L2, gbdf: &str) -> u64 {
+    let text = vm
+        .sh_ok("cat /proc/interrupts", CMD)
+        .unwrap_or_else(|e| panic!("{e}"));
+    text.lines()
+        .filter(|l| l.contains(&format!("PCI-MSIX-{gbdf}")))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Waits (at most `limit`) until `gbdf`'s MSI-X interrupt count passes
+/// `above`; returns the count then. igbvf's watchdog raises its rx vector
+/// every 2 s while the interface is up and the VF answers.
+fn wait_msix_growth(vm: &mut L2, gbdf: &str, above: u64, limit: Duration) -> Option<u64> {
+    let until = Instant::now() + limit;
+    loop {
+        let now = guest_msix_count(vm, gbdf);
+        if now > above {
+            return Some(now);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        // Pacing between polls of /proc/interrupts; the deadline bounds the wait.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn operstate(vm: &mut L2, eth: &str) -> String {
+    vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn igbvf_interrupts_count_again_after_unpause_with_recover_aer() {
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .kernel_param("ignore_loglevel")
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .device(&format!(
+            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
+        ))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+    let gbdf = guest_igb_vf(&mut vm);
+    let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
+    let c0 = guest_msix_count(&mut vm, &gbdf);
+    let c1 = wait_msix_growth(&mut vm, &gbdf, c0, Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!(
+            "igbvf's interrupts stayed at {c0} before any pause:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
+    println!("igbvf MSI-X interrupts before the pause: {c0} -> {c1}");
+
+    // 1. recover=aer: pause, numvfs 1 -> 0 -> 1, unpause onto the new VF.
+    let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    numvfs("0");
+    numvfs("1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": new_vf })),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    assert!(
+        wait_dmesg(&mut vm, "AER: device recovery successful", 60),
+        "AER recovery of igbvf in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let recovered = t0.elapsed();
+    let base = guest_msix_count(&mut vm, &gbdf);
+    let grown = wait_msix_growth(&mut vm, &gbdf, base, Duration::from_secs(60));
+    let working = t0.elapsed();
+    let dmesg = vm.dmesg().unwrap();
+    let log: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| l.contains("igbvf") || l.contains("AER") || l.contains("pcieport"))
+        .collect();
+    println!("L2 dmesg (igbvf, AER):\n{}", log.join("\n"));
+    let grown = grown.unwrap_or_else(|| {
+        panic!("igbvf's interrupts stayed at {base} after the AER recovery")
+    });
+    no_unplug_in(&dmesg);
+    let state = operstate(&mut vm, &eth);
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "8086 10ca",
+        "same guest address"
+    );
+    println!(
+        "recover=aer: AER recovery done {recovered:?} after the unpause, interrupts counting again \
+         {working:?} after it ({base} -> {grown}); {eth} operstate {state}"
+    );
+    assert_eq!(state, "up", "{eth} came back up");
+
+    // 2. recover=none: the same change; what igbvf does by itself within 30 s.
+    qmp.execute(
+        "qom-set",
+        Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": "none" })),
+    )
+    .unwrap();
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    numvfs("0");
+    numvfs("1");
+    let vf3 = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&vf3);
+    qmp.execute("svff-vfio-unpause", Some(json!({ "id": "vf0", "host": vf3 })))
+        .unwrap();
+    let t0 = Instant::now();
+    let base = guest_msix_count(&mut vm, &gbdf);
+    let grown = wait_msix_growth(&mut vm, &gbdf, base, Duration::from_secs(30));
+    let waited = t0.elapsed();
+    let state = operstate(&mut vm, &eth);
+    let dmesg = vm.dmesg().unwrap();
+    no_unplug_in(&dmesg);
+    let tail: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| l.contains("igbvf"))
+        .rev()
+        .take(8)
+        .collect();
+    println!(
+        "recover=none: after {waited:?} interrupts {base} -> {grown:?}, {eth} operstate {state}; igbvf's last messages:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
