@@ -311,6 +311,17 @@ fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
         guest::set_numvfs(&pf, 0);
     }
     guest::bind(&pf, "igb");
+    // The VF's link follows the PF's, and the PF answers igbvf's mailbox
+    // only with its interface up.
+    let net = guest::dev_path(&pf).join("net");
+    for e in std::fs::read_dir(&net).unwrap_or_else(|e| panic!("{}: {e}", net.display())) {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", &name, "up"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set {name} up in L1");
+    }
     guest::set_numvfs(&pf, n);
     let vf = guest::vfs_of(&pf)[0].clone();
     bind_vfio(&vf);
@@ -647,6 +658,32 @@ fn nvme_irqs(vm: &mut L2) -> u64 {
         .unwrap_or_else(|e| panic!("interrupt count {out:?}: {e}"))
 }
 
+/// NVMe VS of QEMU's emulated controller (1.4).
+const NVME_VS_1_4: u64 = 0x0001_0400;
+
+/// The guest's read of BAR0 + 8 (NVMe VS) through /dev/mem.
+fn guest_nvme_vs(vm: &mut L2, gbdf: &str) -> u64 {
+    let out = vm
+        .sh_ok(
+            &format!(
+                "read start end flags < /sys/bus/pci/devices/{gbdf}/resource; devmem $((start + 8)) 32"
+            ),
+            CMD,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = out.trim();
+    u64::from_str_radix(t.trim_start_matches("0x").trim_start_matches("0X"), 16)
+        .unwrap_or_else(|e| panic!("devmem said {t:?}: {e}"))
+}
+
+fn query_vf0(qmp: &mut qmp_ext::Client) -> Value {
+    let v = qmp.execute("query-svff-vfio", None).unwrap();
+    v.as_array()
+        .and_then(|l| l.iter().find(|d| d["id"] == "vf0"))
+        .cloned()
+        .unwrap_or_else(|| panic!("vf0 in {v}"))
+}
+
 fn nvme_state(vm: &mut L2) -> String {
     vm.sh_ok("cat /sys/class/nvme/nvme0/state", CMD)
         .unwrap_or_else(|e| panic!("{e}"))
@@ -729,9 +766,11 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
     let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qmp.sock");
-    // Every kernel message on the console (kept on failure).
+    // Every kernel message on the console (kept on failure); /dev/mem reads
+    // of the BAR the driver owns.
     let mut vmm = l2::Qemu::stock()
         .kernel_param("ignore_loglevel")
+        .kernel_param("iomem=relaxed")
         .device("pcie-root-port,id=rp0,slot=1,chassis=1")
         .device(&format!(
             "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
@@ -780,6 +819,7 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
         lines.contains(&format!("PCI-MSIX-0000:{gbdf}")) || lines.contains("PCI-MSIX"),
         "nvme0's queues on MSI-X: {lines}"
     );
+    assert_eq!(guest_nvme_vs(&mut vm, &gbdf), NVME_VS_1_4, "VS attached");
     let probed = nvme_irqs(&mut vm);
     assert!(probed > 0, "admin interrupts during the probe: {lines}");
     // Before any pause: an admin command completes by interrupt.
@@ -796,6 +836,14 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
     let new_vf = guest::vfs_of(&pf_s)[1].clone();
     assert_ne!(new_vf, vf, "a different function");
     let paused_irqs = nvme_irqs(&mut vm);
+    // A guest read of BAR0 (the VS register) while paused traps and, under
+    // the default policy (ignore), reads all-ones; counted by the library.
+    assert_eq!(guest_nvme_vs(&mut vm, &gbdf), 0xffff_ffff, "VS while paused");
+    let paused = query_vf0(&mut qmp);
+    assert!(
+        paused["paused-accesses"]["bar-reads"].as_u64().unwrap() >= 1,
+        "{paused}"
+    );
     let (r, unpause) = timed(|| {
         qmp.execute(
             "svff-vfio-unpause",
@@ -836,6 +884,11 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
         guest_config_ids(&mut vm, &gbdf),
         "1b36 0010",
         "same guest address"
+    );
+    assert_eq!(
+        guest_nvme_vs(&mut vm, &gbdf),
+        NVME_VS_1_4,
+        "BAR0 reads the new VF's controller after unpause"
     );
     println!(
         "recover=aer: numvfs 1 -> 0 -> 2 with the nvme profile {change:?}, unpause {unpause:?}; \
