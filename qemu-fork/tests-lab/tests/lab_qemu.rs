@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use svff_lab::guest;
 use svff_lab::l2::{self, Image, L2};
-use svff_pf_helper::{DriverName, NvmeResources, PciAddress, RealSysfs, SriovManager, VfsSetOptions};
+use svff_pf_helper::{
+    DriverName, NvmeResources, PciAddress, RealSysfs, SriovManager, VfsSetOptions,
+};
 use svff_qemu_lab::{fd_links, qemu_binary, Qemu};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -623,7 +625,11 @@ impl Drop for NvmePfRestore {
             None => mgr.unbind(self.pf),
         };
         if let Err(e) = r {
-            eprintln!("cleanup: restoring the driver of {}: {}", self.pf, e.chain());
+            eprintln!(
+                "cleanup: restoring the driver of {}: {}",
+                self.pf,
+                e.chain()
+            );
         }
     }
 }
@@ -752,8 +758,8 @@ fn no_unplug_in(dmesg: &str) {
 
 #[test]
 #[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
-fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_after_its_admin_timeout_without()
-{
+fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_after_its_admin_timeout_without(
+) {
     guest::require_lab();
     let pf_s = guest::nvme_pf();
     let pf = PciAddress::parse(&pf_s).unwrap();
@@ -823,8 +829,12 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
     let probed = nvme_irqs(&mut vm);
     assert!(probed > 0, "admin interrupts during the probe: {lines}");
     // Before any pause: an admin command completes by interrupt.
-    let before = nvme_admin_roundtrip(&mut vm, probed, 10)
-        .unwrap_or_else(|| panic!("admin round trip before the pause:\n{}", vm.dmesg().unwrap()));
+    let before = nvme_admin_roundtrip(&mut vm, probed, 10).unwrap_or_else(|| {
+        panic!(
+            "admin round trip before the pause:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
     println!("nvme0 MSI-X interrupts: {probed} after the probe, {before} after a rescan");
 
     // 1. recover=aer: pause, numvfs 1 -> 0 -> 2 with the nvme profile, unpause onto VF 1.
@@ -838,7 +848,11 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
     let paused_irqs = nvme_irqs(&mut vm);
     // A guest read of BAR0 (the VS register) while paused traps and, under
     // the default policy (ignore), reads all-ones; counted by the library.
-    assert_eq!(guest_nvme_vs(&mut vm, &gbdf), 0xffff_ffff, "VS while paused");
+    assert_eq!(
+        guest_nvme_vs(&mut vm, &gbdf),
+        0xffff_ffff,
+        "VS while paused"
+    );
     let paused = query_vf0(&mut qmp);
     assert!(
         paused["paused-accesses"]["bar-reads"].as_u64().unwrap() >= 1,
@@ -911,10 +925,17 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
         .unwrap();
     nvme_profile_vfs(pf, 1);
     let vf3 = guest::vfs_of(&pf_s)[0].clone();
-    qmp.execute("svff-vfio-unpause", Some(json!({ "id": "vf0", "host": vf3 })))
-        .unwrap();
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": vf3 })),
+    )
+    .unwrap();
     let t0 = Instant::now();
-    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1), "no AER error signalled");
+    assert_eq!(
+        qom_get(&mut qmp, "x-recover-count"),
+        json!(1),
+        "no AER error signalled"
+    );
     assert_eq!(nvme_state(&mut vm), "live", "the driver does not know");
     let quiet = nvme_irqs(&mut vm);
     // The new VF's controller is disabled (reset by vfio on open): the
@@ -1049,7 +1070,10 @@ fn unpause_with_a_group_fd_passed_by_getfd_works_where_qemu_cannot_open_dev_vfio
     assert_eq!(info["state"], "attached", "{info}");
     assert_eq!(info["host"], new_vf.as_str());
     let fds = q.vf_fds();
-    assert!(fds.contains(&node), "QEMU holds the passed group {node}: {fds:?}");
+    assert!(
+        fds.contains(&node),
+        "QEMU holds the passed group {node}: {fds:?}"
+    );
     assert!(
         fds.iter().any(|l| l.contains("vfio-device")),
         "and the new VF's device fd: {fds:?}"
@@ -1106,6 +1130,59 @@ fn wait_msix_growth(vm: &mut L2, gbdf: &str, above: u64, limit: Duration) -> Opt
     }
 }
 
+/// What igbvf does after an unpause (at `t0`): whether its interrupts count
+/// again by themselves within 30 s, else whether they do after `ip link set
+/// down/up` (the interface's re-initialisation); panics when neither.
+fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant) -> String {
+    let base = guest_msix_count(vm, gbdf);
+    if let Some(n) = wait_msix_growth(vm, gbdf, base, Duration::from_secs(30)) {
+        return format!(
+            "interrupts counting again by themselves {:?} after the unpause ({base} -> {n}), {eth} {}",
+            t0.elapsed(),
+            operstate(vm, eth)
+        );
+    }
+    let by_itself = format!(
+        "no interrupt for 30 s ({base}), {eth} {}",
+        operstate(vm, eth)
+    );
+    let out = vm
+        .sh(
+            &format!("ip link set {eth} down && ip link set {eth} up"),
+            CMD,
+        )
+        .unwrap();
+    assert!(out.success(), "ip link set {eth} down/up: {out:?}");
+    let base2 = guest_msix_count(vm, gbdf);
+    let n = wait_msix_growth(vm, gbdf, base2, Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!(
+            "{by_itself}; igbvf's interrupts stayed at {base2} after ip link down/up too:\n{}\nL1 igb PF log:\n{}",
+            vm.dmesg().unwrap(),
+            l1_igb_log()
+        )
+    });
+    format!(
+        "{by_itself}; after ip link set down/up counting again {:?} after the unpause ({base2} -> {n}), {eth} {}",
+        t0.elapsed(),
+        operstate(vm, eth)
+    )
+}
+
+/// L1's kernel messages of the igb PF driver (its VF mailbox handling).
+fn l1_igb_log() -> String {
+    let out = std::process::Command::new("dmesg").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("igb "))
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn operstate(vm: &mut L2, eth: &str) -> String {
     vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
         .unwrap_or_else(|e| panic!("{e}"))
@@ -1115,7 +1192,7 @@ fn operstate(vm: &mut L2, eth: &str) -> String {
 
 #[test]
 #[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
-fn igbvf_interrupts_count_again_after_unpause_with_recover_aer() {
+fn igbvf_interrupts_count_before_the_pause_and_again_after_unpause_with_and_without_recover_aer() {
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
     let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
@@ -1165,30 +1242,25 @@ fn igbvf_interrupts_count_again_after_unpause_with_recover_aer() {
         vm.dmesg().unwrap()
     );
     let recovered = t0.elapsed();
-    let base = guest_msix_count(&mut vm, &gbdf);
-    let grown = wait_msix_growth(&mut vm, &gbdf, base, Duration::from_secs(60));
-    let working = t0.elapsed();
+    let aer = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
     let dmesg = vm.dmesg().unwrap();
     let log: Vec<&str> = dmesg
         .lines()
         .filter(|l| l.contains("igbvf") || l.contains("AER") || l.contains("pcieport"))
         .collect();
     println!("L2 dmesg (igbvf, AER):\n{}", log.join("\n"));
-    let grown = grown.unwrap_or_else(|| {
-        panic!("igbvf's interrupts stayed at {base} after the AER recovery")
-    });
+    assert!(
+        dmesg.contains("igbvf 0000:01:00.0: enabling device"),
+        "igbvf's slot_reset ran"
+    );
     no_unplug_in(&dmesg);
-    let state = operstate(&mut vm, &eth);
     assert_eq!(
         guest_config_ids(&mut vm, &gbdf),
         "8086 10ca",
         "same guest address"
     );
-    println!(
-        "recover=aer: AER recovery done {recovered:?} after the unpause, interrupts counting again \
-         {working:?} after it ({base} -> {grown}); {eth} operstate {state}"
-    );
-    assert_eq!(state, "up", "{eth} came back up");
+    println!("recover=aer: AER recovery done {recovered:?} after the unpause; {aer}");
+    println!("L1 igb PF log:\n{}", l1_igb_log());
 
     // 2. recover=none: the same change; what igbvf does by itself within 30 s.
     qmp.execute(
@@ -1202,25 +1274,16 @@ fn igbvf_interrupts_count_again_after_unpause_with_recover_aer() {
     numvfs("1");
     let vf3 = guest::vfs_of(&pf)[0].clone();
     bind_vfio(&vf3);
-    qmp.execute("svff-vfio-unpause", Some(json!({ "id": "vf0", "host": vf3 })))
-        .unwrap();
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": vf3 })),
+    )
+    .unwrap();
     let t0 = Instant::now();
-    let base = guest_msix_count(&mut vm, &gbdf);
-    let grown = wait_msix_growth(&mut vm, &gbdf, base, Duration::from_secs(30));
-    let waited = t0.elapsed();
-    let state = operstate(&mut vm, &eth);
+    let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
     let dmesg = vm.dmesg().unwrap();
     no_unplug_in(&dmesg);
-    let tail: Vec<&str> = dmesg
-        .lines()
-        .filter(|l| l.contains("igbvf"))
-        .rev()
-        .take(8)
-        .collect();
-    println!(
-        "recover=none: after {waited:?} interrupts {base} -> {grown:?}, {eth} operstate {state}; igbvf's last messages:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
+    println!("recover=none: {none}");
     assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
     drop(qmp);
     drop(vm);
