@@ -1315,10 +1315,7 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     println!("stock vfio-pci, device_del/device_add onto the re-created VF: {stock}");
     println!("L1 igb PF log:\n{}", l1_igb_log());
     // The baseline: igbvf works with a re-created VF under stock code.
-    assert!(
-        stock.contains("counting again"),
-        "stock vfio-pci: {stock}"
-    );
+    assert!(stock.contains("counting again"), "stock vfio-pci: {stock}");
     drop(qmp);
     drop(vm);
     guest::set_numvfs(&pf, 0);
