@@ -329,6 +329,18 @@ pub enum Error {
         #[source]
         source: Box<qmp_ext::Error>,
     },
+    /// Starting or watching an svff-started VMM process failed (spawn, its
+    /// pid, log or socket files).
+    #[error("VM {vm}: {action}")]
+    VmmProcess {
+        /// The VM's name.
+        vm: String,
+        /// What was being done, naming the path or program.
+        action: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Something a VM's kind cannot do (yet).
     #[error("VM {vm}: {reason}")]
     VmmUnsupported {
@@ -459,7 +471,7 @@ impl Error {
             Error::State { .. } | Error::StateCorrupt { .. } => "state",
             Error::OperationRunning { .. } => "busy",
             Error::RecoveryNeeded { .. } => "recovery_needed",
-            Error::Vmm { .. } => "vmm",
+            Error::Vmm { .. } | Error::VmmProcess { .. } => "vmm",
             Error::VmmUnsupported { .. } => "not_supported",
             Error::UnknownVm { .. } | Error::Plan(_) => "invalid_argument",
             Error::OperationFailed { source, .. } => source.kind(),

@@ -238,7 +238,7 @@ mod sysfs;
 pub use bitstream::BitstreamConfig;
 pub use client::request;
 pub use config::{
-    Config, PfConfig, PfProfile, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
+    Config, PfConfig, PfProfile, RunAs, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
     DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR,
 };
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
@@ -254,6 +254,7 @@ pub use nvme::{
 };
 pub use orch::journal::{Mode, CRASH_AFTER_ENV, JOURNAL_VERSION};
 pub use orch::state::{AssignState, Assignment, AssignmentTable, StateDir, TABLE_FORMAT_VERSION};
+pub use orch::supervise::{Process as VmmProcess, StartVf};
 pub use orch::vmm::{Connector, QmpConnector, QmpVmm, Vmm};
 pub use orch::{
     device_id, AssignRequest, OpReport, Orchestrator, TimedStep, RESULT_FORMAT_VERSION,
@@ -264,6 +265,6 @@ pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
 pub use status::{
     fill_holders, AssignmentStatus, FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus,
-    VfsSetReport, STATUS_FORMAT_VERSION,
+    VfsSetReport, VmStatus, STATUS_FORMAT_VERSION,
 };
 pub use sysfs::{RealSysfs, Sysfs};

@@ -254,6 +254,21 @@ fn print_status(status: &Status) {
     }
 }
 
+fn print_vms(status: &Status) {
+    if status.vms.is_empty() {
+        return;
+    }
+    println!("vms:");
+    for v in &status.vms {
+        let process = match (&v.process, v.pid) {
+            (Some(p), Some(pid)) => format!("svff-vmm {p} (pid {pid})"),
+            (Some(p), None) => format!("svff-vmm {p}"),
+            _ => "qmp".to_string(),
+        };
+        println!("  {:<12} {:<32} qmp {}", v.name, process, v.qmp.display());
+    }
+}
+
 fn print_assignments(status: &Status) {
     if status.assignments.is_empty() {
         return;
@@ -357,6 +372,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
                     let pfs: Vec<PciAddress> = s.pfs.iter().map(|p| p.bdf).collect();
                     s.assignments = orch.status_assignments(&pfs)?;
+                    s.vms = orch.vm_status();
                     svff_pf_helper::fill_holders(&mut s);
                 }
                 s
@@ -379,6 +395,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_status(&status);
                 print_assignments(&status);
+                print_vms(&status);
                 Ok(())
             }
         }

@@ -140,6 +140,13 @@ pub enum Step {
         /// The VF it goes onto.
         host: PciAddress,
     },
+    /// Starting an svff-vmm VM (kind `svff-vmm`) with these devices as `--vfio`.
+    StartVmm {
+        /// The VM.
+        vm: String,
+        /// The device ids it starts with.
+        ids: Vec<String>,
+    },
     /// Replacing the assignment table.
     Table,
     /// The operation turns back: its target is now the `before` of `begin`.

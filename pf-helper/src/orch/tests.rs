@@ -812,16 +812,40 @@ fn assign_lists_parse_and_bad_ones_are_usage_errors() {
 }
 
 #[test]
-fn svff_vmm_kind_without_a_running_vmm_is_not_supported_yet() {
-    let lab = lab(Behaviour::default(), Behaviour::default(), "");
-    let mut cfg = lab.config.vm("vm2").unwrap().clone();
-    cfg.kind = crate::config::VmKind::SvffVmm;
-    cfg.qmp = lab.dir.path().join("absent.sock");
-    let Err(e) = QmpConnector.connect(&cfg) else {
-        panic!("connected")
-    };
-    assert_eq!(e.kind(), "not_supported");
-    assert!(e.to_string().contains("not supported yet"), "{e}");
+fn svff_vmm_kind_that_is_not_running_is_started_by_init_and_a_failed_start_names_the_vm() {
+    // vm2 as an svff-vmm VM whose VMM svff never started, and whose
+    // command exits at once: init tries to start it (journaled) and
+    // reports the failure naming the VM and what its log said.
+    let lab = lab(svff(), Behaviour::default(), "");
+    let mut config = lab.config.clone();
+    let vm2 = config.vms.iter_mut().find(|v| v.name == "vm2").unwrap();
+    vm2.kind = crate::config::VmKind::SvffVmm;
+    vm2.qmp = lab.dir.path().join("vm2-absent.sock");
+    vm2.command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo no VMM here >&2; exit 3".into(),
+    ];
+    let orch = Orchestrator::new(&config, &lab.mgr, &QmpConnector).unwrap();
+    let r = orch.init().unwrap();
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| f.contains("VM vm2") && f.contains("no VMM here")),
+        "{r:?}"
+    );
+    let journal = std::fs::read_to_string(config.state_dir.join("journal.jsonl")).unwrap();
+    assert!(journal.contains("\"start_vmm\""), "{journal}");
+    assert!(matches!(
+        supervise::process(&config.state_dir, "vm2"),
+        supervise::Process::Exited { .. }
+    ));
+    // vm1's VFs are in; vm2's are not in the table (its start failed).
+    assert!(r.assignments.iter().all(|a| a.vm == "vm1"), "{r:?}");
+    let s = orch.vm_status();
+    let v2 = s.iter().find(|v| v.name == "vm2").unwrap();
+    assert_eq!(v2.process.as_deref(), Some("exited"));
+    assert!(v2.log.as_ref().unwrap().exists());
 }
 
 #[test]
