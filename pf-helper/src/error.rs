@@ -444,6 +444,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is a VMM that did not answer a command in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Vmm { source, .. } if matches!(**source, qmp_ext::Error::Timeout { .. }))
+    }
+
     /// A short stable name for the error, used as `kind` in the daemon protocol.
     pub fn kind(&self) -> &str {
         match self {

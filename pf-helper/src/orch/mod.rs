@@ -1082,7 +1082,15 @@ fn release_vm(
                     vm: name.clone(),
                     id: id.clone(),
                 })?;
-                conn.pause(id)?;
+                if let Err(e) = conn.pause(id) {
+                    // A pause that got no answer may still happen: the
+                    // rollback unpauses it too (and fails while the VMM
+                    // does not answer, leaving it to `svff recover`).
+                    if e.is_timeout() {
+                        side.paused.insert(id.clone());
+                    }
+                    return Err(e);
+                }
                 side.paused.insert(id.clone());
                 shared.change(format!("VM {name}: paused {id}"));
             }
@@ -1255,6 +1263,18 @@ fn restore_vm(
                         out.push(Assignment {
                             host,
                             state: AssignState::Attached,
+                            ..(**a).clone()
+                        });
+                    }
+                    Err(e) if e.is_timeout() => {
+                        // A VMM that does not answer is not told to remove
+                        // the device: it stays paused until `svff recover`
+                        // (the journal stays open) finds the VMM answering.
+                        failed.insert(a.id.clone());
+                        fail(shared, format!("VM {name}: {} could not be unpaused onto {host}: {}; it stays paused: run `svff recover` once the VMM answers", a.id, e.chain()));
+                        out.push(Assignment {
+                            host,
+                            state: AssignState::Paused,
                             ..(**a).clone()
                         });
                     }

@@ -508,10 +508,10 @@ fn a_vmm_that_does_not_answer_its_pause_is_named_and_everything_rolls_back() {
         "{msg}"
     );
     assert!(msg.contains("timed out"), "{msg}");
-    assert!(
-        msg.contains("rolled back: PF 0000:01:00.0 kept 4 VFs"),
-        "{msg}"
-    );
+    // The pause may still happen (it does, 3 s late): the rollback asks to
+    // unpause it too, which gets no answer either: the journal stays open.
+    assert!(msg.contains("rolled back with failures"), "{msg}");
+    assert!(msg.contains("it stays paused: run `svff recover`"), "{msg}");
     assert_eq!(lab.numvfs(), 4);
     for vf in [0, 1] {
         assert_eq!(
@@ -520,6 +520,20 @@ fn a_vmm_that_does_not_answer_its_pause_is_named_and_everything_rolls_back() {
             "VF {vf}"
         );
     }
+    assert!(journal::pending(lab.orch().state()).unwrap().is_some());
+    // The late pause lands (the unpause went out on a connection given up):
+    // once the VMM answers again, recover unpauses it.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while lab.vm("vm2").state_of(&id(3)) != Some(DeviceState::Paused) {
+        assert!(
+            std::time::Instant::now() < end,
+            "the late pause never landed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = lab.orch().recover().unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert_eq!(lab.vm("vm2").state_of(&id(3)), Some(DeviceState::Attached));
     assert!(journal::pending(lab.orch().state()).unwrap().is_none());
     assert_eq!(lab.table().len(), 3);
 }
