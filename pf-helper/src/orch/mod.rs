@@ -454,7 +454,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                                 .into_iter()
                                 .filter(|id| id_index(pf, id).is_some())
                                 .collect();
-                            let paused = match c.pause_states() {
+                            let paused = match settled_states(c.as_mut(), cfg.qmp_timeout_s) {
                                 Ok(Some(states)) => states
                                     .into_iter()
                                     .filter(|s| {
@@ -998,6 +998,30 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 }
             })
             .collect())
+    }
+}
+
+/// The VMM's pause states once none is in transition (`pausing`,
+/// `unpausing`: a command of a helper that died may still be running),
+/// waiting at most `timeout_s`.
+fn settled_states(
+    c: &mut dyn Vmm,
+    timeout_s: u64,
+) -> Result<Option<Vec<qmp_ext::svff::SvffVfioInfo>>, Error> {
+    use svff_types::DeviceState as D;
+    let end = Instant::now() + std::time::Duration::from_secs(timeout_s);
+    loop {
+        let states = c.pause_states()?;
+        let moving = states
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.state, D::Pausing | D::Unpausing));
+        if !moving || Instant::now() > end {
+            return Ok(states);
+        }
+        // The VMM announces the end of a transition only to the connection
+        // that asked for it: polled.
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
