@@ -37,10 +37,12 @@ fn svff_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    let start = Instant::now();
     let out = cmd.output().expect("run timeout(1)");
     eprintln!(
-        "$ svff {}\n{}{}",
+        "$ svff {}   [{:.1} s]\n{}{}",
         args.join(" "),
+        start.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -225,8 +227,10 @@ impl Setup {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
         let config = dir.path().join("helper.toml");
         let state = dir.path().join("state");
+        // The test guests read in a busy loop: niced, so that L1's one vCPU
+        // still runs svff (the guests only need to keep reading).
         let command = format!(
-            r#"["{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
+            r#"["/usr/bin/nice", "-n", "19", "{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
             vmm.display()
         );
         let text = format!(
@@ -423,10 +427,14 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
     ) {
         let serial = self.serial(vm);
         for dev in devs {
-            let now = serial.last(dev).map_or(0, |c| c.round);
-            // Two reports later: every read of the window before is counted.
-            let before = serial.report_after(dev, now);
-            let after = serial.report_after(dev, before.round + REPORT_EVERY);
+            let start = Instant::now();
+            let before = serial.last(dev).unwrap_or_else(|| serial.report_after(dev, 0));
+            // The next report: its rounds ran (at least partly) after now.
+            let after = serial.report_after(dev, before.round);
+            println!(
+                "{what}: {vm} {dev}: report after {:.1} s: {after:?}",
+                start.elapsed().as_secs_f64()
+            );
             assert!(
                 after.ok > before.ok,
                 "{what}: {vm} {dev}: no valid reads {before:?} -> {after:?}"
@@ -679,8 +687,14 @@ fn lab_orch_pause_helper_killed_after_each_journaled_step_of_a_pause_reconf_is_r
     let pf = s.pf.clone();
     let ids = init_and_first_reads(&s);
     let devs1 = s.devs("vm1");
+    // SVFF_LAB_CRASH_FROM=<k> starts at record k (to rerun one crash point); default 0.
+    let first: u32 = std::env::var("SVFF_LAB_CRASH_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut killed = 0;
-    for k in 0.. {
+    for k in first.. {
+        let iteration = Instant::now();
         let ks = k.to_string();
         let out = s.run(
             &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause"],
@@ -730,10 +744,13 @@ fn lab_orch_pause_helper_killed_after_each_journaled_step_of_a_pause_reconf_is_r
             &[("vm1", &[0, 1]), ("vm2", &[2, 3])],
             &format!("back to 4 after record {k}"),
         );
+        println!("crash point {k}: {:.1} s", iteration.elapsed().as_secs_f64());
         assert!(k < 40, "the reconf never completed");
     }
     // begin, 4 pauses, set_count, bind, 2 unpauses, 2 detaches, table, end.
-    assert!(killed >= 11, "only {killed} crash points");
+    if first == 0 {
+        assert!(killed >= 11, "only {killed} crash points");
+    }
 }
 
 #[test]
