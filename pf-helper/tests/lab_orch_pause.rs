@@ -428,7 +428,9 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
         let serial = self.serial(vm);
         for dev in devs {
             let start = Instant::now();
-            let before = serial.last(dev).unwrap_or_else(|| serial.report_after(dev, 0));
+            let before = serial
+                .last(dev)
+                .unwrap_or_else(|| serial.report_after(dev, 0));
             // The next report: its rounds ran (at least partly) after now.
             let after = serial.report_after(dev, before.round);
             println!(
@@ -649,8 +651,17 @@ fn lab_orch_pause_svff_vmm_guests_keep_surviving_vfs_through_pause_reconfs_and_s
     // A VMM that died: reconf records its VFs as gone, status says it exited.
     signal(pid2, "KILL");
     wait_proc_state(pid2, &[None, Some('Z')], "vm2 killed");
-    let out = s.run(&["reconf", "--pf", &pf, "--vfs", "6", "--mode", "pause", "--json"], &[]);
-    assert_eq!(out.status.code(), Some(1), "a VF recorded as gone is a failure");
+    let out = s.run(
+        &[
+            "reconf", "--pf", &pf, "--vfs", "6", "--mode", "pause", "--json",
+        ],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a VF recorded as gone is a failure"
+    );
     let r: Value = serde_json::from_slice(&out.stdout).expect("svff printed JSON");
     print_steps(&r);
     let failures = r["failures"].to_string();
@@ -744,7 +755,10 @@ fn lab_orch_pause_helper_killed_after_each_journaled_step_of_a_pause_reconf_is_r
             &[("vm1", &[0, 1]), ("vm2", &[2, 3])],
             &format!("back to 4 after record {k}"),
         );
-        println!("crash point {k}: {:.1} s", iteration.elapsed().as_secs_f64());
+        println!(
+            "crash point {k}: {:.1} s",
+            iteration.elapsed().as_secs_f64()
+        );
         assert!(k < 40, "the reconf never completed");
     }
     // begin, 4 pauses, set_count, bind, 2 unpauses, 2 detaches, table, end.
