@@ -31,9 +31,9 @@ const UNPRIV: u32 = 4242;
 const GUEST_WAIT: Duration = Duration::from_secs(180);
 
 /// Runs svff under `timeout(1)` with `env`, printing what it said.
-fn svff_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+fn svff_env(svff: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new("timeout");
-    cmd.arg(CALL_TIMEOUT_S).arg(SVFF).args(args);
+    cmd.arg(CALL_TIMEOUT_S).arg(svff).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -225,6 +225,14 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         // uid 4242 must reach its socket directory (svff creates it).
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        // Both binaries copied into L1's RAM once: run from the 9p host
+        // root, every call would page the 60 MB debug binary in again.
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::copy(SVFF, bin.join("svff")).unwrap();
+        fs::copy(&vmm, bin.join("svff-vmm")).unwrap();
+        let vmm = bin.join("svff-vmm");
         let config = dir.path().join("helper.toml");
         let state = dir.path().join("state");
         // The test guests read in a busy loop: niced, so that L1's one vCPU
@@ -269,6 +277,10 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
         }
     }
 
+    fn svff(&self) -> PathBuf {
+        self.dir.path().join("bin/svff")
+    }
+
     fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -284,7 +296,7 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut v = vec!["--direct", "--config", &self.config];
         v.extend_from_slice(args);
-        svff_env(&v, env)
+        svff_env(&self.svff(), &v, env)
     }
 
     fn ok_json(&self, args: &[&str]) -> Value {
@@ -298,7 +310,7 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
     }
 
     fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
-        let mut cmd = Command::new(SVFF);
+        let mut cmd = Command::new(self.svff());
         cmd.args(["--direct", "--config", &self.config])
             .args(args)
             .stdout(Stdio::piped())
@@ -322,22 +334,41 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
         r
     }
 
-    /// `svff status --json`: `vm -> [(vf, id, guest dev "00:DD.F", host, state, vmm_state)]`.
+    /// The assignment table (`<state>/assignments.json`, what `svff status`
+    /// shows): `vm -> entries`, each with the state its VMM reports.
     fn table(&self) -> BTreeMap<String, Vec<Entry>> {
-        let s = self.ok_json(&["status", "--json", "--pf", &self.pf]);
+        let text = fs::read_to_string(self.state().join("assignments.json")).unwrap();
+        let t: Value = serde_json::from_str(&text).unwrap();
         let mut m: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-        for a in s["assignments"].as_array().cloned().unwrap_or_default() {
-            m.entry(a["vm"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(Entry {
-                    vf: a["vf"].as_u64().unwrap(),
-                    dev: a["guest"]
-                        .as_str()
-                        .map(|g| g.trim_start_matches("0000:").to_owned()),
-                    host: a["host"].as_str().unwrap().to_owned(),
-                    state: a["state"].as_str().unwrap().to_owned(),
-                    vmm_state: a["vmm_state"].as_str().map(str::to_owned),
-                });
+        let mut held: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for a in t["assignments"].as_array().cloned().unwrap_or_default() {
+            if a["pf"] != self.pf.as_str() {
+                continue;
+            }
+            let vm = a["vm"].as_str().unwrap().to_owned();
+            let state = a["state"].as_str().unwrap().to_owned();
+            let id = a["id"].as_str().unwrap().to_owned();
+            let vmm_state = if state == "gone" {
+                None
+            } else {
+                held.entry(vm.clone())
+                    .or_insert_with(|| self.vmm_devices(&vm))
+                    .iter()
+                    .find(|d| d["id"] == id.as_str())
+                    .and_then(|d| d["state"].as_str().map(str::to_owned))
+            };
+            m.entry(vm).or_default().push(Entry {
+                vf: a["vf"].as_u64().unwrap(),
+                dev: a["guest"]
+                    .as_str()
+                    .map(|g| g.trim_start_matches("0000:").to_owned()),
+                host: a["host"].as_str().unwrap().to_owned(),
+                state,
+                vmm_state,
+            });
+        }
+        for v in m.values_mut() {
+            v.sort_by_key(|e| e.vf);
         }
         m
     }
