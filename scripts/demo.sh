@@ -21,6 +21,9 @@ echo "svff demo in L1: kernel $(uname -r), $(nproc) vCPU(s); nvme PF $PF ($(cat 
 
 dir=$(mktemp -d /tmp/svff-demo.XXXXXX)
 state=$dir/state
+# svff and svff-vmm copied into L1's RAM: from the 9p host root every call pages them in again.
+mkdir "$dir/bin"; cp "$(command -v svff)" "$VMM" "$dir/bin/"
+SVFF=$dir/bin/svff VMM=$dir/bin/svff-vmm
 cleanup() {
     for vm in test linux; do
         pid=$(cut -d' ' -f1 "$state/vm-$vm.pid" 2>/dev/null || true)
@@ -103,7 +106,7 @@ vfs = [{ pf = "$PF", count = 2 }]
 TOML
 step "Config ($dir/helper.toml)"
 sed 's/^/    /' "$dir/helper.toml"
-S=(svff --direct --config "$dir/helper.toml")
+S=("$SVFF" --direct --config "$dir/helper.toml")
 
 serial() { cat "$state/vm-$1.serial" 2>/dev/null || true; }
 lines() { serial "$1" | wc -l; }
