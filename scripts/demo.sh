@@ -55,10 +55,10 @@ r=0
 while :; do
   r=$((r+1))
   for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor)" = 0x1b36 ] || continue
+    [ "$(cat $d/vendor):$(cat $d/device)" = 0x1b36:0x0010 ] || continue
     b=${d##*/}; b=${b#0000:}
     id=$(od -An -tx4 -N4 $d/config | tr -d ' ')
-    if [ "$id" = ffffffff ]; then st=gone; else
+    if [ "$id" = ffffffff ]; then st=gone; cap=; else
       [ "$(cat /tmp/$b.st 2>/dev/null)" = present ] || printf '\006\000' | dd of=$d/config bs=1 seek=4 conv=notrunc 2>/dev/null
       lo=$(od -An -tx4 -j16 -N4 $d/config | tr -d ' '); hi=$(od -An -tx4 -j20 -N4 $d/config | tr -d ' ')
       a=$(( (0x$hi << 32) | (0x$lo & 0xfffffff0) ))
