@@ -24,9 +24,12 @@
 //!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
 //!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
 //! 6. every `report_every` rounds prints, per target,
-//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N id=XXXXXXXX`
-//!    (`max_tsc`: the longest single BAR read in TSC ticks; `irqs`: MSI-X interrupts taken;
-//!    `id`: the last BAR0+0 value, hex);
+//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N win_ktsc=N id=XXXXXXXX`
+//!    (`max_tsc`: the longest single BAR read in TSC ticks, low 32 bits; `irqs`: MSI-X
+//!    interrupts taken; `win_ktsc`: the longest guest-observed disruption in units of 1024 TSC
+//!    ticks: a run of all-ones reads from its first read to the end of the next valid read
+//!    (policy `ignore`), or one slow read (a stalled access, policy `stall`), whichever is
+//!    longest; `id`: the last BAR0+0 value, hex);
 //! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
 //!    debug exit port; otherwise it loops until the VMM ends.
 //!
@@ -108,6 +111,8 @@ pub struct GuestCounters {
     pub max_tsc: u64,
     /// MSI-X interrupts taken.
     pub irqs: u64,
+    /// Longest guest-observed window (all-ones run or single slow read), 1024-tick units.
+    pub win_ktsc: u64,
     /// Last value of BAR0+0.
     pub id: u32,
 }
@@ -127,6 +132,7 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
         back: 0,
         max_tsc: 0,
         irqs: 0,
+        win_ktsc: 0,
         id: 0,
     };
     let mut seen = 0;
@@ -145,13 +151,14 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
                     "back" => c.back = n,
                     "max_tsc" => c.max_tsc = n,
                     "irqs" => c.irqs = n,
+                    "win_ktsc" => c.win_ktsc = n,
                     _ => return None,
                 }
             }
         }
         seen += 1;
     }
-    (seen == 9).then_some(c)
+    (seen == 10).then_some(c)
 }
 
 #[cfg(test)]
@@ -175,12 +182,13 @@ mod tests {
     #[test]
     fn counter_lines_parse_and_other_lines_do_not() {
         let c = parse_counters(
-            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 id=53564646",
+            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 win_ktsc=77 id=53564646",
         )
         .unwrap();
         assert_eq!(c.dev, "00:01.0");
         assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
         assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
+        assert_eq!(c.win_ktsc, 77);
         assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
         assert!(parse_counters("svff-guest: start").is_none());
     }

@@ -33,7 +33,9 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 # One 64-byte entry per target function (at most 32):
 #   +0 conf1 address of its dword 0, +4 BAR0 address, +8 ok, +12 ones, +16 gone, +20 back,
 #   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
-#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none)
+#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none),
+#   +52/+56 TSC (lo/hi) of the first read of the current run of all-ones reads (flags bit 1:
+#   in such a run), +60 longest window in units of 1024 TSC ticks
 .p2align 6
 .Lg_targets:    .fill 32 * 64, 1, 0
 
@@ -58,6 +60,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_id:       .asciz " id="
 .Lg_s_done:     .asciz "svff-guest: done rounds="
 .Lg_s_irqs:     .asciz " irqs="
+.Lg_s_win:      .asciz " win_ktsc="
 .Lg_s_serial:   .asciz "svff-guest: serial irqs="
 .Lg_s_msix:     .asciz " msix vector="
 .Lg_s_exc:      .asciz "svff-guest: exception\n"
@@ -203,14 +206,19 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 
 # ---- one register read ------------------------------------------------------------------
 # read_reg: edi = address, ebp = target entry: reads the dword, timing it with rdtsc, and
-# counts it. Returns the value in eax. Clobbers eax, ecx, edx, esi.
+# counts it; keeps the longest window (a run of all-ones reads up to the next valid read,
+# or one slow read) in 1024-tick units. Returns the value in eax. Clobbers eax, ecx, edx, esi.
 .Lg_read_reg:
+    pushl %ebx
     lfence
     rdtsc
-    movl %eax, %esi
+    movl %eax, %esi                     # ebx:esi = start
+    movl %edx, %ebx
     movl (%edi), %ecx
     lfence
-    rdtsc
+    rdtsc                               # edx:eax = end
+    pushl %eax
+    pushl %edx                          # (%esp) = end hi, 4(%esp) = end lo
     subl %esi, %eax
     cmpl 24(%ebp), %eax
     jbe 2f
@@ -219,9 +227,32 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     cmpl $0xffffffff, %ecx
     jne 3f
     incl 12(%ebp)
+    testl $2, 28(%ebp)                  # first all-ones read of a run: note its start
+    jnz 4f
+    orl $2, 28(%ebp)
+    movl %esi, 52(%ebp)
+    movl %ebx, 56(%ebp)
     jmp 4f
 3:  incl 8(%ebp)
-4:  movl %ecx, %eax
+    testl $2, 28(%ebp)                  # a valid read ends a run of all-ones reads:
+    jz 5f                               # the window then starts at the run's first read
+    andl $0xfffffffd, 28(%ebp)
+    movl 52(%ebp), %esi
+    movl 56(%ebp), %ebx
+5:  movl 4(%esp), %eax                  # window = (end - start) >> 10, its maximum kept
+    movl (%esp), %edx
+    subl %esi, %eax
+    sbbl %ebx, %edx
+    shrdl $10, %edx, %eax
+    shrl $10, %edx
+    jz 6f
+    movl $0xffffffff, %eax              # saturated
+6:  cmpl 60(%ebp), %eax
+    jbe 4f
+    movl %eax, 60(%ebp)
+4:  addl $8, %esp
+    movl %ecx, %eax
+    popl %ebx
     ret
 
 # print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
@@ -280,6 +311,9 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     call .Lg_field
     movl $(0x100000 + .Lg_s_irqs - svff_guest_start), %esi
     movl 40(%ebp), %eax
+    call .Lg_field
+    movl $(0x100000 + .Lg_s_win - svff_guest_start), %esi
+    movl 60(%ebp), %eax
     call .Lg_field
     movl $(0x100000 + .Lg_s_id - svff_guest_start), %esi
     call .Lg_puts
