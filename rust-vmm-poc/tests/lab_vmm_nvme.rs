@@ -484,7 +484,8 @@ fn phases(rs: &[Value]) -> Vec<(String, f64)> {
 /// with nvme resources and vfio-pci binding, all unpaused in parallel. Per run: the guest-
 /// observed pause window (first all-ones read to the next valid read, per VF, from the test
 /// guest's TSC), host wall times of pause / count change / unpause, and vfio-pause's phases
-/// (slowest VF). `SVFF_VMM_BENCH_RUNS` runs per N (default 3), each in a fresh VMM.
+/// (slowest VF). `SVFF_VMM_BENCH_RUNS` runs per N (default 3), each in a fresh VMM;
+/// `SVFF_VMM_BENCH_VFS` the counts (default `1,4,10`).
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
@@ -494,11 +495,23 @@ fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
         .unwrap_or(3);
     let pf = NvmePf::new();
     let mut table = Vec::new();
-    for n in [1u16, 4, 10] {
+    let sizes: Vec<u16> = std::env::var("SVFF_VMM_BENCH_VFS")
+        .unwrap_or_else(|_| "1,4,10".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("SVFF_VMM_BENCH_VFS: VF counts, e.g. 1,4,10")
+        })
+        .collect();
+    for n in sizes {
         let (mut win_max, mut win_min, mut pause, mut count, mut unpause) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let (mut pause_ph, mut unpause_ph): (Vec<(String, Vec<f64>)>, Vec<(String, Vec<f64>)>) =
-            (vec![], vec![]);
+        let (mut pause_ph, mut unpause_ph, mut count_steps): (
+            Vec<(String, Vec<f64>)>,
+            Vec<(String, Vec<f64>)>,
+            Vec<(String, Vec<f64>)>,
+        ) = (vec![], vec![], vec![]);
         let add = |acc: &mut Vec<(String, Vec<f64>)>, ph: Vec<(String, f64)>| {
             for (name, ms) in ph {
                 match acc.iter_mut().find(|(n, _)| *n == name) {
@@ -533,8 +546,21 @@ fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
             let t0 = Instant::now();
             let p = in_parallel("svff-vfio-pause", &calls);
             let t1 = Instant::now();
-            let (new_vfs, _) = pf.set(n);
+            let off = pf
+                .mgr
+                .set_vf_count(pf.addr(), 0, &VfsSetOptions::default())
+                .unwrap();
+            let (new_vfs, on) = pf.set(n);
             let t2 = Instant::now();
+            add(
+                &mut count_steps,
+                off.steps
+                    .into_iter()
+                    .map(|s| (s.name, s.ms))
+                    .chain(on)
+                    .filter(|(name, _)| name != "pf_driver")
+                    .collect(),
+            );
             let calls: Vec<(&Vmm, Value)> = ids
                 .iter()
                 .zip(&new_vfs)
@@ -543,13 +569,23 @@ fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
             let u = in_parallel("svff-vfio-unpause", &calls);
             let t3 = Instant::now();
             vmm.reports(2, 5);
+            let info = vmm.qmp().execute("query-svff-vfio", None).unwrap();
             let wins: Vec<f64> = guest_devs
                 .iter()
                 .zip(&before)
-                .map(|(d, b)| {
+                .zip(info.as_array().unwrap())
+                .map(|((d, b), i)| {
                     let c = vmm.last(d).unwrap();
                     assert_eq!(c.gone, 0, "{c:?}");
-                    if c.win_ktsc <= *b {
+                    // Checked, not timed: every all-ones read was one vfio-pause ignored.
+                    assert_eq!(
+                        Some(c.ones),
+                        i["paused-accesses"]["bar-reads"].as_u64(),
+                        "{d}: {c:?} {i}"
+                    );
+                    if c.ones == 0 {
+                        println!("{d}: no guest read in the pause window: {c:?}");
+                    } else if c.win_ktsc <= *b {
                         println!("{d}: a read before the pause was slower than the window");
                     }
                     c.win_ktsc as f64 * 1024.0 / khz as f64
@@ -579,6 +615,9 @@ fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
         ];
         for (name, v) in &pause_ph {
             lines.push(format!("    pause   phase {name:<16} {}", stats(v)));
+        }
+        for (name, v) in &count_steps {
+            lines.push(format!("    count   step  {name:<16} {}", stats(v)));
         }
         for (name, v) in &unpause_ph {
             lines.push(format!("    unpause phase {name:<16} {}", stats(v)));
