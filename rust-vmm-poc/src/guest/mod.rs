@@ -30,6 +30,10 @@
 //!    ticks: a run of all-ones reads from its first read to the end of the next valid read
 //!    (policy `ignore`), or one slow read (a stalled access, policy `stall`), whichever is
 //!    longest; `id`: the last BAR0+0 value, hex);
+//!    (with [`GuestMode::ScribblePaused`], an all-ones identity read is followed by writes
+//!    of pseudo-random values anywhere in the target's BAR0 and config space; with
+//!    [`GuestMode::Halt`] / [`GuestMode::Spin`] the guest halts or spins with interrupts off
+//!    after step 4 instead of looping);
 //! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
 //!    debug exit port; otherwise it loops until the VMM ends.
 //!
@@ -45,6 +49,34 @@ extern "C" {
     static svff_guest_end: u8;
 }
 
+/// What the test guest does after its set-up (enumeration, interrupts, MSI-X).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestMode {
+    /// The read loop (the default).
+    #[default]
+    Read,
+    /// The read loop, and each time a target's identity register reads all-ones (a paused
+    /// VF under policy `ignore`), 4 pseudo-random dwords written to pseudo-random offsets of
+    /// its BAR0 (first 16 KiB) and 4 to its config space (0x00..0xfc): a guest that writes
+    /// anywhere while its device is paused.
+    ScribblePaused,
+    /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
+    Halt,
+    /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
+    Spin,
+}
+
+impl GuestMode {
+    fn code(self) -> u32 {
+        match self {
+            GuestMode::Read => 0,
+            GuestMode::ScribblePaused => 1,
+            GuestMode::Halt => 2,
+            GuestMode::Spin => 3,
+        }
+    }
+}
+
 /// Parameters of the test guest, patched into its image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestGuest {
@@ -52,6 +84,8 @@ pub struct TestGuest {
     pub rounds: u32,
     /// Rounds between counter reports (at least 1).
     pub report_every: u32,
+    /// What it does after its set-up.
+    pub mode: GuestMode,
 }
 
 impl Default for TestGuest {
@@ -59,6 +93,7 @@ impl Default for TestGuest {
         TestGuest {
             rounds: 0,
             report_every: 1000,
+            mode: GuestMode::Read,
         }
     }
 }
@@ -86,6 +121,7 @@ impl TestGuest {
         let mut img = unsafe { std::slice::from_raw_parts(start, len) }.to_vec();
         img[params..params + 4].copy_from_slice(&self.rounds.to_le_bytes());
         img[params + 4..params + 8].copy_from_slice(&self.report_every.max(1).to_le_bytes());
+        img[params + 8..params + 12].copy_from_slice(&self.mode.code().to_le_bytes());
         img
     }
 }
@@ -170,12 +206,13 @@ mod tests {
         let img = TestGuest {
             rounds: 7,
             report_every: 3,
+            mode: GuestMode::Spin,
         }
         .image();
         assert_eq!(img[0], 0xe9, "jmp rel32");
         let (_, p, len) = span();
         assert_eq!(img.len(), len);
-        assert_eq!(&img[p..p + 8], &[7, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(&img[p..p + 12], &[7, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0]);
         assert!(len < 64 << 10);
     }
 

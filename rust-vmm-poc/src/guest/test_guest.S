@@ -16,6 +16,7 @@ svff_guest_start:
 svff_guest_params:                      # filled in by the VMM (TestGuest::params)
 .Lg_p_rounds:       .long 0             # stop after this many rounds (0: never)
 .Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
+.Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin
 
 .p2align 2
 .Lg_nfuncs:     .long 0
@@ -26,6 +27,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_rounds:     .long 0
 .Lg_countdown:  .long 0
 .Lg_serial_irqs: .long 0
+.Lg_rand:       .long 0x2545f491
 .Lg_idtr:       .word 256 * 8 - 1
                 .long 0x100000 + .Lg_idt - svff_guest_start
 .p2align 3
@@ -64,6 +66,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_serial:   .asciz "svff-guest: serial irqs="
 .Lg_s_msix:     .asciz " msix vector="
 .Lg_s_exc:      .asciz "svff-guest: exception\n"
+.Lg_s_halt:     .asciz "svff-guest: halting with interrupts off\n"
+.Lg_s_spin:     .asciz "svff-guest: spinning with interrupts off\n"
 
 # ---- output helpers --------------------------------------------------------------------
 # putc: al -> COM1. Clobbers nothing.
@@ -253,6 +257,38 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 4:  addl $8, %esp
     movl %ecx, %eax
     popl %ebx
+    ret
+
+# next_rand: eax = the next value of a 32-bit LCG. Clobbers nothing else.
+.Lg_next_rand:
+    movl (0x100000 + .Lg_rand - svff_guest_start), %eax
+    imull $1103515245, %eax, %eax
+    addl $12345, %eax
+    movl %eax, (0x100000 + .Lg_rand - svff_guest_start)
+    ret
+
+# scribble: ebp = target entry: 4 pseudo-random dwords to pseudo-random offsets of its BAR0
+# (first 16 KiB, whatever the BAR's size) and 4 to its config space (0x00..0xfc, BARs,
+# command and capabilities included). Clobbers eax, ecx, edx, esi, edi.
+.Lg_scribble:
+    movl $4, %ecx
+1:  call .Lg_next_rand
+    movl %eax, %edi
+    andl $0x3ffc, %edi
+    addl 4(%ebp), %edi
+    call .Lg_next_rand
+    movl %eax, (%edi)
+    call .Lg_next_rand
+    movl %eax, %esi
+    andl $0xfc, %esi
+    orl 0(%ebp), %esi
+    movl %esi, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    call .Lg_next_rand
+    movw $0xcfc, %dx
+    outl %eax, %dx
+    loop 1b
     ret
 
 # print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
@@ -612,6 +648,19 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     jmp 4b
 5:  movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
     movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
+    cmpl $2, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 6f
+    movl $(0x100000 + .Lg_s_halt - svff_guest_start), %esi
+    call .Lg_puts
+    cli
+7:  hlt                                 # only NMI/INIT/SMI could wake it
+    jmp 7b
+6:  cmpl $3, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne .Lg_round
+    movl $(0x100000 + .Lg_s_spin - svff_guest_start), %esi
+    call .Lg_puts
+    cli
+8:  jmp 8b
 
 .Lg_round:
     xorl %ebx, %ebx                     # ebx = target index
@@ -643,7 +692,12 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 5:  movl 4(%ebp), %edi                  # BAR0 + 0: identity
     call .Lg_read_reg
     movl %eax, 32(%ebp)
-    movl 4(%ebp), %edi                  # BAR0 + 8: status
+    cmpl $0xffffffff, %eax              # mode 1: all-ones (a paused VF, policy ignore):
+    jne 6f                              # scribble over its BAR0 and config space
+    cmpl $1, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 6f
+    call .Lg_scribble
+6:    movl 4(%ebp), %edi                  # BAR0 + 8: status
     addl $8, %edi
     call .Lg_read_reg
     cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
