@@ -33,6 +33,8 @@ enum GuestModeArg {
     Halt,
     /// `cli` and a tight loop for ever after the set-up.
     Spin,
+    /// The read loop; every igb VF raises its own MSI-X vector 0 each round (EICS).
+    RingVf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +260,7 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
                 GuestModeArg::ScribblePaused => GuestMode::ScribblePaused,
                 GuestModeArg::Halt => GuestMode::Halt,
                 GuestModeArg::Spin => GuestMode::Spin,
+                GuestModeArg::RingVf => GuestMode::RingVf,
             },
         }),
     };

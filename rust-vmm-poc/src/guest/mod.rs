@@ -10,7 +10,7 @@
 //!    prints each function found:
 //!    `svff-guest: found 00:DD.F vendor=VVVV device=DDDD class=CCCCCC` (hex);
 //! 3. takes every function that is not a bridge (class 0x06) and has a memory BAR0 below
-//!    4 GiB as a *target* (at most 32), enabling its memory decoding, then prints
+//!    4 GiB as a *target* (at most 32), enabling its memory decoding and bus mastering, then prints
 //!    `svff-guest: enumerated N functions, M targets`;
 //! 4. sets up interrupts: an IDT (exceptions print `svff-guest: exception` and end the VM
 //!    with debug exit 0xee), the 8259 PICs at vectors 0x20/0x28 with only IRQ 4 open, the
@@ -24,12 +24,12 @@
 //!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
 //!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
 //! 6. every `report_every` rounds prints, per target,
-//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N win_ktsc=N id=XXXXXXXX`
+//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N win_ktsc=N id=XXXXXXXX st=XXXXXXXX`
 //!    (`max_tsc`: the longest single BAR read in TSC ticks, low 32 bits; `irqs`: MSI-X
 //!    interrupts taken; `win_ktsc`: the longest guest-observed disruption in units of 1024 TSC
 //!    ticks: a run of all-ones reads from its first read to the end of the next valid read
 //!    (policy `ignore`), or one slow read (a stalled access, policy `stall`), whichever is
-//!    longest; `id`: the last BAR0+0 value, hex);
+//!    longest; `id`: the last BAR0+0 value, `st`: the last BAR0+8 value, hex);
 //!    (with [`GuestMode::ScribblePaused`], an all-ones identity read is followed by writes
 //!    of pseudo-random values anywhere in the target's BAR0 and config space; with
 //!    [`GuestMode::Halt`] / [`GuestMode::Spin`] the guest halts or spins with interrupts off
@@ -62,6 +62,10 @@ pub enum GuestMode {
     ScribblePaused,
     /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
     Halt,
+    /// The read loop, and each round every igb VF (8086:10ca) with MSI-X set up raises its
+    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICS <- 1), so interrupts come from the VF
+    /// itself (the PF needs GPIE.MSIX_MODE, which `igb` sets and `pci-pf-stub` does not).
+    RingVf,
     /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
     Spin,
 }
@@ -73,6 +77,7 @@ impl GuestMode {
             GuestMode::ScribblePaused => 1,
             GuestMode::Halt => 2,
             GuestMode::Spin => 3,
+            GuestMode::RingVf => 4,
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct GuestCounters {
     pub win_ktsc: u64,
     /// Last value of BAR0+0.
     pub id: u32,
+    /// Last value of BAR0+8.
+    pub st: u32,
 }
 
 /// Parses a `svff-guest: dev=... round=...` counter line (None for any other line).
@@ -170,12 +177,14 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
         irqs: 0,
         win_ktsc: 0,
         id: 0,
+        st: 0,
     };
     let mut seen = 0;
     for kv in it {
         let (k, v) = kv.split_once('=')?;
         match k {
             "id" => c.id = u32::from_str_radix(v, 16).ok()?,
+            "st" => c.st = u32::from_str_radix(v, 16).ok()?,
             _ => {
                 let n: u64 = v.parse().ok()?;
                 match k {
@@ -194,7 +203,7 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
         }
         seen += 1;
     }
-    (seen == 10).then_some(c)
+    (seen == 11).then_some(c)
 }
 
 #[cfg(test)]
@@ -219,13 +228,13 @@ mod tests {
     #[test]
     fn counter_lines_parse_and_other_lines_do_not() {
         let c = parse_counters(
-            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 win_ktsc=77 id=53564646",
+            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 win_ktsc=77 id=53564646 st=00010400",
         )
         .unwrap();
         assert_eq!(c.dev, "00:01.0");
         assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
         assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
-        assert_eq!(c.win_ktsc, 77);
+        assert_eq!((c.win_ktsc, c.st), (77, 0x0001_0400));
         assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
         assert!(parse_counters("svff-guest: start").is_none());
     }

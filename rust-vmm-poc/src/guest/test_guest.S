@@ -16,7 +16,8 @@ svff_guest_start:
 svff_guest_params:                      # filled in by the VMM (TestGuest::params)
 .Lg_p_rounds:       .long 0             # stop after this many rounds (0: never)
 .Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
-.Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin
+.Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin,
+                                        # 4 read loop + igb VFs raise their own MSI-X
 
 .p2align 2
 .Lg_nfuncs:     .long 0
@@ -32,14 +33,14 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
                 .long 0x100000 + .Lg_idt - svff_guest_start
 .p2align 3
 .Lg_idt:        .fill 256 * 8, 1, 0
-# One 64-byte entry per target function (at most 32):
+# One 128-byte entry per target function (at most 32):
 #   +0 conf1 address of its dword 0, +4 BAR0 address, +8 ok, +12 ones, +16 gone, +20 back,
 #   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
 #   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none),
 #   +52/+56 TSC (lo/hi) of the first read of the current run of all-ones reads (flags bit 1:
-#   in such a run), +60 longest window in units of 1024 TSC ticks
+#   in such a run), +60 longest window in units of 1024 TSC ticks, +64 last BAR0+8 value
 .p2align 6
-.Lg_targets:    .fill 32 * 64, 1, 0
+.Lg_targets:    .fill 32 * 128, 1, 0
 
 .Lg_s_start:    .asciz "svff-guest: start\n"
 .Lg_s_found:    .asciz "svff-guest: found "
@@ -60,6 +61,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_backc:    .asciz " back="
 .Lg_s_max:      .asciz " max_tsc="
 .Lg_s_id:       .asciz " id="
+.Lg_s_st:       .asciz " st="
 .Lg_s_done:     .asciz "svff-guest: done rounds="
 .Lg_s_irqs:     .asciz " irqs="
 .Lg_s_win:      .asciz " win_ktsc="
@@ -161,7 +163,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     inl %dx, %eax
     ret
 
-# enable_mem: edi = conf1 address of dword 0: sets Memory Space in the command register.
+# enable_mem: edi = conf1 address of dword 0: sets Memory Space and Bus Master in the
+# command register.
 # Clobbers eax, edx.
 .Lg_enable_mem:
     movl %edi, %eax
@@ -170,7 +173,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     outl %eax, %dx
     movw $0xcfc, %dx
     inw %dx, %ax
-    orw $2, %ax
+    orw $6, %ax                         # Memory Space and Bus Master (a VF's own MSI-X)
     outw %ax, %dx
     ret
 
@@ -198,7 +201,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 3:  testl %ecx, %ecx
     jz 9f                               # unassigned
     movl (0x100000 + .Lg_ntargets - svff_guest_start), %eax
-    shll $6, %eax
+    shll $7, %eax
     addl $(0x100000 + .Lg_targets - svff_guest_start), %eax
     movl %edi, 0(%eax)
     movl %ecx, 4(%eax)
@@ -318,7 +321,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 2:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae 9f
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
     call .Lg_puts
@@ -354,6 +357,11 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl $(0x100000 + .Lg_s_id - svff_guest_start), %esi
     call .Lg_puts
     movl 32(%ebp), %eax
+    movl $8, %ecx
+    call .Lg_put_hex
+    movl $(0x100000 + .Lg_s_st - svff_guest_start), %esi
+    call .Lg_puts
+    movl 64(%ebp), %eax
     movl $8, %ecx
     call .Lg_put_hex
     movb $0x0a, %al
@@ -412,7 +420,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     jmp .Lg_isr_msix
 .endr
 .Lg_isr_msix:
-    shll $6, %eax
+    shll $7, %eax
     incl (0x100000 + .Lg_targets - svff_guest_start + 40)(%eax)
     movl $0, 0xfee000b0                 # LAPIC EOI
     popl %eax
@@ -641,7 +649,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 4:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae 5f
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     call .Lg_setup_msix
     incl %ebx
@@ -668,7 +676,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae .Lg_round_end
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     movl 0(%ebp), %eax
     call .Lg_cfg_read
@@ -700,12 +708,22 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 6:    movl 4(%ebp), %edi                  # BAR0 + 8: status
     addl $8, %edi
     call .Lg_read_reg
-    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
-    jne .Lg_target_next
-    cmpl $0, 48(%ebp)
+    movl %eax, 64(%ebp)
+    cmpl $0, 48(%ebp)                   # no MSI-X: nothing to ring
     je .Lg_target_next
+    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
+    jne 7f
     movl 4(%ebp), %edi
     movl $0, 0x14(%edi)
+    jmp .Lg_target_next
+7:  cmpl $4, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne .Lg_target_next
+    cmpl $0x10ca8086, 44(%ebp)          # mode 4, igb VF: it raises its own vector 0
+    jne .Lg_target_next
+    movl 4(%ebp), %edi
+    movl $1, 0x152c(%edi)               # EIAC: vector 0 auto-clears
+    movl $1, 0x1524(%edi)               # EIMS: vector 0 enabled
+    movl $1, 0x1520(%edi)               # EICS: raise it
 .Lg_target_next:
     incl %ebx
     jmp .Lg_target
