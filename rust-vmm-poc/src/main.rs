@@ -100,8 +100,8 @@ struct Cli {
 
     /// Serve QMP on a unix socket at this path (must not exist). Commands: qmp_capabilities,
     /// query-version, query-status, stop, cont, quit, getfd, closefd, x-svff-set-present,
-    /// device_add (vfio-pci), device_del, x-svff-trigger-irq and x-svff-query-bar-slots (test
-    /// only), x-svff-start (start-up handshake of --vfio ...,fd=),
+    /// device_add (vfio-pci), device_del, x-svff-trigger-irq, x-svff-query-bar-slots and
+    /// x-svff-query-tsc (test only), x-svff-start (start-up handshake of --vfio ...,fd=),
     /// svff-vfio-pause, svff-vfio-unpause, query-svff-vfio.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,

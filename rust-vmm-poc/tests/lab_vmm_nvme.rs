@@ -134,6 +134,9 @@ fn stats(v: &[f64]) -> String {
     format!("{avg:8.1} (sd {sd:6.1}, {min:8.1}..{max:8.1})")
 }
 
+/// Per phase or step name, its times (ms) over the runs.
+type Samples = Vec<(String, Vec<f64>)>;
+
 /// Per phase name, the slowest VF's time (ms) in the replies `rs`.
 fn phases(rs: &[Value]) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = Vec::new();
@@ -180,12 +183,9 @@ fn lab_bench_guest_observed_pause_window_and_phases_for_1_4_10_vfs() {
     for n in sizes {
         let (mut win_max, mut win_min, mut pause, mut count, mut unpause) =
             (vec![], vec![], vec![], vec![], vec![]);
-        let (mut pause_ph, mut unpause_ph, mut count_steps): (
-            Vec<(String, Vec<f64>)>,
-            Vec<(String, Vec<f64>)>,
-            Vec<(String, Vec<f64>)>,
-        ) = (vec![], vec![], vec![]);
-        let add = |acc: &mut Vec<(String, Vec<f64>)>, ph: Vec<(String, f64)>| {
+        let (mut pause_ph, mut unpause_ph, mut count_steps): (Samples, Samples, Samples) =
+            (vec![], vec![], vec![]);
+        let add = |acc: &mut Samples, ph: Vec<(String, f64)>| {
             for (name, ms) in ph {
                 match acc.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, v)) => v.push(ms),
