@@ -35,6 +35,8 @@ enum GuestModeArg {
     Spin,
     /// The read loop; every igb VF raises its own MSI-X vector 0 each round (EICS).
     RingVf,
+    /// The read loop; after round 100 every target's BAR0 moves to 0xe0000000 + index MiB.
+    MoveBar,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +263,7 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
                 GuestModeArg::Halt => GuestMode::Halt,
                 GuestModeArg::Spin => GuestMode::Spin,
                 GuestModeArg::RingVf => GuestMode::RingVf,
+                GuestModeArg::MoveBar => GuestMode::MoveBar,
             },
         }),
     };

@@ -68,6 +68,11 @@ pub enum GuestMode {
     RingVf,
     /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
     Spin,
+    /// The read loop; after round 100 every target's BAR0 is moved (decoding off, BAR0 <-
+    /// `0xe000_0000 + index MiB`, decoding on) and reads go on at the new address; prints
+    /// `svff-guest: dev=00:DD.F moved bar0=XXXXXXXX`. Its MSI-X table stays where it was
+    /// found (fine for a VF whose table is in another BAR, as igb's in BAR3).
+    MoveBar,
 }
 
 impl GuestMode {
@@ -78,6 +83,7 @@ impl GuestMode {
             GuestMode::Halt => 2,
             GuestMode::Spin => 3,
             GuestMode::RingVf => 4,
+            GuestMode::MoveBar => 5,
         }
     }
 }

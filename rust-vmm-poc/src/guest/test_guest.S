@@ -17,7 +17,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_p_rounds:       .long 0             # stop after this many rounds (0: never)
 .Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
 .Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin,
-                                        # 4 read loop + igb VFs raise their own MSI-X
+                                        # 4 read loop + igb VFs raise their own MSI-X,
+                                        # 5 read loop, BAR0s moved after round 100
 
 .p2align 2
 .Lg_nfuncs:     .long 0
@@ -70,6 +71,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_exc:      .asciz "svff-guest: exception\n"
 .Lg_s_halt:     .asciz "svff-guest: halting with interrupts off\n"
 .Lg_s_spin:     .asciz "svff-guest: spinning with interrupts off\n"
+.Lg_s_moved:    .asciz " moved bar0="
 
 # ---- output helpers --------------------------------------------------------------------
 # putc: al -> COM1. Clobbers nothing.
@@ -292,6 +294,55 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movw $0xcfc, %dx
     outl %eax, %dx
     loop 1b
+    ret
+
+# move_bars: every target's BAR0 to 0xe0000000 + index MiB (decoding off while it is
+# written, on again after), its entry following. Clobbers eax, ecx, edx, esi, edi.
+.Lg_move_bars:
+    pushl %ebx
+    pushl %ebp
+    xorl %ebx, %ebx
+1:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae 9f
+    movl %ebx, %ebp
+    shll $7, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    movl 0(%ebp), %eax                  # command: Memory Space off
+    orl $4, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfc, %dx
+    inw %dx, %ax
+    andw $0xfffd, %ax
+    outw %ax, %dx
+    movl 0(%ebp), %eax                  # BAR0 (low dword; the VMM's BARs are below 4 GiB)
+    orl $0x10, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movl %ebx, %ecx
+    shll $20, %ecx
+    addl $0xe0000000, %ecx
+    movl %ecx, %eax
+    movw $0xcfc, %dx
+    outl %eax, %dx
+    movl %ecx, 4(%ebp)
+    movl 0(%ebp), %edi
+    call .Lg_enable_mem
+    movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
+    call .Lg_puts
+    movl 0(%ebp), %eax
+    call .Lg_put_bdf
+    movl $(0x100000 + .Lg_s_moved - svff_guest_start), %esi
+    call .Lg_puts
+    movl 4(%ebp), %eax
+    movl $8, %ecx
+    call .Lg_put_hex
+    movb $0x0a, %al
+    call .Lg_putc
+    incl %ebx
+    jmp 1b
+9:  popl %ebp
+    popl %ebx
     ret
 
 # print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
@@ -730,6 +781,12 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 
 .Lg_round_end:
     incl (0x100000 + .Lg_rounds - svff_guest_start)
+    cmpl $5, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 1f
+    cmpl $100, (0x100000 + .Lg_rounds - svff_guest_start)
+    jne 1f
+    call .Lg_move_bars                  # mode 5: once, after round 100
+1:
     decl (0x100000 + .Lg_countdown - svff_guest_start)
     jnz 6f
     movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
