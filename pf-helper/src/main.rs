@@ -550,7 +550,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let v = request(&cli.socket, &Request::Program { pf })?;
             json_out(&v)
         }
-        Command::Bench(args) => bench(&cli, &args),
+        Command::Bench(ref args) => bench(&cli, args),
         Command::Helper => {
             let config = Config::load(&cli.config_path)?;
             // Tell a supervisor (or a test) that the socket is ready.

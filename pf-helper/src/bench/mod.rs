@@ -15,11 +15,11 @@ use crate::pci::PciAddress;
 pub use guest::GuestRunView;
 pub use plot::draw as draw_plot;
 pub use report::{
-    finish, paper_points, render_all, render_table_i, render_table_ii, summarize, BenchReport,
-    PaperPoint, Run, Series, Summary, TableIRow, BENCH_FORMAT_VERSION, PAPER_TABLE_I,
+    finish, render_all, BenchReport, PaperPoint, Run, Series, Summary, TableIRow,
+    BENCH_FORMAT_VERSION, PAPER_TABLE_I,
 };
 #[cfg(test)]
-use report::mean_sigma;
+use report::{mean_sigma, paper_points, render_table_i, render_table_ii, summarize};
 pub use run::run;
 
 /// What one series measures.
