@@ -34,13 +34,15 @@ pub struct GuestRunView {
     /// From the last sample before the first failed access to the sample
     /// with the last one, ms: an upper bound of the window in which the
     /// guest's accesses failed (all-ones reads or the device gone), off by at
-    /// most one sample interval. None: no access failed.
+    /// most one sample interval; a device that vanished counts until it is
+    /// back. None: no access failed.
     pub window_ms: Option<f64>,
     /// Median interval between two samples in this run, ms (the resolution).
     pub sample_ms: Option<f64>,
     /// Accesses that failed (all-ones BAR reads) during the run.
     pub failed_reads: u64,
-    /// Longest single BAR read in the run's samples, TSC ticks (a stalled access shows here).
+    /// Longest single BAR read since the guest started (its counter is
+    /// cumulative), TSC ticks, as of the run's last sample: a stalled access shows here.
     pub max_tsc: u64,
     /// Whether the guest saw the function disappear (config space all-ones) during the run.
     pub disappeared: bool,
@@ -65,7 +67,10 @@ pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
         max_tsc = max_tsc.max(b.max_tsc);
         let ones = b.ones.saturating_sub(a.ones);
         let gone = b.gone.saturating_sub(a.gone);
-        if ones > 0 || gone > 0 {
+        let back = b.back.saturating_sub(a.back);
+        // Gone since the previous sample and not back yet: the window is still open.
+        let still_gone = b.gone > b.back && first.is_some();
+        if ones > 0 || gone > 0 || back > 0 || still_gone {
             failed += ones;
             disappeared |= gone > 0;
             first.get_or_insert(w[0].at);
@@ -263,13 +268,19 @@ mod tests {
     fn a_device_that_vanished_is_reported_and_a_clean_run_has_no_window() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let gone = vec![
+        let mut gone = vec![
             sample(at(0), "00:01.0", 100, 0, 0),
             sample(at(10), "00:01.0", 150, 0, 1),
+            sample(at(20), "00:01.0", 150, 0, 1),
+            sample(at(30), "00:01.0", 200, 0, 1),
+            sample(at(40), "00:01.0", 300, 0, 1),
         ];
+        // Gone at 10 ms (back counter not yet up), back by 30 ms.
+        gone[1].counters.back = 0;
+        gone[2].counters.back = 0;
         let v = view_of_run("vm0", "00:01.0", &gone);
         assert!(v.disappeared);
-        assert_eq!(v.window_ms, Some(10.0));
+        assert_eq!(v.window_ms, Some(30.0), "from 0 ms to the sample that saw it back");
         let clean = vec![
             sample(at(0), "00:01.0", 100, 0, 0),
             sample(at(10), "00:01.0", 200, 0, 0),

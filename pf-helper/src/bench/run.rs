@@ -128,6 +128,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     let result = (|| -> Result<(), Error> {
         for &n in &opts.vfs {
             if planned.iter().any(|p| p.mode == BenchMode::Floor) {
+                if let Some(config) = &user_config {
+                    // The configured VMs let go of the PF's VFs first: the floor has no VMM.
+                    let orch = Orchestrator::new(config, &mgr, &QmpConnector)?;
+                    let r = orch.reconf(pf, 0, Mode::Detach, &[])?;
+                    ok_report(&r, "releasing the configured VMs' VFs for the floor")?;
+                }
                 ctx.fresh_vfs(n + 1)?;
                 rep.series.push(ctx.floor(n)?);
             }
