@@ -56,7 +56,15 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
         .iter()
         .map(|s| (s.mode.clone(), s.vmm.clone()))
         .collect();
-    keys.dedup();
+    // Unique, in order of first appearance (series come per VF count, modes interleaved).
+    let mut seen = Vec::new();
+    keys.retain(|k| {
+        let new = !seen.contains(k);
+        if new {
+            seen.push(k.clone());
+        }
+        new
+    });
     for (i, (mode, vmm)) in keys.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let mut pts: Vec<(f64, f64, f64)> = report
@@ -93,8 +101,12 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
             .map_err(|x| e(&x))?;
     }
 
-    let mut paper_modes: Vec<&str> = report.paper_table_i.iter().map(|p| p.mode.as_str()).collect();
-    paper_modes.dedup();
+    let mut paper_modes: Vec<&str> = Vec::new();
+    for p in &report.paper_table_i {
+        if !paper_modes.contains(&p.mode.as_str()) {
+            paper_modes.push(p.mode.as_str());
+        }
+    }
     for (j, mode) in paper_modes.iter().enumerate() {
         let color = if j == 0 { BLACK.mix(0.6) } else { RGBColor(120, 120, 120).mix(0.8) };
         let pts: Vec<(f64, f64)> = report

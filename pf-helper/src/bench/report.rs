@@ -249,7 +249,15 @@ pub fn per_extra_vf(series: &[Series]) -> Vec<(String, f64)> {
         .iter()
         .map(|s| (s.mode.clone(), s.vmm.clone()))
         .collect();
-    keys.dedup();
+    // Unique, in order of first appearance (series come per VF count, modes interleaved).
+    let mut seen = Vec::new();
+    keys.retain(|k| {
+        let new = !seen.contains(k);
+        if new {
+            seen.push(k.clone());
+        }
+        new
+    });
     let mut out = Vec::new();
     for (mode, vmm) in keys {
         let mut pts: Vec<(u16, f64)> = series
