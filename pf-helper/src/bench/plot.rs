@@ -31,6 +31,15 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
         .map(|s| s.summary.avg_ms + s.summary.sigma_ms)
         .chain(report.paper_table_i.iter().map(|p| p.ms))
         .fold(1.0f64, f64::max);
+    let min_ms = report
+        .series
+        .iter()
+        .map(|s| s.summary.avg_ms - s.summary.sigma_ms)
+        .chain(report.paper_table_i.iter().map(|p| p.ms))
+        .filter(|v| *v > 0.0)
+        .fold(max_ms, f64::min);
+    // Log scale: the paper's tens of seconds and the lab's seconds both readable.
+    let (y0, y1) = ((min_ms / 1.5).max(1.0), max_ms * 1.5);
     let root = SVGBackend::new(path, (960, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let caption = format!(
@@ -42,12 +51,14 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(72)
-        .build_cartesian_2d(0f64..f64::from(max_vfs) + 1.0, 0f64..max_ms * 1.08)
+        .build_cartesian_2d(0f64..f64::from(max_vfs) + 1.0, (y0..y1).log_scale())
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc("assigned VFs")
-        .y_desc("total time (ms)")
+        .y_desc("total time (ms, log scale)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(|x| e(&x))?;
 
@@ -92,6 +103,8 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
         let cap = 0.08;
         chart
             .draw_series(pts.iter().flat_map(|&(x, y, s)| {
+                let (lo, hi) = ((y - s).max(y0), y + s);
+                let (y, s) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
                 [
                     PathElement::new(vec![(x, y - s), (x, y + s)], color.stroke_width(1)),
                     PathElement::new(vec![(x - cap, y - s), (x + cap, y - s)], color.stroke_width(1)),
