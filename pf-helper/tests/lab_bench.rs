@@ -15,7 +15,6 @@ use serde_json::Value;
 use svff_lab::guest::{self, dev_path, set_numvfs, unbind, vfs_of};
 use svff_lab::l2::{Image, Qemu, L2};
 
-
 const SVFF: &str = env!("CARGO_BIN_EXE_svff");
 /// Upper bound of one svff bench call.
 const CALL_TIMEOUT_S: &str = "280";
@@ -90,7 +89,11 @@ fn step_names(s: &Value) -> Vec<String> {
 fn assert_series_shape(s: &Value, vfs: u64) {
     assert_eq!(s["vfs"], vfs, "{s}");
     let runs = s["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2, "2 counted runs (the warm-up is not among them): {s}");
+    assert_eq!(
+        runs.len(),
+        2,
+        "2 counted runs (the warm-up is not among them): {s}"
+    );
     for r in runs {
         assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{r}");
         let (from, to) = (r["from"].as_u64().unwrap(), r["to"].as_u64().unwrap());
@@ -111,7 +114,11 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     let out_json = dir.path().join("bench.json");
     let out_svg = dir.path().join("bench.svg");
     let vmm = Path::new(SVFF).with_file_name("svff-vmm");
-    assert!(vmm.is_file(), "{} is built with the workspace", vmm.display());
+    assert!(
+        vmm.is_file(),
+        "{} is built with the workspace",
+        vmm.display()
+    );
     let out = svff(&[
         "bench",
         "--pf",
@@ -129,7 +136,13 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     ]);
     assert!(out.status.success(), "svff bench failed");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for want in ["Table I", "Table II", "Guest view", "pause/svff-vmm", "floor"] {
+    for want in [
+        "Table I",
+        "Table II",
+        "Guest view",
+        "pause/svff-vmm",
+        "floor",
+    ] {
         assert!(stdout.contains(want), "stdout lacks {want:?}");
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -164,7 +177,10 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     for r in pause["runs"].as_array().unwrap() {
         let g = &r["guest"][0];
         assert_eq!(g["vm"], "vm0", "{r}");
-        assert_eq!(g["disappeared"], false, "pause: the guest keeps the device: {r}");
+        assert_eq!(
+            g["disappeared"], false,
+            "pause: the guest keeps the device: {r}"
+        );
         assert!(g["samples"].as_u64().unwrap() >= 2, "{r}");
     }
     assert_eq!(pause["summary"]["guest_disappeared"], 0);
@@ -174,7 +190,10 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     let t = doc["table_i"].as_array().unwrap();
     assert_eq!(t.len(), 3);
     let prow = t.iter().find(|r| r["mode"] == "pause").unwrap();
-    assert!(prow["floor_ratio"].is_number() && prow["overhead_pct"].is_number(), "{prow}");
+    assert!(
+        prow["floor_ratio"].is_number() && prow["overhead_pct"].is_number(),
+        "{prow}"
+    );
     assert_eq!(doc["reference"], "svff-vmm");
     assert_eq!(doc["paper_table_i"].as_array().unwrap().len(), 4);
 
@@ -200,7 +219,10 @@ fn lab_bench_refuses_bad_input_before_the_pf_changes() {
         (&["--mode", "pause,turbo"], "unknown mode"),
         (&["--vmm", "xen"], "unknown VMM"),
         (&["--vmm", "qemu-stock"], "pass --config"),
-        (&["--vfs", "64"], "supports at most 64 VFs, and svff bench needs 65"),
+        (
+            &["--vfs", "64"],
+            "supports at most 64 VFs, and svff bench needs 65",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["bench", "--pf", &pf, "--runs", "1"];
@@ -208,7 +230,10 @@ fn lab_bench_refuses_bad_input_before_the_pf_changes() {
         let out = svff(&args);
         assert_eq!(out.status.code(), Some(1), "{extra:?} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{extra:?}: stderr lacks {want:?}: {err}");
+        assert!(
+            err.contains(want),
+            "{extra:?}: stderr lacks {want:?}: {err}"
+        );
         assert!(!err.contains("bench: "), "{extra:?}: no run started: {err}");
         assert_eq!(numvfs(&pf), 2, "{extra:?}: the PF is untouched");
     }
@@ -287,7 +312,11 @@ fn lab_bench_detach_mode_on_a_configured_stock_qemu_guest() {
     let seen = vm
         .sh_ok(script, Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(seen.trim(), "1", "the guest has its one VF back after the runs");
+    assert_eq!(
+        seen.trim(),
+        "1",
+        "the guest has its one VF back after the runs"
+    );
     // Leave the configured set-up as found: no VF in the guest, none on the PF.
     let out = svff(&[
         "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "0", "--mode", "detach",

@@ -81,7 +81,9 @@ pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
     GuestRunView {
         vm: vm.into(),
         dev: dev.into(),
-        window_ms: first.zip(last).map(|(f, l)| ms(l.saturating_duration_since(f))),
+        window_ms: first
+            .zip(last)
+            .map(|(f, l)| ms(l.saturating_duration_since(f))),
         sample_ms: intervals.get(intervals.len() / 2).copied(),
         failed_reads: failed,
         max_tsc,
@@ -258,7 +260,11 @@ mod tests {
         ];
         let v = view_of_run("vm0", "00:01.0", &s);
         assert_eq!(v.failed_reads, 90);
-        assert_eq!(v.window_ms, Some(30.0), "10 ms (before the first) to 40 ms (the last)");
+        assert_eq!(
+            v.window_ms,
+            Some(30.0),
+            "10 ms (before the first) to 40 ms (the last)"
+        );
         assert!(!v.disappeared);
         assert_eq!(v.samples, 5, "the other device's sample is skipped");
         assert_eq!(v.sample_ms, Some(10.0));
@@ -280,12 +286,19 @@ mod tests {
         gone[2].counters.back = 0;
         let v = view_of_run("vm0", "00:01.0", &gone);
         assert!(v.disappeared);
-        assert_eq!(v.window_ms, Some(30.0), "from 0 ms to the sample that saw it back");
+        assert_eq!(
+            v.window_ms,
+            Some(30.0),
+            "from 0 ms to the sample that saw it back"
+        );
         let clean = vec![
             sample(at(0), "00:01.0", 100, 0, 0),
             sample(at(10), "00:01.0", 200, 0, 0),
         ];
         let v = view_of_run("vm0", "00:01.0", &clean);
-        assert_eq!((v.window_ms, v.failed_reads, v.disappeared), (None, 0, false));
+        assert_eq!(
+            (v.window_ms, v.failed_reads, v.disappeared),
+            (None, 0, false)
+        );
     }
 }

@@ -122,11 +122,9 @@ pub fn parse_vmms(text: &str) -> Result<Vec<VmmKind>, Error> {
 pub fn parse_vf_counts(text: &str) -> Result<Vec<u16>, Error> {
     let mut out = Vec::new();
     for v in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let n: u16 = v
-            .parse()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| Error::Usage(format!("--vfs {v:?}: expected a VF count of at least 1")))?;
+        let n: u16 = v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            Error::Usage(format!("--vfs {v:?}: expected a VF count of at least 1"))
+        })?;
         if !out.contains(&n) {
             out.push(n);
         }

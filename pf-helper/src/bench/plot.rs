@@ -92,7 +92,9 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
             ))
             .map_err(|x| e(&x))?
             .label(format!("{} (this run)", label(mode, vmm)))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(
                 pts.iter()
@@ -107,8 +109,14 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
                 let (y, s) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
                 [
                     PathElement::new(vec![(x, y - s), (x, y + s)], color.stroke_width(1)),
-                    PathElement::new(vec![(x - cap, y - s), (x + cap, y - s)], color.stroke_width(1)),
-                    PathElement::new(vec![(x - cap, y + s), (x + cap, y + s)], color.stroke_width(1)),
+                    PathElement::new(
+                        vec![(x - cap, y - s), (x + cap, y - s)],
+                        color.stroke_width(1),
+                    ),
+                    PathElement::new(
+                        vec![(x - cap, y + s), (x + cap, y + s)],
+                        color.stroke_width(1),
+                    ),
                 ]
             }))
             .map_err(|x| e(&x))?;
@@ -121,7 +129,11 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
         }
     }
     for (j, mode) in paper_modes.iter().enumerate() {
-        let color = if j == 0 { BLACK.mix(0.6) } else { RGBColor(120, 120, 120).mix(0.8) };
+        let color = if j == 0 {
+            BLACK.mix(0.6)
+        } else {
+            RGBColor(120, 120, 120).mix(0.8)
+        };
         let pts: Vec<(f64, f64)> = report
             .paper_table_i
             .iter()
@@ -129,12 +141,16 @@ pub fn draw(report: &BenchReport, path: &Path) -> Result<(), Error> {
             .map(|p| (f64::from(p.vfs), p.ms))
             .collect();
         chart
-            .draw_series(dashed(&pts, 0.25).into_iter().map(|seg| {
-                PathElement::new(seg, color.stroke_width(1))
-            }))
+            .draw_series(
+                dashed(&pts, 0.25)
+                    .into_iter()
+                    .map(|seg| PathElement::new(seg, color.stroke_width(1))),
+            )
             .map_err(|x| e(&x))?
             .label(format!("{mode} (paper, CITS 2023 Table I, FPGA host)"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y)], color.stroke_width(1)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 8, y)], color.stroke_width(1))
+            });
         chart
             .draw_series(pts.iter().map(|&p| Cross::new(p, 5, color.stroke_width(2))))
             .map_err(|x| e(&x))?;

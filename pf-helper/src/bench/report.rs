@@ -188,7 +188,11 @@ pub fn summarize(runs: &[Run]) -> Summary {
     Summary {
         avg_ms,
         sigma_ms,
-        min_ms: totals.iter().copied().fold(f64::INFINITY, f64::min).min(avg_ms),
+        min_ms: totals
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(avg_ms),
         max_ms: totals.iter().copied().fold(0.0, f64::max),
         steps,
         guest_window_avg_ms: (!windows.is_empty()).then(|| mean_sigma(&windows).0),
@@ -268,10 +272,7 @@ pub fn per_extra_vf(series: &[Series]) -> Vec<(String, f64)> {
         pts.sort_by_key(|p| p.0);
         if let (Some(a), Some(b)) = (pts.first(), pts.last()) {
             if b.0 > a.0 {
-                out.push((
-                    label(&mode, &vmm),
-                    (b.1 - a.1) / f64::from(b.0 - a.0),
-                ));
+                out.push((label(&mode, &vmm), (b.1 - a.1) / f64::from(b.0 - a.0)));
             }
         }
     }
@@ -382,7 +383,12 @@ pub fn render_table_ii(report: &BenchReport) -> String {
             }
         }
     }
-    names.retain(|n| report.series.iter().any(|s| s.summary.steps.contains_key(n)));
+    names.retain(|n| {
+        report
+            .series
+            .iter()
+            .any(|s| s.summary.steps.contains_key(n))
+    });
     let mut header = vec!["mode".to_owned(), "VFs".into()];
     header.extend(names.iter().map(|n| format!("{n} ms")));
     header.push("total ms".into());
@@ -397,7 +403,8 @@ pub fn render_table_ii(report: &BenchReport) -> String {
         row.push(format!("{:.1}", s.summary.avg_ms));
         rows.push(row);
     }
-    let mut out = "Table II: average per step (per-VM steps: the slowest VM of each run)\n".to_owned();
+    let mut out =
+        "Table II: average per step (per-VM steps: the slowest VM of each run)\n".to_owned();
     out.push_str(&align(&rows));
     out
 }

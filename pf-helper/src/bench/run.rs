@@ -330,7 +330,10 @@ impl Ctx<'_> {
     fn progress(&self, label: &str, n: u16, i: usize, ms: f64) {
         let w = self.opts.warmup;
         if i < w {
-            eprintln!("bench: {label} {n} VF: warm-up run {}/{w}: {ms:.1} ms", i + 1);
+            eprintln!(
+                "bench: {label} {n} VF: warm-up run {}/{w}: {ms:.1} ms",
+                i + 1
+            );
         } else {
             eprintln!(
                 "bench: {label} {n} VF: run {}/{}: {ms:.1} ms",
@@ -356,9 +359,12 @@ impl Ctx<'_> {
                 source: Some(Box::new(e)),
             };
             let container = Container::open_real().map_err(|e| vfio("opening a container", e))?;
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).map_err(
-                |e| bench_err(format!("floor: {size} bytes of guest memory for VF {i}: {e}")),
-            )?;
+            let mem =
+                GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| {
+                    bench_err(format!(
+                        "floor: {size} bytes of guest memory for VF {i}: {e}"
+                    ))
+                })?;
             // SAFETY: `mem` goes into the same `FloorVf` as the container and
             // the device holding it, declared after them, so the mappings
             // are gone (device and container dropped) before `mem` is unmapped.
@@ -678,7 +684,11 @@ fn idle_vcpus(pid: u32) {
         if !comm.starts_with("svff-vcpu") {
             continue;
         }
-        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<libc::pid_t>().ok()) else {
+        let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::pid_t>().ok())
+        else {
             continue;
         };
         let param = libc::sched_param { sched_priority: 0 };

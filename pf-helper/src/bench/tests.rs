@@ -51,7 +51,10 @@ fn report(series: Vec<Series>) -> BenchReport {
 fn mean_and_sample_sigma_of_known_values() {
     let (m, s) = mean_sigma(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
     assert_eq!(m, 5.0);
-    assert!((s - 2.138_089_935).abs() < 1e-6, "sample sigma (n - 1): {s}");
+    assert!(
+        (s - 2.138_089_935).abs() < 1e-6,
+        "sample sigma (n - 1): {s}"
+    );
     assert_eq!(mean_sigma(&[3.0]), (3.0, 0.0));
     assert_eq!(mean_sigma(&[]), (0.0, 0.0));
 }
@@ -66,7 +69,10 @@ fn summary_averages_steps_counting_a_missing_step_as_zero() {
     assert_eq!((s.avg_ms, s.min_ms, s.max_ms), (150.0, 100.0, 200.0));
     assert_eq!(s.steps["pause"], 5.0);
     assert_eq!(s.steps["change_numvfs"], 100.0);
-    assert_eq!(s.guest_disappeared, None, "no guest view without test guests");
+    assert_eq!(
+        s.guest_disappeared, None,
+        "no guest view without test guests"
+    );
 }
 
 #[test]
@@ -97,13 +103,19 @@ fn table_i_compares_with_detach_and_floor_of_the_same_vf_count() {
     let text = render_table_i(&r);
     assert!(text.contains("pause/svff-vmm"), "{text}");
     assert!(text.contains("growth per extra VF:"), "{text}");
-    assert!(text.contains("pause/svff-vmm 122.2 ms"), "(2200 - 1100) / 9: {text}");
+    assert!(
+        text.contains("pause/svff-vmm 122.2 ms"),
+        "(2200 - 1100) / 9: {text}"
+    );
     assert_eq!(
         text.matches("pause/svff-vmm 122.2 ms").count(),
         1,
         "one slope per mode, though its series are not adjacent: {text}"
     );
-    assert!(text.contains("detach 10 VF 31129 ms"), "paper numbers: {text}");
+    assert!(
+        text.contains("detach 10 VF 31129 ms"),
+        "paper numbers: {text}"
+    );
 }
 
 #[test]
@@ -214,7 +226,10 @@ fn parsers_reject_unknown_modes_vmms_and_bad_counts() {
         vec![BenchMode::Pause, BenchMode::Floor]
     );
     let e = parse_modes("pause,turbo").unwrap_err().to_string();
-    assert!(e.contains("\"turbo\": unknown mode (known: pause, detach, floor, pool)"), "{e}");
+    assert!(
+        e.contains("\"turbo\": unknown mode (known: pause, detach, floor, pool)"),
+        "{e}"
+    );
     let e = parse_vmms("qemu,kvmtool").unwrap_err().to_string();
     assert!(e.contains("\"kvmtool\": unknown VMM"), "{e}");
     assert_eq!(parse_vf_counts("1,4,10").unwrap(), vec![1, 4, 10]);
@@ -228,7 +243,10 @@ fn plan_refuses_pool_stock_qemu_pause_and_unmanageable_vmms() {
     let mut o = opts();
     o.modes = vec![BenchMode::Pause, BenchMode::Pool];
     let e = plan(&o).unwrap_err().to_string();
-    assert!(e.contains("pool mode") && e.contains("not available yet"), "{e}");
+    assert!(
+        e.contains("pool mode") && e.contains("not available yet"),
+        "{e}"
+    );
 
     let mut o = opts();
     o.vmms = vec![VmmKind::QemuStock];
@@ -261,7 +279,10 @@ fn plan_refuses_pool_stock_qemu_pause_and_unmanageable_vmms() {
     );
 
     o.vmms = vec![VmmKind::Qemu, VmmKind::QemuStock];
-    assert!(plan(&o).unwrap_err().to_string().contains("exactly one --vmm"));
+    assert!(plan(&o)
+        .unwrap_err()
+        .to_string()
+        .contains("exactly one --vmm"));
 
     let mut o = opts();
     o.runs = 0;
