@@ -242,8 +242,8 @@ mod sysfs;
 
 pub use bench::{
     draw_plot, finish as bench_finish, parse_modes, parse_vf_counts, parse_vmms, plan, render_all,
-    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestRunView, PaperPoint, Planned,
-    Run as BenchRun, Series as BenchSeries, Summary as BenchSummary, TableIRow, VmmKind,
+    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestLoad, GuestRunView, PaperPoint,
+    Planned, Run as BenchRun, Series as BenchSeries, Summary as BenchSummary, TableIRow, VmmKind,
     BENCH_FORMAT_VERSION, PAPER_TABLE_I,
 };
 pub use bitstream::BitstreamConfig;

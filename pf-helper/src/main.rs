@@ -145,15 +145,23 @@ struct BenchArgs {
     #[arg(long, value_name = "ROUNDS", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
     report_every: u32,
-    /// Leave the test guests' vCPUs at normal priority (default: SCHED_IDLE).
-    #[arg(long)]
-    busy_guests: bool,
+    /// The test guests' load: idle (they spin under SCHED_IDLE), busy (spin at
+    /// normal priority) or stopped (QMP `stop`: no guest load, no guest view).
+    #[arg(long, value_enum, default_value = "idle")]
+    guests: GuestsArg,
     /// The svff-vmm binary (default: $SVFF_VMM, else beside this executable).
     #[arg(long, value_name = "PATH")]
     svff_vmm: Option<PathBuf>,
     /// Measure nothing: print the tables of this --json document again (and --plot it).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["json", "pf"])]
     report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GuestsArg {
+    Idle,
+    Busy,
+    Stopped,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -626,7 +634,11 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<(), Error> {
         },
         guest_memory_mib: args.guest_memory,
         report_every: args.report_every,
-        busy_guests: args.busy_guests,
+        guests: match args.guests {
+            GuestsArg::Idle => svff_pf_helper::GuestLoad::Idle,
+            GuestsArg::Busy => svff_pf_helper::GuestLoad::Busy,
+            GuestsArg::Stopped => svff_pf_helper::GuestLoad::Stopped,
+        },
         svff_vmm: args.svff_vmm.clone(),
     };
     let report = svff_pf_helper::bench_run(&opts)?;

@@ -162,8 +162,8 @@ pub struct BenchOptions {
     pub guest_memory_mib: u64,
     /// Test guest rounds between two counter lines.
     pub report_every: u32,
-    /// Run the test guests' vCPUs at normal priority instead of SCHED_IDLE.
-    pub busy_guests: bool,
+    /// The test guests' load.
+    pub guests: GuestLoad,
     /// The svff-vmm binary (default: `$SVFF_VMM`, else beside this executable).
     pub svff_vmm: Option<PathBuf>,
 }
@@ -183,10 +183,22 @@ impl Default for BenchOptions {
             profile: PfProfile::PciPfStub,
             guest_memory_mib: 32,
             report_every: 20,
-            busy_guests: false,
+            guests: GuestLoad::Idle,
             svff_vmm: None,
         }
     }
+}
+
+/// What the svff-vmm test guests do while the benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestLoad {
+    /// They spin reading their BARs, their vCPU threads under `SCHED_IDLE` (the default).
+    Idle,
+    /// They spin at normal priority.
+    Busy,
+    /// Stopped with QMP `stop` once they reported: the VMMs' own cost
+    /// without guest load (no guest view).
+    Stopped,
 }
 
 /// One series to measure: a mode and (except for the floor) a VMM.

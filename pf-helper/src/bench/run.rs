@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::guest::{view_of_run, GuestRunView, Sample, Tailer};
 use super::report::{self, BenchReport, Run, Series};
-use super::{plan, BenchMode, BenchOptions, Planned, VmmKind};
+use super::{plan, BenchMode, BenchOptions, GuestLoad, Planned, VmmKind};
 use crate::config::{Config, PfProfile};
 use crate::error::Error;
 use crate::nvme::{NvmeResources, VfResources};
@@ -515,8 +515,18 @@ impl Ctx<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             vm.devs = vm.tailer.devices();
-            if !self.opts.busy_guests {
-                idle_vcpus(vm.child.id());
+            match self.opts.guests {
+                GuestLoad::Idle => idle_vcpus(vm.child.id()),
+                GuestLoad::Busy => {}
+                GuestLoad::Stopped => {
+                    let qmp = self.dir.join(format!("{}.qmp", vm.name));
+                    qmp_ext::Client::connect(&qmp, Duration::from_secs(30))
+                        .and_then(|mut c| c.execute("stop", None))
+                        .map_err(|e| Error::Bench {
+                            what: format!("VM {}: QMP stop", vm.name),
+                            source: Some(Box::new(e)),
+                        })?;
+                }
             }
         }
         Ok(vms)
@@ -617,7 +627,10 @@ impl Ctx<'_> {
             let total = (t1 - t0).as_secs_f64() * 1e3;
             self.progress(&label, n, i, total);
             let mut guest: Vec<GuestRunView> = Vec::new();
-            for vm in vms {
+            for vm in vms
+                .iter()
+                .filter(|_| self.opts.guests != GuestLoad::Stopped)
+            {
                 if !vm.tailer.wait_sample_after(t1, &vm.devs, GUEST_SAMPLE) {
                     return Err(bench_err(format!(
                         "VM {}: its test guest printed no counters within {} s after the run",
