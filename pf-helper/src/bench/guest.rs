@@ -241,7 +241,9 @@ mod tests {
                 back: gone,
                 max_tsc: 100,
                 irqs: 0,
+                win_ktsc: 0,
                 id: 0,
+                st: 0,
             },
         }
     }
