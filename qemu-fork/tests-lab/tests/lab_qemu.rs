@@ -1131,11 +1131,13 @@ fn wait_msix_growth(vm: &mut L2, gbdf: &str, above: u64, limit: Duration) -> Opt
 }
 
 /// What igbvf does after an unpause (at `t0`): whether its interrupts count
-/// again by themselves within 30 s, else whether they do after `ip link set
-/// down/up` (the interface's re-initialisation), as a sentence.
-fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant) -> String {
+/// again by themselves within `wait`, else whether they do within `wait`
+/// after `ip link set down/up` (the interface's re-initialisation), as a
+/// sentence. igbvf's watchdog raises its rx vector every 2 s while the PF
+/// answers, so 10 s (five periods) is enough to say "not counting".
+fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant, wait: Duration) -> String {
     let base = guest_msix_count(vm, gbdf);
-    if let Some(n) = wait_msix_growth(vm, gbdf, base, Duration::from_secs(30)) {
+    if let Some(n) = wait_msix_growth(vm, gbdf, base, wait) {
         return format!(
             "interrupts counting again by themselves {:?} after the unpause ({base} -> {n}), {eth} {}",
             t0.elapsed(),
@@ -1143,7 +1145,7 @@ fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant) -> Strin
         );
     }
     let by_itself = format!(
-        "no interrupt for 30 s ({base}), {eth} {}",
+        "no interrupt for {wait:?} ({base}), {eth} {}",
         operstate(vm, eth)
     );
     let out = vm
@@ -1154,17 +1156,40 @@ fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant) -> Strin
         .unwrap();
     assert!(out.success(), "ip link set {eth} down/up: {out:?}");
     let base2 = guest_msix_count(vm, gbdf);
-    match wait_msix_growth(vm, gbdf, base2, Duration::from_secs(60)) {
+    match wait_msix_growth(vm, gbdf, base2, wait) {
         Some(n) => format!(
             "{by_itself}; after ip link set down/up counting again {:?} after the unpause ({base2} -> {n}), {eth} {}",
             t0.elapsed(),
             operstate(vm, eth)
         ),
         None => format!(
-            "{by_itself}; after ip link set down/up still no interrupt for 60 s ({base2}), {eth} {}",
+            "{by_itself}; after ip link set down/up still no interrupt for {wait:?} ({base2}), {eth} {}",
             operstate(vm, eth)
         ),
     }
+}
+
+/// The host-side PCI state of VF `vf` in L1 as a sentence: its command
+/// register (memory, bus master) and MSI-X message control, read from sysfs.
+fn l1_vf_state(vf: &str) -> String {
+    let cfg = std::fs::read(guest::dev_path(vf).join("config")).unwrap_or_default();
+    if cfg.len() < 64 {
+        return format!("{vf}: config unreadable");
+    }
+    let cmd = u16::from_le_bytes([cfg[4], cfg[5]]);
+    let mut msix = None;
+    let mut ptr = usize::from(cfg[0x34]);
+    for _ in 0..48 {
+        if ptr < 0x40 || ptr + 3 >= cfg.len() {
+            break;
+        }
+        if cfg[ptr] == 0x11 {
+            msix = Some(u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]));
+            break;
+        }
+        ptr = usize::from(cfg[ptr + 1]);
+    }
+    format!("{vf}: COMMAND {cmd:#06x}, MSI-X control {msix:#06x?}")
 }
 
 /// L1's kernel messages of the igb PF driver (its VF mailbox handling).
@@ -1181,6 +1206,12 @@ fn l1_igb_log() -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// How long the igbvf test waits for an outcome that is known not to happen
+/// today (interrupts after an unpause, open bug): five of igbvf's 2 s
+/// watchdog periods, so that "no interrupt" still means something while
+/// `make test` stays fast.
+const KNOWN_FAILING_WAIT: Duration = Duration::from_secs(10);
 
 fn operstate(vm: &mut L2, eth: &str) -> String {
     vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
@@ -1213,6 +1244,7 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     let gbdf = guest_igb_vf(&mut vm);
     let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
     assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
+    println!("L1 before the pause: {}", l1_vf_state(&vf));
     let c0 = guest_msix_count(&mut vm, &gbdf);
     let c1 = wait_msix_growth(&mut vm, &gbdf, c0, Duration::from_secs(60)).unwrap_or_else(|| {
         panic!(
@@ -1242,7 +1274,7 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
         vm.dmesg().unwrap()
     );
     let recovered = t0.elapsed();
-    let aer = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
+    let aer = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0, KNOWN_FAILING_WAIT);
     let dmesg = vm.dmesg().unwrap();
     let log: Vec<&str> = dmesg
         .lines()
@@ -1260,9 +1292,10 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
         "same guest address"
     );
     println!("recover=aer: AER recovery done {recovered:?} after the unpause; {aer}");
+    println!("L1 after the unpause: {}", l1_vf_state(&new_vf));
     println!("L1 igb PF log:\n{}", l1_igb_log());
 
-    // 2. recover=none: the same change; what igbvf does by itself within 30 s.
+    // 2. recover=none: the same change; what igbvf does by itself.
     qmp.execute(
         "qom-set",
         Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": "none" })),
@@ -1280,7 +1313,7 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     )
     .unwrap();
     let t0 = Instant::now();
-    let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
+    let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0, KNOWN_FAILING_WAIT);
     let dmesg = vm.dmesg().unwrap();
     no_unplug_in(&dmesg);
     println!("recover=none: {none}");
@@ -1311,8 +1344,10 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     let eth2 = guest_iface(&mut vm, &gbdf);
     let up = vm.sh(&format!("ip link set {eth2} up"), CMD).unwrap();
     assert!(up.success(), "{up:?}");
-    let stock = igbvf_after_unpause(&mut vm, &gbdf, &eth2, t0);
+    // Expected to work (14.5 s in the last run): a generous bound, left early.
+    let stock = igbvf_after_unpause(&mut vm, &gbdf, &eth2, t0, Duration::from_secs(45));
     println!("stock vfio-pci, device_del/device_add onto the re-created VF: {stock}");
+    println!("L1 under stock vfio-pci: {}", l1_vf_state(&vf4));
     println!("L1 igb PF log:\n{}", l1_igb_log());
     // The baseline: igbvf works with a re-created VF under stock code.
     assert!(stock.contains("counting again"), "stock vfio-pci: {stock}");
