@@ -1189,7 +1189,8 @@ fn l1_vf_state(vf: &str) -> String {
         }
         ptr = usize::from(cfg[ptr + 1]);
     }
-    format!("{vf}: COMMAND {cmd:#06x}, MSI-X control {msix:#06x?}")
+    let msix = msix.map_or("none".to_string(), |m| format!("{m:#06x}"));
+    format!("{vf}: COMMAND {cmd:#06x}, MSI-X control {msix}")
 }
 
 /// L1's kernel messages of the igb PF driver (its VF mailbox handling).
@@ -1268,6 +1269,13 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     )
     .unwrap();
     let t0 = Instant::now();
+    let state = l1_vf_state(&new_vf);
+    println!("L1 right after the unpause: {state}");
+    // The unpause re-wired MSI-X on the new host function (enable bit 0x8000).
+    assert!(
+        state.contains("MSI-X control 0x8"),
+        "MSI-X enabled on the host VF after the unpause: {state}"
+    );
     assert!(
         wait_dmesg(&mut vm, "AER: device recovery successful", 60),
         "AER recovery of igbvf in L2:\n{}",
@@ -1292,7 +1300,7 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
         "same guest address"
     );
     println!("recover=aer: AER recovery done {recovered:?} after the unpause; {aer}");
-    println!("L1 after the unpause: {}", l1_vf_state(&new_vf));
+    println!("L1 after the AER recovery: {}", l1_vf_state(&new_vf));
     println!("L1 igb PF log:\n{}", l1_igb_log());
 
     // 2. recover=none: the same change; what igbvf does by itself.
@@ -1313,6 +1321,10 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     )
     .unwrap();
     let t0 = Instant::now();
+    println!(
+        "L1 right after the unpause (recover=none): {}",
+        l1_vf_state(&vf3)
+    );
     let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0, KNOWN_FAILING_WAIT);
     let dmesg = vm.dmesg().unwrap();
     no_unplug_in(&dmesg);
