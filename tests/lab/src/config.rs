@@ -22,7 +22,7 @@ pub struct LabConfig {
     pub agent: PathBuf,
     /// Where the initramfs is cached.
     pub cache_dir: PathBuf,
-    /// L1 memory.
+    /// L1 memory ([`L1_MEMORY_MIB`]; keep it below 2816 MiB, see there).
     pub memory_mib: u32,
     /// L1 vCPUs (`SVFF_LAB_CPUS`, default 1).
     pub cpus: u32,
@@ -78,6 +78,24 @@ impl std::str::FromStr for TcgThread {
         }
     }
 }
+
+/// L1's memory: 2800 MiB, so that all of it lies below 4 GiB.
+///
+/// Why not more: on q35, QEMU puts RAM above 4 GiB as soon as there are 2816 MiB (0xb000_0000)
+/// or more, and SeaBIOS then moves every 64-bit prefetchable bridge window above 4 GiB (its
+/// `pci_pad_mem64`: a 512 MiB window per hotplug root port). L1's kernel places the igb VF BARs
+/// (64-bit prefetchable) in that window, e.g. at 0xc0_2000_0000, and QEMU 10.0.2 maps them at
+/// the low 32 bits of that address only: its igb PF registers the VF BAR types after creating
+/// the VFs, so the VFs' BARs count as 32-bit BARs (`info pci`: "BAR0: 32 bit memory at
+/// 0x20000000", which is L1's RAM). The VF registers then read as zero and writes go nowhere.
+/// With all RAM below 4 GiB, SeaBIOS keeps the windows in the 32-bit hole, the VF BARs land
+/// there (0xfe80_0000) and the truncation is harmless. The nvme VF BARs are not prefetchable,
+/// so they always lie below 4 GiB.
+pub const L1_MEMORY_MIB: u32 = 2800;
+const _: () = assert!(
+    L1_MEMORY_MIB < 0xb000_0000 / (1 << 20),
+    "L1 RAM must stay below 4 GiB"
+);
 
 /// Default number of L1 vCPUs (see [`TcgThread`] for why one).
 pub const DEFAULT_CPUS: u32 = 1;
@@ -256,7 +274,7 @@ impl LabConfig {
             kernel_version,
             agent,
             cache_dir: cache_dir(),
-            memory_mib: 3072,
+            memory_mib: L1_MEMORY_MIB,
             cpus: env_cpus()?,
             tcg_thread: env_tcg_thread()?,
             boot_timeout: Duration::from_secs(180),

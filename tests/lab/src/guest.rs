@@ -142,3 +142,164 @@ pub fn iommu_group(bdf: &str) -> u32 {
         .and_then(|n| n.parse().ok())
         .expect("numeric iommu group")
 }
+
+/// `PCI_COMMAND` bit: the function decodes its memory BARs.
+pub const PCI_COMMAND_MEMORY: u16 = 0x2;
+/// `PCI_COMMAND` bit: the function may master the bus (DMA, MSI/MSI-X writes).
+pub const PCI_COMMAND_MASTER: u16 = 0x4;
+
+fn config_file(bdf: &str, write: bool) -> (fs::File, PathBuf) {
+    let p = dev_path(bdf).join("config");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(&p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    (f, p)
+}
+
+/// Reads the 16-bit word at `offset` of `bdf`'s configuration space.
+pub fn config_read16(bdf: &str, offset: u64) -> u16 {
+    use std::os::unix::fs::FileExt;
+    let (f, p) = config_file(bdf, false);
+    let mut b = [0u8; 2];
+    f.read_exact_at(&mut b, offset)
+        .unwrap_or_else(|e| panic!("read {} at {offset:#x}: {e}", p.display()));
+    u16::from_le_bytes(b)
+}
+
+/// Writes the 16-bit word at `offset` of `bdf`'s configuration space.
+pub fn config_write16(bdf: &str, offset: u64, value: u16) {
+    use std::os::unix::fs::FileExt;
+    let (f, p) = config_file(bdf, true);
+    f.write_all_at(&value.to_le_bytes(), offset)
+        .unwrap_or_else(|e| panic!("write {value:#x} to {} at {offset:#x}: {e}", p.display()));
+}
+
+/// Sets `bits` in `bdf`'s `PCI_COMMAND` register and returns its previous value (to restore
+/// with [`config_write16`] at offset 4).
+pub fn set_command_bits(bdf: &str, bits: u16) -> u16 {
+    let old = config_read16(bdf, 4);
+    config_write16(bdf, 4, old | bits);
+    old
+}
+
+/// A memory BAR of a PCI function mapped through sysfs (`resource<N>`), for reading and writing
+/// its 32-bit registers from a lab test. The function must decode memory
+/// ([`PCI_COMMAND_MEMORY`], see [`set_command_bits`]) for the accesses to reach it.
+#[derive(Debug)]
+pub struct BarMap {
+    ptr: *mut u32,
+    len: usize,
+    path: PathBuf,
+}
+
+impl BarMap {
+    /// Maps BAR `bar` of `bdf` whole; panics with the path and errno on failure.
+    pub fn open(bdf: &str, bar: u32) -> BarMap {
+        let path = dev_path(bdf).join(format!("resource{bar}"));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let len = f
+            .metadata()
+            .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+            .len() as usize;
+        assert!(
+            len >= 4,
+            "{} is empty: BAR {bar} not assigned",
+            path.display()
+        );
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of `len` bytes of an open sysfs resource file; the
+        // kernel checks that the range lies within the BAR. The fd may close afterwards.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert!(
+            ptr != libc::MAP_FAILED,
+            "mmap {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        BarMap {
+            ptr: ptr.cast(),
+            len,
+            path,
+        }
+    }
+
+    fn word(&self, offset: usize) -> *mut u32 {
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.len,
+            "offset {offset:#x} is not an aligned register of {} ({} bytes)",
+            self.path.display(),
+            self.len
+        );
+        // SAFETY: offset + 4 <= len, so the result stays within the mapping.
+        unsafe { self.ptr.add(offset / 4) }
+    }
+
+    /// Reads the 32-bit register at `offset`.
+    pub fn read32(&self, offset: usize) -> u32 {
+        let p = self.word(offset);
+        // SAFETY: `p` is an aligned address within our live mapping of the BAR.
+        unsafe { std::ptr::read_volatile(p) }
+    }
+
+    /// Writes the 32-bit register at `offset`.
+    pub fn write32(&self, offset: usize, value: u32) {
+        let p = self.word(offset);
+        // SAFETY: `p` is an aligned address within our live mapping of the BAR.
+        unsafe { std::ptr::write_volatile(p, value) }
+    }
+}
+
+impl Drop for BarMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are the mapping made in `open`, unmapped only here.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Registers of an igb VF (8086:10ca) in its BAR0, as QEMU's `igbvf` emulates them, and the
+/// values the lab tests rely on (QEMU 10.0's hw/net/igbvf.c maps each to the PF's per-VF copy).
+pub mod igbvf {
+    /// Device status; reads the PF's STATUS.
+    pub const STATUS: usize = 0x0008;
+    /// STATUS: SR-IOV is on (set whenever VFs are enabled).
+    pub const STATUS_IOV_MODE: u32 = 1 << 18;
+    /// STATUS: the number of enabled VFs, at bits 14..=17.
+    pub const STATUS_NUM_VFS_SHIFT: u32 = 14;
+    /// Extended interrupt cause set: writing bit `v` raises MSI-X vector `v` (0..=2).
+    pub const EICS: usize = 0x1520;
+    /// Extended interrupt mask set: bit `v` enables MSI-X vector `v`.
+    pub const EIMS: usize = 0x1524;
+    /// Extended interrupt mask clear.
+    pub const EIMC: usize = 0x1528;
+    /// Extended interrupt auto-clear: a vector set here has its cause cleared when it fires
+    /// (without it the cause stays set and the next EICS write of that vector raises nothing).
+    pub const EIAC: usize = 0x152c;
+    /// Extended interrupt cause (read to clear).
+    pub const EICR: usize = 0x1580;
+    /// VF-to-PF mailbox control.
+    pub const V2PMAILBOX: usize = 0x0c40;
+    /// MSI-X vectors of an igb VF (rx, tx, mailbox).
+    pub const MSIX_VECTORS: u32 = 3;
+    /// BAR holding the MSI-X table (at offset 0; vector control of entry `n` at `16 n + 12`).
+    pub const MSIX_BAR: u32 = 3;
+    /// The PF's GPIE register (in the PF's BAR0): VF interrupts reach MSI-X only with
+    /// [`PF_GPIE_MSIX_MODE`] set there, which the PF's `igb` driver does and `pci-pf-stub` does not.
+    pub const PF_GPIE: usize = 0x1514;
+    /// GPIE: multiple-MSI-X mode.
+    pub const PF_GPIE_MSIX_MODE: u32 = 0x10;
+}

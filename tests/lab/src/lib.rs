@@ -38,7 +38,7 @@ mod session;
 mod signals;
 
 pub use agent::serve as serve_agent;
-pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT};
+pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT, L1_MEMORY_MIB};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
 pub use session::{shell, Lab, Output};
