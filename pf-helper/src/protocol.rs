@@ -54,6 +54,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         assign: Vec<crate::orch::AssignRequest>,
     },
+    /// `svff reconf --resources` of a PF in pool mode; the result is an [`crate::OpReport`].
+    PoolReconf {
+        /// The PF.
+        pf: PciAddress,
+        /// The VFs' new NVMe resources.
+        resources: crate::nvme::NvmeResources,
+        /// Free pool VFs for VMs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        assign: Vec<crate::orch::AssignRequest>,
+    },
     /// `svff recover`; the result is an [`crate::OpReport`].
     Recover {},
     /// Programs the PF's configured bitstream; the result is `{"steps": [...]}`.

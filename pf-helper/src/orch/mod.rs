@@ -2,6 +2,7 @@
 //! file (included in the crate docs).
 
 pub mod journal;
+mod pool;
 pub mod state;
 pub mod supervise;
 pub mod vmm;
@@ -718,7 +719,9 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 source: None,
             });
         }
-        let _ = pfc;
+        if pfc.pool {
+            return Err(pool::not_a_count_change(pf));
+        }
         let table = self.state.load_table()?;
         let before: Vec<Assignment> = table
             .of_pf(pf)
@@ -840,6 +843,15 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 .push("nothing to do: the journal shows no interrupted operation".into());
             return Ok(r);
         };
+        if matches!(
+            p.begin,
+            Step::Begin {
+                kind: OpKind::Pool,
+                ..
+            }
+        ) {
+            return self.recover_pool(&p);
+        }
         let Step::Begin {
             pf,
             mode,
@@ -1073,6 +1085,7 @@ fn summary(begin: &Step) -> String {
             match kind {
                 OpKind::Init => "init",
                 OpKind::Reconf => "reconf",
+                OpKind::Pool => "pool reconf",
             },
             mode_name(*mode)
         ),

@@ -940,3 +940,6 @@ fn the_daemon_finishes_an_interrupted_operation_before_serving() {
         "nothing left to recover"
     );
 }
+
+#[path = "pool_tests.rs"]
+mod pool_tests;
