@@ -65,7 +65,12 @@ enum Command {
         #[arg(long, value_name = "BDF")]
         pf: PciAddress,
         /// The new VF count (not for a PF in pool mode).
-        #[arg(long, value_name = "N", required_unless_present = "resources", conflicts_with = "resources")]
+        #[arg(
+            long,
+            value_name = "N",
+            required_unless_present = "resources",
+            conflicts_with = "resources"
+        )]
         vfs: Option<u16>,
         /// Pool mode: new NVMe resources of some VFs, INDEX=vq:N,vi:N,...;
         /// only those VFs are paused, the VF count stays.

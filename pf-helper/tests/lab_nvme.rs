@@ -381,7 +381,7 @@ fn too_many_resources_are_refused_with_a_clear_error_and_nothing_changed() {
     let numvfs = || guest::read_attr(guest::dev_path(&pf).join("sriov_numvfs"));
     assert_eq!(numvfs(), "4");
 
-    // Above the per-VF maximum (VQFRSM 2 in the lab), same count.
+    // Above the per-VF maximum (VQFRSM 16, VIFRSM 8 in the lab), same count.
     let out = svff(&[
         "--direct",
         "vfs",
@@ -390,22 +390,22 @@ fn too_many_resources_are_refused_with_a_clear_error_and_nothing_changed() {
         &pf,
         "4",
         "--resources",
-        "0=vq:2,vi:1,1=vq:3,vi:1",
+        "0=vq:2,vi:1,1=vq:17,vi:1",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("PF {pf}: NVMe VF resources: VF 1: 3 VQ requested, at most 2 per secondary controller (VQFRSM)")),
+        err.contains(&format!("PF {pf}: NVMe VF resources: VF 1: 17 VQ requested, at most 16 per secondary controller (VQFRSM)")),
         "{err}"
     );
     // With a count change: refused before sriov_numvfs is written.
     let out = svff(&[
-        "--direct", "vfs", "set", "--pf", &pf, "2", "--vq", "2", "--vi", "2",
+        "--direct", "vfs", "set", "--pf", &pf, "2", "--vq", "2", "--vi", "9",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("VF 0: 2 VI requested, at most 1 per secondary controller (VIFRSM)"),
+        err.contains("VF 0: 9 VI requested, at most 8 per secondary controller (VIFRSM)"),
         "{err}"
     );
     assert_eq!(numvfs(), "4");

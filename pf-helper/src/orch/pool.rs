@@ -81,9 +81,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         let caps = crate::nvme::primary_caps(&*ctrl)?;
         let secs = crate::nvme::secondary_controllers(&*ctrl)?;
         let plan = crate::nvme::check_plan(pf, &caps, &secs, n, resources)?;
-        let changed: BTreeSet<u16> = crate::nvme::changed_vfs(&plan, &secs)
-            .into_iter()
-            .collect();
+        let changed: BTreeSet<u16> = crate::nvme::changed_vfs(&plan, &secs).into_iter().collect();
         let plan: Vec<PlannedVf> = plan
             .into_iter()
             .filter(|p| changed.contains(&p.index))
@@ -354,9 +352,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         if let Some(plan) = job.plan.filter(|p| !p.is_empty()) {
             let c = self.mgr.nvme_opener().open(pf).map_err(fail)?;
             let secs = crate::nvme::secondary_controllers(&*c).map_err(fail)?;
-            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, &secs)
-                .into_iter()
-                .collect();
+            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, &secs).into_iter().collect();
             todo = plan
                 .iter()
                 .filter(|p| left.contains(&p.index))

@@ -57,9 +57,7 @@ fn pool(pool: bool, b2: Behaviour) -> Pool {
     sys.add_pf(NPF, "0x1b36", "0x0010", 64, "0x0010");
     sys.preset_driver(NPF, "nvme");
     let nvme = FakeNvme::new(64, 16, 8, 8, 4);
-    let mgr = sys
-        .manager()
-        .with_nvme_opener(Arc::new(nvme.clone()));
+    let mgr = sys.manager().with_nvme_opener(Arc::new(nvme.clone()));
     let mut vms = BTreeMap::new();
     vms.insert("vm1".into(), vm_double(&p("vm1.sock"), svff()));
     vms.insert("vm2".into(), vm_double(&p("vm2.sock"), b2));
@@ -157,7 +155,11 @@ fn pool_reconf_pauses_only_the_vfs_whose_resources_change_and_never_writes_numvf
             format!("svff-vfio-unpause {}", nid(2))
         ]
     );
-    assert!(p.vms["vm3"].log().is_empty(), "vm3 was contacted: {:?}", p.vms["vm3"].log());
+    assert!(
+        p.vms["vm3"].log().is_empty(),
+        "vm3 was contacted: {:?}",
+        p.vms["vm3"].log()
+    );
     let names: Vec<(&str, Option<&str>)> = r
         .steps
         .iter()
@@ -270,7 +272,9 @@ fn free_pool_vfs_are_given_to_vms_with_their_new_resources() {
     assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert_eq!(p.res(5), (true, 4, 2));
     assert_eq!(p.vms["vm3"].ids(), vec![nid(4), nid(5)]);
-    assert!(p.vms["vm3"].log().contains(&format!("device_add {}", nid(5))));
+    assert!(p.vms["vm3"]
+        .log()
+        .contains(&format!("device_add {}", nid(5))));
     assert!(p.vms["vm1"].log().is_empty() && p.vms["vm2"].log().is_empty());
     assert_eq!(r.assignments.len(), 6);
     let e = p
