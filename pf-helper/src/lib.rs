@@ -194,6 +194,7 @@
 //! |---|---|
 //! | `{"op":"init"}` | `svff init` |
 //! | `{"op":"reconf","pf":"0000:01:00.0","vfs":2,"mode":"detach","assign":[{"vm":"vm1","count":1}]}` (`mode` default `pause`, `assign` optional) | `svff reconf --pf 0000:01:00.0 --vfs 2 --mode detach --assign vm1=1` |
+//! | `{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"0":{"vq":4,"vi":2}}},"assign":[{"vm":"vm1","count":1}]}` (pool mode; `assign` optional) | `svff reconf --pf 0000:02:00.0 --resources 0=vq:4,vi:2 --assign vm1=1` |
 //! | `{"op":"recover"}` | `svff recover` |
 //!
 //! Their error kinds add `state` (state directory unusable), `vmm` (a VMM

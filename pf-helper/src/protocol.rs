@@ -229,6 +229,32 @@ mod tests {
     }
 
     #[test]
+    fn pool_reconf_requests_have_the_documented_shape() {
+        let text = r#"{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"0":{"vq":4,"vi":2}}},"assign":[{"vm":"vm1","count":1}]}"#;
+        let r: Request = serde_json::from_str(text).unwrap();
+        let Request::PoolReconf {
+            pf,
+            resources,
+            assign,
+        } = &r
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(pf.to_string(), "0000:02:00.0");
+        assert_eq!(
+            resources.for_vf(0),
+            Some(crate::nvme::VfResources { vq: 4, vi: 2 })
+        );
+        assert_eq!(resources.for_vf(1), None);
+        assert_eq!(assign.len(), 1);
+        assert_eq!(serde_json::to_string(&r).unwrap(), text);
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"x":{"vq":4,"vi":2}}}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn malformed_requests_are_rejected() {
         for bad in [
             r#"{"op":"vfs_set","pf":"0000:01:00.0","count":4,"extra":1}"#,

@@ -351,7 +351,7 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
 
     // Pool reconfs of 1, 4 and 10 VFs.
     let mut timings = Vec::new();
-    for (n, vq, vi) in [(1u64, 4u64, 2u64), (4, 3, 2), (10, 4, 2)] {
+    for (n, vq, vi) in [(1u64, 4u64, 1u64), (4, 3, 1), (10, 4, 1)] {
         let named: Vec<u64> = (0..n).collect();
         let before_pauses = s.vmm_devices();
         let before_counts: BTreeMap<u64, Counters> = vm_of
@@ -468,6 +468,11 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
         "at most 16 per secondary controller",
     );
     s.refused(&["reconf", "--pf", &pf, "--vfs", "4"], "is in pool mode");
+    // The VI count is the VF's MSI-X table size: not while a VM holds it.
+    s.refused(
+        &["reconf", "--pf", &pf, "--resources", "0=vq:4,vi:2"],
+        "changes its MSI-X table size",
+    );
     assert_eq!(s.resources(), res, "a refusal changed resources");
     assert_eq!(s.vmm_devices(), pauses, "a refusal paused something");
     assert_eq!(s.vf_identity(), identity);
@@ -476,7 +481,7 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
     // VF 3 (vm2): begin, pool_plan, pause x2, resources, unpause x2, table.
     for seq in 0..=7u32 {
         let cur = res[&0];
-        let (vq, vi) = if cur.1 == 4 { (2, 1) } else { (4, 2) };
+        let (vq, vi) = if cur.1 == 4 { (2, 1) } else { (4, 1) };
         let text = format!("0=vq:{vq},vi:{vi},3=vq:{vq},vi:{vi}");
         let out = s.run(
             &["reconf", "--pf", &pf, "--resources", &text, "--json"],

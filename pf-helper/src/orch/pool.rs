@@ -5,7 +5,10 @@
 //! 1. the request is checked against the controller before anything is
 //!    written (unknown VF, beyond the per-VF maxima or the flexible totals:
 //!    errors naming the PF and VF); the VFs whose secondary controller
-//!    already is as asked are left out;
+//!    already is as asked are left out; a VI change of a VF a VM holds is
+//!    refused (the VI count is the VF's MSI-X table size, which the guest,
+//!    keeping its config space through the pause, cannot follow: the
+//!    VMM's identity check would refuse the unpause);
 //! 2. `begin` (kind `pool`) and `pool_plan` (those VFs' resources before and
 //!    after) are journaled;
 //! 3. *pause*: only the VMMs holding a changing VF are contacted, one thread
@@ -105,6 +108,24 @@ impl<S: Sysfs> Orchestrator<'_, S> {
 
         let table = self.state.load_table()?;
         let all: Vec<Assignment> = table.of_pf(pf).cloned().collect();
+        // The VI count is the VF's MSI-X table size (QEMU's nvme sets the
+        // MSI-X capability's table size to it when the secondary goes
+        // online): a guest holding the VF through a pause keeps its config
+        // space and cannot follow, and the VMM refuses the unpause.
+        for p in &plan {
+            let was = held(p.scid);
+            if let Some(a) = all.iter().find(|a| a.vf == p.index) {
+                if p.want.vi != was.vi {
+                    return Err(Error::NvmeResources {
+                        pf,
+                        reason: format!(
+                            "VF {} is held by VM {} ({}): changing its VI resources ({} -> {}) changes its MSI-X table size, which its guest cannot follow through a pause; change only vq, or give it VI resources while no VM holds it",
+                            p.index, a.vm, a.id, was.vi, p.want.vi
+                        ),
+                    });
+                }
+            }
+        }
         let before: Vec<Assignment> = all
             .iter()
             .filter(|a| a.state != AssignState::Gone)

@@ -127,13 +127,13 @@ fn pool_reconf_pauses_only_the_vfs_whose_resources_change_and_never_writes_numvf
     // VF 1 already has vq:2,vi:1: it is not touched.
     let r = p
         .orch()
-        .reconf_pool(npf(), &spec("0=vq:4,vi:2,1=vq:2,vi:1,2=vq:4,vi:2"), &[])
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,1=vq:2,vi:1,2=vq:4,vi:1"), &[])
         .unwrap();
     assert!(r.failures.is_empty(), "{:?}", r.failures);
     assert!(!p.numvfs_written(), "{:?}", p.mgr.sysfs().writes());
-    assert_eq!(p.res(0), (true, 4, 2));
+    assert_eq!(p.res(0), (true, 4, 1));
     assert_eq!(p.res(1), (true, 2, 1));
-    assert_eq!(p.res(2), (true, 4, 2));
+    assert_eq!(p.res(2), (true, 4, 1));
     let pauses = |vm: &str| -> Vec<String> {
         p.vms[vm]
             .log()
@@ -189,7 +189,7 @@ fn pool_reconf_pauses_only_the_vfs_whose_resources_change_and_never_writes_numvf
     }
     let again = p
         .orch()
-        .reconf_pool(npf(), &spec("0=vq:4,vi:2,2=vq:4,vi:2"), &[])
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,2=vq:4,vi:1"), &[])
         .unwrap();
     assert!(!again.changed);
     assert!(p.vms.values().all(|v| v.log().is_empty()));
@@ -203,6 +203,7 @@ fn pool_reconf_refuses_unknown_vfs_totals_and_non_pool_pfs_before_anything_chang
         ("9=vq:2,vi:1", "VF 9 given resources, but the PF has 6 VFs"),
         ("0=vq:8,vi:1,1=vq:8,vi:1", "flexible VQ resources are free"),
         ("0=vq:16,vi:1", "at most 8 per secondary controller"),
+        ("1=vq:2,vi:2", "VF 1 is held by VM vm1"),
     ];
     for (s, want) in cases {
         let e = p.orch().reconf_pool(npf(), &spec(s), &[]).unwrap_err();
@@ -238,7 +239,7 @@ fn a_pause_without_answer_rolls_back_and_leaves_the_resources_unchanged() {
     );
     let e = p
         .orch()
-        .reconf_pool(npf(), &spec("0=vq:4,vi:2,2=vq:4,vi:2"), &[])
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,2=vq:4,vi:1"), &[])
         .unwrap_err();
     assert_eq!(e.kind(), "vmm", "{e}");
     assert!(e.to_string().contains("rolled back"), "{e}");
@@ -295,7 +296,7 @@ type PoolStep<'a> = Box<dyn FnOnce(&mut Journal) + 'a>;
 
 #[test]
 fn recover_finishes_a_pool_reconf_interrupted_after_any_record() {
-    let want = VfResources { vq: 4, vi: 2 };
+    let want = VfResources { vq: 4, vi: 1 };
     for stop in 0..=7 {
         let p = pool(true, svff());
         let table = p.orch().table().unwrap();
@@ -409,11 +410,11 @@ fn recover_finishes_a_pool_reconf_interrupted_after_any_record() {
         let expect = if stop == 0 || rollback_only {
             (true, 2, 1)
         } else {
-            (true, 4, 2)
+            (true, 4, 1)
         };
         assert_eq!(p.res(2), expect, "stop {stop}");
         if stop >= 1 && !rollback_only {
-            assert_eq!(p.res(0), (true, 4, 2), "stop {stop}");
+            assert_eq!(p.res(0), (true, 4, 1), "stop {stop}");
         }
         assert_eq!(p.res(4), (true, 2, 1), "stop {stop}");
     }
