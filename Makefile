@@ -19,7 +19,7 @@ build: deps
 	$(CARGO) build --workspace --all-targets
 
 demo: build
-	$(LAB) run --timeout 600 -- bash $(CURDIR)/scripts/demo.sh
+	$(LAB) run --timeout 900 -- bash $(CURDIR)/scripts/demo.sh
 
 # svff's QEMU (qemu-fork/): upstream QEMU + patches + libvfio_pause.a, cached by input hash in
 # ~/.cache/svff-qemu/; prints the binary's path.

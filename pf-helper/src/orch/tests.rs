@@ -863,6 +863,65 @@ fn svff_vmm_kind_that_is_not_running_is_started_by_init_and_a_failed_start_names
 }
 
 #[test]
+fn reconf_records_the_vfs_of_an_svff_vmm_that_died_as_gone_and_goes_on() {
+    let lab = lab(svff(), svff(), "");
+    lab.orch().init().unwrap();
+    // vm2 becomes an svff-vmm VM whose VMM (per its pid file) has ended.
+    let mut config = lab.config.clone();
+    let vm2 = config.vms.iter_mut().find(|v| v.name == "vm2").unwrap();
+    vm2.kind = crate::config::VmKind::SvffVmm;
+    vm2.qmp = lab.dir.path().join("vm2-dead.sock");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    std::fs::write(
+        supervise::files(&config.state_dir, "vm2").pid,
+        format!("{pid} 1\n"),
+    )
+    .unwrap();
+    let orch = Orchestrator::new(&config, &lab.mgr, &QmpConnector).unwrap();
+    let r = orch
+        .reconf(
+            pf(),
+            4,
+            Mode::Pause,
+            &[AssignRequest {
+                vm: "vm1".into(),
+                count: 1,
+            }],
+        )
+        .unwrap();
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| f.contains("VM vm2") && f.contains("recorded as gone")),
+        "{r:?}"
+    );
+    let table: Vec<(u16, String, AssignState)> = orch
+        .table()
+        .unwrap()
+        .assignments
+        .into_iter()
+        .map(|a| (a.vf, a.vm, a.state))
+        .collect();
+    assert!(
+        table.contains(&(3, "vm2".into(), AssignState::Gone)),
+        "{table:?}"
+    );
+    assert!(
+        table.contains(&(2, "vm1".into(), AssignState::Attached)),
+        "{table:?}"
+    );
+    assert_eq!(lab.vm("vm1").ids(), ids(&[0, 1, 2]));
+    let v2 = orch
+        .vm_status()
+        .into_iter()
+        .find(|v| v.name == "vm2")
+        .unwrap();
+    assert_eq!(v2.process.as_deref(), Some("exited"));
+}
+
+#[test]
 fn status_assignments_carry_the_vmm_pause_state_or_say_why_not() {
     let lab = lab(svff(), Behaviour::default(), "");
     lab.orch().init().unwrap();

@@ -57,7 +57,7 @@ pub trait Connector: Send + Sync + std::fmt::Debug {
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error>;
 
     /// Starts `vm`'s VMM (kind `svff-vmm`) with `vfs` (see
-    /// [`supervise`](super::supervise)) and connects to it; returns the
+    /// the orchestration README, "VMs of kind svff-vmm") and connects to it; returns the
     /// connection and the VMM's pid. The default refuses.
     fn start(
         &self,
@@ -74,7 +74,7 @@ pub trait Connector: Send + Sync + std::fmt::Debug {
 }
 
 /// The real connector: QMP over each VM's socket; svff-vmm VMs started as
-/// [`supervise`](super::supervise) says.
+/// the orchestration README says.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QmpConnector;
 
