@@ -441,6 +441,15 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
+    /// `svff bench`: a benchmark step failed (set-up, a VM, a file); the text names it.
+    #[error("bench: {what}")]
+    Bench {
+        /// What failed, naming the PF, VF, VM or path.
+        what: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -486,6 +495,7 @@ impl Error {
             Error::Remote { kind, .. } => kind,
             Error::NvmeController { .. } | Error::NvmeAdmin { .. } => "nvme",
             Error::NvmeResources { .. } => "nvme_resources",
+            Error::Bench { .. } => "bench",
         }
     }
 

@@ -218,7 +218,12 @@
 //!   "id": "svff-0000-01-00.0-vf0", "bus": "svffrp0", "guest": "0000:01:00.0",
 //!   "state": "attached", "vmm_state": "paused", "vmm_note": null } ]
 //! ```
+//!
+//! # `svff bench`
+//!
+#![doc = include_str!("bench/README.md")]
 
+mod bench;
 mod bitstream;
 mod client;
 mod config;
@@ -236,6 +241,12 @@ mod sriov;
 mod status;
 mod sysfs;
 
+pub use bench::{
+    draw_plot, finish as bench_finish, parse_modes, parse_vf_counts, parse_vmms, plan, render_all,
+    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestLoad, GuestRunView, PaperPoint,
+    Planned, Run as BenchRun, Series as BenchSeries, Summary as BenchSummary, TableIRow, VmmKind,
+    BENCH_FORMAT_VERSION, PAPER_TABLE_I,
+};
 pub use bitstream::BitstreamConfig;
 pub use client::request;
 pub use config::{

@@ -24,11 +24,11 @@ mod vm;
 
 pub use boot::{LinuxBoot, DEFAULT_CMDLINE, GUEST_LOAD_ADDR, GUEST_STACK_TOP};
 pub use devices::{
-    SerialSink, TestDevice, VfioPci, COM1_BASE, DEBUG_EXIT_PORT, TEST_DEVICE_BAR0_SIZE,
-    TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
+    BarAccessStats, SerialSink, TestDevice, VfioPci, COM1_BASE, DEBUG_EXIT_PORT,
+    TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 pub use error::Error;
-pub use guest::{parse_counters, GuestCounters, TestGuest};
+pub use guest::{parse_counters, GuestCounters, GuestMode, TestGuest};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
     CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use qmp_ext::{EventSink, Server, ServerConfig, VersionInfo};
 use svff_vmm::{
-    Error, GuestImage, LinuxBoot, QmpHandler, SerialOutput, Start, StartGate, TestGuest, VfioSpec,
-    Vm, VmConfig, DEFAULT_CMDLINE, START_TIMEOUT,
+    Error, GuestImage, GuestMode, LinuxBoot, QmpHandler, SerialOutput, Start, StartGate, TestGuest,
+    VfioSpec, Vm, VmConfig, DEFAULT_CMDLINE, START_TIMEOUT,
 };
 use vfio_pause::PausePolicy;
 
@@ -20,6 +20,23 @@ enum GuestKind {
     /// The built-in test guest: enumerates PCI bus 0 and reads every function's BAR0 in a loop,
     /// printing parseable counter lines on COM1.
     Test,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GuestModeArg {
+    /// The read loop.
+    Read,
+    /// The read loop; while a VF's identity register reads all-ones (paused, policy ignore),
+    /// pseudo-random writes anywhere in its BAR0 and config space.
+    ScribblePaused,
+    /// `cli; hlt` for ever after the set-up.
+    Halt,
+    /// `cli` and a tight loop for ever after the set-up.
+    Spin,
+    /// The read loop; every igb VF raises its own MSI-X vector 0 each round (EICS).
+    RingVf,
+    /// The read loop; after round 100 every target's BAR0 moves to 0xe0000000 + index MiB.
+    MoveBar,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +102,8 @@ struct Cli {
 
     /// Serve QMP on a unix socket at this path (must not exist). Commands: qmp_capabilities,
     /// query-version, query-status, stop, cont, quit, getfd, closefd, x-svff-set-present,
-    /// device_add (vfio-pci), device_del, x-svff-trigger-irq and x-svff-query-bar-slots (test
-    /// only), x-svff-start (start-up handshake of --vfio ...,fd=),
+    /// device_add (vfio-pci), device_del, x-svff-trigger-irq, x-svff-query-bar-slots and
+    /// x-svff-query-tsc (test only), x-svff-start (start-up handshake of --vfio ...,fd=),
     /// svff-vfio-pause, svff-vfio-unpause, query-svff-vfio.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
@@ -104,6 +121,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..))]
     guest_report_every: u32,
+
+    /// Test guest: what it does after enumerating bus 0 and setting up interrupts and MSI-X
+    /// (robustness tests: a guest that scribbles over paused VFs, halts or spins).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "read")]
+    guest_mode: GuestModeArg,
 
     /// Emulated `svff-test` PCI functions (1234:5ff0, a 4 KiB BAR0 of registers), placed at
     /// 00:01.0, 00:02.0, ...
@@ -235,6 +257,14 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
         (None, GuestKind::Test) => GuestImage::Test(TestGuest {
             rounds: cli.guest_rounds,
             report_every: cli.guest_report_every,
+            mode: match cli.guest_mode {
+                GuestModeArg::Read => GuestMode::Read,
+                GuestModeArg::ScribblePaused => GuestMode::ScribblePaused,
+                GuestModeArg::Halt => GuestMode::Halt,
+                GuestModeArg::Spin => GuestMode::Spin,
+                GuestModeArg::RingVf => GuestMode::RingVf,
+                GuestModeArg::MoveBar => GuestMode::MoveBar,
+            },
         }),
     };
     Ok(VmConfig {

@@ -13,10 +13,11 @@
 //! | `x-svff-trigger-irq` | `{"id", "vector"}` | test only: the kernel fires MSI-X vector `vector` of an attached `--vfio` device (`VFIO_DEVICE_SET_IRQS` trigger), so it travels VFIO -> eventfd -> KVM irqfd -> guest; an error while paused or before the guest enabled MSI-X |
 //! | `device_add` | `{"driver": "vfio-pci", "host", "id", "policy"?, "fdname"?, "mmap"?, "bus"? (ignored)}` | hot-plugs a VF at the first free device number of bus 0 (needs a VMM started with a `--vfio`); returns `{"guest": "00:DD.F"}` |
 //! | `device_del` | `{"id"}` | hot-unplugs a VFIO device at once (surprise removal: no guest handshake): detached, off the bus; event `DEVICE_DELETED` `{"device", "path"}` |
+//! | `x-svff-query-tsc` | none | test only: `{"tsc-khz"}`, the guest's TSC frequency (to turn the test guest's TSC counts into time; 0 if KVM cannot tell) |
 //! | `x-svff-query-bar-slots` | none | test only: per `--vfio` device `{"id", "slots", "maps", "trapped"}`: KVM slots mapped now, slots added so far, BAR accesses that trapped to the VMM outside the MSI-X table/PBA |
 //! | `svff-vfio-pause` | `{"id", "policy"?}` | pauses a `--vfio` device through vfio-pause: every host fd closed when it returns; timings returned; event `SVFF_VFIO_STATE_CHANGED` |
 //! | `svff-vfio-unpause` | `{"id", "host"?, "fdname"?}` | reopens it on `host` (default: the previous one) or on a group fd passed with `getfd` |
-//! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses, last timings |
+//! | `query-svff-vfio` | none | every `--vfio` device: state, host, guest address, policy, pauses, paused accesses (BAR reads/writes answered all-ones/dropped or held until the unpause, since start), last timings |
 //!
 //! | `x-svff-start` | none | start-up handshake only (see [`StartGate`]) |
 //!
@@ -277,11 +278,15 @@ impl Handler for QmpHandler {
                                 "id": e.id,
                                 "slots": slots,
                                 "maps": maps,
-                                "trapped": e.trapped.load(Ordering::Relaxed),
+                                "trapped": e.trapped.trapped.load(Ordering::Relaxed),
                             })
                         })
                         .collect(),
                 ))
+            }
+            "x-svff-query-tsc" => {
+                no_args(arguments)?;
+                Ok(json!({"tsc-khz": self.vm.tsc_khz()}))
             }
             "x-svff-trigger-irq" => {
                 let a: TriggerIrq = decode_arguments(command, arguments)?;
@@ -382,8 +387,10 @@ impl PausableDevices for QmpHandler {
                     paused_accesses: SvffVfioPausedAccesses {
                         config_reads: c.shadow_reads,
                         config_writes: c.shadow_writes,
-                        bar_reads: c.ignored_reads,
-                        bar_writes: c.ignored_writes,
+                        bar_reads: c.ignored_reads
+                            + e.trapped.stalled_reads.load(Ordering::Relaxed),
+                        bar_writes: c.ignored_writes
+                            + e.trapped.stalled_writes.load(Ordering::Relaxed),
                     },
                     last_pause: lp.as_ref().map(timings),
                     last_unpause: lu.as_ref().map(timings),

@@ -186,6 +186,7 @@ fn test_guest_enumerates_bus_0_and_reads_every_test_device_bar0_validly() {
         TestGuest {
             rounds: 50,
             report_every: 25,
+            ..Default::default()
         },
     );
     assert_eq!(vm.run().unwrap(), ExitReason::DebugExit(0));
@@ -237,6 +238,7 @@ fn test_guest_notices_a_function_leaving_config_space_and_coming_back() {
         TestGuest {
             rounds: 0,
             report_every: 20,
+            ..Default::default()
         },
     );
     let h = vm.handle();

@@ -759,3 +759,122 @@ fn device_del_and_device_add_of_a_vf_are_seen_by_the_guest_as_a_removal_and_an_a
     assert!(after.ok > before.ok, "valid reads on the added VF");
     assert_ne!(after.id, u32::MAX);
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn a_bar0_the_guest_moves_is_mapped_at_its_new_address_and_again_after_a_pause_onto_a_new_vf() {
+    use qmp_ext::Client;
+    use serde_json::{json, Value};
+    use std::time::{Duration, Instant};
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    let (pf, vfs) = igb_vfs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.log");
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svff-vmm"))
+        .args(["--test-devices", "0", "--guest-report-every", "20"])
+        .args(["--guest-mode", "move-bar"])
+        .arg(format!("--vfio={},id=vf0", vfs[0]))
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--qmp")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let out = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let last = || {
+        let o = out();
+        let complete = o[..o.rfind('\n').map_or(0, |i| i + 1)].to_string();
+        complete
+            .lines()
+            .rev()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0")
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}:\n{}",
+                out()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let two_reports = |what: &str| {
+        let r = last().map_or(0, |c| c.round);
+        wait(what, &|| last().is_some_and(|c| c.round >= r + 40));
+    };
+    // STATUS of an igb VF: IOV mode and 1 VF.
+    let live = |st: u32| st & (1 << 18) != 0 && (st >> 14) & 0xf == 1;
+    wait("the QMP socket", &|| sock.exists());
+    let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    let mut slots = || -> Value { qmp.execute("x-svff-query-bar-slots", None).unwrap()[0].clone() };
+    wait("the guest to move BAR0", &|| {
+        out().contains("svff-guest: dev=00:01.0 moved bar0=e0000000")
+    });
+    two_reports("reports at the new address");
+    let s0 = slots();
+    let moved = last().unwrap();
+    two_reports("more reports at the new address");
+    let s1 = slots();
+    let at_new = last().unwrap();
+    println!("after the move: {s0} -> {s1}; {moved:?} -> {at_new:?}");
+    assert!(
+        s0["slots"].as_u64().unwrap() >= 1,
+        "BAR0 mapped again: {s0}"
+    );
+    assert!(
+        s0["maps"].as_u64() > Some(s0["slots"].as_u64().unwrap()),
+        "re-added at the move: {s0}"
+    );
+    assert_eq!(
+        s0["trapped"], s1["trapped"],
+        "no read trapped at the new address"
+    );
+    assert!(
+        live(at_new.st) && at_new.ones == 0 && at_new.ok > moved.ok,
+        "{at_new:?}"
+    );
+
+    let mut qmp2 = Client::connect(&sock, Duration::from_secs(30)).unwrap();
+    qmp2.execute("svff-vfio-pause", Some(json!({"id": "vf0"})))
+        .unwrap();
+    two_reports("reports while paused");
+    set_numvfs(&pf, 0);
+    set_numvfs(&pf, 1);
+    let new_vfs = vfs_of(&pf);
+    bind(&new_vfs[0], "vfio-pci");
+    qmp2.execute(
+        "svff-vfio-unpause",
+        Some(json!({"id": "vf0", "host": new_vfs[0]})),
+    )
+    .unwrap();
+    let info = qmp2.execute("query-svff-vfio", None).unwrap();
+    let paused_reads = info[0]["paused-accesses"]["bar-reads"].as_u64().unwrap();
+    let su = slots();
+    two_reports("reports after the unpause");
+    let su2 = slots();
+    let after = last().unwrap();
+    qmp2.execute("quit", None).unwrap();
+    let status = child.wait().unwrap();
+    cleanup(&pf, &vfs);
+    println!("{}", out());
+    assert!(status.success());
+    assert_eq!(su["slots"], s0["slots"], "the moved BAR mapped again: {su}");
+    assert_eq!(
+        su["trapped"], su2["trapped"],
+        "at the moved address: {su} -> {su2}"
+    );
+    assert_eq!(after.gone, 0);
+    assert!(
+        after.ones >= 1 && after.ones == paused_reads,
+        "{after:?} {paused_reads}"
+    );
+    assert!(
+        live(after.st) && after.ok > at_new.ok,
+        "live registers of the new VF: {after:?}"
+    );
+}

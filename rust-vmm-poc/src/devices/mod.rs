@@ -57,7 +57,7 @@ impl VfioFactory {
             self.vm.clone(),
             self.slot_pool.clone(),
         );
-        let trapped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let trapped = Arc::new(BarAccessStats::default());
         let dev = VfioPci::open(
             self.container.clone(),
             source,
@@ -95,8 +95,20 @@ pub(crate) struct VfioEntry {
     pub(crate) pauses: std::sync::atomic::AtomicU64,
     /// Its BARs' KVM slots.
     pub(crate) slots: BarSlots,
-    /// BAR accesses that reached the VMM (trapped) outside the MSI-X table and PBA.
-    pub(crate) trapped: Arc<std::sync::atomic::AtomicU64>,
+    /// BAR accesses that reached the VMM (trapped) outside the MSI-X table and PBA, and
+    /// how many of them were held by a `stall` pause.
+    pub(crate) trapped: Arc<BarAccessStats>,
+}
+
+/// Counts of a VF's BAR accesses that reached the VMM.
+#[derive(Debug, Default)]
+pub struct BarAccessStats {
+    /// Trapped accesses outside the MSI-X table and PBA.
+    pub trapped: std::sync::atomic::AtomicU64,
+    /// Reads that waited for an unpause (policy `stall`).
+    pub stalled_reads: std::sync::atomic::AtomicU64,
+    /// Writes that waited for an unpause (policy `stall`).
+    pub stalled_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Devices {

@@ -23,10 +23,10 @@
 //! Not yet: MSI (only MSI-X is wired).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use super::BarSlots;
+use super::{BarAccessStats, BarSlots};
 
 use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, VfSource};
 
@@ -141,7 +141,7 @@ pub struct VfioPci {
     shadow: ConfigSpace,
     msix: Option<(MsixLayout, Msix)>,
     slots: BarSlots,
-    trapped: Arc<AtomicU64>,
+    trapped: Arc<BarAccessStats>,
 }
 
 impl std::fmt::Debug for VfioPci {
@@ -165,7 +165,7 @@ impl VfioPci {
         policy: PausePolicy,
         router: Arc<Mutex<GsiRouter>>,
         slots: Option<BarSlots>,
-        trapped: Arc<AtomicU64>,
+        trapped: Arc<BarAccessStats>,
     ) -> Result<Self, Error> {
         let host = *source.address();
         let res = host.sysfs_path().join("resource");
@@ -353,8 +353,20 @@ impl PciDevice for VfioPci {
                 m.pba_read(off, data)
             };
         }
-        self.trapped.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.dev.bar_read(bar as u32, offset, data) {
+        self.trapped.trapped.fetch_add(1, Ordering::Relaxed);
+        // vfio-pause's bar_read, with the stall counted here (its counters do not tell
+        // reads from writes).
+        let mut stall = vfio_pause::Stall::default();
+        let r = loop {
+            match self.dev.try_bar_read(bar as u32, offset, data, &mut stall) {
+                Ok(vfio_pause::Access::Retry) => self.dev.wait_unpaused(&stall),
+                other => break other.map(drop),
+            }
+        };
+        if stall.deadline().is_some() {
+            self.trapped.stalled_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = r {
             tracing::debug!("{}: BAR{bar} read {offset:#x}: {e}", self.name);
             data.fill(0xff);
         }
@@ -370,8 +382,18 @@ impl PciDevice for VfioPci {
             }
             return;
         }
-        self.trapped.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.dev.bar_write(bar as u32, offset, data) {
+        self.trapped.trapped.fetch_add(1, Ordering::Relaxed);
+        let mut stall = vfio_pause::Stall::default();
+        let r = loop {
+            match self.dev.try_bar_write(bar as u32, offset, data, &mut stall) {
+                Ok(vfio_pause::Access::Retry) => self.dev.wait_unpaused(&stall),
+                other => break other.map(drop),
+            }
+        };
+        if stall.deadline().is_some() {
+            self.trapped.stalled_writes.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = r {
             tracing::debug!("{}: BAR{bar} write {offset:#x}: {e}", self.name);
         }
     }

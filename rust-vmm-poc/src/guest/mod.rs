@@ -10,7 +10,7 @@
 //!    prints each function found:
 //!    `svff-guest: found 00:DD.F vendor=VVVV device=DDDD class=CCCCCC` (hex);
 //! 3. takes every function that is not a bridge (class 0x06) and has a memory BAR0 below
-//!    4 GiB as a *target* (at most 32), enabling its memory decoding, then prints
+//!    4 GiB as a *target* (at most 32), enabling its memory decoding and bus mastering, then prints
 //!    `svff-guest: enumerated N functions, M targets`;
 //! 4. sets up interrupts: an IDT (exceptions print `svff-guest: exception` and end the VM
 //!    with debug exit 0xee), the 8259 PICs at vectors 0x20/0x28 with only IRQ 4 open, the
@@ -24,9 +24,16 @@
 //!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
 //!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
 //! 6. every `report_every` rounds prints, per target,
-//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N id=XXXXXXXX`
-//!    (`max_tsc`: the longest single BAR read in TSC ticks; `irqs`: MSI-X interrupts taken;
-//!    `id`: the last BAR0+0 value, hex);
+//!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N win_ktsc=N id=XXXXXXXX st=XXXXXXXX`
+//!    (`max_tsc`: the longest single BAR read in TSC ticks, low 32 bits; `irqs`: MSI-X
+//!    interrupts taken; `win_ktsc`: the longest guest-observed disruption in units of 1024 TSC
+//!    ticks: a run of all-ones reads from its first read to the end of the next valid read
+//!    (policy `ignore`), or one slow read (a stalled access, policy `stall`), whichever is
+//!    longest; `id`: the last BAR0+0 value, `st`: the last BAR0+8 value, hex);
+//!    (with [`GuestMode::ScribblePaused`], an all-ones identity read is followed by writes
+//!    of pseudo-random values anywhere in the target's BAR0 and config space; with
+//!    [`GuestMode::Halt`] / [`GuestMode::Spin`] the guest halts or spins with interrupts off
+//!    after step 4 instead of looping);
 //! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
 //!    debug exit port; otherwise it loops until the VMM ends.
 //!
@@ -42,6 +49,45 @@ extern "C" {
     static svff_guest_end: u8;
 }
 
+/// What the test guest does after its set-up (enumeration, interrupts, MSI-X).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestMode {
+    /// The read loop (the default).
+    #[default]
+    Read,
+    /// The read loop, and each time a target's identity register reads all-ones (a paused
+    /// VF under policy `ignore`), 4 pseudo-random dwords written to pseudo-random offsets of
+    /// its BAR0 (first 16 KiB) and 4 to its config space (0x00..0xfc): a guest that writes
+    /// anywhere while its device is paused.
+    ScribblePaused,
+    /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
+    Halt,
+    /// The read loop, and each round every igb VF (8086:10ca) with MSI-X set up raises its
+    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICS <- 1), so interrupts come from the VF
+    /// itself (the PF needs GPIE.MSIX_MODE, which `igb` sets and `pci-pf-stub` does not).
+    RingVf,
+    /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
+    Spin,
+    /// The read loop; after round 100 every target's BAR0 is moved (decoding off, BAR0 <-
+    /// `0xe000_0000 + index MiB`, decoding on) and reads go on at the new address; prints
+    /// `svff-guest: dev=00:DD.F moved bar0=XXXXXXXX`. Its MSI-X table stays where it was
+    /// found (fine for a VF whose table is in another BAR, as igb's in BAR3).
+    MoveBar,
+}
+
+impl GuestMode {
+    fn code(self) -> u32 {
+        match self {
+            GuestMode::Read => 0,
+            GuestMode::ScribblePaused => 1,
+            GuestMode::Halt => 2,
+            GuestMode::Spin => 3,
+            GuestMode::RingVf => 4,
+            GuestMode::MoveBar => 5,
+        }
+    }
+}
+
 /// Parameters of the test guest, patched into its image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestGuest {
@@ -49,6 +95,8 @@ pub struct TestGuest {
     pub rounds: u32,
     /// Rounds between counter reports (at least 1).
     pub report_every: u32,
+    /// What it does after its set-up.
+    pub mode: GuestMode,
 }
 
 impl Default for TestGuest {
@@ -56,6 +104,7 @@ impl Default for TestGuest {
         TestGuest {
             rounds: 0,
             report_every: 1000,
+            mode: GuestMode::Read,
         }
     }
 }
@@ -83,6 +132,7 @@ impl TestGuest {
         let mut img = unsafe { std::slice::from_raw_parts(start, len) }.to_vec();
         img[params..params + 4].copy_from_slice(&self.rounds.to_le_bytes());
         img[params + 4..params + 8].copy_from_slice(&self.report_every.max(1).to_le_bytes());
+        img[params + 8..params + 12].copy_from_slice(&self.mode.code().to_le_bytes());
         img
     }
 }
@@ -108,8 +158,12 @@ pub struct GuestCounters {
     pub max_tsc: u64,
     /// MSI-X interrupts taken.
     pub irqs: u64,
+    /// Longest guest-observed window (all-ones run or single slow read), 1024-tick units.
+    pub win_ktsc: u64,
     /// Last value of BAR0+0.
     pub id: u32,
+    /// Last value of BAR0+8.
+    pub st: u32,
 }
 
 /// Parses a `svff-guest: dev=... round=...` counter line (None for any other line).
@@ -127,13 +181,16 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
         back: 0,
         max_tsc: 0,
         irqs: 0,
+        win_ktsc: 0,
         id: 0,
+        st: 0,
     };
     let mut seen = 0;
     for kv in it {
         let (k, v) = kv.split_once('=')?;
         match k {
             "id" => c.id = u32::from_str_radix(v, 16).ok()?,
+            "st" => c.st = u32::from_str_radix(v, 16).ok()?,
             _ => {
                 let n: u64 = v.parse().ok()?;
                 match k {
@@ -145,13 +202,14 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
                     "back" => c.back = n,
                     "max_tsc" => c.max_tsc = n,
                     "irqs" => c.irqs = n,
+                    "win_ktsc" => c.win_ktsc = n,
                     _ => return None,
                 }
             }
         }
         seen += 1;
     }
-    (seen == 9).then_some(c)
+    (seen == 11).then_some(c)
 }
 
 #[cfg(test)]
@@ -163,24 +221,26 @@ mod tests {
         let img = TestGuest {
             rounds: 7,
             report_every: 3,
+            mode: GuestMode::Spin,
         }
         .image();
         assert_eq!(img[0], 0xe9, "jmp rel32");
         let (_, p, len) = span();
         assert_eq!(img.len(), len);
-        assert_eq!(&img[p..p + 8], &[7, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(&img[p..p + 12], &[7, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0]);
         assert!(len < 64 << 10);
     }
 
     #[test]
     fn counter_lines_parse_and_other_lines_do_not() {
         let c = parse_counters(
-            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 id=53564646",
+            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 win_ktsc=77 id=53564646 st=00010400",
         )
         .unwrap();
         assert_eq!(c.dev, "00:01.0");
         assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
         assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
+        assert_eq!((c.win_ktsc, c.st), (77, 0x0001_0400));
         assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
         assert!(parse_counters("svff-guest: start").is_none());
     }

@@ -16,6 +16,9 @@ svff_guest_start:
 svff_guest_params:                      # filled in by the VMM (TestGuest::params)
 .Lg_p_rounds:       .long 0             # stop after this many rounds (0: never)
 .Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
+.Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin,
+                                        # 4 read loop + igb VFs raise their own MSI-X,
+                                        # 5 read loop, BAR0s moved after round 100
 
 .p2align 2
 .Lg_nfuncs:     .long 0
@@ -26,16 +29,19 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_rounds:     .long 0
 .Lg_countdown:  .long 0
 .Lg_serial_irqs: .long 0
+.Lg_rand:       .long 0x2545f491
 .Lg_idtr:       .word 256 * 8 - 1
                 .long 0x100000 + .Lg_idt - svff_guest_start
 .p2align 3
 .Lg_idt:        .fill 256 * 8, 1, 0
-# One 64-byte entry per target function (at most 32):
+# One 128-byte entry per target function (at most 32):
 #   +0 conf1 address of its dword 0, +4 BAR0 address, +8 ok, +12 ones, +16 gone, +20 back,
 #   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
-#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none)
+#   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none),
+#   +52/+56 TSC (lo/hi) of the first read of the current run of all-ones reads (flags bit 1:
+#   in such a run), +60 longest window in units of 1024 TSC ticks, +64 last BAR0+8 value
 .p2align 6
-.Lg_targets:    .fill 32 * 64, 1, 0
+.Lg_targets:    .fill 32 * 128, 1, 0
 
 .Lg_s_start:    .asciz "svff-guest: start\n"
 .Lg_s_found:    .asciz "svff-guest: found "
@@ -56,11 +62,16 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_backc:    .asciz " back="
 .Lg_s_max:      .asciz " max_tsc="
 .Lg_s_id:       .asciz " id="
+.Lg_s_st:       .asciz " st="
 .Lg_s_done:     .asciz "svff-guest: done rounds="
 .Lg_s_irqs:     .asciz " irqs="
+.Lg_s_win:      .asciz " win_ktsc="
 .Lg_s_serial:   .asciz "svff-guest: serial irqs="
 .Lg_s_msix:     .asciz " msix vector="
 .Lg_s_exc:      .asciz "svff-guest: exception\n"
+.Lg_s_halt:     .asciz "svff-guest: halting with interrupts off\n"
+.Lg_s_spin:     .asciz "svff-guest: spinning with interrupts off\n"
+.Lg_s_moved:    .asciz " moved bar0="
 
 # ---- output helpers --------------------------------------------------------------------
 # putc: al -> COM1. Clobbers nothing.
@@ -154,7 +165,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     inl %dx, %eax
     ret
 
-# enable_mem: edi = conf1 address of dword 0: sets Memory Space in the command register.
+# enable_mem: edi = conf1 address of dword 0: sets Memory Space and Bus Master in the
+# command register.
 # Clobbers eax, edx.
 .Lg_enable_mem:
     movl %edi, %eax
@@ -163,7 +175,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     outl %eax, %dx
     movw $0xcfc, %dx
     inw %dx, %ax
-    orw $2, %ax
+    orw $6, %ax                         # Memory Space and Bus Master (a VF's own MSI-X)
     outw %ax, %dx
     ret
 
@@ -191,7 +203,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 3:  testl %ecx, %ecx
     jz 9f                               # unassigned
     movl (0x100000 + .Lg_ntargets - svff_guest_start), %eax
-    shll $6, %eax
+    shll $7, %eax
     addl $(0x100000 + .Lg_targets - svff_guest_start), %eax
     movl %edi, 0(%eax)
     movl %ecx, 4(%eax)
@@ -203,14 +215,19 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 
 # ---- one register read ------------------------------------------------------------------
 # read_reg: edi = address, ebp = target entry: reads the dword, timing it with rdtsc, and
-# counts it. Returns the value in eax. Clobbers eax, ecx, edx, esi.
+# counts it; keeps the longest window (a run of all-ones reads up to the next valid read,
+# or one slow read) in 1024-tick units. Returns the value in eax. Clobbers eax, ecx, edx, esi.
 .Lg_read_reg:
+    pushl %ebx
     lfence
     rdtsc
-    movl %eax, %esi
+    movl %eax, %esi                     # ebx:esi = start
+    movl %edx, %ebx
     movl (%edi), %ecx
     lfence
-    rdtsc
+    rdtsc                               # edx:eax = end
+    pushl %eax
+    pushl %edx                          # (%esp) = end hi, 4(%esp) = end lo
     subl %esi, %eax
     cmpl 24(%ebp), %eax
     jbe 2f
@@ -219,9 +236,113 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     cmpl $0xffffffff, %ecx
     jne 3f
     incl 12(%ebp)
+    testl $2, 28(%ebp)                  # first all-ones read of a run: note its start
+    jnz 4f
+    orl $2, 28(%ebp)
+    movl %esi, 52(%ebp)
+    movl %ebx, 56(%ebp)
     jmp 4f
 3:  incl 8(%ebp)
-4:  movl %ecx, %eax
+    testl $2, 28(%ebp)                  # a valid read ends a run of all-ones reads:
+    jz 5f                               # the window then starts at the run's first read
+    andl $0xfffffffd, 28(%ebp)
+    movl 52(%ebp), %esi
+    movl 56(%ebp), %ebx
+5:  movl 4(%esp), %eax                  # window = (end - start) >> 10, its maximum kept
+    movl (%esp), %edx
+    subl %esi, %eax
+    sbbl %ebx, %edx
+    shrdl $10, %edx, %eax
+    shrl $10, %edx
+    jz 6f
+    movl $0xffffffff, %eax              # saturated
+6:  cmpl 60(%ebp), %eax
+    jbe 4f
+    movl %eax, 60(%ebp)
+4:  addl $8, %esp
+    movl %ecx, %eax
+    popl %ebx
+    ret
+
+# next_rand: eax = the next value of a 32-bit LCG. Clobbers nothing else.
+.Lg_next_rand:
+    movl (0x100000 + .Lg_rand - svff_guest_start), %eax
+    imull $1103515245, %eax, %eax
+    addl $12345, %eax
+    movl %eax, (0x100000 + .Lg_rand - svff_guest_start)
+    ret
+
+# scribble: ebp = target entry: 4 pseudo-random dwords to pseudo-random offsets of its BAR0
+# (first 16 KiB, whatever the BAR's size) and 4 to its config space (0x00..0xfc, BARs,
+# command and capabilities included). Clobbers eax, ecx, edx, esi, edi.
+.Lg_scribble:
+    movl $4, %ecx
+1:  call .Lg_next_rand
+    movl %eax, %edi
+    andl $0x3ffc, %edi
+    addl 4(%ebp), %edi
+    call .Lg_next_rand
+    movl %eax, (%edi)
+    call .Lg_next_rand
+    movl %eax, %esi
+    andl $0xfc, %esi
+    orl 0(%ebp), %esi
+    movl %esi, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    call .Lg_next_rand
+    movw $0xcfc, %dx
+    outl %eax, %dx
+    loop 1b
+    ret
+
+# move_bars: every target's BAR0 to 0xe0000000 + index MiB (decoding off while it is
+# written, on again after), its entry following. Clobbers eax, ecx, edx, esi, edi.
+.Lg_move_bars:
+    pushl %ebx
+    pushl %ebp
+    xorl %ebx, %ebx
+1:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
+    jae 9f
+    movl %ebx, %ebp
+    shll $7, %ebp
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
+    movl 0(%ebp), %eax                  # command: Memory Space off
+    orl $4, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfc, %dx
+    inw %dx, %ax
+    andw $0xfffd, %ax
+    outw %ax, %dx
+    movl 0(%ebp), %eax                  # BAR0 (low dword; the VMM's BARs are below 4 GiB)
+    orl $0x10, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movl %ebx, %ecx
+    shll $20, %ecx
+    addl $0xe0000000, %ecx
+    movl %ecx, %eax
+    movw $0xcfc, %dx
+    outl %eax, %dx
+    movl %ecx, 4(%ebp)
+    movl 0(%ebp), %edi
+    call .Lg_enable_mem
+    movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
+    call .Lg_puts
+    movl 0(%ebp), %eax
+    call .Lg_put_bdf
+    movl $(0x100000 + .Lg_s_moved - svff_guest_start), %esi
+    call .Lg_puts
+    movl 4(%ebp), %eax
+    movl $8, %ecx
+    call .Lg_put_hex
+    movb $0x0a, %al
+    call .Lg_putc
+    incl %ebx
+    jmp 1b
+9:  popl %ebp
+    popl %ebx
     ret
 
 # print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
@@ -251,7 +372,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 2:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae 9f
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     movl $(0x100000 + .Lg_s_dev - svff_guest_start), %esi
     call .Lg_puts
@@ -281,9 +402,17 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl $(0x100000 + .Lg_s_irqs - svff_guest_start), %esi
     movl 40(%ebp), %eax
     call .Lg_field
+    movl $(0x100000 + .Lg_s_win - svff_guest_start), %esi
+    movl 60(%ebp), %eax
+    call .Lg_field
     movl $(0x100000 + .Lg_s_id - svff_guest_start), %esi
     call .Lg_puts
     movl 32(%ebp), %eax
+    movl $8, %ecx
+    call .Lg_put_hex
+    movl $(0x100000 + .Lg_s_st - svff_guest_start), %esi
+    call .Lg_puts
+    movl 64(%ebp), %eax
     movl $8, %ecx
     call .Lg_put_hex
     movb $0x0a, %al
@@ -342,7 +471,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     jmp .Lg_isr_msix
 .endr
 .Lg_isr_msix:
-    shll $6, %eax
+    shll $7, %eax
     incl (0x100000 + .Lg_targets - svff_guest_start + 40)(%eax)
     movl $0, 0xfee000b0                 # LAPIC EOI
     popl %eax
@@ -571,13 +700,26 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 4:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae 5f
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     call .Lg_setup_msix
     incl %ebx
     jmp 4b
 5:  movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
     movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
+    cmpl $2, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 6f
+    movl $(0x100000 + .Lg_s_halt - svff_guest_start), %esi
+    call .Lg_puts
+    cli
+7:  hlt                                 # only NMI/INIT/SMI could wake it
+    jmp 7b
+6:  cmpl $3, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne .Lg_round
+    movl $(0x100000 + .Lg_s_spin - svff_guest_start), %esi
+    call .Lg_puts
+    cli
+8:  jmp 8b
 
 .Lg_round:
     xorl %ebx, %ebx                     # ebx = target index
@@ -585,7 +727,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ebx
     jae .Lg_round_end
     movl %ebx, %ebp
-    shll $6, %ebp
+    shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     movl 0(%ebp), %eax
     call .Lg_cfg_read
@@ -609,21 +751,42 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 5:  movl 4(%ebp), %edi                  # BAR0 + 0: identity
     call .Lg_read_reg
     movl %eax, 32(%ebp)
-    movl 4(%ebp), %edi                  # BAR0 + 8: status
+    cmpl $0xffffffff, %eax              # mode 1: all-ones (a paused VF, policy ignore):
+    jne 6f                              # scribble over its BAR0 and config space
+    cmpl $1, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 6f
+    call .Lg_scribble
+6:    movl 4(%ebp), %edi                  # BAR0 + 8: status
     addl $8, %edi
     call .Lg_read_reg
-    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
-    jne .Lg_target_next
-    cmpl $0, 48(%ebp)
+    movl %eax, 64(%ebp)
+    cmpl $0, 48(%ebp)                   # no MSI-X: nothing to ring
     je .Lg_target_next
+    cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
+    jne 7f
     movl 4(%ebp), %edi
     movl $0, 0x14(%edi)
+    jmp .Lg_target_next
+7:  cmpl $4, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne .Lg_target_next
+    cmpl $0x10ca8086, 44(%ebp)          # mode 4, igb VF: it raises its own vector 0
+    jne .Lg_target_next
+    movl 4(%ebp), %edi
+    movl $1, 0x152c(%edi)               # EIAC: vector 0 auto-clears
+    movl $1, 0x1524(%edi)               # EIMS: vector 0 enabled
+    movl $1, 0x1520(%edi)               # EICS: raise it
 .Lg_target_next:
     incl %ebx
     jmp .Lg_target
 
 .Lg_round_end:
     incl (0x100000 + .Lg_rounds - svff_guest_start)
+    cmpl $5, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 1f
+    cmpl $100, (0x100000 + .Lg_rounds - svff_guest_start)
+    jne 1f
+    call .Lg_move_bars                  # mode 5: once, after round 100
+1:
     decl (0x100000 + .Lg_countdown - svff_guest_start)
     jnz 6f
     movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax

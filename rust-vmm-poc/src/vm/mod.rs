@@ -153,6 +153,7 @@ impl ExitReason {
 #[derive(Debug, Clone)]
 pub struct VmHandle {
     ctl: Arc<Control>,
+    tsc_khz: u32,
     // Weak: a handle kept by QMP must not keep device fds open after the VM ended.
     devices: Weak<Devices>,
 }
@@ -171,6 +172,11 @@ impl VmHandle {
     /// Ends the VM with `reason` ([`Vm::run`] returns it).
     pub fn request_exit(&self, reason: ExitReason) {
         self.ctl.request_exit(reason)
+    }
+
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ` of vCPU 0; 0 if KVM cannot tell).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
     }
 
     /// Running, paused or shutting down.
@@ -223,6 +229,7 @@ impl VmHandle {
 pub struct Vm {
     // Drop order: vCPUs and devices before the VM fd, the VM fd before guest RAM.
     vcpus: Vec<VcpuFd>,
+    tsc_khz: u32,
     devices: Arc<Devices>,
     ctl: Arc<Control>,
     // After the devices (which hold its VFs), before guest RAM (which it maps for DMA).
@@ -368,8 +375,13 @@ impl Vm {
             vcpu::configure(&v, id, config.cpus, &cpuid)?;
             vcpus.push(v);
         }
+        let tsc_khz = vcpus
+            .first()
+            .and_then(|v| v.get_tsc_khz().ok())
+            .unwrap_or(0);
         let vm_obj = Vm {
             vcpus,
+            tsc_khz,
             devices,
             ctl,
             _container: container,
@@ -426,6 +438,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             ctl: self.ctl.clone(),
+            tsc_khz: self.tsc_khz,
             devices: Arc::downgrade(&self.devices),
         }
     }
