@@ -90,8 +90,8 @@
 //!
 //! For a PF on the `nvme` driver (nvme profile), the PF entry also has
 //! `"nvme": {"controller": "/dev/nvme0 (PF 0000:02:00.0)", "vq_total": 128,
-//! "vq_assigned": 6, "vq_primary": 0, "vq_max_per_vf": 2, "vi_total": 64,
-//! "vi_assigned": 3, "vi_primary": 0, "vi_max_per_vf": 1, "error": null}`
+//! "vq_assigned": 6, "vq_primary": 0, "vq_max_per_vf": 16, "vi_total": 64,
+//! "vi_assigned": 3, "vi_primary": 0, "vi_max_per_vf": 8, "error": null}`
 //! ([`NvmeStatus`]: VQFRT, VQRFA, VQRFAP, VQFRSM and the VI counterparts from
 //! Identify Primary Controller Capabilities; when the controller cannot be
 //! read, `error` says why and the rest is `null`), and each of its VFs
