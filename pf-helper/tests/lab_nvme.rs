@@ -327,7 +327,10 @@ fn vfs_set_with_the_nvme_profile_gives_online_vfs_with_the_requested_resources()
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let p = &st["pfs"][0];
     assert_eq!(p["nvme"]["error"], serde_json::Value::Null, "{p}");
-    assert_eq!(p["nvme"]["vq_max_per_vf"], 16, "the lab's sriov_max_vq_per_vf");
+    assert_eq!(
+        p["nvme"]["vq_max_per_vf"], 16,
+        "the lab's sriov_max_vq_per_vf"
+    );
     for v in p["vfs"].as_array().unwrap() {
         let i = v["index"].as_u64().unwrap() as u16;
         let s = secondary_of_vf(&list, i);
