@@ -28,7 +28,8 @@ pub use devices::{
     TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 pub use error::Error;
-pub use guest::{parse_counters, GuestCounters, GuestMode, TestGuest};
+pub use guest::{GuestMode, TestGuest};
+pub use svff_types::{parse_counters, GuestCounters};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
     CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,

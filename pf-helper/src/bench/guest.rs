@@ -1,5 +1,5 @@
 //! The guest's view of a run: svff-vmm's test guest prints counter lines
-//! (`svff_vmm::parse_counters`) on its serial port, which svff-vmm
+//! (`svff_types::parse_counters`) on its serial port, which svff-vmm
 //! writes to a file; a tailer thread per VM timestamps each line as it
 //! arrives, and [`view_of_run`] turns the samples around one run into the
 //! guest-observed pause window and whether the device vanished.
@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use svff_vmm::{parse_counters, GuestCounters};
+use svff_types::{parse_counters, GuestCounters};
 
 /// One counter line and when the host read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
