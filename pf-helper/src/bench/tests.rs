@@ -173,12 +173,16 @@ fn guest_view_summary_counts_disappearances() {
             max_tsc: 1,
             disappeared: i == 1,
             samples: 3,
+            tsc_window_ms: (i == 0).then_some(80.0),
+            tsc_window_max_ms: Some(80.0),
         });
     }
     let s = summarize(&runs);
     assert_eq!(s.guest_window_avg_ms, Some(150.0));
     assert_eq!(s.guest_window_max_ms, Some(200.0));
     assert_eq!(s.guest_disappeared, Some(1));
+    assert_eq!(s.guest_tsc_window_max_ms, Some(80.0));
+    assert_eq!(s.guest_tsc_windows, Some(1), "only the run that raised the maximum");
     let r = report(vec![Series {
         mode: "detach".into(),
         vmm: "svff-vmm".into(),
