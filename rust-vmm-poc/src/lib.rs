@@ -29,13 +29,13 @@ pub use devices::{
 };
 pub use error::Error;
 pub use guest::{GuestMode, TestGuest};
-pub use svff_types::{parse_counters, GuestCounters};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
     CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,
     HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use qmp::{parse_devfn, QmpHandler, Start, StartGate, START_TIMEOUT};
+pub use svff_types::{parse_counters, GuestCounters};
 pub use vm::memory::{check_ram_size, MMIO_WINDOW_END, MMIO_WINDOW_START};
 pub use vm::{
     ExitReason, GuestImage, RunState, SerialOutput, VfioSpec, Vm, VmConfig, VmHandle, MAX_CPUS,

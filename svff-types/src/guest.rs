@@ -82,7 +82,6 @@ pub fn parse_counters(line: &str) -> Option<GuestCounters> {
     (seen == 11).then_some(c)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
