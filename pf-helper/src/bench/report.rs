@@ -385,6 +385,7 @@ pub fn render_table_i(report: &BenchReport) -> String {
 /// Table II (per-step averages) as aligned text.
 pub fn render_table_ii(report: &BenchReport) -> String {
     let order = [
+        "connect",
         "remove_vf",
         "pause",
         "change_numvfs",

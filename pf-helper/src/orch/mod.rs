@@ -770,7 +770,13 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             }
         }
         target.sort_by_key(|a| a.vf);
+        let connect_start = Instant::now();
         let mut sides = self.connect_sides(pf, &before, &target, false, false)?;
+        let connect = TimedStep {
+            name: "connect".into(),
+            vm: None,
+            ms: crate::sriov::elapsed_ms(connect_start),
+        };
         let gone = gone_entries(&target, &sides);
         let journal = Journal::begin(
             &self.state,
@@ -787,6 +793,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         let journal = Mutex::new(journal);
         match self.converge(pf, vfs, &target, mode, &mut sides, &journal, "reconf") {
             Ok(mut r) => {
+                r.steps.insert(0, connect);
                 self.record_gone(pf, &gone, &mut r)?;
                 end_journal(journal, &r)?;
                 Ok(r)

@@ -480,6 +480,7 @@ fn pause_reconf_pauses_survivors_and_removes_only_vfs_that_are_gone() {
         ("pause", Some("vm2")),
         ("unpause", Some("vm1")),
         ("change_numvfs", None),
+        ("connect", None),
         ("pause.qmp", Some("vm1")),
         ("pause.vmm", Some("vm1")),
         ("pause.close", Some("vm1")),
