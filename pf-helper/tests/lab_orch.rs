@@ -164,6 +164,7 @@ name = "vm1"
 kind = "qmp"
 qmp = "{qmp}"
 hotplug_ports = ["svffrp0", "svffrp1", "svffrp2", "svffrp3"]
+qmp_timeout_s = 60
 detach_timeout_s = 30
 vfs = [{{ pf = "{pf}", count = 4 }}]
 {extra}"#,

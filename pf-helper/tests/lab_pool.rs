@@ -146,7 +146,7 @@ impl Setup {
         for (i, vm) in VMS.iter().enumerate() {
             let idx: Vec<String> = (i * 3..i * 3 + 3).map(|v| v.to_string()).collect();
             text.push_str(&format!(
-                "[[vm]]\nname = \"{vm}\"\nkind = \"svff-vmm\"\nqmp = \"{}/{vm}.qmp\"\nqmp_timeout_s = 10\ncommand = {command}\nvfs = [{{ pf = \"{pf}\", index = [{}] }}]\n",
+                "[[vm]]\nname = \"{vm}\"\nkind = \"svff-vmm\"\nqmp = \"{}/{vm}.qmp\"\nqmp_timeout_s = 30\ncommand = {command}\nvfs = [{{ pf = \"{pf}\", index = [{}] }}]\n",
                 dir.path().display(),
                 idx.join(", ")
             ));
