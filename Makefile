@@ -7,7 +7,7 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 LAB = target/debug/svff-lab
 
-.PHONY: all deps build demo qemu test test-host test-rtl test-fuzz test-lab lint doc clean
+.PHONY: all deps build demo bench qemu test test-host test-rtl test-fuzz test-lab lint doc clean
 
 all: build
 
@@ -19,7 +19,25 @@ build: deps
 	$(CARGO) build --workspace --all-targets
 
 demo: build
-	$(LAB) run --timeout 600 -- bash $(CURDIR)/scripts/demo.sh
+	$(LAB) run --timeout 900 -- bash $(CURDIR)/scripts/demo.sh
+
+# The paper's Table I/II in the lab: `svff bench` on the nvme PF, 1/4/10 VFs, every mode that
+# exists, svff-vmm test guests; JSON, tables and SVG plot under target/bench/. L1's root is
+# read-only, so the JSON comes out on stdout and the host renders tables and plot from it.
+#   make bench BENCH_RUNS=100 (the paper's count; default 5)  BENCH_VFS=1,4,10  BENCH_MODES=...
+BENCH_RUNS ?= 5
+BENCH_VFS ?= 1,4,10
+BENCH_MODES ?= floor,pause,detach
+BENCH_TIMEOUT ?= 3600
+bench: build
+	@mkdir -p target/bench
+	$(LAB) run --timeout $(BENCH_TIMEOUT) -- sh -c 'modprobe vfio-pci && modprobe kvm-amd && \
+	  $(CURDIR)/target/debug/svff bench --pf $$SVFF_LAB_NVME_PF --vfs $(BENCH_VFS) \
+	    --runs $(BENCH_RUNS) --mode $(BENCH_MODES) --json /tmp/svff-bench.json >&2 && \
+	  cat /tmp/svff-bench.json' > target/bench/bench.json
+	target/debug/svff bench --report target/bench/bench.json --plot target/bench/bench.svg \
+	  | tee target/bench/tables.txt
+	@echo "make bench: target/bench/bench.json, target/bench/tables.txt, target/bench/bench.svg"
 
 # svff's QEMU (qemu-fork/): upstream QEMU + patches + libvfio_pause.a, cached by input hash in
 # ~/.cache/svff-qemu/; prints the binary's path.

@@ -62,6 +62,18 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/svff";
 /// hotplug_ports = ["rp0", "rp1"]     # buses for device_add (q35 root ports)
 /// pause_policy = "ignore"            # ignore | stall (default ignore)
 /// vfs = [{ pf = "0000:01:00.0", count = 2 }, { pf = "0000:81:00.0", index = [0, 3] }]
+///
+/// [[vm]]
+/// name = "vm2"
+/// kind = "svff-vmm"                  # started and supervised by svff (init), see orch/README.md
+/// qmp = "/run/svff/vm2.qmp"          # svff adds `--qmp` with this path
+/// # the VMM's command line without --qmp/--vfio (svff adds one `--vfio` per VF);
+/// # default: ["<dir of the svff binary>/svff-vmm"]
+/// command = ["/usr/lib/svff/svff-vmm", "--memory", "512M", "--kernel", "/boot/vmlinuz"]
+/// run_as = { uid = 1000, gid = 1000, groups = [108] }  # unprivileged VMM (implies
+///                                    # pass_group_fd: svff opens /dev/vfio/N and passes it)
+/// pass_group_fd = false              # hand the VMM open VFIO group fds (default false)
+/// vfs = [{ pf = "0000:02:00.0", count = 2 }]
 /// ```
 ///
 /// The file must be owned by root and not writable by group or others.
@@ -203,10 +215,28 @@ pub struct VmConfig {
     pub qmp_timeout_s: u64,
     /// Deadline for `DEVICE_DELETED` after `device_del`, seconds (default 30).
     pub detach_timeout_s: u64,
-    /// For `svff-vmm`: its command line.
+    /// For `svff-vmm`: its command line without `--qmp` and `--vfio` (svff
+    /// adds them); empty: the `svff-vmm` beside the running `svff` binary.
     pub command: Vec<String>,
+    /// For `svff-vmm`: run the VMM as this user (unprivileged, no
+    /// `/dev/vfio` access: svff passes every VFIO group fd, and
+    /// `pass_group_fd` is on).
+    pub run_as: Option<RunAs>,
     /// The VFs it gets at init.
     pub vfs: Vec<VfSelect>,
+}
+
+/// The credentials an svff-started VMM runs with (`run_as = { uid, gid, groups }`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunAs {
+    /// User id (not 0).
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups (e.g. the group owning `/dev/kvm`); default none.
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +259,8 @@ struct RawVm {
     detach_timeout_s: u64,
     #[serde(default)]
     command: Vec<String>,
+    #[serde(default)]
+    run_as: Option<RunAs>,
     #[serde(default)]
     vfs: Vec<VfSelect>,
 }
@@ -327,6 +359,21 @@ fn key_span(text: &str, table: &std::ops::Range<usize>, key: &str) -> std::ops::
         pos += l.len();
     }
     table.clone()
+}
+
+/// What is wrong with an svff-vmm `command`, if anything: the program
+/// must be an absolute path, and `--qmp`/`--vfio` are svff's to add.
+fn command_problem(command: &[String]) -> Option<String> {
+    let program = command.first()?;
+    if !Path::new(program).is_absolute() {
+        return Some(format!("command[0] {program:?} must be an absolute path"));
+    }
+    command.iter().find_map(|a| {
+        ["--qmp", "--vfio"]
+            .iter()
+            .find(|o| a == *o || a.starts_with(&format!("{o}=")))
+            .map(|o| format!("command must not contain {o}: svff adds it"))
+    })
 }
 
 fn valid_vm_name(name: &str) -> bool {
@@ -491,6 +538,24 @@ impl Config {
                     format!("VM {}: command is for kind \"svff-vmm\" only", vm.name),
                 ));
             }
+            if vm.kind == VmKind::Qmp && vm.run_as.is_some() {
+                return Err(at(
+                    key("run_as"),
+                    format!("VM {}: run_as is for kind \"svff-vmm\" only", vm.name),
+                ));
+            }
+            if let Some(reason) = command_problem(&vm.command) {
+                return Err(at(key("command"), format!("VM {}: {reason}", vm.name)));
+            }
+            if vm.run_as.as_ref().is_some_and(|r| r.uid == 0) {
+                return Err(at(
+                    key("run_as"),
+                    format!(
+                        "VM {}: run_as.uid 0 is root; leave run_as out to run the VMM as root",
+                        vm.name
+                    ),
+                ));
+            }
             for sel in &vm.vfs {
                 let k = key("vfs");
                 let Some(pfc) = pfs.iter().find(|p| p.bdf == sel.pf) else {
@@ -553,10 +618,11 @@ impl Config {
                 hotplug_ports: vm.hotplug_ports.clone(),
                 pause_policy: vm.pause_policy,
                 stall_ms: vm.stall_ms,
-                pass_group_fd: vm.pass_group_fd,
+                pass_group_fd: vm.pass_group_fd || vm.run_as.is_some(),
                 qmp_timeout_s: vm.qmp_timeout_s,
                 detach_timeout_s: vm.detach_timeout_s,
                 command: vm.command.clone(),
+                run_as: vm.run_as.clone(),
                 vfs: vm.vfs.clone(),
             });
         }
@@ -812,6 +878,62 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
             "pause_policy = \"wait\"",
         ));
         assert_eq!((line, key.as_str()), (25, "vm[1].pause_policy"));
+    }
+
+    #[test]
+    fn svff_vmm_run_as_parses_implies_pass_group_fd_and_bad_commands_are_refused() {
+        let c = parse(&system_with(
+            "pass_group_fd = true\n",
+            "run_as = { uid = 1000, gid = 1000, groups = [108] }\n",
+        ))
+        .unwrap();
+        let vm2 = c.vm("vm2").unwrap();
+        assert_eq!(
+            vm2.run_as,
+            Some(RunAs {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![108]
+            })
+        );
+        assert!(vm2.pass_group_fd, "run_as implies pass_group_fd");
+        let cases = [
+            (
+                "pass_group_fd = true\n",
+                "run_as = { uid = 0, gid = 0 }\n",
+                "vm[1].run_as",
+                "uid 0 is root",
+            ),
+            (
+                "pass_group_fd = true\n",
+                "run_as = { uid = 5, gid = 5, shell = 1 }\n",
+                "vm[1].run_as",
+                "shell",
+            ),
+            (
+                "command = [\"/usr/bin/svff-vmm\", \"--kernel\", \"/boot/k\"]",
+                "command = [\"/usr/bin/svff-vmm\", \"--qmp\", \"/x\"]",
+                "vm[1].command",
+                "must not contain --qmp",
+            ),
+            (
+                "command = [\"/usr/bin/svff-vmm\", \"--kernel\", \"/boot/k\"]",
+                "command = [\"svff-vmm\"]",
+                "vm[1].command",
+                "absolute path",
+            ),
+            (
+                "hotplug_ports = [\"rp0\", \"rp1\"]",
+                "run_as = { uid = 5, gid = 5 }",
+                "vm[0].run_as",
+                "for kind \"svff-vmm\" only",
+            ),
+        ];
+        for (from, to, want_key, want_reason) in cases {
+            let (_, _, key, reason) = located(&system_with(from, to));
+            assert_eq!(key, want_key, "{to}: {reason}");
+            assert!(reason.contains(want_reason), "{to}: {reason}");
+        }
     }
 
     #[test]

@@ -147,7 +147,9 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     self.wait_for_changes_on(&l)?;
                     let mut status = self.mgr.status(Some(&l))?;
                     if !self.config.vms.is_empty() {
-                        status.assignments = self.orchestrator()?.status_assignments(&l)?;
+                        let orch = self.orchestrator()?;
+                        status.assignments = orch.status_assignments(&l)?;
+                        status.vms = orch.vm_status();
                         crate::status::fill_holders(&mut status);
                     }
                     Ok(status)

@@ -329,6 +329,18 @@ pub enum Error {
         #[source]
         source: Box<qmp_ext::Error>,
     },
+    /// Starting or watching an svff-started VMM process failed (spawn, its
+    /// pid, log or socket files).
+    #[error("VM {vm}: {action}")]
+    VmmProcess {
+        /// The VM's name.
+        vm: String,
+        /// What was being done, naming the path or program.
+        action: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Something a VM's kind cannot do (yet).
     #[error("VM {vm}: {reason}")]
     VmmUnsupported {
@@ -429,9 +441,23 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
+    /// `svff bench`: a benchmark step failed (set-up, a VM, a file); the text names it.
+    #[error("bench: {what}")]
+    Bench {
+        /// What failed, naming the PF, VF, VM or path.
+        what: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
+    /// Whether this is a VMM that did not answer a command in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Vmm { source, .. } if matches!(**source, qmp_ext::Error::Timeout { .. }))
+    }
+
     /// A short stable name for the error, used as `kind` in the daemon protocol.
     pub fn kind(&self) -> &str {
         match self {
@@ -459,7 +485,7 @@ impl Error {
             Error::State { .. } | Error::StateCorrupt { .. } => "state",
             Error::OperationRunning { .. } => "busy",
             Error::RecoveryNeeded { .. } => "recovery_needed",
-            Error::Vmm { .. } => "vmm",
+            Error::Vmm { .. } | Error::VmmProcess { .. } => "vmm",
             Error::VmmUnsupported { .. } => "not_supported",
             Error::UnknownVm { .. } | Error::Plan(_) => "invalid_argument",
             Error::OperationFailed { source, .. } => source.kind(),
@@ -469,6 +495,7 @@ impl Error {
             Error::Remote { kind, .. } => kind,
             Error::NvmeController { .. } | Error::NvmeAdmin { .. } => "nvme",
             Error::NvmeResources { .. } => "nvme_resources",
+            Error::Bench { .. } => "bench",
         }
     }
 

@@ -217,7 +217,12 @@
 //!   "id": "svff-0000-01-00.0-vf0", "bus": "svffrp0", "guest": "0000:01:00.0",
 //!   "state": "attached", "vmm_state": "paused", "vmm_note": null } ]
 //! ```
+//!
+//! # `svff bench`
+//!
+#![doc = include_str!("bench/README.md")]
 
+mod bench;
 mod bitstream;
 mod client;
 mod config;
@@ -235,10 +240,16 @@ mod sriov;
 mod status;
 mod sysfs;
 
+pub use bench::{
+    draw_plot, finish as bench_finish, parse_modes, parse_vf_counts, parse_vmms, plan, render_all,
+    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestLoad, GuestRunView, PaperPoint,
+    Planned, Run as BenchRun, Series as BenchSeries, Summary as BenchSummary, TableIRow, VmmKind,
+    BENCH_FORMAT_VERSION, PAPER_TABLE_I,
+};
 pub use bitstream::BitstreamConfig;
 pub use client::request;
 pub use config::{
-    Config, PfConfig, PfProfile, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
+    Config, PfConfig, PfProfile, RunAs, VfSelect, VmConfig, VmKind, DEFAULT_CONFIG_PATH,
     DEFAULT_SOCKET_PATH, DEFAULT_STATE_DIR,
 };
 pub use daemon::{bind_socket, listener_from_systemd, Daemon};
@@ -254,6 +265,7 @@ pub use nvme::{
 };
 pub use orch::journal::{Mode, CRASH_AFTER_ENV, JOURNAL_VERSION};
 pub use orch::state::{AssignState, Assignment, AssignmentTable, StateDir, TABLE_FORMAT_VERSION};
+pub use orch::supervise::{Process as VmmProcess, StartVf};
 pub use orch::vmm::{Connector, QmpConnector, QmpVmm, Vmm};
 pub use orch::{
     device_id, AssignRequest, OpReport, Orchestrator, TimedStep, RESULT_FORMAT_VERSION,
@@ -264,6 +276,6 @@ pub use qdma::QdmaProfile;
 pub use sriov::{SriovManager, VfsSetOptions, BIND_THREADS};
 pub use status::{
     fill_holders, AssignmentStatus, FpgaStatus, HeldBy, PfStatus, Status, Step, VfStatus,
-    VfsSetReport, STATUS_FORMAT_VERSION,
+    VfsSetReport, VmStatus, STATUS_FORMAT_VERSION,
 };
 pub use sysfs::{RealSysfs, Sysfs};

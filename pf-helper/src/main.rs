@@ -89,6 +89,14 @@ enum Command {
         #[arg(long, value_name = "BDF")]
         pf: PciAddress,
     },
+    /// Measure reconfiguration times: the paper's Table I and II beside the kernel floor.
+    ///
+    /// Each run is one reconf of the assigned VFs (N -> 0 -> N+1 or back);
+    /// modes pause, detach (through the orchestration, in this process) and
+    /// floor (no VMM). Without --config it starts one svff-vmm test guest per
+    /// VF itself. Prints Table I, Table II and the guests' view; the format of
+    /// --json is in the svff-pf-helper crate docs (`format_version` 1). Needs root.
+    Bench(BenchArgs),
     /// Run the privileged helper daemon (as root, normally from systemd).
     ///
     /// Listens on the config's socket (or the one passed by systemd socket
@@ -101,6 +109,65 @@ enum Command {
 enum ModeArg {
     Pause,
     Detach,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Assigned VF counts to measure, e.g. 1,4,10.
+    #[arg(long, value_name = "N,...", default_value = "1,4,10")]
+    vfs: String,
+    /// Counted runs per mode and VF count (one more warm-up run is not counted).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    runs: usize,
+    /// Modes: pause, detach, floor, pool.
+    #[arg(long, value_name = "MODE,...", default_value = "floor,pause,detach")]
+    mode: String,
+    /// VMMs: svff-vmm, qemu, qemu-stock (qemu and qemu-stock need --config).
+    #[arg(long, value_name = "VMM,...", default_value = "svff-vmm")]
+    vmm: String,
+    /// The PF (default: the --config's only PF).
+    #[arg(long, value_name = "BDF")]
+    pf: Option<PciAddress>,
+    /// Write the results (raw runs and summary) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw total time against VF count (SVG) to this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// PF profile of the self-managed set-up: pci-pf-stub or nvme.
+    #[arg(long, value_enum, default_value = "pci-pf-stub")]
+    profile: BenchProfile,
+    /// Test guests' RAM and each floor container's DMA mapping, MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(2..=4096))]
+    guest_memory: u64,
+    /// Test guest rounds between two counter lines (the guest view's resolution).
+    #[arg(long, value_name = "ROUNDS", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    report_every: u32,
+    /// The test guests' load: idle (they spin under SCHED_IDLE), busy (spin at
+    /// normal priority) or stopped (QMP `stop`: no guest load, no guest view).
+    #[arg(long, value_enum, default_value = "idle")]
+    guests: GuestsArg,
+    /// The svff-vmm binary (default: $SVFF_VMM, else beside this executable).
+    #[arg(long, value_name = "PATH")]
+    svff_vmm: Option<PathBuf>,
+    /// Measure nothing: print the tables of this --json document again (and --plot it).
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["json", "pf"])]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GuestsArg {
+    Idle,
+    Busy,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchProfile {
+    PciPfStub,
+    Nvme,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +321,21 @@ fn print_status(status: &Status) {
     }
 }
 
+fn print_vms(status: &Status) {
+    if status.vms.is_empty() {
+        return;
+    }
+    println!("vms:");
+    for v in &status.vms {
+        let process = match (&v.process, v.pid) {
+            (Some(p), Some(pid)) => format!("svff-vmm {p} (pid {pid})"),
+            (Some(p), None) => format!("svff-vmm {p}"),
+            _ => "qmp".to_string(),
+        };
+        println!("  {:<12} {:<32} qmp {}", v.name, process, v.qmp.display());
+    }
+}
+
 fn print_assignments(status: &Status) {
     if status.assignments.is_empty() {
         return;
@@ -357,6 +439,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
                     let pfs: Vec<PciAddress> = s.pfs.iter().map(|p| p.bdf).collect();
                     s.assignments = orch.status_assignments(&pfs)?;
+                    s.vms = orch.vm_status();
                     svff_pf_helper::fill_holders(&mut s);
                 }
                 s
@@ -379,6 +462,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_status(&status);
                 print_assignments(&status);
+                print_vms(&status);
                 Ok(())
             }
         }
@@ -491,6 +575,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let v = request(&cli.socket, &Request::Program { pf })?;
             json_out(&v)
         }
+        Command::Bench(ref args) => bench(&cli, args),
         Command::Helper => {
             let config = Config::load(&cli.config_path)?;
             // Tell a supervisor (or a test) that the socket is ready.
@@ -519,6 +604,63 @@ fn run(cli: Cli) -> Result<(), Error> {
             daemon.serve(listener)
         }
     }
+}
+
+fn bench(cli: &Cli, args: &BenchArgs) -> Result<(), Error> {
+    use svff_pf_helper::BenchReport;
+    if let Some(path) = &args.report {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Bench {
+            what: format!("reading {}", path.display()),
+            source: Some(Box::new(e)),
+        })?;
+        let mut report: BenchReport = serde_json::from_str(&text).map_err(|e| Error::Bench {
+            what: format!("{}: not an svff bench document", path.display()),
+            source: Some(Box::new(e)),
+        })?;
+        if report.format_version != svff_pf_helper::BENCH_FORMAT_VERSION {
+            return Err(Error::Usage(format!(
+                "{}: format_version {} (this svff reads {})",
+                path.display(),
+                report.format_version,
+                svff_pf_helper::BENCH_FORMAT_VERSION
+            )));
+        }
+        svff_pf_helper::bench_finish(&mut report);
+        print!("{}", svff_pf_helper::render_all(&report));
+        if let Some(plot) = &args.plot {
+            svff_pf_helper::draw_plot(&report, plot)?;
+        }
+        return Ok(());
+    }
+    let opts = svff_pf_helper::BenchOptions {
+        vfs: svff_pf_helper::parse_vf_counts(&args.vfs)?,
+        runs: args.runs,
+        warmup: 1,
+        modes: svff_pf_helper::parse_modes(&args.mode)?,
+        vmms: svff_pf_helper::parse_vmms(&args.vmm)?,
+        pf: args.pf,
+        json: args.json.clone(),
+        plot: args.plot.clone(),
+        // --config is global with a default path: it names the VMs only when given.
+        config: std::env::args_os()
+            .any(|a| a == "--config" || a.to_string_lossy().starts_with("--config="))
+            .then(|| cli.config_path.clone()),
+        profile: match args.profile {
+            BenchProfile::PciPfStub => svff_pf_helper::PfProfile::PciPfStub,
+            BenchProfile::Nvme => svff_pf_helper::PfProfile::Nvme,
+        },
+        guest_memory_mib: args.guest_memory,
+        report_every: args.report_every,
+        guests: match args.guests {
+            GuestsArg::Idle => svff_pf_helper::GuestLoad::Idle,
+            GuestsArg::Busy => svff_pf_helper::GuestLoad::Busy,
+            GuestsArg::Stopped => svff_pf_helper::GuestLoad::Stopped,
+        },
+        svff_vmm: args.svff_vmm.clone(),
+    };
+    let report = svff_pf_helper::bench_run(&opts)?;
+    print!("{}", svff_pf_helper::render_all(&report));
+    Ok(())
 }
 
 fn main() -> ExitCode {

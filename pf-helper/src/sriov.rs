@@ -488,6 +488,7 @@ impl<S: Sysfs> SriovManager<S> {
             .collect::<Result<_, _>>()?;
         Ok(Status {
             assignments: Vec::new(),
+            vms: Vec::new(),
             format_version: STATUS_FORMAT_VERSION,
             pfs,
         })

@@ -21,6 +21,30 @@ pub struct Status {
     /// `--direct` status without `--config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assignments: Vec<AssignmentStatus>,
+    /// The configured VMs (added to format 1 later: absent means none or
+    /// no config), for kind `svff-vmm` with the VMM process svff started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmStatus>,
+}
+
+/// One configured VM, as `svff status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Its name.
+    pub name: String,
+    /// `svff-vmm` or `qmp`.
+    pub kind: crate::config::VmKind,
+    /// Its QMP socket.
+    pub qmp: std::path::PathBuf,
+    /// Kind `svff-vmm`: `running`, `exited` or `not started` (from svff's
+    /// pid file and `/proc`); `null` for kind `qmp`.
+    pub process: Option<String>,
+    /// Kind `svff-vmm`: the VMM's pid (running or last).
+    pub pid: Option<u32>,
+    /// Kind `svff-vmm`: the VMM's stderr log.
+    pub log: Option<std::path::PathBuf>,
+    /// Kind `svff-vmm`: the VMM's stdout (the guest's serial console by default).
+    pub serial: Option<std::path::PathBuf>,
 }
 
 /// One entry of the assignment table, as `svff status` shows it.

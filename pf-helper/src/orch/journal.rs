@@ -47,6 +47,13 @@ pub const JOURNAL_VERSION: u32 = 1;
 /// debug builds only; a release build ignores it.
 pub const CRASH_AFTER_ENV: &str = "SVFF_TEST_CRASH_AFTER_RECORD";
 
+/// Environment variable of the failure tests: `<step>:<vm>` (e.g.
+/// `pause:vm2`): the helper stops itself (SIGSTOP) right after fsyncing the
+/// first record of that step for that VM, so that a test can act at that
+/// exact point (stop the VMM, start a second operation) and then SIGCONT it.
+/// Read by debug builds only.
+pub const STOP_AT_ENV: &str = "SVFF_TEST_STOP_AT";
+
 /// How a reconf treats the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -139,6 +146,13 @@ pub enum Step {
         id: String,
         /// The VF it goes onto.
         host: PciAddress,
+    },
+    /// Starting an svff-vmm VM (kind `svff-vmm`) with these devices as `--vfio`.
+    StartVmm {
+        /// The VM.
+        vm: String,
+        /// The device ids it starts with.
+        ids: Vec<String>,
     },
     /// Replacing the assignment table.
     Table,
@@ -252,6 +266,23 @@ impl Journal {
         self.file
             .sync_data()
             .map_err(|e| state_err(&self.path, "fsync", e))?;
+        if cfg!(debug_assertions) {
+            if let Ok(at) = std::env::var(STOP_AT_ENV) {
+                let here = serde_json::to_value(&rec.step).ok().and_then(|v| {
+                    Some(format!(
+                        "{}:{}",
+                        v.get("step")?.as_str()?,
+                        v.get("vm")?.as_str()?
+                    ))
+                });
+                if here.as_deref() == Some(at.as_str()) {
+                    tracing::warn!(seq = self.seq, "{STOP_AT_ENV}={at}: stopping myself");
+                    // Once per process: the test continues it with SIGCONT.
+                    std::env::remove_var(STOP_AT_ENV);
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+                }
+            }
+        }
         if self.crash_after == Some(self.seq) {
             tracing::warn!(seq = self.seq, "{CRASH_AFTER_ENV}: killing myself");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

@@ -3,6 +3,7 @@
 
 pub mod journal;
 pub mod state;
+pub mod supervise;
 pub mod vmm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -135,6 +136,9 @@ struct VmSide {
     present: BTreeSet<String>,
     /// Of those, the ones the VMM reports paused.
     paused: BTreeSet<String>,
+    /// An svff-vmm VM whose VMM is not running: started in the restore step
+    /// with its target VFs (init, and recovery of an init).
+    start: bool,
 }
 
 /// The orchestration of one helper (daemon or `--direct` CLI).
@@ -310,7 +314,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             let target = self.init_target(pfc)?;
             let table = self.state.load_table()?;
             let before: Vec<Assignment> = table.of_pf(pfc.bdf).cloned().collect();
-            let mut sides = self.connect_sides(pfc.bdf, &before, &target, false)?;
+            let mut sides = self.connect_sides(pfc.bdf, &before, &target, false, true)?;
             let r = if self.pf_settled(pfc.bdf, count, &target, &before, &sides)? {
                 info!(pf = %pfc.bdf, count, "PF already as configured");
                 let mut r = OpReport::new("init", Mode::Detach);
@@ -418,12 +422,17 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
     /// Connects to every configured VM that holds or gets a VF of `pf`, and
     /// lists its svff devices of `pf`. A VM that cannot be reached is an
     /// error, unless `tolerate` (recovery): then it is recorded as gone.
+    ///
+    /// An svff-vmm VM whose VMM process is not running (never started, or
+    /// exited) is to be started when `start_dead` (init), and otherwise
+    /// recorded as gone (its side has no connection).
     fn connect_sides(
         &self,
         pf: PciAddress,
         before: &[Assignment],
         target: &[Assignment],
         tolerate: bool,
+        start_dead: bool,
     ) -> Result<BTreeMap<String, VmSide>, Error> {
         let names: BTreeSet<&str> = before.iter().chain(target).map(|a| a.vm.as_str()).collect();
         let mut sides = BTreeMap::new();
@@ -445,7 +454,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                                 .into_iter()
                                 .filter(|id| id_index(pf, id).is_some())
                                 .collect();
-                            let paused = match c.pause_states() {
+                            let paused = match settled_states(c.as_mut(), cfg.qmp_timeout_s) {
                                 Ok(Some(states)) => states
                                     .into_iter()
                                     .filter(|s| {
@@ -463,6 +472,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                                     conn: Some(c),
                                     present,
                                     paused,
+                                    start: false,
                                 },
                             );
                             continue;
@@ -472,7 +482,29 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 }
                 Err(e) => Err(e),
             };
+            let vmm_dead = cfg.kind == crate::config::VmKind::SvffVmm
+                && !matches!(
+                    supervise::process(self.state.path(), name),
+                    supervise::Process::Running { .. }
+                );
             match conn {
+                Err(e) if vmm_dead => {
+                    if start_dead {
+                        info!(vm = name, "svff-vmm not running: started with its VFs");
+                    } else {
+                        warn!(vm = name, error = %e.chain(), "svff-vmm not running: its VFs are recorded as gone");
+                    }
+                    sides.insert(
+                        name.to_owned(),
+                        VmSide {
+                            cfg,
+                            conn: None,
+                            present: BTreeSet::new(),
+                            paused: BTreeSet::new(),
+                            start: start_dead,
+                        },
+                    );
+                }
                 Err(e) if tolerate => {
                     warn!(vm = name, error = %e.chain(), "VMM not reachable: its VFs are recorded as gone");
                     sides.insert(
@@ -482,6 +514,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                             conn: None,
                             present: BTreeSet::new(),
                             paused: BTreeSet::new(),
+                            start: false,
                         },
                     );
                 }
@@ -611,7 +644,12 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                     let shared = &shared;
                     let hosts = &hosts;
                     let groups = &groups;
-                    scope.spawn(move || restore_vm(pf, side, target, hosts, groups, shared))
+                    let starter = Starter {
+                        vmms: self.vmms,
+                        state_dir: self.state.path(),
+                    };
+                    scope
+                        .spawn(move || restore_vm(pf, side, target, hosts, groups, shared, starter))
                 })
                 .collect();
             handles
@@ -729,7 +767,8 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             }
         }
         target.sort_by_key(|a| a.vf);
-        let mut sides = self.connect_sides(pf, &before, &target, false)?;
+        let mut sides = self.connect_sides(pf, &before, &target, false, false)?;
+        let gone = gone_entries(&target, &sides);
         let journal = Journal::begin(
             &self.state,
             Step::Begin {
@@ -744,7 +783,8 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         )?;
         let journal = Mutex::new(journal);
         match self.converge(pf, vfs, &target, mode, &mut sides, &journal, "reconf") {
-            Ok(r) => {
+            Ok(mut r) => {
+                self.record_gone(pf, &gone, &mut r)?;
                 end_journal(journal, &r)?;
                 Ok(r)
             }
@@ -819,33 +859,21 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         };
         info!(op = p.op, what = %summary(&p.begin), rolled_back = p.rolled_back(), "recovering");
         let journal = Mutex::new(Journal::resume(&self.state, &p)?);
-        let mut sides = self.connect_sides(*pf, before, &goal, true)?;
+        // An interrupted init starts the svff-vmm VMs it had not started yet.
+        let start_dead = matches!(
+            p.begin,
+            Step::Begin {
+                kind: OpKind::Init,
+                ..
+            }
+        );
+        let mut sides = self.connect_sides(*pf, before, &goal, true, start_dead)?;
         // Entries of VMs that are gone stay recorded as gone.
-        let gone: Vec<Assignment> = goal
-            .iter()
-            .filter(|a| sides.get(&a.vm).is_none_or(|s| s.conn.is_none()))
-            .map(|a| Assignment {
-                state: AssignState::Gone,
-                ..a.clone()
-            })
-            .collect();
+        let gone = gone_entries(&goal, &sides);
         let mut r = self
             .converge(*pf, count, &goal, *mode, &mut sides, &journal, "recover")
             .map_err(|f| f.error)?;
-        if !gone.is_empty() {
-            let mut table = self.state.load_table()?;
-            let mut entries: Vec<Assignment> = table.of_pf(*pf).cloned().collect();
-            entries.extend(gone.iter().cloned());
-            table.replace_pf(*pf, &entries);
-            self.state.store_table(&table)?;
-            for g in &gone {
-                r.failures.push(format!(
-                    "VM {}: not reachable; {} (VF {}) recorded as gone",
-                    g.vm, g.id, g.vf
-                ));
-            }
-            r.assignments = table.of_pf(*pf).cloned().collect();
-        }
+        self.record_gone(*pf, &gone, &mut r)?;
         r.changes.insert(
             0,
             format!("recovered the interrupted {}", summary(&p.begin)),
@@ -853,6 +881,67 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         r.changed = true;
         end_journal(journal, &r)?;
         Ok(r)
+    }
+
+    /// Adds `gone` to `pf`'s table as gone, and names them in `r`.
+    fn record_gone(
+        &self,
+        pf: PciAddress,
+        gone: &[Assignment],
+        r: &mut OpReport,
+    ) -> Result<(), Error> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut table = self.state.load_table()?;
+        let mut entries: Vec<Assignment> = table.of_pf(pf).cloned().collect();
+        entries.extend(gone.iter().cloned());
+        table.replace_pf(pf, &entries);
+        self.state.store_table(&table)?;
+        for g in gone {
+            r.failures.push(format!(
+                "VM {}: not reachable; {} (VF {}) recorded as gone",
+                g.vm, g.id, g.vf
+            ));
+        }
+        r.assignments = table.of_pf(pf).cloned().collect();
+        Ok(())
+    }
+
+    /// Every configured VM with, for kind `svff-vmm`, its VMM process as
+    /// svff's pid file says, for `svff status`.
+    pub fn vm_status(&self) -> Vec<crate::status::VmStatus> {
+        self.config
+            .vms
+            .iter()
+            .map(|vm| {
+                let (process, pid) = match vm.kind {
+                    crate::config::VmKind::Qmp => (None, None),
+                    crate::config::VmKind::SvffVmm => {
+                        match supervise::process(self.state.path(), &vm.name) {
+                            supervise::Process::NotStarted => (Some("not started".into()), None),
+                            supervise::Process::Running { pid } => {
+                                (Some("running".into()), Some(pid))
+                            }
+                            supervise::Process::Exited { pid } => {
+                                (Some("exited".into()), Some(pid))
+                            }
+                        }
+                    }
+                };
+                let files = supervise::files(self.state.path(), &vm.name);
+                let svff_vmm = vm.kind == crate::config::VmKind::SvffVmm;
+                crate::status::VmStatus {
+                    name: vm.name.clone(),
+                    kind: vm.kind,
+                    qmp: vm.qmp.clone(),
+                    process,
+                    pid,
+                    log: svff_vmm.then_some(files.log),
+                    serial: svff_vmm.then_some(files.serial),
+                }
+            })
+            .collect()
     }
 
     /// The assignment table.
@@ -910,6 +999,46 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             })
             .collect())
     }
+}
+
+/// The VMM's pause states once none is in transition (`pausing`,
+/// `unpausing`: a command of a helper that died may still be running),
+/// waiting at most `timeout_s`.
+fn settled_states(
+    c: &mut dyn Vmm,
+    timeout_s: u64,
+) -> Result<Option<Vec<qmp_ext::svff::SvffVfioInfo>>, Error> {
+    use svff_types::DeviceState as D;
+    let end = Instant::now() + std::time::Duration::from_secs(timeout_s);
+    loop {
+        let states = c.pause_states()?;
+        let moving = states
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.state, D::Pausing | D::Unpausing));
+        if !moving || Instant::now() > end {
+            return Ok(states);
+        }
+        // The VMM announces the end of a transition only to the connection
+        // that asked for it: polled.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The entries of `goal` whose VM has no connection and is not to be
+/// started: recorded as gone after the convergence.
+fn gone_entries(goal: &[Assignment], sides: &BTreeMap<String, VmSide>) -> Vec<Assignment> {
+    goal.iter()
+        .filter(|a| {
+            sides
+                .get(&a.vm)
+                .is_none_or(|s| s.conn.is_none() && !s.start)
+        })
+        .map(|a| Assignment {
+            state: AssignState::Gone,
+            ..a.clone()
+        })
+        .collect()
 }
 
 fn end_journal(journal: Mutex<Journal>, r: &OpReport) -> Result<(), Error> {
@@ -977,7 +1106,15 @@ fn release_vm(
                     vm: name.clone(),
                     id: id.clone(),
                 })?;
-                conn.pause(id)?;
+                if let Err(e) = conn.pause(id) {
+                    // A pause that got no answer may still happen: the
+                    // rollback unpauses it too (and fails while the VMM
+                    // does not answer, leaving it to `svff recover`).
+                    if e.is_timeout() {
+                        side.paused.insert(id.clone());
+                    }
+                    return Err(e);
+                }
                 side.paused.insert(id.clone());
                 shared.change(format!("VM {name}: paused {id}"));
             }
@@ -1002,6 +1139,77 @@ fn release_vm(
     }
 }
 
+/// What the restore step needs to start an svff-vmm VM.
+#[derive(Clone, Copy)]
+struct Starter<'a> {
+    vmms: &'a dyn Connector,
+    state_dir: &'a std::path::Path,
+}
+
+/// Starts `side`'s VMM with its target VFs (`mine`); `false` if it could not.
+fn start_vm(
+    pf: PciAddress,
+    side: &mut VmSide,
+    mine: &[&Assignment],
+    hosts: &BTreeMap<u16, PciAddress>,
+    groups: &BTreeMap<PciAddress, Option<u32>>,
+    shared: &Shared<'_>,
+    starter: Starter<'_>,
+) -> bool {
+    let name = side.cfg.name.clone();
+    let mut vfs = Vec::new();
+    for a in mine {
+        match hosts.get(&a.vf) {
+            Some(&host) => vfs.push(supervise::StartVf {
+                id: a.id.clone(),
+                host,
+                group: groups.get(&host).copied().flatten(),
+            }),
+            None => {
+                let line = format!("VM {name}: {}: VF {} of PF {pf} does not exist", a.id, a.vf);
+                warn!("{line}");
+                shared.report().failures.push(line);
+            }
+        }
+    }
+    if vfs.is_empty() {
+        info!(vm = %name, "svff-vmm not started: no VF to start it with");
+        return false;
+    }
+    let ids: Vec<String> = vfs.iter().map(|v| v.id.clone()).collect();
+    if let Err(e) = shared.record(Step::StartVmm {
+        vm: name.clone(),
+        ids: ids.clone(),
+    }) {
+        shared
+            .report()
+            .failures
+            .push(format!("VM {name}: not started: {}", e.chain()));
+        return false;
+    }
+    let r = shared.timed("start_vmm", Some(&name), || {
+        starter.vmms.start(&side.cfg, starter.state_dir, &vfs)
+    });
+    match r {
+        Ok((conn, pid)) => {
+            side.conn = Some(conn);
+            side.present = ids.iter().cloned().collect();
+            side.start = false;
+            shared.change(format!(
+                "VM {name}: started svff-vmm (pid {pid}) with {}",
+                ids.join(", ")
+            ));
+            true
+        }
+        Err(e) => {
+            let line = format!("VM {name}: its VMM could not be started: {}", e.chain());
+            warn!("{line}");
+            shared.report().failures.push(line);
+            false
+        }
+    }
+}
+
 /// Restore step of one VM; returns its resulting assignments.
 fn restore_vm(
     pf: PciAddress,
@@ -1010,9 +1218,19 @@ fn restore_vm(
     hosts: &BTreeMap<u16, PciAddress>,
     groups: &BTreeMap<PciAddress, Option<u32>>,
     shared: &Shared<'_>,
+    starter: Starter<'_>,
 ) -> Vec<Assignment> {
     let name = side.cfg.name.clone();
     let mine: Vec<&Assignment> = target.iter().filter(|a| a.vm == name).collect();
+    let mut started_at: BTreeMap<String, String> = BTreeMap::new();
+    if side.start {
+        if !start_vm(pf, side, &mine, hosts, groups, shared, starter) {
+            return Vec::new();
+        }
+        if let Some(Ok(Some(list))) = side.conn.as_mut().map(|c| c.pause_states()) {
+            started_at = list.into_iter().map(|i| (i.id, i.guest)).collect();
+        }
+    }
     let Some(conn) = side.conn.as_mut() else {
         return Vec::new();
     };
@@ -1069,6 +1287,18 @@ fn restore_vm(
                         out.push(Assignment {
                             host,
                             state: AssignState::Attached,
+                            ..(**a).clone()
+                        });
+                    }
+                    Err(e) if e.is_timeout() => {
+                        // A VMM that does not answer is not told to remove
+                        // the device: it stays paused until `svff recover`
+                        // (the journal stays open) finds the VMM answering.
+                        failed.insert(a.id.clone());
+                        fail(shared, format!("VM {name}: {} could not be unpaused onto {host}: {}; it stays paused: run `svff recover` once the VMM answers", a.id, e.chain()));
+                        out.push(Assignment {
+                            host,
+                            state: AssignState::Paused,
                             ..(**a).clone()
                         });
                     }
@@ -1134,6 +1364,7 @@ fn restore_vm(
             if !out.iter().any(|o: &Assignment| o.id == a.id) {
                 out.push(Assignment {
                     host,
+                    guest: a.guest.clone().or_else(|| started_at.get(&a.id).cloned()),
                     state: AssignState::Attached,
                     ..(**a).clone()
                 });
@@ -1150,13 +1381,41 @@ fn restore_vm(
                     );
                     continue;
                 };
+                let group = if side.cfg.pass_group_fd {
+                    match groups.get(&host).copied().flatten() {
+                        Some(g) => match vmm::open_group(&name, &a.id, g) {
+                            Ok(f) => Some(f),
+                            Err(e) => {
+                                fail(
+                                    shared,
+                                    format!(
+                                        "VM {name}: {} could not be added: {}",
+                                        a.id,
+                                        e.chain()
+                                    ),
+                                );
+                                continue;
+                            }
+                        },
+                        None => None,
+                    }
+                } else {
+                    None
+                };
                 let r = shared
                     .record(Step::Attach {
                         vm: name.clone(),
                         id: a.id.clone(),
                         host,
                     })
-                    .and_then(|()| conn.attach(&a.id, host, a.bus.as_deref()));
+                    .and_then(|()| {
+                        conn.attach(
+                            &a.id,
+                            host,
+                            a.bus.as_deref(),
+                            group.as_ref().map(|f| f.as_fd()),
+                        )
+                    });
                 match r {
                     Ok(guest) => {
                         side.present.insert(a.id.clone());

@@ -9,13 +9,15 @@
 //! not know them answers `CommandNotFound`, which becomes a clear error
 //! ([`Error::Vmm`]) and the documented rollback.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::time::Duration;
 
 use qmp_ext::svff::{QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioTimings, SvffVfioUnpause};
 use qmp_ext::{Client, ErrorClass};
 use serde_json::{json, Value};
 
+use super::supervise::StartVf;
 use crate::config::{VmConfig, VmKind};
 use crate::error::Error;
 use crate::pci::PciAddress;
@@ -24,13 +26,15 @@ use crate::pci::PciAddress;
 pub trait Vmm: Send {
     /// The ids of the VMM's user-created devices (`/machine/peripheral`).
     fn devices(&mut self) -> Result<Vec<String>, Error>;
-    /// Hot-plugs `vfio-pci` for `host` as `id` (on `bus` when given);
-    /// returns the guest address when the VMM reports one.
+    /// Hot-plugs `vfio-pci` for `host` as `id` (on `bus` when given),
+    /// handing `group_fd` over with `getfd` when given; returns the guest
+    /// address when the VMM reports one.
     fn attach(
         &mut self,
         id: &str,
         host: PciAddress,
         bus: Option<&str>,
+        group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<Option<String>, Error>;
     /// Hot-unplugs `id`, waiting for `DEVICE_DELETED` within the VM's deadline.
     fn detach(&mut self, id: &str) -> Result<(), Error>;
@@ -51,22 +55,82 @@ pub trait Vmm: Send {
 pub trait Connector: Send + Sync + std::fmt::Debug {
     /// Connects to `vm`.
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error>;
+
+    /// Starts `vm`'s VMM (kind `svff-vmm`) with `vfs` (see
+    /// the orchestration README, "VMs of kind svff-vmm") and connects to it; returns the
+    /// connection and the VMM's pid. The default refuses.
+    fn start(
+        &self,
+        vm: &VmConfig,
+        state_dir: &Path,
+        vfs: &[StartVf],
+    ) -> Result<(Box<dyn Vmm>, u32), Error> {
+        let _ = (state_dir, vfs);
+        Err(Error::VmmUnsupported {
+            vm: vm.name.clone(),
+            reason: "this connector cannot start VMMs".into(),
+        })
+    }
 }
 
-/// The real connector: QMP over each VM's socket.
+/// The real connector: QMP over each VM's socket; svff-vmm VMs started as
+/// the orchestration README says.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct QmpConnector;
 
 impl Connector for QmpConnector {
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
-        if vm.kind == VmKind::SvffVmm && !vm.qmp.exists() {
-            return Err(Error::VmmUnsupported {
-                vm: vm.name.clone(),
-                reason: "starting and supervising svff-vmm VMs is not supported yet (svff-vmm is not part of this build); start it yourself and configure it as kind \"qmp\"".into(),
-            });
-        }
         QmpVmm::connect(vm).map(|v| Box::new(v) as Box<dyn Vmm>)
     }
+
+    fn start(
+        &self,
+        vm: &VmConfig,
+        state_dir: &Path,
+        vfs: &[StartVf],
+    ) -> Result<(Box<dyn Vmm>, u32), Error> {
+        if vm.kind != VmKind::SvffVmm {
+            return Err(Error::VmmUnsupported {
+                vm: vm.name.clone(),
+                reason: "only VMs of kind \"svff-vmm\" are started by svff".into(),
+            });
+        }
+        // Group fds are opened (as root) before the VMM starts: a VF
+        // without its node is an error before anything runs.
+        let fds = if super::supervise::passes_fds(vm) {
+            vfs.iter()
+                .map(|v| {
+                    let g = v.group.ok_or_else(|| Error::VmmUnsupported {
+                        vm: vm.name.clone(),
+                        reason: format!("{} ({}) has no IOMMU group to pass", v.id, v.host),
+                    })?;
+                    open_group(&vm.name, &v.id, g).map(|f| (v.id.clone(), f))
+                })
+                .collect::<Result<Vec<_>, Error>>()?
+        } else {
+            Vec::new()
+        };
+        let started = super::supervise::spawn(vm, state_dir, vfs)?;
+        let mut conn = QmpVmm::connect(vm)?;
+        if !fds.is_empty() {
+            conn.start_handshake(&fds)?;
+        }
+        Ok((Box::new(conn), started.pid))
+    }
+}
+
+/// Opens `/dev/vfio/<group>` for passing to VM `vm`'s device `id`.
+pub fn open_group(vm: &str, id: &str, group: u32) -> Result<std::fs::File, Error> {
+    let path = format!("/dev/vfio/{group}");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::VmmProcess {
+            vm: vm.into(),
+            action: format!("opening {path} for {id}"),
+            source,
+        })
 }
 
 /// A VMM reached over QMP.
@@ -78,6 +142,7 @@ pub struct QmpVmm {
     policy: svff_types::PausePolicy,
     stall_ms: Option<u64>,
     next_fd: u64,
+    client_timeout: Duration,
 }
 
 impl QmpVmm {
@@ -98,6 +163,7 @@ impl QmpVmm {
             policy: vm.pause_policy,
             stall_ms: vm.stall_ms,
             next_fd: 0,
+            client_timeout: Duration::from_secs(vm.qmp_timeout_s),
         })
     }
 
@@ -110,8 +176,36 @@ impl QmpVmm {
     }
 
     fn guest_address(&mut self, id: &str) -> Option<String> {
-        let pci = self.client.execute("query-pci", None).ok()?;
-        find_qdev(&pci, id)
+        if let Ok(pci) = self.client.execute("query-pci", None) {
+            return find_qdev(&pci, id);
+        }
+        // svff-vmm has no query-pci; query-svff-vfio names the guest address.
+        self.pause_states()
+            .ok()
+            .flatten()?
+            .into_iter()
+            .find(|i| i.id == id)
+            .map(|i| i.guest)
+    }
+
+    /// The start-up handshake of a VMM started with `--vfio ...,fd=<name>`:
+    /// every group fd passed with `getfd <name>`, then `x-svff-start`, which
+    /// answers once the VM is built (bounded by the start deadline).
+    pub fn start_handshake(&mut self, fds: &[(String, std::fs::File)]) -> Result<(), Error> {
+        for (name, f) in fds {
+            self.client
+                .send_fd(name, f.as_fd())
+                .map_err(self.err(format!("passing the VFIO group fd of {name} (getfd)")))?;
+        }
+        let normal = self.client_timeout;
+        let _ = self.client.set_timeout(super::supervise::START_TIMEOUT);
+        let r = self
+            .client
+            .execute("x-svff-start", None)
+            .map(drop)
+            .map_err(self.err("x-svff-start (building the VM on the passed group fds)".into()));
+        let _ = self.client.set_timeout(normal);
+        r
     }
 }
 
@@ -147,10 +241,30 @@ fn find_qdev(v: &Value, id: &str) -> Option<String> {
 
 impl Vmm for QmpVmm {
     fn devices(&mut self) -> Result<Vec<String>, Error> {
-        let list = self
+        let list = match self
             .client
             .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
-            .map_err(self.err("listing its devices (qom-list /machine/peripheral)".into()))?;
+        {
+            Ok(l) => l,
+            // svff-vmm has no QOM: its VFIO devices are all it has.
+            Err(e)
+                if e.qmp()
+                    .is_some_and(|q| q.class == ErrorClass::CommandNotFound) =>
+            {
+                return match self.pause_states()? {
+                    Some(list) => Ok(list.into_iter().map(|i| i.id).collect()),
+                    None => Err(self.err(
+                        "listing its devices (neither qom-list nor query-svff-vfio)".into(),
+                    )(e)),
+                };
+            }
+            Err(e) => {
+                return Err(self
+                    .err("listing its devices (qom-list /machine/peripheral)".into())(
+                    e,
+                ))
+            }
+        };
         Ok(list
             .as_array()
             .map(|a| {
@@ -171,14 +285,28 @@ impl Vmm for QmpVmm {
         id: &str,
         host: PciAddress,
         bus: Option<&str>,
+        group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<Option<String>, Error> {
         let mut args = json!({ "driver": "vfio-pci", "host": host.to_string(), "id": id });
         if let Some(bus) = bus {
             args["bus"] = json!(bus);
         }
-        self.client
+        if let Some(fd) = group_fd {
+            self.next_fd += 1;
+            let name = format!("svff-group-{}-{}", id, self.next_fd);
+            self.client
+                .send_fd(&name, fd)
+                .map_err(self.err(format!("passing the VFIO group fd of {id} (getfd)")))?;
+            args["fdname"] = json!(name);
+        }
+        let r = self
+            .client
             .execute("device_add", Some(args))
             .map_err(self.err(format!("device_add of {id} (host {host})")))?;
+        // svff-vmm answers with the guest address (bus 0).
+        if let Some(g) = r.get("guest").and_then(Value::as_str) {
+            return Ok(Some(format!("0000:{g}")));
+        }
         Ok(self.guest_address(id))
     }
 

@@ -1,0 +1,306 @@
+//! The guest's view of a run: svff-vmm's test guest prints counter lines
+//! (`svff_vmm::parse_counters`) on its serial port, which svff-vmm
+//! writes to a file; a tailer thread per VM timestamps each line as it
+//! arrives, and [`view_of_run`] turns the samples around one run into the
+//! guest-observed pause window and whether the device vanished.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use svff_vmm::{parse_counters, GuestCounters};
+
+/// One counter line and when the host read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// When the tailer read the line.
+    pub at: Instant,
+    /// The counters.
+    pub counters: GuestCounters,
+}
+
+/// What one guest saw of one VF during one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestRunView {
+    /// The VM.
+    pub vm: String,
+    /// The function in the guest, `00:DD.F`.
+    pub dev: String,
+    /// From the last sample before the first failed access to the sample
+    /// with the last one, ms: an upper bound of the window in which the
+    /// guest's accesses failed (all-ones reads or the device gone), off by at
+    /// most one sample interval; a device that vanished counts until it is
+    /// back. None: no access failed.
+    pub window_ms: Option<f64>,
+    /// Median interval between two samples in this run, ms (the resolution).
+    pub sample_ms: Option<f64>,
+    /// Accesses that failed (all-ones BAR reads) during the run.
+    pub failed_reads: u64,
+    /// Longest single BAR read since the guest started (its counter is
+    /// cumulative), TSC ticks, as of the run's last sample: a stalled access shows here.
+    pub max_tsc: u64,
+    /// Whether the guest saw the function disappear (config space all-ones) during the run.
+    pub disappeared: bool,
+    /// Samples the view is built from.
+    pub samples: usize,
+}
+
+/// The view of `dev` from the samples around one run: `samples` must hold
+/// the last sample before the run started, then every sample until one
+/// after the run ended (in arrival order); other devices' samples are skipped.
+pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
+    let mine: Vec<&Sample> = samples.iter().filter(|s| s.counters.dev == dev).collect();
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+    let mut failed = 0;
+    let mut disappeared = false;
+    let mut intervals: Vec<f64> = Vec::new();
+    let mut max_tsc = 0;
+    for w in mine.windows(2) {
+        let (a, b) = (&w[0].counters, &w[1].counters);
+        intervals.push(ms(w[1].at.saturating_duration_since(w[0].at)));
+        max_tsc = max_tsc.max(b.max_tsc);
+        let ones = b.ones.saturating_sub(a.ones);
+        let gone = b.gone.saturating_sub(a.gone);
+        let back = b.back.saturating_sub(a.back);
+        // Gone since the previous sample and not back yet: the window is still open.
+        let still_gone = b.gone > b.back && first.is_some();
+        if ones > 0 || gone > 0 || back > 0 || still_gone {
+            failed += ones;
+            disappeared |= gone > 0;
+            first.get_or_insert(w[0].at);
+            last = Some(w[1].at);
+        }
+    }
+    intervals.sort_by(f64::total_cmp);
+    GuestRunView {
+        vm: vm.into(),
+        dev: dev.into(),
+        window_ms: first
+            .zip(last)
+            .map(|(f, l)| ms(l.saturating_duration_since(f))),
+        sample_ms: intervals.get(intervals.len() / 2).copied(),
+        failed_reads: failed,
+        max_tsc,
+        disappeared,
+        samples: mine.len(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Follows one VM's serial file, keeping every counter sample.
+#[derive(Debug)]
+pub struct Tailer {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Tailer {
+    /// Starts following `path` (which svff-vmm creates; waited for).
+    pub fn start(path: PathBuf) -> Tailer {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, stop2) = (samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let file = loop {
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                match File::open(&path) {
+                    Ok(f) => break f,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let mut reader = BufReader::new(file);
+            let mut line = String::new();
+            loop {
+                match reader.read_line(&mut line) {
+                    Ok(0) => {
+                        if stop2.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        // At the end of the file for now: poll (the file only grows).
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(_) if line.ends_with('\n') => {
+                        if let Some(c) = parse_counters(&line) {
+                            s2.lock().unwrap_or_else(|p| p.into_inner()).push(Sample {
+                                at: Instant::now(),
+                                counters: c,
+                            });
+                        }
+                        line.clear();
+                    }
+                    // A partial line: the rest comes with the next read.
+                    Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                    Err(_) => return,
+                }
+            }
+        });
+        Tailer {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Number of samples so far.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no sample arrived yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Sample>> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (bounded by `deadline`) until a sample of every device in
+    /// `devs` arrived after `after`; false when the deadline passed.
+    pub fn wait_sample_after(&self, after: Instant, devs: &[String], deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        loop {
+            {
+                let s = self.lock();
+                if devs
+                    .iter()
+                    .all(|d| s.iter().any(|x| x.at > after && &x.counters.dev == d))
+                {
+                    return true;
+                }
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The devices the guest reports on.
+    pub fn devices(&self) -> Vec<String> {
+        let mut d: Vec<String> = self.lock().iter().map(|s| s.counters.dev.clone()).collect();
+        d.sort();
+        d.dedup();
+        d
+    }
+
+    /// The samples of the run between `start` and `end`: per device the last
+    /// one before `start`, and everything after it.
+    pub fn around(&self, start: Instant) -> Vec<Sample> {
+        let s = self.lock();
+        let mut devs: Vec<&String> = s.iter().map(|x| &x.counters.dev).collect();
+        devs.sort();
+        devs.dedup();
+        let begin = devs
+            .iter()
+            .filter_map(|d| {
+                s.iter()
+                    .rposition(|x| &x.counters.dev == *d && x.at <= start)
+            })
+            .min()
+            .unwrap_or(0);
+        s[begin..].to_vec()
+    }
+}
+
+impl Drop for Tailer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: Instant, dev: &str, reads: u64, ones: u64, gone: u64) -> Sample {
+        Sample {
+            at,
+            counters: GuestCounters {
+                dev: dev.into(),
+                round: reads / 2,
+                reads,
+                ok: reads - ones,
+                ones,
+                gone,
+                back: gone,
+                max_tsc: 100,
+                irqs: 0,
+                win_ktsc: 0,
+                id: 0,
+                st: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn window_spans_from_the_sample_before_the_first_failed_read_to_the_last() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let s = vec![
+            sample(at(0), "00:01.0", 100, 0, 0),
+            sample(at(10), "00:01.0", 200, 0, 0),
+            sample(at(20), "00:01.0", 300, 40, 0),
+            sample(at(30), "00:02.0", 300, 0, 0),
+            sample(at(40), "00:01.0", 400, 90, 0),
+            sample(at(50), "00:01.0", 500, 90, 0),
+        ];
+        let v = view_of_run("vm0", "00:01.0", &s);
+        assert_eq!(v.failed_reads, 90);
+        assert_eq!(
+            v.window_ms,
+            Some(30.0),
+            "10 ms (before the first) to 40 ms (the last)"
+        );
+        assert!(!v.disappeared);
+        assert_eq!(v.samples, 5, "the other device's sample is skipped");
+        assert_eq!(v.sample_ms, Some(10.0));
+    }
+
+    #[test]
+    fn a_device_that_vanished_is_reported_and_a_clean_run_has_no_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut gone = vec![
+            sample(at(0), "00:01.0", 100, 0, 0),
+            sample(at(10), "00:01.0", 150, 0, 1),
+            sample(at(20), "00:01.0", 150, 0, 1),
+            sample(at(30), "00:01.0", 200, 0, 1),
+            sample(at(40), "00:01.0", 300, 0, 1),
+        ];
+        // Gone at 10 ms (back counter not yet up), back by 30 ms.
+        gone[1].counters.back = 0;
+        gone[2].counters.back = 0;
+        let v = view_of_run("vm0", "00:01.0", &gone);
+        assert!(v.disappeared);
+        assert_eq!(
+            v.window_ms,
+            Some(30.0),
+            "from 0 ms to the sample that saw it back"
+        );
+        let clean = vec![
+            sample(at(0), "00:01.0", 100, 0, 0),
+            sample(at(10), "00:01.0", 200, 0, 0),
+        ];
+        let v = view_of_run("vm0", "00:01.0", &clean);
+        assert_eq!(
+            (v.window_ms, v.failed_reads, v.disappeared),
+            (None, 0, false)
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! `svff bench`: the paper's Table I and II reproduced in one command;
+//! described in `README.md` beside this file (included in the crate docs).
+
+mod guest;
+mod plot;
+mod report;
+mod run;
+
+use std::path::PathBuf;
+
+use crate::config::PfProfile;
+use crate::error::Error;
+use crate::pci::PciAddress;
+
+pub use guest::GuestRunView;
+pub use plot::draw as draw_plot;
+pub use report::{
+    finish, render_all, BenchReport, PaperPoint, Run, Series, Summary, TableIRow,
+    BENCH_FORMAT_VERSION, PAPER_TABLE_I,
+};
+#[cfg(test)]
+use report::{mean_sigma, paper_points, render_table_i, render_table_ii, summarize};
+pub use run::run;
+
+/// What one series measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BenchMode {
+    /// The kernel's floor: no VMM, vfio-pause's VFIO code in this process.
+    Floor,
+    /// `svff reconf --mode pause`.
+    Pause,
+    /// `svff reconf --mode detach`.
+    Detach,
+    /// Per-function reconfiguration without a count change (not available yet).
+    Pool,
+}
+
+impl BenchMode {
+    /// Its name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Floor => "floor",
+            BenchMode::Pause => "pause",
+            BenchMode::Detach => "detach",
+            BenchMode::Pool => "pool",
+        }
+    }
+}
+
+/// Which VMM holds the VFs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VmmKind {
+    /// svff-vmm with its test guest.
+    SvffVmm,
+    /// svff's patched QEMU (qemu-fork).
+    Qemu,
+    /// Debian's unpatched QEMU (detach only).
+    QemuStock,
+}
+
+impl VmmKind {
+    /// Its name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmmKind::SvffVmm => "svff-vmm",
+            VmmKind::Qemu => "qemu",
+            VmmKind::QemuStock => "qemu-stock",
+        }
+    }
+}
+
+/// Parses `pause,detach,floor`.
+pub fn parse_modes(text: &str) -> Result<Vec<BenchMode>, Error> {
+    let mut out = Vec::new();
+    for m in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let mode = match m {
+            "floor" => BenchMode::Floor,
+            "pause" => BenchMode::Pause,
+            "detach" => BenchMode::Detach,
+            "pool" => BenchMode::Pool,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--mode {m:?}: unknown mode (known: pause, detach, floor, pool)"
+                )))
+            }
+        };
+        if !out.contains(&mode) {
+            out.push(mode);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Usage("--mode: no mode given".into()));
+    }
+    Ok(out)
+}
+
+/// Parses `svff-vmm,qemu,qemu-stock`.
+pub fn parse_vmms(text: &str) -> Result<Vec<VmmKind>, Error> {
+    let mut out = Vec::new();
+    for v in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let vmm = match v {
+            "svff-vmm" => VmmKind::SvffVmm,
+            "qemu" => VmmKind::Qemu,
+            "qemu-stock" => VmmKind::QemuStock,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "--vmm {v:?}: unknown VMM (known: svff-vmm, qemu, qemu-stock)"
+                )))
+            }
+        };
+        if !out.contains(&vmm) {
+            out.push(vmm);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Usage("--vmm: no VMM given".into()));
+    }
+    Ok(out)
+}
+
+/// Parses `1,4,10` (each at least 1, ascending order kept as given, duplicates dropped).
+pub fn parse_vf_counts(text: &str) -> Result<Vec<u16>, Error> {
+    let mut out = Vec::new();
+    for v in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let n: u16 = v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            Error::Usage(format!("--vfs {v:?}: expected a VF count of at least 1"))
+        })?;
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Usage("--vfs: no VF count given".into()));
+    }
+    Ok(out)
+}
+
+/// The options of `svff bench`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    /// Assigned VF counts to measure.
+    pub vfs: Vec<u16>,
+    /// Counted runs per series.
+    pub runs: usize,
+    /// Uncounted warm-up runs per series.
+    pub warmup: usize,
+    /// Modes.
+    pub modes: Vec<BenchMode>,
+    /// VMMs.
+    pub vmms: Vec<VmmKind>,
+    /// The PF (default: the config's only PF).
+    pub pf: Option<PciAddress>,
+    /// Write the JSON document here.
+    pub json: Option<PathBuf>,
+    /// Draw the SVG plot here.
+    pub plot: Option<PathBuf>,
+    /// Use this helper config's VMs instead of starting svff-vmm test guests.
+    pub config: Option<PathBuf>,
+    /// PF profile of the self-managed set-up (`pci-pf-stub` or `nvme`).
+    pub profile: PfProfile,
+    /// Test guests' RAM and each floor container's DMA mapping, MiB.
+    pub guest_memory_mib: u64,
+    /// Test guest rounds between two counter lines.
+    pub report_every: u32,
+    /// The test guests' load.
+    pub guests: GuestLoad,
+    /// The svff-vmm binary (default: `$SVFF_VMM`, else beside this executable).
+    pub svff_vmm: Option<PathBuf>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            vfs: vec![1, 4, 10],
+            runs: 100,
+            warmup: 1,
+            modes: vec![BenchMode::Floor, BenchMode::Pause, BenchMode::Detach],
+            vmms: vec![VmmKind::SvffVmm],
+            pf: None,
+            json: None,
+            plot: None,
+            config: None,
+            profile: PfProfile::PciPfStub,
+            guest_memory_mib: 32,
+            report_every: 20,
+            guests: GuestLoad::Idle,
+            svff_vmm: None,
+        }
+    }
+}
+
+/// What the svff-vmm test guests do while the benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestLoad {
+    /// They spin reading their BARs, their vCPU threads under `SCHED_IDLE` (the default).
+    Idle,
+    /// They spin at normal priority.
+    Busy,
+    /// Stopped with QMP `stop` once they reported: the VMMs' own cost
+    /// without guest load (no guest view).
+    Stopped,
+}
+
+/// One series to measure: a mode and (except for the floor) a VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    /// The mode.
+    pub mode: BenchMode,
+    /// The VMM (None: the floor).
+    pub vmm: Option<VmmKind>,
+}
+
+/// The series `opts` asks for, or the reason it cannot run; checks only
+/// the options themselves (the machine is checked by [`run`], also before
+/// anything changes).
+pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
+    if opts.runs == 0 {
+        return Err(Error::Usage("--runs must be at least 1".into()));
+    }
+    if opts.modes.contains(&BenchMode::Pool) {
+        return Err(Error::Usage(
+            "--mode pool: pool mode (per-function reconfiguration without a count change) is not \
+             available yet in svff; measure pause, detach and floor"
+                .into(),
+        ));
+    }
+    let wants_vms = opts
+        .modes
+        .iter()
+        .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach));
+    if wants_vms {
+        match &opts.config {
+            None => {
+                if let Some(v) = opts.vmms.iter().find(|v| **v != VmmKind::SvffVmm) {
+                    return Err(Error::Usage(format!(
+                        "--vmm {}: svff bench starts only svff-vmm test guests itself; for {} \
+                         start the VMs, describe them in a helper config and pass --config",
+                        v.name(),
+                        v.name()
+                    )));
+                }
+            }
+            Some(path) => {
+                if opts.vmms.len() != 1 {
+                    return Err(Error::Usage(format!(
+                        "--config {}: its VMs are of one kind: give exactly one --vmm (the kind they are)",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if opts.modes.contains(&BenchMode::Floor) {
+        out.push(Planned {
+            mode: BenchMode::Floor,
+            vmm: None,
+        });
+    }
+    for mode in [BenchMode::Pause, BenchMode::Detach] {
+        if !opts.modes.contains(&mode) {
+            continue;
+        }
+        let mut any = false;
+        for &vmm in &opts.vmms {
+            if mode == BenchMode::Pause && vmm == VmmKind::QemuStock {
+                continue;
+            }
+            any = true;
+            out.push(Planned {
+                mode,
+                vmm: Some(vmm),
+            });
+        }
+        if !any {
+            return Err(Error::Usage(
+                "--mode pause --vmm qemu-stock: Debian's unpatched QEMU has no pause (it knows no \
+                 svff-vfio-pause); use --vmm svff-vmm or qemu for pause mode"
+                    .into(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

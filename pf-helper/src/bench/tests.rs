@@ -1,0 +1,318 @@
+//! Host unit tests of svff bench's option checks, statistics, tables, JSON and plot.
+
+use super::*;
+
+fn run(total: f64, steps: &[(&str, f64)]) -> Run {
+    Run {
+        from: 1,
+        to: 2,
+        total_ms: total,
+        steps: steps.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        guest: Vec::new(),
+    }
+}
+
+fn series(mode: &str, vmm: &str, vfs: u16, totals: &[f64]) -> Series {
+    let runs: Vec<Run> = totals
+        .iter()
+        .map(|t| run(*t, &[("change_numvfs", t / 2.0)]))
+        .collect();
+    Series {
+        mode: mode.into(),
+        vmm: vmm.into(),
+        vfs,
+        summary: summarize(&runs),
+        runs,
+    }
+}
+
+fn report(series: Vec<Series>) -> BenchReport {
+    let mut r = BenchReport {
+        format_version: BENCH_FORMAT_VERSION,
+        started_unix_s: 0,
+        kernel: "6.12".into(),
+        pf: "0000:02:00.0".into(),
+        profile: "pci-pf-stub".into(),
+        vf_counts: vec![1, 10],
+        runs: 2,
+        warmup: 1,
+        guest_memory_mib: 32,
+        vms: "test".into(),
+        reference: None,
+        series,
+        table_i: Vec::new(),
+        paper_table_i: paper_points(),
+    };
+    finish(&mut r);
+    r
+}
+
+#[test]
+fn mean_and_sample_sigma_of_known_values() {
+    let (m, s) = mean_sigma(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+    assert_eq!(m, 5.0);
+    assert!(
+        (s - 2.138_089_935).abs() < 1e-6,
+        "sample sigma (n - 1): {s}"
+    );
+    assert_eq!(mean_sigma(&[3.0]), (3.0, 0.0));
+    assert_eq!(mean_sigma(&[]), (0.0, 0.0));
+}
+
+#[test]
+fn summary_averages_steps_counting_a_missing_step_as_zero() {
+    let runs = vec![
+        run(100.0, &[("pause", 10.0), ("change_numvfs", 80.0)]),
+        run(200.0, &[("change_numvfs", 120.0)]),
+    ];
+    let s = summarize(&runs);
+    assert_eq!((s.avg_ms, s.min_ms, s.max_ms), (150.0, 100.0, 200.0));
+    assert_eq!(s.steps["pause"], 5.0);
+    assert_eq!(s.steps["change_numvfs"], 100.0);
+    assert_eq!(
+        s.guest_disappeared, None,
+        "no guest view without test guests"
+    );
+}
+
+#[test]
+fn table_i_compares_with_detach_and_floor_of_the_same_vf_count() {
+    let r = report(vec![
+        series("floor", "none", 1, &[1000.0, 1000.0]),
+        series("pause", "svff-vmm", 1, &[1100.0, 1100.0]),
+        series("detach", "svff-vmm", 1, &[2200.0, 2200.0]),
+        series("floor", "none", 10, &[2000.0, 2000.0]),
+        series("pause", "svff-vmm", 10, &[2100.0, 2300.0]),
+        series("detach", "svff-vmm", 10, &[7200.0, 7200.0]),
+    ]);
+    let row = |mode: &str, vfs: u16| {
+        r.table_i
+            .iter()
+            .find(|t| t.mode == mode && t.vfs == vfs)
+            .unwrap()
+            .clone()
+    };
+    let p10 = row("pause", 10);
+    assert_eq!(p10.avg_ms, 2200.0);
+    assert_eq!(p10.floor_ratio, Some(1.1));
+    assert_eq!(p10.overhead_ms_per_vf, Some(-500.0));
+    assert!((p10.overhead_pct.unwrap() + 69.444).abs() < 0.01);
+    assert_eq!(row("detach", 1).overhead_pct, Some(0.0));
+    assert_eq!(row("floor", 1).floor_ratio, Some(1.0));
+    assert_eq!(r.reference.as_deref(), Some("svff-vmm"));
+    let text = render_table_i(&r);
+    assert!(text.contains("pause/svff-vmm"), "{text}");
+    assert!(text.contains("growth per extra VF:"), "{text}");
+    assert!(
+        text.contains("pause/svff-vmm 122.2 ms"),
+        "(2200 - 1100) / 9: {text}"
+    );
+    assert_eq!(
+        text.matches("pause/svff-vmm 122.2 ms").count(),
+        1,
+        "one slope per mode, though its series are not adjacent: {text}"
+    );
+    assert!(
+        text.contains("detach 10 VF 31129 ms"),
+        "paper numbers: {text}"
+    );
+}
+
+#[test]
+fn stock_qemu_detach_is_the_reference_when_measured() {
+    let r = report(vec![
+        series("detach", "svff-vmm", 1, &[1000.0]),
+        series("detach", "qemu-stock", 1, &[2000.0]),
+        series("pause", "svff-vmm", 1, &[1000.0]),
+    ]);
+    assert_eq!(r.reference.as_deref(), Some("qemu-stock"));
+    let p = r.table_i.iter().find(|t| t.mode == "pause").unwrap();
+    assert_eq!(p.overhead_pct, Some(-50.0));
+    assert_eq!(p.floor_ratio, None, "no floor measured");
+}
+
+#[test]
+fn tables_are_aligned_columns() {
+    let r = report(vec![
+        series("floor", "none", 1, &[1000.0, 1010.0]),
+        series("pause", "svff-vmm", 10, &[12345.6, 12000.0]),
+    ]);
+    let t = render_table_ii(&r);
+    let lines: Vec<&str> = t.lines().skip(1).collect();
+    assert_eq!(lines.len(), 3, "{t}");
+    // Right-aligned numbers: every row ends at the same column.
+    let widths: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+    assert!(widths.iter().all(|w| *w == widths[0]), "{t}");
+    assert!(t.contains("change_numvfs ms"), "{t}");
+}
+
+#[test]
+fn json_document_round_trips_with_its_version_and_shape() {
+    let r = report(vec![series("pause", "svff-vmm", 1, &[1.0, 2.0])]);
+    let text = serde_json::to_string(&r).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["series"][0]["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["series"][0]["summary"]["avg_ms"], 1.5);
+    assert_eq!(v["table_i"][0]["mode"], "pause");
+    assert_eq!(v["paper_table_i"].as_array().unwrap().len(), 4);
+    let back: BenchReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, r);
+}
+
+#[test]
+fn guest_view_summary_counts_disappearances() {
+    let mut runs = vec![run(1.0, &[]), run(1.0, &[])];
+    for (i, r) in runs.iter_mut().enumerate() {
+        r.guest.push(GuestRunView {
+            vm: "vm0".into(),
+            dev: "00:01.0".into(),
+            window_ms: Some(100.0 * (i + 1) as f64),
+            sample_ms: Some(5.0),
+            failed_reads: 10,
+            max_tsc: 1,
+            disappeared: i == 1,
+            samples: 3,
+        });
+    }
+    let s = summarize(&runs);
+    assert_eq!(s.guest_window_avg_ms, Some(150.0));
+    assert_eq!(s.guest_window_max_ms, Some(200.0));
+    assert_eq!(s.guest_disappeared, Some(1));
+    let r = report(vec![Series {
+        mode: "detach".into(),
+        vmm: "svff-vmm".into(),
+        vfs: 1,
+        summary: s,
+        runs,
+    }]);
+    let all = render_all(&r);
+    assert!(all.contains("Guest view"), "{all}");
+    assert!(all.contains("1 of 2"), "{all}");
+}
+
+#[test]
+fn plot_is_an_svg_with_every_series_and_the_paper_labelled() {
+    let r = report(vec![
+        series("pause", "svff-vmm", 1, &[1000.0, 1100.0]),
+        series("floor", "none", 1, &[900.0]),
+        series("pause", "svff-vmm", 10, &[2000.0, 2100.0]),
+        series("floor", "none", 10, &[1900.0]),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.svg");
+    draw_plot(&r, &path).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
+    assert!(svg.contains("pause/svff-vmm (this run)"));
+    assert!(svg.contains("floor (this run)"));
+    assert!(svg.contains("detach (paper, CITS 2023 Table I"));
+    assert!(svg.contains("pause (paper, CITS 2023 Table I"));
+    assert_eq!(
+        svg.matches("pause/svff-vmm (this run)").count(),
+        1,
+        "one legend entry per mode, though its series are not adjacent"
+    );
+}
+
+fn opts() -> BenchOptions {
+    BenchOptions::default()
+}
+
+#[test]
+fn parsers_reject_unknown_modes_vmms_and_bad_counts() {
+    assert_eq!(
+        parse_modes("pause,floor,pause").unwrap(),
+        vec![BenchMode::Pause, BenchMode::Floor]
+    );
+    let e = parse_modes("pause,turbo").unwrap_err().to_string();
+    assert!(
+        e.contains("\"turbo\": unknown mode (known: pause, detach, floor, pool)"),
+        "{e}"
+    );
+    let e = parse_vmms("qemu,kvmtool").unwrap_err().to_string();
+    assert!(e.contains("\"kvmtool\": unknown VMM"), "{e}");
+    assert_eq!(parse_vf_counts("1,4,10").unwrap(), vec![1, 4, 10]);
+    for bad in ["0", "x", "", "70000"] {
+        assert!(parse_vf_counts(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn plan_refuses_pool_stock_qemu_pause_and_unmanageable_vmms() {
+    let mut o = opts();
+    o.modes = vec![BenchMode::Pause, BenchMode::Pool];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(
+        e.contains("pool mode") && e.contains("not available yet"),
+        "{e}"
+    );
+
+    let mut o = opts();
+    o.vmms = vec![VmmKind::QemuStock];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("starts only svff-vmm test guests itself"), "{e}");
+
+    o.config = Some("/etc/svff/helper.toml".into());
+    o.modes = vec![BenchMode::Pause];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("unpatched QEMU has no pause"), "{e}");
+
+    o.modes = vec![BenchMode::Pause, BenchMode::Detach];
+    assert!(
+        plan(&o).is_err(),
+        "pause is never skipped silently: stock QEMU with pause asked is refused"
+    );
+    o.modes = vec![BenchMode::Detach, BenchMode::Floor];
+    assert_eq!(
+        plan(&o).unwrap(),
+        vec![
+            Planned {
+                mode: BenchMode::Floor,
+                vmm: None
+            },
+            Planned {
+                mode: BenchMode::Detach,
+                vmm: Some(VmmKind::QemuStock)
+            }
+        ]
+    );
+
+    o.vmms = vec![VmmKind::Qemu, VmmKind::QemuStock];
+    assert!(plan(&o)
+        .unwrap_err()
+        .to_string()
+        .contains("exactly one --vmm"));
+
+    let mut o = opts();
+    o.runs = 0;
+    assert!(plan(&o).is_err());
+    let mut o = opts();
+    o.modes = vec![BenchMode::Floor];
+    o.vmms = vec![VmmKind::Qemu];
+    assert_eq!(
+        plan(&o).unwrap(),
+        vec![Planned {
+            mode: BenchMode::Floor,
+            vmm: None
+        }],
+        "the floor needs no VMM"
+    );
+}
+
+#[test]
+fn default_plan_is_floor_pause_detach_on_svff_vmm() {
+    let p = plan(&opts()).unwrap();
+    let names: Vec<(&str, Option<&str>)> = p
+        .iter()
+        .map(|p| (p.mode.name(), p.vmm.map(VmmKind::name)))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("floor", None),
+            ("pause", Some("svff-vmm")),
+            ("detach", Some("svff-vmm"))
+        ]
+    );
+}
