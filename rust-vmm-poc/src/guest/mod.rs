@@ -73,6 +73,9 @@ pub enum GuestMode {
     /// `svff-guest: dev=00:DD.F moved bar0=XXXXXXXX`. Its MSI-X table stays where it was
     /// found (fine for a VF whose table is in another BAR, as igb's in BAR3).
     MoveBar,
+    /// As [`GuestMode::RingVf`], with MSI-X table entry 0 of every target masked after round
+    /// 100 and unmasked after round 200 (the igb VFs keep raising vector 0 meanwhile).
+    RingVfMasked,
 }
 
 impl GuestMode {
@@ -84,6 +87,7 @@ impl GuestMode {
             GuestMode::Spin => 3,
             GuestMode::RingVf => 4,
             GuestMode::MoveBar => 5,
+            GuestMode::RingVfMasked => 6,
         }
     }
 }
