@@ -63,7 +63,7 @@ pub enum GuestMode {
     /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
     Halt,
     /// The read loop, and each round every igb VF (8086:10ca) with MSI-X set up raises its
-    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICS <- 1), so interrupts come from the VF
+    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICR, EICS <- 1), so interrupts come from the VF
     /// itself (the PF needs GPIE.MSIX_MODE, which `igb` sets and `pci-pf-stub` does not).
     RingVf,
     /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.

@@ -794,6 +794,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl 4(%ebp), %edi
     movl $1, 0x152c(%edi)               # EIAC: vector 0 auto-clears
     movl $1, 0x1524(%edi)               # EIMS: vector 0 enabled
+    movl $1, 0x1580(%edi)               # EICR: its cause cleared (if EIAC did not)
     movl $1, 0x1520(%edi)               # EICS: raise it
 .Lg_target_next:
     incl %ebx
