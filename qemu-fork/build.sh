@@ -107,17 +107,20 @@ flags=(--target-list=x86_64-softmmu --enable-kvm --disable-tcg --disable-rust --
     --disable-install-blobs --disable-werror --disable-debug-info --enable-slirp
     --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu)
 
-# Two keys: `tree` names a configured QEMU build tree (source, flags, series, schema: what a full
-# compile depends on), `key` the binary (the tree's key plus the library and its header). A new
-# libvfio_pause.a (every clone's differs: rustc records paths) only re-links in the kept tree.
+# Two keys: `tree` names a configured QEMU build tree (source tarball and configure flags), `key`
+# the binary (everything: the tree's key, build.sh, the series, the schema, the library and its
+# header). The tree is kept and the patched source synced into it by content, so a changed patch
+# recompiles only the files it changes and a new libvfio_pause.a (every clone's differs: rustc
+# records paths) only re-links.
 tree_key=$( {
     echo "$tarball_sha256"
     printf '%s\n' "${flags[@]}"
-    sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$schema" | cut -d' ' -f1
+    echo "tree layout 2: source synced by content"
 } | sha256sum | cut -c1-16)
 key=$( {
     echo "$tree_key"
-    sha256sum "$lib" "$header" | cut -d' ' -f1
+    sha256sum "$here/build.sh" "$here/patches/series" "${patches[@]}" "$schema" "$lib" "$header" |
+        cut -d' ' -f1
 } | sha256sum | cut -c1-16)
 [ "$mode" = --key ] && { echo "$key"; exit 0; }
 out=$cache/$key
@@ -155,24 +158,70 @@ venv=$cache/venv
     "$venv/bin/pip" install -q 'meson>=1.5,<2' 'pycotap>=1.1' >&2
 }
 
-# The build tree: unpacked, patched and configured once per tree key, kept (without it every new
-# library would cost a full compile); the library and header are copied to fixed paths inside it
-# (only when they differ, so ninja re-links or re-compiles exactly what depends on them).
+# The build tree: configured once per tree key and kept. Every build unpacks and patches a fresh
+# source next to it and syncs it into the tree by content: only files whose bytes changed are
+# written (so ninja rebuilds exactly what depends on them), files an earlier series added and this
+# one does not are deleted (the manifest lists what the last sync wrote; configure's own files in
+# the source dir are not in it). The library and header are copied to fixed paths inside the
+# tree, also only when they differ.
 tree=$cache/tree-$tree_key
 src=$tree/qemu-$ver
 exec 9>"$cache/tree-$tree_key.lock"
 flock 9
+[ -f "$tree/configured" ] || rm -rf "$tree"
+mkdir -p "$tree/svff/include"
+fresh=$tree/fresh
+rm -rf "$fresh"
+mkdir -p "$fresh"
+log "unpacking $tarball_name and applying the series"
+tar -C "$fresh" -xf "$tarball"
+# The svff QMP schema is maintained in qmp-ext and included unchanged (patch 0003 includes it).
+cp "$schema" "$fresh/qemu-$ver/qapi/svff.json"
+apply_series "$fresh/qemu-$ver"
+log "${#patches[@]} patches applied"
+if [ ! -d "$src" ]; then
+    mv "$fresh/qemu-$ver" "$src"
+    (cd "$src" && find . -type f -o -type l | sort) > "$tree/manifest"
+else
+    python3 - "$fresh/qemu-$ver" "$src" "$tree/manifest" >&2 <<'PY'
+import filecmp, os, shutil, sys
+new, dst, manifest = sys.argv[1:4]
+files = []
+for d, dirs, names in os.walk(new):
+    for n in names + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
+        files.append(os.path.relpath(os.path.join(d, n), new))
+files.sort()
+changed = 0
+for f in files:
+    a, b = os.path.join(new, f), os.path.join(dst, f)
+    if os.path.islink(a):
+        if os.path.islink(b) and os.readlink(a) == os.readlink(b):
+            continue
+    elif os.path.isfile(b) and not os.path.islink(b) and filecmp.cmp(a, b, shallow=False):
+        continue
+    os.makedirs(os.path.dirname(b), exist_ok=True)
+    if os.path.lexists(b):
+        os.remove(b)
+    shutil.copy2(a, b, follow_symlinks=False)
+    os.utime(b, follow_symlinks=False)  # newer than every object built from the old bytes
+    changed += 1
+    print(f"qemu-fork: synced {f}", file=sys.stderr)
+old = set(open(manifest).read().split("\n")) - {""} if os.path.exists(manifest) else set()
+gone = sorted(old - {"./" + f for f in files})
+for f in gone:
+    p = os.path.join(dst, f)
+    if os.path.lexists(p):
+        os.remove(p)
+        print(f"qemu-fork: removed {f}", file=sys.stderr)
+with open(manifest, "w") as m:
+    m.write("".join("./" + f + "\n" for f in files))
+print(f"qemu-fork: {changed} files synced, {len(gone)} removed", file=sys.stderr)
+PY
+fi
+rm -rf "$fresh"
+cmp -s "$lib" "$tree/svff/libvfio_pause.a" || cp "$lib" "$tree/svff/libvfio_pause.a"
+cmp -s "$header" "$tree/svff/include/vfio_pause.h" || cp "$header" "$tree/svff/include/vfio_pause.h"
 if [ ! -f "$tree/configured" ]; then
-    rm -rf "$tree"
-    mkdir -p "$tree/svff/include"
-    log "unpacking $tarball_name into $tree"
-    tar -C "$tree" -xf "$tarball"
-    # The svff QMP schema is maintained in qmp-ext and included unchanged (patch 0003 includes it).
-    cp "$schema" "$src/qapi/svff.json"
-    apply_series "$src"
-    log "${#patches[@]} patches applied"
-    cp "$lib" "$tree/svff/libvfio_pause.a"
-    cp "$header" "$tree/svff/include/vfio_pause.h"
     t0=$(date +%s)
     (cd "$src" && PATH=$venv/bin:$PATH ./configure "${flags[@]}" \
         "-Dsvff_vfio_pause=$tree/svff/libvfio_pause.a" "-Dsvff_vfio_pause_include=$tree/svff/include" >&2)
@@ -181,8 +230,6 @@ if [ ! -f "$tree/configured" ]; then
     touch "$tree/configured"
 else
     log "reusing the configured build tree $tree"
-    cmp -s "$lib" "$tree/svff/libvfio_pause.a" || cp "$lib" "$tree/svff/libvfio_pause.a"
-    cmp -s "$header" "$tree/svff/include/vfio_pause.h" || cp "$header" "$tree/svff/include/vfio_pause.h"
 fi
 t1=$(date +%s)
 PATH=$venv/bin:$PATH ninja -C "$src/build" qemu-system-x86_64 >&2

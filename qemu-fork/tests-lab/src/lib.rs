@@ -146,10 +146,20 @@ impl Qemu {
         .stdout(Stdio::null())
         .stderr(stderr);
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls dup2, which is async-signal-safe; `lfd` is open in the parent
-        // (the listener lives until after spawn returns).
+        // calls setrlimit, fcntl and dup2, which are async-signal-safe; `lfd`
+        // is open in the parent (the listener lives until after spawn returns).
         unsafe {
             cmd.pre_exec(move || {
+                // A QEMU that drops root (`-run-with user=`) loses CAP_IPC_LOCK
+                // and pins guest RAM for VFIO again at every unpause: no
+                // locked-memory limit (set while still root, kept across setuid).
+                let unlimited = libc::rlimit {
+                    rlim_cur: libc::RLIM_INFINITY,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let rc = if lfd == MONITOR_FD {
                     libc::fcntl(lfd, libc::F_SETFD, 0)
                 } else {
@@ -230,6 +240,16 @@ impl Qemu {
                 ),
             },
         }
+    }
+
+    /// Hand `fd` to QEMU under `fdname` (`getfd` with SCM_RIGHTS).
+    pub fn send_fd(&mut self, fdname: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), Error> {
+        let pid = self.pid();
+        self.qmp.send_fd(fdname, fd).map_err(|source| Error::Qmp {
+            pid,
+            source,
+            stderr: self.stderr(),
+        })
     }
 
     /// QMP events received so far (and not yet taken).

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use svff_lab::guest;
 use svff_lab::l2::{self, Image, L2};
+use svff_pf_helper::{
+    DriverName, NvmeResources, PciAddress, RealSysfs, SriovManager, VfsSetOptions,
+};
 use svff_qemu_lab::{fd_links, qemu_binary, Qemu};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -310,6 +313,17 @@ fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
         guest::set_numvfs(&pf, 0);
     }
     guest::bind(&pf, "igb");
+    // The VF's link follows the PF's, and the PF answers igbvf's mailbox
+    // only with its interface up.
+    let net = guest::dev_path(&pf).join("net");
+    for e in std::fs::read_dir(&net).unwrap_or_else(|e| panic!("{}: {e}", net.display())) {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", &name, "up"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set {name} up in L1");
+    }
     guest::set_numvfs(&pf, n);
     let vf = guest::vfs_of(&pf)[0].clone();
     bind_vfio(&vf);
@@ -580,4 +594,730 @@ fn numvfs_zero_while_attached_is_answered_by_a_pause_not_an_unplug() {
     println!("sriov_numvfs 1 -> 0 with the VF attached: {disable:?}");
     assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
     guest::set_numvfs(&pf, 0);
+}
+
+// ---- nvme VF with a real guest driver: the recover=aer mechanism ----
+
+/// Puts the nvme PF back on the driver it had before the test, with 0 VFs.
+struct NvmePfRestore {
+    pf: PciAddress,
+    driver: Option<String>,
+}
+
+impl NvmePfRestore {
+    /// Recorded before `nvme` is loaded: loading it binds an unbound PF.
+    fn new(pf: &str) -> Self {
+        NvmePfRestore {
+            pf: PciAddress::parse(pf).unwrap(),
+            driver: guest::driver_of(pf),
+        }
+    }
+}
+
+impl Drop for NvmePfRestore {
+    fn drop(&mut self) {
+        let mgr = SriovManager::new(RealSysfs::new());
+        if let Err(e) = mgr.set_vf_count(self.pf, 0, &VfsSetOptions::default()) {
+            eprintln!("cleanup: removing the VFs of {}: {}", self.pf, e.chain());
+        }
+        let r = match &self.driver {
+            Some(d) => mgr.ensure_pf_driver(self.pf, &DriverName::parse(d).unwrap()),
+            None => mgr.unbind(self.pf),
+        };
+        if let Err(e) = r {
+            eprintln!(
+                "cleanup: restoring the driver of {}: {}",
+                self.pf,
+                e.chain()
+            );
+        }
+    }
+}
+
+/// The helper's nvme profile: the PF on the kernel's `nvme` driver with `n`
+/// VFs (from any count, through 0), each secondary controller online with
+/// 2 VQ and 1 VI resources, every VF bound to vfio-pci. Returns the VFs.
+fn nvme_profile_vfs(pf: PciAddress, n: u16) -> Vec<String> {
+    let mgr = SriovManager::new(RealSysfs::new());
+    let opts = VfsSetOptions {
+        pf_driver: Some(DriverName::parse("nvme").unwrap()),
+        bind: Some(DriverName::parse("vfio-pci").unwrap()),
+        ..VfsSetOptions::default()
+    };
+    mgr.set_vf_count_with(pf, n, &opts, Some(&NvmeResources::uniform(2, 1)))
+        .unwrap_or_else(|e| panic!("nvme profile on {pf} with {n} VFs: {}", e.chain()));
+    let vfs = guest::vfs_of(&pf.to_string());
+    assert_eq!(vfs.len(), usize::from(n), "VFs of {pf}: {vfs:?}");
+    vfs
+}
+
+/// Shell function of the guest: the sum of the interrupt counts of nvme0's
+/// queues in /proc/interrupts (the VF's MSI-X vectors).
+const NVME_IRQS: &str = "irqs() { awk '/nvme0q/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }' /proc/interrupts; }";
+
+fn nvme_irqs(vm: &mut L2) -> u64 {
+    let out = vm
+        .sh_ok(&format!("{NVME_IRQS}; irqs"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("interrupt count {out:?}: {e}"))
+}
+
+/// NVMe VS of QEMU's emulated controller (1.4).
+const NVME_VS_1_4: u64 = 0x0001_0400;
+
+/// The guest's read of BAR0 + 8 (NVMe VS) through /dev/mem.
+fn guest_nvme_vs(vm: &mut L2, gbdf: &str) -> u64 {
+    let out = vm
+        .sh_ok(
+            &format!(
+                "read start end flags < /sys/bus/pci/devices/{gbdf}/resource; devmem $((start + 8)) 32"
+            ),
+            CMD,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t = out.trim();
+    u64::from_str_radix(t.trim_start_matches("0x").trim_start_matches("0X"), 16)
+        .unwrap_or_else(|e| panic!("devmem said {t:?}: {e}"))
+}
+
+fn query_vf0(qmp: &mut qmp_ext::Client) -> Value {
+    let v = qmp.execute("query-svff-vfio", None).unwrap();
+    v.as_array()
+        .and_then(|l| l.iter().find(|d| d["id"] == "vf0"))
+        .cloned()
+        .unwrap_or_else(|| panic!("vf0 in {v}"))
+}
+
+fn nvme_state(vm: &mut L2) -> String {
+    vm.sh_ok("cat /sys/class/nvme/nvme0/state", CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+/// Waits (at most `limit_s` seconds) until the guest's dmesg contains `text`.
+fn wait_dmesg(vm: &mut L2, text: &str, limit_s: u32) -> bool {
+    let r = vm.sh(
+        &format!(
+            "i=0; until dmesg | grep -qF '{text}'; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
+            limit_s * 10
+        ),
+        Duration::from_secs(u64::from(limit_s) + 30),
+    );
+    match r {
+        Ok(out) => out.success(),
+        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
+    }
+}
+
+/// An admin command round trip: asks nvme0 to rescan (the driver sends an
+/// Identify on the admin queue) and waits, at most `limit_s` seconds, until
+/// an interrupt beyond `before` has counted with the controller live.
+/// Returns the interrupt count then, or None when it did not happen in time.
+fn nvme_admin_roundtrip(vm: &mut L2, before: u64, limit_s: u32) -> Option<u64> {
+    let out = vm.sh(
+            &format!(
+                "{NVME_IRQS}; echo 1 > /sys/class/nvme/nvme0/rescan_controller || exit 2
+                 i=0; while [ $(irqs) -le {before} ] || [ \"$(cat /sys/class/nvme/nvme0/state)\" != live ]; do
+                   i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done; irqs",
+                limit_s * 10
+            ),
+            Duration::from_secs(u64::from(limit_s) + 30),
+        );
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
+    };
+    assert_ne!(out.code, Some(2), "rescan_controller: {out:?}");
+    out.success().then(|| out.stdout.trim().parse().unwrap())
+}
+
+fn qom_get(qmp: &mut qmp_ext::Client, property: &str) -> Value {
+    qmp.execute(
+        "qom-get",
+        Some(json!({ "path": "/machine/peripheral/vf0", "property": property })),
+    )
+    .unwrap_or_else(|e| panic!("qom-get {property}: {e}"))
+}
+
+fn no_unplug_in(dmesg: &str) {
+    for unplug in [
+        "Card not present",
+        "Link Down",
+        "Removing from iommu group",
+        "removing",
+    ] {
+        assert!(
+            !dmesg.contains(unplug),
+            "guest saw an unplug ({unplug}):\n{dmesg}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_after_its_admin_timeout_without(
+) {
+    guest::require_lab();
+    let pf_s = guest::nvme_pf();
+    let pf = PciAddress::parse(&pf_s).unwrap();
+    let _restore = NvmePfRestore::new(&pf_s);
+    guest::modprobe("kvm_amd");
+    guest::modprobe("nvme");
+    guest::modprobe("vfio-pci");
+    let vf = nvme_profile_vfs(pf, 1)[0].clone();
+
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    // Every kernel message on the console (kept on failure); /dev/mem reads
+    // of the BAR the driver owns.
+    let mut vmm = l2::Qemu::stock()
+        .kernel_param("ignore_loglevel")
+        .kernel_param("iomem=relaxed")
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .device(&format!(
+            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
+        ))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("nvme").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+    let gbdf = vm
+        .sh_ok(
+            "for d in /sys/bus/pci/devices/*; do [ $(cat $d/vendor):$(cat $d/device) = 0x1b36:0x0010 ] && echo ${d##*/}; done; true",
+            CMD,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        !gbdf.is_empty() && !gbdf.contains('\n'),
+        "one nvme VF in L2: {gbdf:?}"
+    );
+
+    // The guest's nvme driver brings the VF's controller up (admin queue, Identify).
+    let out = vm.sh("modprobe nvme", CMD).unwrap();
+    assert!(out.success(), "modprobe nvme: {out:?}");
+    assert!(
+        wait_dmesg(&mut vm, "nvme nvme0:", 60)
+            && vm
+                .sh(
+                    "i=0; until [ \"$(cat /sys/class/nvme/nvme0/state 2>/dev/null)\" = live ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done",
+                    Duration::from_secs(90)
+                )
+                .unwrap()
+                .success(),
+        "nvme0 live in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let dmesg = vm.dmesg().unwrap();
+    assert!(
+        dmesg.contains("AER: enabled with IRQ"),
+        "the guest's AER driver runs on the root port:\n{dmesg}"
+    );
+    let lines = vm.sh_ok("grep nvme0q /proc/interrupts", CMD).unwrap();
+    assert!(
+        lines.contains(&format!("PCI-MSIX-0000:{gbdf}")) || lines.contains("PCI-MSIX"),
+        "nvme0's queues on MSI-X: {lines}"
+    );
+    assert_eq!(guest_nvme_vs(&mut vm, &gbdf), NVME_VS_1_4, "VS attached");
+    let probed = nvme_irqs(&mut vm);
+    assert!(probed > 0, "admin interrupts during the probe: {lines}");
+    // Before any pause: an admin command completes by interrupt.
+    let before = nvme_admin_roundtrip(&mut vm, probed, 10).unwrap_or_else(|| {
+        panic!(
+            "admin round trip before the pause:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
+    println!("nvme0 MSI-X interrupts: {probed} after the probe, {before} after a rescan");
+
+    // 1. recover=aer: pause, numvfs 1 -> 0 -> 2 with the nvme profile, unpause onto VF 1.
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    let ((), change) = timed(|| {
+        nvme_profile_vfs(pf, 2);
+    });
+    let new_vf = guest::vfs_of(&pf_s)[1].clone();
+    assert_ne!(new_vf, vf, "a different function");
+    let paused_irqs = nvme_irqs(&mut vm);
+    // A guest read of BAR0 (the VS register) while paused traps and, under
+    // the default policy (ignore), reads all-ones; counted by the library.
+    assert_eq!(
+        guest_nvme_vs(&mut vm, &gbdf),
+        0xffff_ffff,
+        "VS while paused"
+    );
+    let paused = query_vf0(&mut qmp);
+    assert!(
+        paused["paused-accesses"]["bar-reads"].as_u64().unwrap() >= 1,
+        "{paused}"
+    );
+    let (r, unpause) = timed(|| {
+        qmp.execute(
+            "svff-vfio-unpause",
+            Some(json!({ "id": "vf0", "host": new_vf })),
+        )
+    });
+    r.unwrap();
+    let t0 = Instant::now();
+    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
+    assert!(
+        wait_dmesg(&mut vm, "AER: device recovery successful", 60),
+        "AER recovery in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let recovered = t0.elapsed();
+    let reinit = nvme_irqs(&mut vm);
+    let after = nvme_admin_roundtrip(&mut vm, reinit, 30).unwrap_or_else(|| {
+        panic!(
+            "admin round trip after the AER recovery:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
+    let working_aer = t0.elapsed();
+    // The reset freed and re-allocated the vectors (their counts restart):
+    // the admin commands of the re-initialisation completed by interrupt.
+    assert!(
+        reinit > 0,
+        "the driver's reset re-initialised the new VF by interrupts ({paused_irqs} before, {reinit} after)"
+    );
+    let dmesg = vm.dmesg().unwrap();
+    assert!(
+        dmesg.contains("frozen state error detected, reset controller"),
+        "nvme's error_detected ran:\n{dmesg}"
+    );
+    no_unplug_in(&dmesg);
+    assert_eq!(nvme_state(&mut vm), "live");
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "1b36 0010",
+        "same guest address"
+    );
+    assert_eq!(
+        guest_nvme_vs(&mut vm, &gbdf),
+        NVME_VS_1_4,
+        "BAR0 reads the new VF's controller after unpause"
+    );
+    println!(
+        "recover=aer: numvfs 1 -> 0 -> 2 with the nvme profile {change:?}, unpause {unpause:?}; \
+         AER recovery done {recovered:?} after the unpause, admin command completed {working_aer:?} after it; \
+         interrupts {paused_irqs} -> {reinit} (reset) -> {after} (rescan)"
+    );
+    let aer_lines: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| l.contains("AER") || l.contains("nvme") || l.contains("pcieport"))
+        .collect();
+    println!("L2 dmesg (AER, nvme):\n{}", aer_lines.join("\n"));
+
+    // 2. recover=none (set at run time): the same change, the driver is not told.
+    qmp.execute(
+        "qom-set",
+        Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": "none" })),
+    )
+    .unwrap();
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    nvme_profile_vfs(pf, 1);
+    let vf3 = guest::vfs_of(&pf_s)[0].clone();
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": vf3 })),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    assert_eq!(
+        qom_get(&mut qmp, "x-recover-count"),
+        json!(1),
+        "no AER error signalled"
+    );
+    assert_eq!(nvme_state(&mut vm), "live", "the driver does not know");
+    let quiet = nvme_irqs(&mut vm);
+    // The new VF's controller is disabled (reset by vfio on open): the
+    // Identify of a rescan goes unanswered until nvme's admin timeout
+    // (nvme_core.admin_timeout, 60 s) makes the driver reset the controller.
+    let out = vm
+        .sh("echo 1 > /sys/class/nvme/nvme0/rescan_controller", CMD)
+        .unwrap();
+    assert!(out.success(), "rescan_controller: {out:?}");
+    let unanswered = vm
+        .sh(
+            &format!("{NVME_IRQS}; sleep 5; [ $(irqs) -eq {quiet} ]"),
+            CMD,
+        )
+        .unwrap();
+    assert!(
+        unanswered.success(),
+        "no completion interrupt from the disabled controller"
+    );
+    assert!(
+        wait_dmesg(&mut vm, "timeout, reset controller", 180),
+        "nvme's admin timeout resets the controller:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let reset_seen = t0.elapsed();
+    let live = vm
+        .sh(
+            "i=0; until [ \"$(cat /sys/class/nvme/nvme0/state)\" = live ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done",
+            Duration::from_secs(90),
+        )
+        .unwrap();
+    assert!(live.success(), "nvme0 live again:\n{}", vm.dmesg().unwrap());
+    let reinit = nvme_irqs(&mut vm);
+    let after = nvme_admin_roundtrip(&mut vm, reinit, 30).unwrap_or_else(|| {
+        panic!(
+            "no admin round trip after the driver's own reset:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
+    let working_none = t0.elapsed();
+    let dmesg = vm.dmesg().unwrap();
+    no_unplug_in(&dmesg);
+    println!(
+        "recover=none: admin timeout and controller reset {reset_seen:?} after the unpause, admin command completed {working_none:?} after it; interrupts {quiet} (stuck) -> {reinit} (reset) -> {after} (rescan)"
+    );
+    let tail: Vec<&str> = dmesg
+        .lines()
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    println!("L2 dmesg tail:\n{}", tail.join("\n"));
+    drop(qmp);
+    drop(vm);
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn unpause_with_a_group_fd_passed_by_getfd_works_where_qemu_cannot_open_dev_vfio() {
+    guest::require_lab();
+    let pf = guest::igb_pf();
+    let vf = pf_with_vfio_vf(&pf, 2, 0);
+    guest::modprobe("kvm_amd");
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    // QEMU opens the first VF as root, then drops to nobody (as under
+    // libvirt, it can then open no /dev/vfio node itself).
+    let args: Vec<String> = [
+        "-S",
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-L",
+        "/usr/share/qemu",
+        "-bios",
+        "qboot.rom",
+        "-run-with",
+        "user=65534:65534",
+        "-device",
+        &format!("svff-vfio-pci,host={vf},id=vf0"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut q = Qemu::start(&bin, &args, QMP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", q.pid())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "QEMU runs as nobody: {uid}"
+    );
+    assert_eq!(query(&mut q)["state"], "attached");
+
+    pause(&mut q);
+    guest::set_numvfs(&pf, 0);
+    guest::set_numvfs(&pf, 2);
+    let new_vf = guest::vfs_of(&pf)[1].clone();
+    bind_vfio(&new_vf);
+    let node = group_node(&new_vf);
+
+    // By path, QEMU cannot open the new group: refused, still paused.
+    let (_, desc) = unpause(&mut q, &new_vf).expect_err("nobody cannot open the group");
+    assert!(desc.contains("still paused"), "{desc}");
+    assert_eq!(query(&mut q)["state"], "paused");
+
+    // The group fd opened here (as root) and passed with getfd.
+    let group = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&node)
+        .unwrap_or_else(|e| panic!("{node}: {e}"));
+    q.send_fd("grp", std::os::fd::AsFd::as_fd(&group))
+        .unwrap_or_else(|e| panic!("getfd: {e}"));
+    drop(group);
+    let t = q
+        .try_execute(
+            "svff-vfio-unpause",
+            Some(json!({ "id": "vf0", "host": new_vf, "fdname": "grp" })),
+        )
+        .unwrap_or_else(|e| panic!("unpause with the passed fd: {e:?}"));
+    let info = query(&mut q);
+    assert_eq!(info["state"], "attached", "{info}");
+    assert_eq!(info["host"], new_vf.as_str());
+    let fds = q.vf_fds();
+    assert!(
+        fds.contains(&node),
+        "QEMU holds the passed group {node}: {fds:?}"
+    );
+    assert!(
+        fds.iter().any(|l| l.contains("vfio-device")),
+        "and the new VF's device fd: {fds:?}"
+    );
+    // The fd was taken over by the device: its name is gone from the monitor.
+    let (_, desc) = q
+        .try_execute(
+            "svff-vfio-unpause",
+            Some(json!({ "id": "vf0", "fdname": "grp" })),
+        )
+        .expect_err("the name was used up");
+    assert!(desc.contains("grp"), "{desc}");
+    println!(
+        "unpause with a getfd group fd as uid 65534: {} ns",
+        t["total-ns"]
+    );
+    assert!(q.quit(QMP_TIMEOUT).is_some_and(|s| s.success()));
+    guest::set_numvfs(&pf, 0);
+}
+
+// ---- igb VF with igbvf in L2: interrupts and the recover=aer mechanism ----
+
+/// Sum of the guest's interrupt counts of `gbdf`'s MSI-X vectors.
+fn guest_msix_count(vm: &mut L2, gbdf: &str) -> u64 {
+    let text = vm
+        .sh_ok("cat /proc/interrupts", CMD)
+        .unwrap_or_else(|e| panic!("{e}"));
+    text.lines()
+        .filter(|l| l.contains(&format!("PCI-MSIX-{gbdf}")))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Waits (at most `limit`) until `gbdf`'s MSI-X interrupt count passes
+/// `above`; returns the count then. igbvf's watchdog raises its rx vector
+/// every 2 s while the interface is up and the VF answers.
+fn wait_msix_growth(vm: &mut L2, gbdf: &str, above: u64, limit: Duration) -> Option<u64> {
+    let until = Instant::now() + limit;
+    loop {
+        let now = guest_msix_count(vm, gbdf);
+        if now > above {
+            return Some(now);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        // Pacing between polls of /proc/interrupts; the deadline bounds the wait.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What igbvf does after an unpause (at `t0`): whether its interrupts count
+/// again by themselves within 30 s, else whether they do after `ip link set
+/// down/up` (the interface's re-initialisation), as a sentence.
+fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant) -> String {
+    let base = guest_msix_count(vm, gbdf);
+    if let Some(n) = wait_msix_growth(vm, gbdf, base, Duration::from_secs(30)) {
+        return format!(
+            "interrupts counting again by themselves {:?} after the unpause ({base} -> {n}), {eth} {}",
+            t0.elapsed(),
+            operstate(vm, eth)
+        );
+    }
+    let by_itself = format!(
+        "no interrupt for 30 s ({base}), {eth} {}",
+        operstate(vm, eth)
+    );
+    let out = vm
+        .sh(
+            &format!("ip link set {eth} down && ip link set {eth} up"),
+            CMD,
+        )
+        .unwrap();
+    assert!(out.success(), "ip link set {eth} down/up: {out:?}");
+    let base2 = guest_msix_count(vm, gbdf);
+    match wait_msix_growth(vm, gbdf, base2, Duration::from_secs(60)) {
+        Some(n) => format!(
+            "{by_itself}; after ip link set down/up counting again {:?} after the unpause ({base2} -> {n}), {eth} {}",
+            t0.elapsed(),
+            operstate(vm, eth)
+        ),
+        None => format!(
+            "{by_itself}; after ip link set down/up still no interrupt for 60 s ({base2}), {eth} {}",
+            operstate(vm, eth)
+        ),
+    }
+}
+
+/// L1's kernel messages of the igb PF driver (its VF mailbox handling).
+fn l1_igb_log() -> String {
+    let out = std::process::Command::new("dmesg").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("igb "))
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn operstate(vm: &mut L2, eth: &str) -> String {
+    vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpause_with_recover_aer()
+{
+    guest::require_lab();
+    let (pf, vf) = igb_pf_with_vfio_vf(1);
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = l2::Qemu::stock()
+        .kernel_param("ignore_loglevel")
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .device(&format!(
+            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
+        ))
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
+    let gbdf = guest_igb_vf(&mut vm);
+    let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
+    assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
+    let c0 = guest_msix_count(&mut vm, &gbdf);
+    let c1 = wait_msix_growth(&mut vm, &gbdf, c0, Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!(
+            "igbvf's interrupts stayed at {c0} before any pause:\n{}",
+            vm.dmesg().unwrap()
+        )
+    });
+    println!("igbvf MSI-X interrupts before the pause: {c0} -> {c1}");
+
+    // 1. recover=aer: pause, numvfs 1 -> 0 -> 1, unpause onto the new VF.
+    let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    numvfs("0");
+    numvfs("1");
+    let new_vf = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&new_vf);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": new_vf })),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    assert!(
+        wait_dmesg(&mut vm, "AER: device recovery successful", 60),
+        "AER recovery of igbvf in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let recovered = t0.elapsed();
+    let aer = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
+    let dmesg = vm.dmesg().unwrap();
+    let log: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| l.contains("igbvf") || l.contains("AER") || l.contains("pcieport"))
+        .collect();
+    println!("L2 dmesg (igbvf, AER):\n{}", log.join("\n"));
+    assert!(
+        dmesg.contains("igbvf 0000:01:00.0: enabling device"),
+        "igbvf's slot_reset ran"
+    );
+    no_unplug_in(&dmesg);
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "8086 10ca",
+        "same guest address"
+    );
+    println!("recover=aer: AER recovery done {recovered:?} after the unpause; {aer}");
+    println!("L1 igb PF log:\n{}", l1_igb_log());
+
+    // 2. recover=none: the same change; what igbvf does by itself within 30 s.
+    qmp.execute(
+        "qom-set",
+        Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": "none" })),
+    )
+    .unwrap();
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    numvfs("0");
+    numvfs("1");
+    let vf3 = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&vf3);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": vf3 })),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0);
+    let dmesg = vm.dmesg().unwrap();
+    no_unplug_in(&dmesg);
+    println!("recover=none: {none}");
+    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
+
+    // 3. The same change through stock code (a plain vfio-pci, device_del
+    // and device_add): does igbvf get interrupts on a re-created VF at all?
+    qmp.execute("device_del", Some(json!({ "id": "vf0" })))
+        .and_then(|_| qmp.wait_event("DEVICE_DELETED", CMD))
+        .unwrap_or_else(|e| panic!("device_del: {e}"));
+    numvfs("0");
+    numvfs("1");
+    let vf4 = guest::vfs_of(&pf)[0].clone();
+    bind_vfio(&vf4);
+    qmp.execute(
+        "device_add",
+        Some(json!({ "driver": "vfio-pci", "host": vf4, "id": "plain0", "bus": "rp0" })),
+    )
+    .unwrap_or_else(|e| panic!("device_add: {e}"));
+    let t0 = Instant::now();
+    let seen = vm
+        .sh(
+            &format!("i=0; until [ -d /sys/bus/pci/devices/{gbdf}/net ] && [ -n \"$(ls /sys/bus/pci/devices/{gbdf}/net)\" ]; do i=$((i+1)); [ $i -gt 300 ] && exit 1; sleep 0.1; done"),
+            CMD,
+        )
+        .unwrap();
+    assert!(seen.success(), "igbvf probed the hot-added VF");
+    let eth2 = guest_iface(&mut vm, &gbdf);
+    let up = vm.sh(&format!("ip link set {eth2} up"), CMD).unwrap();
+    assert!(up.success(), "{up:?}");
+    let stock = igbvf_after_unpause(&mut vm, &gbdf, &eth2, t0);
+    println!("stock vfio-pci, device_del/device_add onto the re-created VF: {stock}");
+    println!("L1 igb PF log:\n{}", l1_igb_log());
+    // The baseline: igbvf works with a re-created VF under stock code.
+    assert!(stock.contains("counting again"), "stock vfio-pci: {stock}");
+    drop(qmp);
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
 }
