@@ -64,7 +64,7 @@ pub enum GuestMode {
     /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
     Halt,
     /// The read loop, and each round every igb VF (8086:10ca) with MSI-X set up raises its
-    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICS <- 1), so interrupts come from the VF
+    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICR, EICS <- 1), so interrupts come from the VF
     /// itself (the PF needs GPIE.MSIX_MODE, which `igb` sets and `pci-pf-stub` does not).
     RingVf,
     /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
@@ -74,6 +74,9 @@ pub enum GuestMode {
     /// `svff-guest: dev=00:DD.F moved bar0=XXXXXXXX`. Its MSI-X table stays where it was
     /// found (fine for a VF whose table is in another BAR, as igb's in BAR3).
     MoveBar,
+    /// As [`GuestMode::RingVf`], with MSI-X table entry 0 of every target masked after round
+    /// 100 and unmasked after round 200 (the igb VFs keep raising vector 0 meanwhile).
+    RingVfMasked,
 }
 
 impl GuestMode {
@@ -85,6 +88,7 @@ impl GuestMode {
             GuestMode::Spin => 3,
             GuestMode::RingVf => 4,
             GuestMode::MoveBar => 5,
+            GuestMode::RingVfMasked => 6,
         }
     }
 }
