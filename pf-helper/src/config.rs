@@ -54,6 +54,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/svff";
 /// bdf = "0000:02:00.0"
 /// profile = "nvme"                   # PF driver nvme: VFs are NVMe secondary controllers
 /// nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }   # every VF, VF 3 apart
+/// vfs = 12
+/// pool = true                        # the 12 VFs are a pool: reconf --resources, never a count change
 ///
 /// [[vm]]
 /// name = "vm1"
@@ -165,6 +167,11 @@ pub struct PfConfig {
     /// after VF creation: `nvme = { vq = 2, vi = 1, vf = { 3 = { vq = 4, vi = 2 } } }`.
     #[serde(default)]
     pub nvme: Option<crate::nvme::NvmeProfile>,
+    /// Pool mode (nvme profile): `init` creates the PF's `vfs` VFs once (the
+    /// pool); `svff reconf --resources` then changes VF resources, pausing
+    /// only the VFs concerned, and `sriov_numvfs` is never written again.
+    #[serde(default)]
+    pub pool: bool,
 }
 
 /// How svff reaches a VM's VMM.
@@ -462,6 +469,20 @@ impl Config {
                     return Err(at(
                         key("nvme"),
                         format!("PF {}: nvme resources need profile \"nvme\"", pf.bdf),
+                    ));
+                }
+            }
+            if pf.pool {
+                if pf.effective_profile() != PfProfile::Nvme {
+                    return Err(at(
+                        key("pool"),
+                        format!("PF {}: pool mode needs profile \"nvme\"", pf.bdf),
+                    ));
+                }
+                if pf.vfs.is_none_or(|n| n == 0) {
+                    return Err(at(
+                        key("pool"),
+                        format!("PF {}: pool mode needs the pool size as vfs = N", pf.bdf),
                     ));
                 }
             }

@@ -223,6 +223,18 @@ impl<S: Sysfs + 'static> Daemon<S> {
                     },
                 )
             }),
+            Request::PoolReconf {
+                pf,
+                resources,
+                assign,
+            } => self.allowed_pf(*pf).and_then(|_| {
+                let (pf, resources, assign) = (*pf, resources.clone(), assign.clone());
+                self.change(pf, "pool reconf".into(), self.orch_watchdog(), move |d| {
+                    d.orchestrator()?
+                        .reconf_pool(pf, &resources, &assign)
+                        .and_then(|r| to_value(&r))
+                })
+            }),
             Request::Recover {} => match self.config.pfs.first() {
                 None => Err(Error::Plan("no PF is configured".into())),
                 Some(first) => {

@@ -90,8 +90,8 @@
 //!
 //! For a PF on the `nvme` driver (nvme profile), the PF entry also has
 //! `"nvme": {"controller": "/dev/nvme0 (PF 0000:02:00.0)", "vq_total": 128,
-//! "vq_assigned": 6, "vq_primary": 0, "vq_max_per_vf": 2, "vi_total": 64,
-//! "vi_assigned": 3, "vi_primary": 0, "vi_max_per_vf": 1, "error": null}`
+//! "vq_assigned": 6, "vq_primary": 0, "vq_max_per_vf": 16, "vi_total": 64,
+//! "vi_assigned": 3, "vi_primary": 0, "vi_max_per_vf": 8, "error": null}`
 //! ([`NvmeStatus`]: VQFRT, VQRFA, VQRFAP, VQFRSM and the VI counterparts from
 //! Identify Primary Controller Capabilities; when the controller cannot be
 //! read, `error` says why and the rest is `null`), and each of its VFs
@@ -194,6 +194,7 @@
 //! |---|---|
 //! | `{"op":"init"}` | `svff init` |
 //! | `{"op":"reconf","pf":"0000:01:00.0","vfs":2,"mode":"detach","assign":[{"vm":"vm1","count":1}]}` (`mode` default `pause`, `assign` optional) | `svff reconf --pf 0000:01:00.0 --vfs 2 --mode detach --assign vm1=1` |
+//! | `{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"0":{"vq":4,"vi":2}}},"assign":[{"vm":"vm1","count":1}]}` (pool mode; `assign` optional) | `svff reconf --pf 0000:02:00.0 --resources 0=vq:4,vi:2 --assign vm1=1` |
 //! | `{"op":"recover"}` | `svff recover` |
 //!
 //! Their error kinds add `state` (state directory unusable), `vmm` (a VMM

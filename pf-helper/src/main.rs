@@ -64,9 +64,18 @@ enum Command {
         /// The PF, e.g. 0000:01:00.0.
         #[arg(long, value_name = "BDF")]
         pf: PciAddress,
-        /// The new VF count.
-        #[arg(long, value_name = "N")]
-        vfs: u16,
+        /// The new VF count (not for a PF in pool mode).
+        #[arg(
+            long,
+            value_name = "N",
+            required_unless_present = "resources",
+            conflicts_with = "resources"
+        )]
+        vfs: Option<u16>,
+        /// Pool mode: new NVMe resources of some VFs, INDEX=vq:N,vi:N,...;
+        /// only those VFs are paused, the VF count stays.
+        #[arg(long, value_name = "VF=vq:N,vi:N,...", value_parser = parse_resources)]
+        resources: Option<NvmeResources>,
         /// pause or detach.
         #[arg(long, value_enum, default_value = "pause")]
         mode: ModeArg,
@@ -529,6 +538,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Reconf {
             pf,
             vfs,
+            ref resources,
             mode,
             ref assign,
             json,
@@ -542,6 +552,26 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .map(AssignRequest::parse_list)
                 .transpose()?
                 .unwrap_or_default();
+            let vfs = match (vfs, resources) {
+                (Some(vfs), None) => vfs,
+                (None, Some(resources)) => {
+                    let resources = resources.clone();
+                    let r = if cli.direct {
+                        direct_orch(&cli, |o| o.reconf_pool(pf, &resources, &assign))?
+                    } else {
+                        decode(request(
+                            &cli.socket,
+                            &Request::PoolReconf {
+                                pf,
+                                resources,
+                                assign,
+                            },
+                        )?)?
+                    };
+                    return op_out(&r, json);
+                }
+                _ => return Err(Error::Usage("give --vfs N or --resources SPEC".into())),
+            };
             let r = if cli.direct {
                 direct_orch(&cli, |o| o.reconf(pf, vfs, mode, &assign))?
             } else {

@@ -54,6 +54,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         assign: Vec<crate::orch::AssignRequest>,
     },
+    /// `svff reconf --resources` of a PF in pool mode; the result is an [`crate::OpReport`].
+    PoolReconf {
+        /// The PF.
+        pf: PciAddress,
+        /// The VFs' new NVMe resources.
+        resources: crate::nvme::NvmeResources,
+        /// Free pool VFs for VMs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        assign: Vec<crate::orch::AssignRequest>,
+    },
     /// `svff recover`; the result is an [`crate::OpReport`].
     Recover {},
     /// Programs the PF's configured bitstream; the result is `{"steps": [...]}`.
@@ -216,6 +226,32 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn pool_reconf_requests_have_the_documented_shape() {
+        let text = r#"{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"0":{"vq":4,"vi":2}}},"assign":[{"vm":"vm1","count":1}]}"#;
+        let r: Request = serde_json::from_str(text).unwrap();
+        let Request::PoolReconf {
+            pf,
+            resources,
+            assign,
+        } = &r
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(pf.to_string(), "0000:02:00.0");
+        assert_eq!(
+            resources.for_vf(0),
+            Some(crate::nvme::VfResources { vq: 4, vi: 2 })
+        );
+        assert_eq!(resources.for_vf(1), None);
+        assert_eq!(assign.len(), 1);
+        assert_eq!(serde_json::to_string(&r).unwrap(), text);
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"pool_reconf","pf":"0000:02:00.0","resources":{"vfs":{"x":{"vq":4,"vi":2}}}}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -327,7 +327,10 @@ fn vfs_set_with_the_nvme_profile_gives_online_vfs_with_the_requested_resources()
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let p = &st["pfs"][0];
     assert_eq!(p["nvme"]["error"], serde_json::Value::Null, "{p}");
-    assert_eq!(p["nvme"]["vq_max_per_vf"], 2);
+    assert_eq!(
+        p["nvme"]["vq_max_per_vf"], 16,
+        "the lab's sriov_max_vq_per_vf"
+    );
     for v in p["vfs"].as_array().unwrap() {
         let i = v["index"].as_u64().unwrap() as u16;
         let s = secondary_of_vf(&list, i);
@@ -381,7 +384,7 @@ fn too_many_resources_are_refused_with_a_clear_error_and_nothing_changed() {
     let numvfs = || guest::read_attr(guest::dev_path(&pf).join("sriov_numvfs"));
     assert_eq!(numvfs(), "4");
 
-    // Above the per-VF maximum (VQFRSM 2 in the lab), same count.
+    // Above the per-VF maximum (VQFRSM 16, VIFRSM 8 in the lab), same count.
     let out = svff(&[
         "--direct",
         "vfs",
@@ -390,22 +393,22 @@ fn too_many_resources_are_refused_with_a_clear_error_and_nothing_changed() {
         &pf,
         "4",
         "--resources",
-        "0=vq:2,vi:1,1=vq:3,vi:1",
+        "0=vq:2,vi:1,1=vq:17,vi:1",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("PF {pf}: NVMe VF resources: VF 1: 3 VQ requested, at most 2 per secondary controller (VQFRSM)")),
+        err.contains(&format!("PF {pf}: NVMe VF resources: VF 1: 17 VQ requested, at most 16 per secondary controller (VQFRSM)")),
         "{err}"
     );
     // With a count change: refused before sriov_numvfs is written.
     let out = svff(&[
-        "--direct", "vfs", "set", "--pf", &pf, "2", "--vq", "2", "--vi", "2",
+        "--direct", "vfs", "set", "--pf", &pf, "2", "--vq", "2", "--vi", "9",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("VF 0: 2 VI requested, at most 1 per secondary controller (VIFRSM)"),
+        err.contains("VF 0: 9 VI requested, at most 8 per secondary controller (VIFRSM)"),
         "{err}"
     );
     assert_eq!(numvfs(), "4");

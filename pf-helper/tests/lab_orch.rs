@@ -31,10 +31,19 @@ fn boot_deadline() -> Duration {
     )
 }
 
+/// The svff binary the calls run: the current [`Setup`]'s copy in L1's RAM
+/// (from the 9p host root every call pages the 60 MB debug binary in again).
+static BIN: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
 /// Runs svff under `timeout(1)` with `env`, printing what it said.
 fn svff_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let bin = BIN
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(SVFF));
     let mut cmd = Command::new("timeout");
-    cmd.arg(CALL_TIMEOUT_S).arg(SVFF).args(args);
+    cmd.arg(CALL_TIMEOUT_S).arg(bin).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -105,6 +114,9 @@ impl Setup {
         guest::modprobe("vfio-pci");
         guest::modprobe("kvm-amd");
         let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("svff");
+        fs::copy(SVFF, &bin).unwrap();
+        *BIN.lock().unwrap() = Some(bin);
         let qmp = dir.path().join("vm1.qmp");
         let mut qemu = Qemu::stock()
             .arg("-qmp")
@@ -152,6 +164,7 @@ name = "vm1"
 kind = "qmp"
 qmp = "{qmp}"
 hotplug_ports = ["svffrp0", "svffrp1", "svffrp2", "svffrp3"]
+qmp_timeout_s = 60
 detach_timeout_s = 30
 vfs = [{{ pf = "{pf}", count = 4 }}]
 {extra}"#,

@@ -253,14 +253,14 @@ nvme = {{ vq = 2, vi = 1 }}
 name = "vm1"
 kind = "svff-vmm"
 qmp = "{dir}/vm1.qmp"
-qmp_timeout_s = 10
+qmp_timeout_s = 30
 command = {command}
 vfs = [{{ pf = "{pf}", count = 2 }}]
 [[vm]]
 name = "vm2"
 kind = "svff-vmm"
 qmp = "{dir}/vm2/qmp.sock"
-qmp_timeout_s = 5
+qmp_timeout_s = 15
 command = {command}
 run_as = {{ uid = {UNPRIV}, gid = {UNPRIV} }}
 vfs = [{{ pf = "{pf}", count = 2 }}]

@@ -28,13 +28,14 @@ pub use devices::{
     TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
 pub use error::Error;
-pub use guest::{parse_counters, GuestCounters, GuestMode, TestGuest};
+pub use guest::{GuestMode, TestGuest};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
     CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,
     HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use qmp::{parse_devfn, QmpHandler, Start, StartGate, START_TIMEOUT};
+pub use svff_types::{parse_counters, GuestCounters};
 pub use vm::memory::{check_ram_size, MMIO_WINDOW_END, MMIO_WINDOW_START};
 pub use vm::{
     ExitReason, GuestImage, RunState, SerialOutput, VfioSpec, Vm, VmConfig, VmHandle, MAX_CPUS,

@@ -37,6 +37,8 @@ enum GuestModeArg {
     RingVf,
     /// The read loop; after round 100 every target's BAR0 moves to 0xe0000000 + index MiB.
     MoveBar,
+    /// As ring-vf, with MSI-X entry 0 masked from round 101 to round 200.
+    RingVfMasked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +266,7 @@ fn build_config(cli: &Cli) -> Result<VmConfig, Error> {
                 GuestModeArg::Spin => GuestMode::Spin,
                 GuestModeArg::RingVf => GuestMode::RingVf,
                 GuestModeArg::MoveBar => GuestMode::MoveBar,
+                GuestModeArg::RingVfMasked => GuestMode::RingVfMasked,
             },
         }),
     };

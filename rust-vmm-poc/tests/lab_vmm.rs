@@ -311,7 +311,9 @@ fn svff_vmm_serves_qmp_and_quit_ends_the_process_cleanly() {
             .expect("spawn svff-vmm"),
     );
     let pid = child.0.id();
-    wait_until("the QMP socket", || sock.exists());
+    wait_until("the QMP socket", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(10)).expect("QMP connect");
     let guest_out = || std::fs::read_to_string(&serial).unwrap_or_default();
     wait_until("a counter report", || {

@@ -93,3 +93,36 @@ fn two_vmms_see_device_del_and_device_add_of_igb_vfs_across_numvfs_4_0_6_as_remo
     let pf = IgbPf::new();
     common::del_add_across_numvfs_4_0_6(&pf, &IGB);
 }
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn a_masked_msix_vector_of_an_igb_vf_delivers_nothing_until_the_guest_unmasks_it() {
+    use common::Pf as _;
+    use svff_vmm::parse_counters;
+
+    let pf = IgbPf::new();
+    let vfs = pf.vfs(1);
+    let mut vmm = common::Vmm::spawn("vmm", &[("vf0", &vfs[0], "ignore")], 20, "ring-vf-masked");
+    vmm.wait("round 260", &|| {
+        vmm.last("00:01.0").is_some_and(|c| c.round >= 260)
+    });
+    let out = vmm.out();
+    let irqs_at = |round: u64| {
+        out.lines()
+            .filter_map(parse_counters)
+            .find(|c| c.dev == "00:01.0" && c.round == round)
+            .unwrap_or_else(|| panic!("no report at round {round}:\n{out}"))
+            .irqs
+    };
+    let (i100, i120, i180, i260) = (irqs_at(100), irqs_at(120), irqs_at(180), irqs_at(260));
+    assert!(vmm.quit().success());
+    drop(vmm);
+    println!("irqs at rounds 100/120/180/260: {i100} {i120} {i180} {i260}");
+    assert!(
+        i100 >= 1,
+        "the VF's vector reached the guest while unmasked"
+    );
+    // The VF raises vector 0 every round meanwhile; masked, nothing reaches the guest.
+    assert_eq!(i120, i180, "masked (rounds 101..200): no interrupt");
+    assert!(i260 > i180, "unmasked after round 200: interrupts again");
+}

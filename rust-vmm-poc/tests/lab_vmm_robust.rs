@@ -92,7 +92,9 @@ impl Vmm {
             sock,
             _dir: dir,
         };
-        vmm.wait("the QMP socket", &|| vmm.sock.exists());
+        vmm.wait("the QMP socket listening", &|| {
+            std::os::unix::net::UnixStream::connect(&vmm.sock).is_ok()
+        });
         vmm
     }
 

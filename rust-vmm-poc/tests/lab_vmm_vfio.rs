@@ -159,7 +159,9 @@ fn two_vfs_paused_over_a_numvfs_cycle_and_unpaused_never_leave_the_guests_config
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
     wait("first reports", &|| last("00:02.0").is_some());
     let before: Vec<_> = ["00:01.0", "00:02.0"].map(|d| last(d).unwrap()).into();
@@ -262,7 +264,7 @@ fn fifty_pause_unpause_cycles_leave_the_vmm_with_the_same_fds() {
         .unwrap();
     let pid = child.id();
     let end = Instant::now() + Duration::from_secs(60);
-    while !sock.exists() {
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(Instant::now() < end, "no QMP socket");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -337,7 +339,9 @@ fn msix_interrupts_of_an_igb_vf_reach_the_guest_before_a_pause_and_after_the_unp
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
     wait("MSI-X enabled by the guest", &|| {
         out().contains("svff-guest: dev=00:01.0 msix vector=64")
@@ -469,7 +473,9 @@ fn an_unprivileged_vmm_gets_group_fds_over_qmp_and_pauses_and_unpauses_across_a_
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert_eq!(
@@ -606,7 +612,9 @@ fn bars_of_an_attached_vf_are_kvm_slots_that_go_at_pause_and_come_back_at_unpaus
         let r = last().map_or(0, |c| c.round);
         wait(what, &|| last().is_some_and(|c| c.round >= r + 40));
     };
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
     let mut slots = || -> Value {
         let v = qmp.execute("x-svff-query-bar-slots", None).unwrap();
@@ -712,7 +720,9 @@ fn device_del_and_device_add_of_a_vf_are_seen_by_the_guest_as_a_removal_and_an_a
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
     wait("first reports", &|| last().is_some());
     let before = last().unwrap();
@@ -809,7 +819,9 @@ fn a_bar0_the_guest_moves_is_mapped_at_its_new_address_and_again_after_a_pause_o
     };
     // STATUS of an igb VF: IOV mode and 1 VF.
     let live = |st: u32| st & (1 << 18) != 0 && (st >> 14) & 0xf == 1;
-    wait("the QMP socket", &|| sock.exists());
+    wait("the QMP socket listening", &|| {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let mut qmp = Client::connect(&sock, Duration::from_secs(30)).unwrap();
     let mut slots = || -> Value { qmp.execute("x-svff-query-bar-slots", None).unwrap()[0].clone() };
     wait("the guest to move BAR0", &|| {

@@ -8,12 +8,15 @@
 //! - [`PausePolicy`]: what guest BAR accesses do while a device is paused,
 //!   and the bounds of a stall ([`MAX_STALL`], [`DEFAULT_STALL`]).
 //! - [`Phase`]: the timed steps of a pause and an unpause, with their names.
+//! - [`GuestCounters`], [`parse_counters`]: the svff-vmm test guest's serial counter lines.
 //!
 //! With the `serde` feature every type (de)serializes in the spelling of the
 //! svff QMP schema (`kebab-case` names, an address as its text).
 
+mod guest;
 mod pci;
 mod state;
 
+pub use guest::{parse_counters, GuestCounters};
 pub use pci::{InvalidPciAddress, PciAddress};
 pub use state::{DeviceState, PausePolicy, Phase, DEFAULT_STALL, MAX_STALL};

@@ -1,5 +1,5 @@
 //! The guest's view of a run: svff-vmm's test guest prints counter lines
-//! (`svff_vmm::parse_counters`) on its serial port, which svff-vmm
+//! (`svff_types::parse_counters`) on its serial port, which svff-vmm
 //! writes to a file; a tailer thread per VM timestamps each line as it
 //! arrives, and [`view_of_run`] turns the samples around one run into the
 //! guest-observed pause window and whether the device vanished.
@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use svff_vmm::{parse_counters, GuestCounters};
+use svff_types::{parse_counters, GuestCounters};
 
 /// One counter line and when the host read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,12 +48,30 @@ pub struct GuestRunView {
     pub disappeared: bool,
     /// Samples the view is built from.
     pub samples: usize,
+    /// The guest's own measurement of this run, ms: the longest window it
+    /// timed with its TSC (`win_ktsc`: a run of all-ones reads up to the next
+    /// valid read, or one stalled read), when this run raised the guest's
+    /// running maximum. None when it did not (this run's window was no longer
+    /// than an earlier one: at most [`tsc_window_max_ms`](Self::tsc_window_max_ms)),
+    /// or the guest's TSC frequency is unknown.
+    #[serde(default)]
+    pub tsc_window_ms: Option<f64>,
+    /// The guest's running maximum of that window at the run's end, ms (since
+    /// the guest started; None: TSC frequency unknown).
+    #[serde(default)]
+    pub tsc_window_max_ms: Option<f64>,
+}
+
+/// `win_ktsc` (1024-tick units) at `tsc_khz` kHz, in ms.
+pub fn ktsc_ms(win_ktsc: u64, tsc_khz: u32) -> f64 {
+    win_ktsc as f64 * 1024.0 / f64::from(tsc_khz)
 }
 
 /// The view of `dev` from the samples around one run: `samples` must hold
 /// the last sample before the run started, then every sample until one
 /// after the run ended (in arrival order); other devices' samples are skipped.
-pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
+/// `tsc_khz`: the guest's TSC frequency (`x-svff-query-tsc`), None or 0 if unknown.
+pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample], tsc_khz: Option<u32>) -> GuestRunView {
     let mine: Vec<&Sample> = samples.iter().filter(|s| s.counters.dev == dev).collect();
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
@@ -78,6 +96,14 @@ pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
         }
     }
     intervals.sort_by(f64::total_cmp);
+    let khz = tsc_khz.filter(|k| *k > 0);
+    let win_before = mine.first().map(|s| s.counters.win_ktsc);
+    let win_after = mine.last().map(|s| s.counters.win_ktsc);
+    let tsc_window_ms = khz.and_then(|k| match (win_before, win_after) {
+        (Some(b), Some(a)) if a > b => Some(ktsc_ms(a, k)),
+        _ => None,
+    });
+    let tsc_window_max_ms = khz.zip(win_after).map(|(k, a)| ktsc_ms(a, k));
     GuestRunView {
         vm: vm.into(),
         dev: dev.into(),
@@ -89,6 +115,8 @@ pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample]) -> GuestRunView {
         max_tsc,
         disappeared,
         samples: mine.len(),
+        tsc_window_ms,
+        tsc_window_max_ms,
     }
 }
 
@@ -260,7 +288,7 @@ mod tests {
             sample(at(40), "00:01.0", 400, 90, 0),
             sample(at(50), "00:01.0", 500, 90, 0),
         ];
-        let v = view_of_run("vm0", "00:01.0", &s);
+        let v = view_of_run("vm0", "00:01.0", &s, None);
         assert_eq!(v.failed_reads, 90);
         assert_eq!(
             v.window_ms,
@@ -286,7 +314,7 @@ mod tests {
         // Gone at 10 ms (back counter not yet up), back by 30 ms.
         gone[1].counters.back = 0;
         gone[2].counters.back = 0;
-        let v = view_of_run("vm0", "00:01.0", &gone);
+        let v = view_of_run("vm0", "00:01.0", &gone, None);
         assert!(v.disappeared);
         assert_eq!(
             v.window_ms,
@@ -297,10 +325,34 @@ mod tests {
             sample(at(0), "00:01.0", 100, 0, 0),
             sample(at(10), "00:01.0", 200, 0, 0),
         ];
-        let v = view_of_run("vm0", "00:01.0", &clean);
+        let v = view_of_run("vm0", "00:01.0", &clean, None);
         assert_eq!(
             (v.window_ms, v.failed_reads, v.disappeared),
             (None, 0, false)
         );
+    }
+
+    #[test]
+    fn the_guests_own_window_is_reported_only_when_the_run_raised_its_running_maximum() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = vec![
+            sample(at(0), "00:01.0", 100, 0, 0),
+            sample(at(10), "00:01.0", 200, 40, 0),
+            sample(at(20), "00:01.0", 300, 40, 0),
+        ];
+        s[0].counters.win_ktsc = 100;
+        s[1].counters.win_ktsc = 2000;
+        s[2].counters.win_ktsc = 2000;
+        // 2000 * 1024 ticks at 2_048_000 kHz = 1 ms.
+        let v = view_of_run("vm0", "00:01.0", &s, Some(2_048_000));
+        assert_eq!(v.tsc_window_ms, Some(1.0));
+        assert_eq!(v.tsc_window_max_ms, Some(1.0));
+        s[0].counters.win_ktsc = 2000;
+        let v = view_of_run("vm0", "00:01.0", &s, Some(2_048_000));
+        assert_eq!(v.tsc_window_ms, None, "not longer than an earlier window");
+        assert_eq!(v.tsc_window_max_ms, Some(1.0));
+        let v = view_of_run("vm0", "00:01.0", &s, Some(0));
+        assert_eq!((v.tsc_window_ms, v.tsc_window_max_ms), (None, None));
     }
 }

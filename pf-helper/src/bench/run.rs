@@ -283,6 +283,8 @@ struct TestVm {
     child: Child,
     tailer: Tailer,
     devs: Vec<String>,
+    /// The guest's TSC frequency (`x-svff-query-tsc`), None if unknown.
+    tsc_khz: Option<u32>,
 }
 
 impl Drop for TestVm {
@@ -491,6 +493,7 @@ impl Ctx<'_> {
                 child,
                 tailer: Tailer::start(serial),
                 devs: Vec::new(),
+                tsc_khz: None,
             });
         }
         let end = Instant::now() + GUEST_START;
@@ -515,6 +518,7 @@ impl Ctx<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             vm.devs = vm.tailer.devices();
+            vm.tsc_khz = query_tsc_khz(&self.dir.join(format!("{}.qmp", vm.name)));
             match self.opts.guests {
                 GuestLoad::Idle => idle_vcpus(vm.child.id()),
                 GuestLoad::Busy => {}
@@ -639,7 +643,11 @@ impl Ctx<'_> {
                     )));
                 }
                 let samples = cut(vm.tailer.around(t0), t1);
-                guest.extend(vm.devs.iter().map(|d| view_of_run(&vm.name, d, &samples)));
+                guest.extend(
+                    vm.devs
+                        .iter()
+                        .map(|d| view_of_run(&vm.name, d, &samples, vm.tsc_khz)),
+                );
             }
             if i >= self.opts.warmup {
                 runs.push(Run {
@@ -654,6 +662,17 @@ impl Ctx<'_> {
         }
         Ok(series(p.mode.name(), vmm, n, runs))
     }
+}
+
+/// The guest's TSC frequency from svff-vmm (`x-svff-query-tsc`); None when
+/// it cannot tell (0) or does not answer (the guest view then has no TSC window).
+fn query_tsc_khz(qmp: &Path) -> Option<u32> {
+    let mut c = qmp_ext::Client::connect(qmp, Duration::from_secs(30)).ok()?;
+    let v = c.execute("x-svff-query-tsc", None).ok()?;
+    v["tsc-khz"]
+        .as_u64()
+        .and_then(|k| u32::try_from(k).ok())
+        .filter(|k| *k > 0)
 }
 
 /// The samples up to `end` and, per device, the first one after it.

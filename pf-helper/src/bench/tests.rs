@@ -147,6 +147,44 @@ fn tables_are_aligned_columns() {
 }
 
 #[test]
+fn vmm_side_sub_steps_get_their_own_table_and_only_series_that_have_them() {
+    let runs: Vec<Run> = [100.0, 200.0]
+        .iter()
+        .map(|t| {
+            run(
+                *t,
+                &[("pause", 30.0), ("pause.close", 20.0), ("pause.qmp", 25.0)],
+            )
+        })
+        .collect();
+    let pause = Series {
+        mode: "pause".into(),
+        vmm: "svff-vmm".into(),
+        vfs: 1,
+        summary: summarize(&runs),
+        runs,
+    };
+    let r = report(vec![series("floor", "none", 1, &[1000.0]), pause]);
+    let t = render_table_ii(&r);
+    let (main, vmm) = t
+        .split_once("Table II, VMM side")
+        .expect("a VMM-side table");
+    assert!(
+        main.contains("pause ms") && !main.contains("pause.close"),
+        "{t}"
+    );
+    assert!(
+        vmm.contains("pause.close ms") && vmm.contains("pause.qmp ms"),
+        "{t}"
+    );
+    assert_eq!(
+        vmm.lines().count(),
+        3,
+        "title, header, the pause series only: {t}"
+    );
+}
+
+#[test]
 fn json_document_round_trips_with_its_version_and_shape() {
     let r = report(vec![series("pause", "svff-vmm", 1, &[1.0, 2.0])]);
     let text = serde_json::to_string(&r).unwrap();
@@ -173,12 +211,20 @@ fn guest_view_summary_counts_disappearances() {
             max_tsc: 1,
             disappeared: i == 1,
             samples: 3,
+            tsc_window_ms: (i == 0).then_some(80.0),
+            tsc_window_max_ms: Some(80.0),
         });
     }
     let s = summarize(&runs);
     assert_eq!(s.guest_window_avg_ms, Some(150.0));
     assert_eq!(s.guest_window_max_ms, Some(200.0));
     assert_eq!(s.guest_disappeared, Some(1));
+    assert_eq!(s.guest_tsc_window_max_ms, Some(80.0));
+    assert_eq!(
+        s.guest_tsc_windows,
+        Some(1),
+        "only the run that raised the maximum"
+    );
     let r = report(vec![Series {
         mode: "detach".into(),
         vmm: "svff-vmm".into(),

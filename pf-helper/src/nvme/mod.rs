@@ -31,7 +31,7 @@
 
 mod admin;
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

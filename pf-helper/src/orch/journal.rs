@@ -18,7 +18,7 @@
 //! records from 0. The `begin` record carries the whole plan: the PF
 //! assignments before (`before`) and the target (`target`, entries as in
 //! the assignment table), the VF counts, the mode. Steps: `program`,
-//! `set_count`, `bind`, `attach`, `detach`, `pause`, `unpause`, `table`
+//! `set_count`, `pool_plan`, `resources` (pool mode), `bind`, `attach`, `detach`, `pause`, `unpause`, `table`
 //! (the assignment table is being replaced), `rollback` (the operation
 //! turned back, the target is now `before`), `end` (`outcome` `done`,
 //! `rolled_back` or `failed`). An operation without `end` was interrupted:
@@ -73,6 +73,9 @@ pub enum OpKind {
     Init,
     /// `svff reconf`.
     Reconf,
+    /// `svff reconf --resources` of a PF in pool mode (see `pool.rs`): the
+    /// count stays, `pool_plan` follows `begin`.
+    Pool,
 }
 
 /// One journal step.
@@ -153,6 +156,23 @@ pub enum Step {
         vm: String,
         /// The device ids it starts with.
         ids: Vec<String>,
+    },
+    /// Pool mode: the NVMe resources of the VFs that change, as they were
+    /// (`before`) and as they are to be (`target`); right after `begin`.
+    PoolPlan {
+        /// The PF.
+        pf: PciAddress,
+        /// The resources before, per VF index.
+        before: crate::nvme::NvmeResources,
+        /// The resources asked, per VF index.
+        target: crate::nvme::NvmeResources,
+    },
+    /// Pool mode: changing these VFs' resources (offline, assign, online).
+    Resources {
+        /// The PF.
+        pf: PciAddress,
+        /// The VF indices.
+        vfs: Vec<u16>,
     },
     /// Replacing the assignment table.
     Table,

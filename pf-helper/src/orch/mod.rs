@@ -2,6 +2,7 @@
 //! file (included in the crate docs).
 
 pub mod journal;
+mod pool;
 pub mod state;
 pub mod supervise;
 pub mod vmm;
@@ -436,51 +437,54 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
     ) -> Result<BTreeMap<String, VmSide>, Error> {
         let names: BTreeSet<&str> = before.iter().chain(target).map(|a| a.vm.as_str()).collect();
         let mut sides = BTreeMap::new();
-        for name in names {
-            let cfg = match self.vm_config(name) {
-                Ok(c) => c.clone(),
+        // Connect to every VM at once (each connect, capabilities and query
+        // is a QMP round trip or more): one thread per VM, bounded by each
+        // VM's own QMP timeout.
+        let start = Instant::now();
+        let cfgs: Vec<(&str, Result<VmConfig, Error>)> = names
+            .into_iter()
+            .map(|n| (n, self.vm_config(n).cloned()))
+            .collect();
+        let vmms = self.vmms;
+        let probes: Vec<Option<Result<Probed, Error>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cfgs
+                .iter()
+                .map(|(_, c)| {
+                    c.as_ref()
+                        .ok()
+                        .map(|cfg| scope.spawn(move || probe_vm(vmms, pf, cfg)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))))
+                .collect()
+        });
+        info!(ms = crate::sriov::elapsed_ms(start), "VMs connected");
+        for ((name, cfg), probe) in cfgs.into_iter().zip(probes) {
+            let cfg = match cfg {
+                Ok(c) => c,
                 Err(e) if tolerate => {
                     warn!(vm = name, error = %e.chain(), "VM no longer configured: its VFs are recorded as gone");
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let conn = match self.vmms.connect(&cfg) {
-                Ok(mut c) => {
-                    let list = c.devices();
-                    match list {
-                        Ok(ids) => {
-                            let present: BTreeSet<String> = ids
-                                .into_iter()
-                                .filter(|id| id_index(pf, id).is_some())
-                                .collect();
-                            let paused = match settled_states(c.as_mut(), cfg.qmp_timeout_s) {
-                                Ok(Some(states)) => states
-                                    .into_iter()
-                                    .filter(|s| {
-                                        present.contains(&s.id)
-                                            && s.state != svff_types::DeviceState::Attached
-                                    })
-                                    .map(|s| s.id)
-                                    .collect(),
-                                _ => BTreeSet::new(),
-                            };
-                            sides.insert(
-                                name.to_owned(),
-                                VmSide {
-                                    cfg,
-                                    conn: Some(c),
-                                    present,
-                                    paused,
-                                    start: false,
-                                },
-                            );
-                            continue;
-                        }
-                        Err(e) => Err(e),
-                    }
+            let conn = match probe.expect("probed every configured VM") {
+                Ok((c, present, paused)) => {
+                    sides.insert(
+                        name.to_owned(),
+                        VmSide {
+                            cfg,
+                            conn: Some(c),
+                            present,
+                            paused,
+                            start: false,
+                        },
+                    );
+                    continue;
                 }
-                Err(e) => Err(e),
+                Err(e) => Err::<(), Error>(e),
             };
             let vmm_dead = cfg.kind == crate::config::VmKind::SvffVmm
                 && !matches!(
@@ -718,7 +722,9 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 source: None,
             });
         }
-        let _ = pfc;
+        if pfc.pool {
+            return Err(pool::not_a_count_change(pf));
+        }
         let table = self.state.load_table()?;
         let before: Vec<Assignment> = table
             .of_pf(pf)
@@ -767,7 +773,13 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             }
         }
         target.sort_by_key(|a| a.vf);
+        let connect_start = Instant::now();
         let mut sides = self.connect_sides(pf, &before, &target, false, false)?;
+        let connect = TimedStep {
+            name: "connect".into(),
+            vm: None,
+            ms: crate::sriov::elapsed_ms(connect_start),
+        };
         let gone = gone_entries(&target, &sides);
         let journal = Journal::begin(
             &self.state,
@@ -784,6 +796,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         let journal = Mutex::new(journal);
         match self.converge(pf, vfs, &target, mode, &mut sides, &journal, "reconf") {
             Ok(mut r) => {
+                r.steps.insert(0, connect);
                 self.record_gone(pf, &gone, &mut r)?;
                 end_journal(journal, &r)?;
                 Ok(r)
@@ -840,6 +853,15 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                 .push("nothing to do: the journal shows no interrupted operation".into());
             return Ok(r);
         };
+        if matches!(
+            p.begin,
+            Step::Begin {
+                kind: OpKind::Pool,
+                ..
+            }
+        ) {
+            return self.recover_pool(&p);
+        }
         let Step::Begin {
             pf,
             mode,
@@ -1001,6 +1023,57 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
     }
 }
 
+/// Sub-steps of one VM's `pause`/`unpause` of one device (summed per VM
+/// when it holds several): `<step>.qmp`, the command's round trip seen from
+/// here since `sent`; `<step>.vmm`, the VMM's own time; `<step>.<phase>`,
+/// each phase the VMM timed (`SvffVfioTimings`).
+fn vmm_substeps(
+    shared: &Shared<'_>,
+    step: &str,
+    vm: &str,
+    sent: Instant,
+    t: &qmp_ext::svff::SvffVfioTimings,
+) {
+    let qmp = crate::sriov::elapsed_ms(sent);
+    let ns_ms = |ns: u64| ns as f64 / 1e6;
+    let mut r = shared.report();
+    let mut push = |name: String, ms: f64| {
+        r.steps.push(TimedStep {
+            name,
+            vm: Some(vm.to_owned()),
+            ms,
+        })
+    };
+    push(format!("{step}.qmp"), qmp);
+    push(format!("{step}.vmm"), ns_ms(t.total_ns));
+    for p in &t.phases {
+        push(format!("{step}.{}", p.name.name()), ns_ms(p.ns));
+    }
+}
+
+/// A connected VM: its connection, the svff devices of the PF it holds and
+/// which of them are paused.
+type Probed = (Box<dyn Vmm>, BTreeSet<String>, BTreeSet<String>);
+
+/// Connects to `cfg`'s VMM and reads its devices of `pf` and their states.
+fn probe_vm(vmms: &dyn Connector, pf: PciAddress, cfg: &VmConfig) -> Result<Probed, Error> {
+    let mut c = vmms.connect(cfg)?;
+    let present: BTreeSet<String> = c
+        .devices()?
+        .into_iter()
+        .filter(|id| id_index(pf, id).is_some())
+        .collect();
+    let paused = match settled_states(c.as_mut(), cfg.qmp_timeout_s) {
+        Ok(Some(states)) => states
+            .into_iter()
+            .filter(|s| present.contains(&s.id) && s.state != svff_types::DeviceState::Attached)
+            .map(|s| s.id)
+            .collect(),
+        _ => BTreeSet::new(),
+    };
+    Ok((c, present, paused))
+}
+
 /// The VMM's pause states once none is in transition (`pausing`,
 /// `unpausing`: a command of a helper that died may still be running),
 /// waiting at most `timeout_s`.
@@ -1073,6 +1146,7 @@ fn summary(begin: &Step) -> String {
             match kind {
                 OpKind::Init => "init",
                 OpKind::Reconf => "reconf",
+                OpKind::Pool => "pool reconf",
             },
             mode_name(*mode)
         ),
@@ -1106,14 +1180,18 @@ fn release_vm(
                     vm: name.clone(),
                     id: id.clone(),
                 })?;
-                if let Err(e) = conn.pause(id) {
-                    // A pause that got no answer may still happen: the
-                    // rollback unpauses it too (and fails while the VMM
-                    // does not answer, leaving it to `svff recover`).
-                    if e.is_timeout() {
-                        side.paused.insert(id.clone());
+                let t = Instant::now();
+                match conn.pause(id) {
+                    Ok(timings) => vmm_substeps(shared, "pause", &name, t, &timings),
+                    Err(e) => {
+                        // A pause that got no answer may still happen: the
+                        // rollback unpauses it too (and fails while the VMM
+                        // does not answer, leaving it to `svff recover`).
+                        if e.is_timeout() {
+                            side.paused.insert(id.clone());
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
                 side.paused.insert(id.clone());
                 shared.change(format!("VM {name}: paused {id}"));
@@ -1280,8 +1358,10 @@ fn restore_vm(
                 } else {
                     None
                 };
+                let t = Instant::now();
                 match conn.unpause(&a.id, host, group.as_ref().map(|f| f.as_fd())) {
-                    Ok(_) => {
+                    Ok(timings) => {
+                        vmm_substeps(shared, "unpause", &name, t, &timings);
                         side.paused.remove(&a.id);
                         shared.change(format!("VM {name}: unpaused {} onto {host}", a.id));
                         out.push(Assignment {

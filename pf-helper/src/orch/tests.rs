@@ -73,7 +73,14 @@ impl PausableDevices for Double {
             .get_mut(&args.id)
             .ok_or_else(|| QmpError::generic(format!("no device {}", args.id)))?;
         dev.state = DeviceState::Paused;
-        Ok(SvffVfioTimings::default())
+        // As a VMM reports it: the total and its phases.
+        Ok(SvffVfioTimings {
+            total_ns: 3_000_000,
+            phases: vec![qmp_ext::svff::SvffVfioPhase {
+                name: svff_types::Phase::Close,
+                ns: 2_000_000,
+            }],
+        })
     }
 
     fn unpause(
@@ -473,9 +480,20 @@ fn pause_reconf_pauses_survivors_and_removes_only_vfs_that_are_gone() {
         ("pause", Some("vm2")),
         ("unpause", Some("vm1")),
         ("change_numvfs", None),
+        ("connect", None),
+        ("pause.qmp", Some("vm1")),
+        ("pause.vmm", Some("vm1")),
+        ("pause.close", Some("vm1")),
+        ("unpause.vmm", Some("vm1")),
     ] {
         assert!(names.contains(&want), "{names:?}");
     }
+    let close = r
+        .steps
+        .iter()
+        .find(|s| s.name == "pause.close" && s.vm.as_deref() == Some("vm1"))
+        .unwrap();
+    assert_eq!(close.ms, 2.0, "the VMM's phase time, carried over");
     // 2 -> 4 with new VFs for vm2: nothing paused needs removing.
     lab.orch()
         .reconf(
@@ -999,3 +1017,6 @@ fn the_daemon_finishes_an_interrupted_operation_before_serving() {
         "nothing left to recover"
     );
 }
+
+#[path = "pool_tests.rs"]
+mod pool_tests;

@@ -37,7 +37,8 @@
 //! 7. after `rounds` rounds (if not 0) prints `svff-guest: done rounds=R` and writes 0 to the
 //!    debug exit port; otherwise it loops until the VMM ends.
 //!
-//! [`parse_counters`] reads the counter lines back.
+//! [`parse_counters`](svff_types::parse_counters) (in svff-types, re-exported by this crate)
+//! reads the counter lines back.
 
 use std::arch::global_asm;
 
@@ -63,7 +64,7 @@ pub enum GuestMode {
     /// Prints `svff-guest: halting with interrupts off`, then `cli; hlt` for ever.
     Halt,
     /// The read loop, and each round every igb VF (8086:10ca) with MSI-X set up raises its
-    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICS <- 1), so interrupts come from the VF
+    /// own MSI-X vector 0 (BAR0: EIAC, EIMS, EICR, EICS <- 1), so interrupts come from the VF
     /// itself (the PF needs GPIE.MSIX_MODE, which `igb` sets and `pci-pf-stub` does not).
     RingVf,
     /// Prints `svff-guest: spinning with interrupts off`, then `cli` and a tight loop.
@@ -73,6 +74,9 @@ pub enum GuestMode {
     /// `svff-guest: dev=00:DD.F moved bar0=XXXXXXXX`. Its MSI-X table stays where it was
     /// found (fine for a VF whose table is in another BAR, as igb's in BAR3).
     MoveBar,
+    /// As [`GuestMode::RingVf`], with MSI-X table entry 0 of every target masked after round
+    /// 100 and unmasked after round 200 (the igb VFs keep raising vector 0 meanwhile).
+    RingVfMasked,
 }
 
 impl GuestMode {
@@ -84,6 +88,7 @@ impl GuestMode {
             GuestMode::Spin => 3,
             GuestMode::RingVf => 4,
             GuestMode::MoveBar => 5,
+            GuestMode::RingVfMasked => 6,
         }
     }
 }
@@ -137,81 +142,6 @@ impl TestGuest {
     }
 }
 
-/// One counter line of the test guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestCounters {
-    /// The function, `00:DD.F`.
-    pub dev: String,
-    /// Rounds completed when printed.
-    pub round: u64,
-    /// BAR reads so far.
-    pub reads: u64,
-    /// Reads that were not all-ones.
-    pub ok: u64,
-    /// All-ones reads.
-    pub ones: u64,
-    /// Times the function disappeared from config space.
-    pub gone: u64,
-    /// Times it came back.
-    pub back: u64,
-    /// Longest single BAR read, TSC ticks.
-    pub max_tsc: u64,
-    /// MSI-X interrupts taken.
-    pub irqs: u64,
-    /// Longest guest-observed window (all-ones run or single slow read), 1024-tick units.
-    pub win_ktsc: u64,
-    /// Last value of BAR0+0.
-    pub id: u32,
-    /// Last value of BAR0+8.
-    pub st: u32,
-}
-
-/// Parses a `svff-guest: dev=... round=...` counter line (None for any other line).
-pub fn parse_counters(line: &str) -> Option<GuestCounters> {
-    let rest = line.trim().strip_prefix("svff-guest: dev=")?;
-    let mut it = rest.split(' ');
-    let dev = it.next()?.to_string();
-    let mut c = GuestCounters {
-        dev,
-        round: 0,
-        reads: 0,
-        ok: 0,
-        ones: 0,
-        gone: 0,
-        back: 0,
-        max_tsc: 0,
-        irqs: 0,
-        win_ktsc: 0,
-        id: 0,
-        st: 0,
-    };
-    let mut seen = 0;
-    for kv in it {
-        let (k, v) = kv.split_once('=')?;
-        match k {
-            "id" => c.id = u32::from_str_radix(v, 16).ok()?,
-            "st" => c.st = u32::from_str_radix(v, 16).ok()?,
-            _ => {
-                let n: u64 = v.parse().ok()?;
-                match k {
-                    "round" => c.round = n,
-                    "reads" => c.reads = n,
-                    "ok" => c.ok = n,
-                    "ones" => c.ones = n,
-                    "gone" => c.gone = n,
-                    "back" => c.back = n,
-                    "max_tsc" => c.max_tsc = n,
-                    "irqs" => c.irqs = n,
-                    "win_ktsc" => c.win_ktsc = n,
-                    _ => return None,
-                }
-            }
-        }
-        seen += 1;
-    }
-    (seen == 11).then_some(c)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,19 +159,5 @@ mod tests {
         assert_eq!(img.len(), len);
         assert_eq!(&img[p..p + 12], &[7, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0]);
         assert!(len < 64 << 10);
-    }
-
-    #[test]
-    fn counter_lines_parse_and_other_lines_do_not() {
-        let c = parse_counters(
-            "svff-guest: dev=00:01.0 round=10 reads=20 ok=19 ones=1 gone=0 back=0 max_tsc=1234 irqs=10 win_ktsc=77 id=53564646 st=00010400",
-        )
-        .unwrap();
-        assert_eq!(c.dev, "00:01.0");
-        assert_eq!((c.round, c.reads, c.ok, c.ones), (10, 20, 19, 1));
-        assert_eq!((c.max_tsc, c.irqs, c.id), (1234, 10, 0x5356_4646));
-        assert_eq!((c.win_ktsc, c.st), (77, 0x0001_0400));
-        assert!(parse_counters("svff-guest: dev=00:01.0 event=gone").is_none());
-        assert!(parse_counters("svff-guest: start").is_none());
     }
 }

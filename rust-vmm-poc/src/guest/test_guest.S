@@ -18,7 +18,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_p_report_every: .long 1000          # print counters every this many rounds (>= 1)
 .Lg_p_mode:         .long 0             # 0 read loop, 1 scribble while all-ones, 2 halt, 3 spin,
                                         # 4 read loop + igb VFs raise their own MSI-X,
-                                        # 5 read loop, BAR0s moved after round 100
+                                        # 5 read loop, BAR0s moved after round 100,
+                                        # 6 as 4, MSI-X entry 0 masked in rounds 101..200
 
 .p2align 2
 .Lg_nfuncs:     .long 0
@@ -344,6 +345,23 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 9:  popl %ebp
     popl %ebx
     ret
+
+# mask_all: eax = MSI-X vector control of table entry 0 of every target with MSI-X (1: masked).
+# Clobbers ecx, edx.
+.Lg_mask_all:
+    xorl %ecx, %ecx
+1:  cmpl (0x100000 + .Lg_ntargets - svff_guest_start), %ecx
+    jae 9f
+    movl %ecx, %edx
+    shll $7, %edx
+    addl $(0x100000 + .Lg_targets - svff_guest_start), %edx
+    movl 48(%edx), %edx
+    testl %edx, %edx
+    jz 2f
+    movl %eax, 12(%edx)
+2:  incl %ecx
+    jmp 1b
+9:  ret
 
 # print_event: ebp = target entry, esi = event text. Clobbers eax, ecx, edx, esi.
 .Lg_print_event:
@@ -768,12 +786,15 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     movl $0, 0x14(%edi)
     jmp .Lg_target_next
 7:  cmpl $4, (0x100000 + .Lg_p_mode - svff_guest_start)
+    je 8f
+    cmpl $6, (0x100000 + .Lg_p_mode - svff_guest_start)
     jne .Lg_target_next
-    cmpl $0x10ca8086, 44(%ebp)          # mode 4, igb VF: it raises its own vector 0
+8:  cmpl $0x10ca8086, 44(%ebp)          # modes 4 and 6, igb VF: it raises its own vector 0
     jne .Lg_target_next
     movl 4(%ebp), %edi
     movl $1, 0x152c(%edi)               # EIAC: vector 0 auto-clears
     movl $1, 0x1524(%edi)               # EIMS: vector 0 enabled
+    movl $1, 0x1580(%edi)               # EICR: its cause cleared (if EIAC did not)
     movl $1, 0x1520(%edi)               # EICS: raise it
 .Lg_target_next:
     incl %ebx
@@ -786,7 +807,17 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     cmpl $100, (0x100000 + .Lg_rounds - svff_guest_start)
     jne 1f
     call .Lg_move_bars                  # mode 5: once, after round 100
-1:
+1:  cmpl $6, (0x100000 + .Lg_p_mode - svff_guest_start)
+    jne 2f
+    cmpl $100, (0x100000 + .Lg_rounds - svff_guest_start)
+    jne 1f
+    movl $1, %eax                       # mode 6: entry 0 masked after round 100 ...
+    call .Lg_mask_all
+1:  cmpl $200, (0x100000 + .Lg_rounds - svff_guest_start)
+    jne 2f
+    xorl %eax, %eax                     # ... and unmasked after round 200
+    call .Lg_mask_all
+2:
     decl (0x100000 + .Lg_countdown - svff_guest_start)
     jnz 6f
     movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax

@@ -67,7 +67,7 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-netdev", "user,id=n0,restrict=on",
         "-device", "pcie-root-port,id=rp1,slot=2,chassis=2",
         "-device", "nvme-subsys,id=sub0",
-        "-device", "nvme,bus=rp1,serial=d1,subsys=sub0,sriov_max_vfs=64,sriov_vq_flexible=128,sriov_vi_flexible=64,max_ioqpairs=130,msix_qsize=80",
+        "-device", "nvme,bus=rp1,serial=d1,subsys=sub0,sriov_max_vfs=64,sriov_vq_flexible=128,sriov_vi_flexible=64,sriov_max_vq_per_vf=16,sriov_max_vi_per_vf=8,max_ioqpairs=130,msix_qsize=80",
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",
         "-device", "virtio-serial-pci,id=vser",
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
