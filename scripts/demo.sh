@@ -162,9 +162,10 @@ reconf detach 4
 
 step "Timings side by side (ms; a per-VM step: its slowest VM, the VMs run in parallel)"
 sum() { jq -r --arg s "$2" '[.steps[] | select(.name == $s) | .ms] | if length == 0 then "-" else (max | floor | tostring) end' "$1"; }
-total() { jq -r '[.steps[] | select(.vm == null) | .ms] as $g | [.steps[] | select(.vm != null)] | group_by(.name) | map(map(.ms) | max) | add + ($g | add) | floor' "$1"; }
+# Steps only: a VM's `pause.*` / `unpause.*` entries are sub-steps (the VMM's own timings) inside its step.
+total() { jq -r '[.steps[] | select(.name | contains(".") | not)] as $s | [$s[] | select(.vm == null) | .ms] as $g | [$s[] | select(.vm != null)] | group_by(.name) | map(map(.ms) | max) | add + ($g | add) | floor' "$1"; }
 printf '    %-16s %10s %10s\n' step pause detach
-for st in pause remove_vf change_numvfs bind_vfs unpause add_vf table; do
+for st in connect pause remove_vf change_numvfs bind_vfs unpause add_vf table; do
     printf '    %-16s %10s %10s\n' "$st" "$(sum "$dir/reconf-pause.json" $st)" "$(sum "$dir/reconf-detach.json" $st)"
 done
 printf '    %-16s %10s %10s\n' total "$(total "$dir/reconf-pause.json")" "$(total "$dir/reconf-detach.json")"
