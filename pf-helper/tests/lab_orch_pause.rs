@@ -49,33 +49,7 @@ fn svff_env(svff: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     out
 }
 
-/// One counter line of a test guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Counters {
-    dev: String,
-    round: u64,
-    ok: u64,
-    ones: u64,
-    gone: u64,
-    back: u64,
-    id: u32,
-}
-
-/// `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N id=X`.
-fn parse_counters(line: &str) -> Option<Counters> {
-    let rest = line.trim().strip_prefix("svff-guest: ")?;
-    let kv: BTreeMap<&str, &str> = rest.split(' ').filter_map(|f| f.split_once('=')).collect();
-    let n = |k: &str| kv.get(k)?.parse::<u64>().ok();
-    Some(Counters {
-        dev: kv.get("dev")?.to_string(),
-        round: n("round")?,
-        ok: n("ok")?,
-        ones: n("ones")?,
-        gone: n("gone")?,
-        back: n("back")?,
-        id: u32::from_str_radix(kv.get("id")?, 16).ok()?,
-    })
-}
+use svff_types::{parse_counters, GuestCounters as Counters};
 
 /// A VM's serial console, as svff's supervision writes it.
 struct Serial(PathBuf);

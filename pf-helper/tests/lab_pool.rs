@@ -25,29 +25,7 @@ const GUEST_WAIT: Duration = Duration::from_secs(180);
 const POOL: usize = 12;
 const VMS: [&str; 4] = ["vm1", "vm2", "vm3", "vm4"];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Counters {
-    dev: String,
-    round: u64,
-    ok: u64,
-    ones: u64,
-    gone: u64,
-    id: u32,
-}
-
-fn parse_counters(line: &str) -> Option<Counters> {
-    let rest = line.trim().strip_prefix("svff-guest: ")?;
-    let kv: BTreeMap<&str, &str> = rest.split(' ').filter_map(|f| f.split_once('=')).collect();
-    let n = |k: &str| kv.get(k)?.parse::<u64>().ok();
-    Some(Counters {
-        dev: kv.get("dev")?.to_string(),
-        round: n("round")?,
-        ok: n("ok")?,
-        ones: n("ones")?,
-        gone: n("gone")?,
-        id: u32::from_str_radix(kv.get("id")?, 16).ok()?,
-    })
-}
+use svff_types::{parse_counters, GuestCounters as Counters};
 
 struct Serial(PathBuf);
 
