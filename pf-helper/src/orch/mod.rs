@@ -813,25 +813,11 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                     // The count changed before the failure: roll forward is all we can do.
                     "the VF count had already changed; run `svff recover`".to_string()
                 } else {
-                    match self.converge(pf, from, &before, mode, &mut sides, &journal, "rollback") {
-                        Ok(r) if r.failures.is_empty() => {
-                            journal
-                                .into_inner()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .end("rolled_back")?;
-                            format!(
-                                "rolled back: PF {pf} kept {from} VFs, every VMM has its VFs again"
-                            )
-                        }
-                        Ok(r) => format!(
-                            "rolled back with failures: {}; run `svff recover`",
-                            r.failures.join("; ")
-                        ),
-                        Err(e) => format!(
-                            "the rollback failed too ({}); run `svff recover`",
-                            e.error.chain()
-                        ),
-                    }
+                    let r =
+                        self.converge(pf, from, &before, mode, &mut sides, &journal, "rollback");
+                    rollback_outcome(journal, r, || {
+                        format!("rolled back: PF {pf} kept {from} VFs, every VMM has its VFs again")
+                    })?
                 };
                 Err(Error::OperationFailed {
                     operation: what,
@@ -1112,6 +1098,33 @@ fn gone_entries(goal: &[Assignment], sides: &BTreeMap<String, VmSide>) -> Vec<As
             ..a.clone()
         })
         .collect()
+}
+
+/// The outcome of a rollback, for [`Error::OperationFailed`]: on a clean
+/// rollback the journal is ended as `rolled_back` and `ok` names what was
+/// kept; otherwise the journal stays open and the outcome asks for `svff recover`.
+fn rollback_outcome(
+    journal: Mutex<Journal>,
+    result: Result<OpReport, ReleaseFailure>,
+    ok: impl FnOnce() -> String,
+) -> Result<String, Error> {
+    Ok(match result {
+        Ok(r) if r.failures.is_empty() => {
+            journal
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .end("rolled_back")?;
+            ok()
+        }
+        Ok(r) => format!(
+            "rolled back with failures: {}; run `svff recover`",
+            r.failures.join("; ")
+        ),
+        Err(e) => format!(
+            "the rollback failed too ({}); run `svff recover`",
+            e.error.chain()
+        ),
+    })
 }
 
 fn end_journal(journal: Mutex<Journal>, r: &OpReport) -> Result<(), Error> {

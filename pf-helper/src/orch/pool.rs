@@ -236,23 +236,12 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                     goal: &aff_before,
                     release: false,
                 };
-                let outcome = match self.pool_converge(&back, &mut sides, &journal, "rollback") {
-                    Ok(r) if r.failures.is_empty() => {
-                        journal
-                            .into_inner()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .end("rolled_back")?;
-                        format!("rolled back: no resource of PF {pf} changed, every VMM has its VFs again")
-                    }
-                    Ok(r) => format!(
-                        "rolled back with failures: {}; run `svff recover`",
-                        r.failures.join("; ")
-                    ),
-                    Err(e) => format!(
-                        "the rollback failed too ({}); run `svff recover`",
-                        e.error.chain()
-                    ),
-                };
+                let r = self.pool_converge(&back, &mut sides, &journal, "rollback");
+                let outcome = rollback_outcome(journal, r, || {
+                    format!(
+                        "rolled back: no resource of PF {pf} changed, every VMM has its VFs again"
+                    )
+                })?;
                 Err(Error::OperationFailed {
                     operation: what,
                     outcome,
