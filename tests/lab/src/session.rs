@@ -71,6 +71,9 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",
         "-device", "virtio-serial-pci,id=vser",
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
+        // An MSI-only function behind the IOMMU for plain-MSI passthrough tests (see
+        // `guest::edu`); at a fixed slot after everything else, so no other BDF moves.
+        "-device", "edu,addr=10.0",
     ];
     let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
     // Single-threaded TCG by default (see `TcgThread`): with thread=multi, QEMU 10.0.2 now and
