@@ -1,5 +1,6 @@
 //! Lab smoke tests of `svff bench` on the real kernel in L1: every mode that
-//! exists, 1 VF, 2 runs, on the nvme PF under pci-pf-stub; svff-vmm test
+//! exists, 1 VF, 2 runs, on the nvme PF (profile nvme: the PF on the kernel's
+//! nvme driver, which pool mode needs; pci-pf-stub for the others); svff-vmm test
 //! guests started by the bench itself, and a stock QEMU L2 described in a
 //! helper config. They check that the command works, that its JSON has the
 //! documented shape and what the guests saw (no device vanishes in pause
@@ -97,10 +98,17 @@ fn assert_series_shape(s: &Value, vfs: u64) {
     for r in runs {
         assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{r}");
         let (from, to) = (r["from"].as_u64().unwrap(), r["to"].as_u64().unwrap());
-        assert!(
-            (from, to) == (vfs, vfs + 1) || (from, to) == (vfs + 1, vfs),
-            "each run changes the count between N and N+1: {r}"
-        );
+        if s["mode"] == "pool" {
+            assert!(
+                from == to && (from == vfs || from == vfs + 1),
+                "a pool run keeps the VF count: {r}"
+            );
+        } else {
+            assert!(
+                (from, to) == (vfs, vfs + 1) || (from, to) == (vfs + 1, vfs),
+                "each run changes the count between N and N+1: {r}"
+            );
+        }
     }
     for k in ["avg_ms", "sigma_ms", "min_ms", "max_ms"] {
         assert!(s["summary"][k].is_number(), "{k}: {s}");
@@ -109,7 +117,7 @@ fn assert_series_shape(s: &Value, vfs: u64) {
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
-fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_and_plot() {
+fn lab_bench_floor_pause_detach_pool_with_svff_vmm_guests_writes_the_documented_json_and_plot() {
     let (pf, dir) = setup();
     let out_json = dir.path().join("bench.json");
     let out_svg = dir.path().join("bench.svg");
@@ -127,8 +135,10 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
         "1",
         "--runs",
         "2",
+        "--profile",
+        "nvme",
         "--mode",
-        "floor,pause,detach",
+        "floor,pause,detach,pool",
         "--json",
         out_json.to_str().unwrap(),
         "--plot",
@@ -154,13 +164,27 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     let doc = json(&out_json);
     assert_eq!(doc["format_version"], 1);
     assert_eq!(doc["pf"], pf.as_str());
-    assert_eq!(doc["series"].as_array().unwrap().len(), 3, "{doc}");
+    assert_eq!(doc["profile"], "nvme");
+    assert_eq!(doc["series"].as_array().unwrap().len(), 4, "{doc}");
     let floor = series(&doc, "floor", "none");
     let pause = series(&doc, "pause", "svff-vmm");
     let detach = series(&doc, "detach", "svff-vmm");
-    for s in [floor, pause, detach] {
+    let pool = series(&doc, "pool", "svff-vmm");
+    for s in [floor, pause, detach, pool] {
         assert_series_shape(s, 1);
     }
+    let pl = step_names(pool);
+    for want in ["pause", "resources", "unpause"] {
+        assert!(pl.contains(&want.to_owned()), "pool steps {pl:?}");
+    }
+    assert!(
+        !pl.contains(&"change_numvfs".to_owned()),
+        "pool mode never changes the count: {pl:?}"
+    );
+    assert!(
+        stdout.contains("pool/svff-vmm") && stdout.contains("resources ms"),
+        "Table I/II show the pool series and its resources step"
+    );
     assert_eq!(
         step_names(floor),
         ["bind_vfs", "change_numvfs", "pause", "unpause"]
@@ -184,11 +208,13 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
         assert!(g["samples"].as_u64().unwrap() >= 2, "{r}");
     }
     assert_eq!(pause["summary"]["guest_disappeared"], 0);
+    assert_eq!(pool["summary"]["guest_disappeared"], 0, "{pool}");
+    assert_eq!(pool["runs"][0]["guest"][0]["vm"], "vm0", "{pool}");
     assert_eq!(detach["summary"]["guest_disappeared"], 2, "{detach}");
     assert!(floor["runs"][0]["guest"].as_array().unwrap().is_empty());
     // Table I: a row per series, compared with detach and the floor.
     let t = doc["table_i"].as_array().unwrap();
-    assert_eq!(t.len(), 3);
+    assert_eq!(t.len(), 4);
     let prow = t.iter().find(|r| r["mode"] == "pause").unwrap();
     assert!(
         prow["floor_ratio"].is_number() && prow["overhead_pct"].is_number(),
@@ -215,7 +241,7 @@ fn lab_bench_refuses_bad_input_before_the_pf_changes() {
     guest::bind(&pf, "pci-pf-stub");
     set_numvfs(&pf, 2);
     let cases: [(&[&str], &str); 5] = [
-        (&["--mode", "pool"], "pool mode"),
+        (&["--mode", "pool"], "add --profile nvme"),
         (&["--mode", "pause,turbo"], "unknown mode"),
         (&["--vmm", "xen"], "unknown VMM"),
         (&["--vmm", "qemu-stock"], "pass --config"),

@@ -31,7 +31,8 @@ pub enum BenchMode {
     Pause,
     /// `svff reconf --mode detach`.
     Detach,
-    /// Per-function reconfiguration without a count change (not available yet).
+    /// Pool mode: `Orchestrator::reconf_pool`, the assigned VFs' NVMe queue
+    /// resources changed back and forth (VQ 2 <-> 4) without a count change.
     Pool,
 }
 
@@ -218,16 +219,23 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
         return Err(Error::Usage("--runs must be at least 1".into()));
     }
     if opts.modes.contains(&BenchMode::Pool) {
-        return Err(Error::Usage(
-            "--mode pool: pool mode (per-function reconfiguration without a count change) is not \
-             available yet in svff; measure pause, detach and floor"
-                .into(),
-        ));
+        if let Some(path) = &opts.config {
+            return Err(Error::Usage(format!(
+                "--mode pool with --config {}: svff bench measures pool mode only on its own                  set-up (--profile nvme, no --config); a PF of a helper config is either in                  pool mode or changes its VF count, never both",
+                path.display()
+            )));
+        }
+        if opts.profile != PfProfile::Nvme {
+            return Err(Error::Usage(
+                "--mode pool changes NVMe VF resources (pool mode needs the PF on the kernel's                  nvme driver): add --profile nvme"
+                    .into(),
+            ));
+        }
     }
     let wants_vms = opts
         .modes
         .iter()
-        .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach));
+        .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach | BenchMode::Pool));
     if wants_vms {
         match &opts.config {
             None => {
@@ -257,13 +265,15 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
             vmm: None,
         });
     }
-    for mode in [BenchMode::Pause, BenchMode::Detach] {
+    // Pool before detach: detach re-adds plain `vfio-pci` devices, which a
+    // patched QEMU cannot pause.
+    for mode in [BenchMode::Pause, BenchMode::Pool, BenchMode::Detach] {
         if !opts.modes.contains(&mode) {
             continue;
         }
         let mut any = false;
         for &vmm in &opts.vmms {
-            if mode == BenchMode::Pause && vmm == VmmKind::QemuStock {
+            if mode != BenchMode::Detach && vmm == VmmKind::QemuStock {
                 continue;
             }
             any = true;
@@ -273,14 +283,32 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
             });
         }
         if !any {
-            return Err(Error::Usage(
-                "--mode pause --vmm qemu-stock: Debian's unpatched QEMU has no pause (it knows no \
-                 svff-vfio-pause); use --vmm svff-vmm or qemu for pause mode"
-                    .into(),
-            ));
+            return Err(Error::Usage(format!(
+                "--mode {} --vmm qemu-stock: Debian's unpatched QEMU has no pause (it knows no \
+                 svff-vfio-pause); use --vmm svff-vmm or qemu for {} mode",
+                mode.name(),
+                mode.name()
+            )));
         }
     }
     Ok(out)
+}
+
+/// Whether PF `pf`, offering `total` VFs, can hold every VF count of
+/// `vfs`: the bench needs `max + 1` VFs (the assigned VFs and one
+/// unassigned VF that comes and goes, so that every count-change run
+/// changes the count: N -> 0 -> N+1, then N+1 -> 0 -> N).
+pub fn check_vf_capacity(pf: PciAddress, total: u16, vfs: &[u16]) -> Result<(), Error> {
+    let max = vfs.iter().max().copied().unwrap_or(1);
+    let need = u32::from(max) + 1;
+    if need > u32::from(total) {
+        return Err(Error::Usage(format!(
+            "--vfs {max}: PF {pf} supports at most {total} VFs, and svff bench needs {need}: the \
+             {max} assigned VFs and one unassigned VF that comes and goes, so that every run \
+             changes the count (N -> 0 -> N+1, then N+1 -> 0 -> N)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ use crate::sysfs::RealSysfs;
 
 /// Deadline for a test guest to print its first counters.
 const GUEST_START: Duration = Duration::from_secs(90);
+/// Pool mode's VQ resources per VF: the set-up's 2 (as `nvme = { vq = 2 }`
+/// creates them) and the value each other run changes them to.
+const POOL_VQ: [u16; 2] = [2, 4];
 /// Deadline for a guest's first sample after a run.
 const GUEST_SAMPLE: Duration = Duration::from_secs(10);
 
@@ -76,16 +79,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         None => opts.profile,
     };
     let (total, _) = mgr.vf_counts(pf)?;
-    let need = opts.vfs.iter().max().copied().unwrap_or(1) + 1;
-    if need > total {
-        return Err(Error::Usage(format!(
-            "--vfs {}: PF {pf} supports at most {total} VFs, and svff bench needs {need}: the {} \
-             assigned VFs and one unassigned VF that comes and goes, so that every run changes \
-             the count (N -> 0 -> N+1, then N+1 -> 0 -> N)",
-            need - 1,
-            need - 1
-        )));
-    }
+    super::check_vf_capacity(pf, total, &opts.vfs)?;
     check_machine(opts, &planned, user_config.is_some())?;
     let svff_vmm = svff_vmm_path(opts);
 
@@ -154,7 +148,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                     let r = orch.init()?;
                     ok_report(&r, "init of the test guests")?;
                     for p in &vm_series {
-                        rep.series.push(ctx.vm_series(&orch, n, *p, &vms)?);
+                        let s = if p.mode == BenchMode::Pool {
+                            ctx.pool_series(n, *p, &vms)?
+                        } else {
+                            ctx.count_series(&orch, n, *p, &vms)?
+                        };
+                        rep.series.push(s);
                     }
                     drop(orch);
                     drop(vms);
@@ -163,7 +162,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                     let orch = Orchestrator::new(config, &mgr, &QmpConnector)?;
                     ctx.assign_configured(&orch, config, n)?;
                     for p in &vm_series {
-                        rep.series.push(ctx.vm_series(&orch, n, *p, &[])?);
+                        rep.series.push(ctx.count_series(&orch, n, *p, &[])?);
                     }
                 }
             }
@@ -539,13 +538,22 @@ impl Ctx<'_> {
     /// The helper config of the self-managed set-up: the PF with `n + 1`
     /// VFs, VM `vmI` (its QMP socket in the temporary directory) holding VF I.
     fn own_config(&self, n: u16) -> Result<Config, Error> {
+        self.own_config_with(n, None)
+    }
+
+    /// [`Self::own_config`], with `pool = Some(size)`: the PF in pool mode
+    /// with a pool of `size` VFs (the VFs there are now).
+    fn own_config_with(&self, n: u16, pool: Option<u16>) -> Result<Config, Error> {
         let mut text = format!(
             "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{}\"\nprofile = \"{}\"\nvfs = {}\n",
             self.dir.join("state").display(),
             self.pf,
             profile_name(self.profile),
-            n + 1
+            pool.unwrap_or(n + 1)
         );
+        if pool.is_some() {
+            text.push_str("pool = true\n");
+        }
         if self.profile == PfProfile::Nvme {
             text.push_str("nvme = { vq = 2, vi = 1 }\n");
         }
@@ -558,7 +566,9 @@ impl Ctx<'_> {
                 self.pf
             );
         }
-        let path = self.dir.join("helper.toml");
+        let path = self
+            .dir
+            .join(if pool.is_some() { "helper-pool.toml" } else { "helper.toml" });
         fs::write(&path, &text).map_err(|e| io_err(format!("writing {}", path.display()), e))?;
         Config::parse(&text, &path)
     }
@@ -605,29 +615,75 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// One mode through the orchestration: `n` assigned VFs, each run a
-    /// reconf N -> N+1 or back (both N -> 0 -> M in the kernel).
-    fn vm_series(
+    /// `pause` or `detach` through the orchestration: `n` assigned VFs, each
+    /// run a reconf N -> N+1 or back (both N -> 0 -> M in the kernel).
+    fn count_series(
         &self,
         orch: &Orchestrator<'_, RealSysfs>,
         n: u16,
         p: Planned,
         vms: &[TestVm],
     ) -> Result<Series, Error> {
-        let vmm = p.vmm.map_or("none", VmmKind::name);
         let mode = match p.mode {
             BenchMode::Pause => Mode::Pause,
             _ => Mode::Detach,
         };
-        let label = report::label(p.mode.name(), vmm);
         let (_, mut current) = self.mgr.vf_counts(self.pf)?;
+        self.vm_series(n, p, vms, |_| {
+            let to = if current == n { n + 1 } else { n };
+            let r = orch.reconf(self.pf, to, mode, &[])?;
+            let from = std::mem::replace(&mut current, to);
+            Ok((r, from, to))
+        })
+    }
+
+    /// `pool` through `Orchestrator::reconf_pool`: the PF's VFs as they are
+    /// now become a pool (the same state directory and VMs, the PF in pool
+    /// mode); each run changes the VQ resources of all `n` assigned VFs
+    /// between [`POOL_VQ`]'s two values (VI unchanged: a held VF's VI count
+    /// is its MSI-X table size), guests running; `from` and `to` of a run
+    /// are the VF count, which never changes.
+    fn pool_series(&self, n: u16, p: Planned, vms: &[TestVm]) -> Result<Series, Error> {
+        let (_, count) = self.mgr.vf_counts(self.pf)?;
+        let config = self.own_config_with(n, Some(count))?;
+        let orch = Orchestrator::new(&config, self.mgr, &QmpConnector)?;
+        let mut k = 0usize;
+        self.vm_series(n, p, vms, |_| {
+            let vq = POOL_VQ[(k + 1) % 2];
+            k += 1;
+            let res = NvmeResources {
+                default: None,
+                vfs: (0..n).map(|i| (i, VfResources { vq, vi: 1 })).collect(),
+            };
+            let r = orch.reconf_pool(self.pf, &res, &[])?;
+            if r.steps.iter().all(|s| s.name != "resources") {
+                return Err(bench_err(format!(
+                    "pool: the reconf to vq {vq} changed no resources: {}",
+                    r.changes.join("; ")
+                )));
+            }
+            Ok((r, count, count))
+        })
+    }
+
+    /// One series through the orchestration: `op(i)` does run `i` and
+    /// returns its report and the VF counts before and after; the guests'
+    /// view of each run is taken from their counters.
+    fn vm_series(
+        &self,
+        n: u16,
+        p: Planned,
+        vms: &[TestVm],
+        mut op: impl FnMut(usize) -> Result<(OpReport, u16, u16), Error>,
+    ) -> Result<Series, Error> {
+        let vmm = p.vmm.map_or("none", VmmKind::name);
+        let label = report::label(p.mode.name(), vmm);
         let mut runs = Vec::new();
         for i in 0..self.opts.warmup + self.opts.runs {
-            let to = if current == n { n + 1 } else { n };
             let t0 = Instant::now();
-            let r = orch.reconf(self.pf, to, mode, &[])?;
+            let (r, from, to) = op(i)?;
             let t1 = Instant::now();
-            ok_report(&r, &format!("{label}: reconf {current} -> {to}"))?;
+            ok_report(&r, &format!("{label}: run {} ({from} -> {to} VFs)", i + 1))?;
             let total = (t1 - t0).as_secs_f64() * 1e3;
             self.progress(&label, n, i, total);
             let mut guest: Vec<GuestRunView> = Vec::new();
@@ -651,14 +707,13 @@ impl Ctx<'_> {
             }
             if i >= self.opts.warmup {
                 runs.push(Run {
-                    from: current,
+                    from,
                     to,
                     total_ms: total,
                     steps: step_times(&r),
                     guest,
                 });
             }
-            current = to;
         }
         Ok(series(p.mode.name(), vmm, n, runs))
     }

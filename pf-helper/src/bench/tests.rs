@@ -285,15 +285,7 @@ fn parsers_reject_unknown_modes_vmms_and_bad_counts() {
 }
 
 #[test]
-fn plan_refuses_pool_stock_qemu_pause_and_unmanageable_vmms() {
-    let mut o = opts();
-    o.modes = vec![BenchMode::Pause, BenchMode::Pool];
-    let e = plan(&o).unwrap_err().to_string();
-    assert!(
-        e.contains("pool mode") && e.contains("not available yet"),
-        "{e}"
-    );
-
+fn plan_refuses_stock_qemu_pause_and_unmanageable_vmms() {
     let mut o = opts();
     o.vmms = vec![VmmKind::QemuStock];
     let e = plan(&o).unwrap_err().to_string();
@@ -360,5 +352,54 @@ fn default_plan_is_floor_pause_detach_on_svff_vmm() {
             ("pause", Some("svff-vmm")),
             ("detach", Some("svff-vmm"))
         ]
+    );
+}
+
+#[test]
+fn pool_mode_needs_the_nvme_profile_and_the_bench_s_own_set_up() {
+    let mut o = opts();
+    o.modes = vec![BenchMode::Pause, BenchMode::Pool];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("add --profile nvme"), "{e}");
+
+    o.profile = PfProfile::Nvme;
+    o.config = Some("/etc/svff/helper.toml".into());
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("--mode pool with --config"), "{e}");
+
+    o.config = None;
+    o.modes = vec![BenchMode::Pool, BenchMode::Detach, BenchMode::Pause];
+    let names: Vec<&str> = plan(&o).unwrap().iter().map(|p| p.mode.name()).collect();
+    assert_eq!(
+        names,
+        ["pause", "pool", "detach"],
+        "pool before detach: a patched QEMU pauses only its own svff-vfio-pci devices"
+    );
+}
+
+#[test]
+fn pool_mode_on_stock_qemu_alone_is_refused_as_it_cannot_pause() {
+    let mut o = opts();
+    o.profile = PfProfile::Nvme;
+    o.modes = vec![BenchMode::Pool];
+    o.vmms = vec![VmmKind::QemuStock];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("--mode pool --vmm qemu-stock"), "{e}");
+}
+
+#[test]
+fn more_vfs_than_the_pf_offers_are_refused_counting_the_extra_vf() {
+    let pf = PciAddress::parse("0000:01:00.0").unwrap();
+    assert!(check_vf_capacity(pf, 64, &[1, 4, 63]).is_ok());
+    let e = check_vf_capacity(pf, 64, &[1, 64]).unwrap_err().to_string();
+    assert!(
+        e.contains("PF 0000:01:00.0 supports at most 64 VFs, and svff bench needs 65"),
+        "{e}"
+    );
+    let e = check_vf_capacity(pf, 7, &[10, 4]).unwrap_err().to_string();
+    assert!(e.contains("--vfs 10") && e.contains("at most 7"), "{e}");
+    assert!(
+        check_vf_capacity(pf, 0, &[1]).is_err(),
+        "a PF without SR-IOV"
     );
 }
