@@ -3,6 +3,7 @@
 
 mod guest;
 mod plot;
+mod qemu;
 mod report;
 mod run;
 
@@ -14,6 +15,7 @@ use crate::pci::PciAddress;
 
 pub use guest::GuestRunView;
 pub use plot::draw as draw_plot;
+pub use qemu::QemuPaths;
 pub use report::{
     finish, render_all, BenchReport, PaperPoint, Run, Series, Summary, TableIRow,
     BENCH_FORMAT_VERSION, PAPER_TABLE_I,
@@ -167,6 +169,53 @@ pub struct BenchOptions {
     pub guests: GuestLoad,
     /// The svff-vmm binary (default: `$SVFF_VMM`, else beside this executable).
     pub svff_vmm: Option<PathBuf>,
+    /// svff's patched QEMU (default: `$SVFF_QEMU`, else
+    /// `target/svff-qemu/qemu-system-x86_64` of the workspace this executable
+    /// was built in, where `make qemu` puts it).
+    pub qemu: Option<PathBuf>,
+    /// Debian's QEMU (default `/usr/bin/qemu-system-x86_64`).
+    pub qemu_stock: Option<PathBuf>,
+    /// The QEMU guests' kernel (default `/boot/vmlinuz-<running release>`).
+    pub l2_kernel: Option<PathBuf>,
+    /// Deadline for a QEMU guest to boot, seconds.
+    pub l2_boot_deadline_s: u64,
+}
+
+impl BenchOptions {
+    /// The paths of the QEMU guests' parts, defaults filled in.
+    pub fn qemu_paths(&self) -> QemuPaths {
+        let exe_dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(std::path::Path::to_path_buf));
+        let patched = self
+            .qemu
+            .clone()
+            .or_else(|| std::env::var_os("SVFF_QEMU").map(PathBuf::from))
+            .or_else(|| {
+                // target/debug/svff -> target/svff-qemu/qemu-system-x86_64
+                exe_dir
+                    .as_ref()
+                    .and_then(|d| d.parent())
+                    .map(|t| t.join("svff-qemu/qemu-system-x86_64"))
+            })
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64-svff"));
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        QemuPaths {
+            stock: self
+                .qemu_stock
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            patched,
+            kernel: self
+                .l2_kernel
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/boot/vmlinuz-{release}"))),
+            busybox: PathBuf::from("/bin/busybox"),
+            firmware: PathBuf::from("/usr/share/qemu/qboot.rom"),
+        }
+    }
 }
 
 impl Default for BenchOptions {
@@ -186,6 +235,10 @@ impl Default for BenchOptions {
             report_every: 20,
             guests: GuestLoad::Idle,
             svff_vmm: None,
+            qemu: None,
+            qemu_stock: None,
+            l2_kernel: None,
+            l2_boot_deadline_s: 300,
         }
     }
 }
@@ -237,24 +290,12 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
         .iter()
         .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach | BenchMode::Pool));
     if wants_vms {
-        match &opts.config {
-            None => {
-                if let Some(v) = opts.vmms.iter().find(|v| **v != VmmKind::SvffVmm) {
-                    return Err(Error::Usage(format!(
-                        "--vmm {}: svff bench starts only svff-vmm test guests itself; for {} \
-                         start the VMs, describe them in a helper config and pass --config",
-                        v.name(),
-                        v.name()
-                    )));
-                }
-            }
-            Some(path) => {
-                if opts.vmms.len() != 1 {
-                    return Err(Error::Usage(format!(
-                        "--config {}: its VMs are of one kind: give exactly one --vmm (the kind they are)",
-                        path.display()
-                    )));
-                }
+        if let Some(path) = &opts.config {
+            if opts.vmms.len() != 1 {
+                return Err(Error::Usage(format!(
+                    "--config {}: its VMs are of one kind: give exactly one --vmm (the kind they are)",
+                    path.display()
+                )));
             }
         }
     }

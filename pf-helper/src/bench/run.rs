@@ -15,6 +15,7 @@ use vfio_pause::{Container, DeviceOptions, PausableDevice, TrapAllBars, VfSource
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::guest::{view_of_run, GuestRunView, Sample, Tailer};
+use super::qemu;
 use super::report::{self, BenchReport, Run, Series};
 use super::{plan, BenchMode, BenchOptions, GuestLoad, Planned, VmmKind};
 use crate::config::{Config, PfProfile};
@@ -141,22 +142,40 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
             }
             match &user_config {
                 None => {
-                    ctx.fresh_vfs(n + 1)?;
-                    let vms = ctx.start_vms(n)?;
-                    let config = ctx.own_config(n)?;
-                    let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
-                    let r = orch.init()?;
-                    ok_report(&r, "init of the test guests")?;
-                    for p in &vm_series {
-                        let s = if p.mode == BenchMode::Pool {
-                            ctx.pool_series(n, *p, &vms)?
-                        } else {
-                            ctx.count_series(&orch, n, *p, &vms)?
+                    // One set-up per VMM kind (in --vmm order): fresh VFs,
+                    // that kind's VMs, a helper config and state directory of
+                    // its own, `init`, then its series.
+                    for &kind in &opts.vmms {
+                        let mine: Vec<Planned> = vm_series
+                            .iter()
+                            .copied()
+                            .filter(|p| p.vmm == Some(kind))
+                            .collect();
+                        if mine.is_empty() {
+                            continue;
+                        }
+                        ctx.fresh_vfs(n + 1)?;
+                        let setup = Setup {
+                            kind,
+                            state: ctx.dir.join(format!("state-{}-{n}", kind.name())),
                         };
-                        rep.series.push(s);
+                        let (vms, _qemu) = match kind {
+                            VmmKind::SvffVmm => (ctx.start_vms(n)?, None),
+                            _ => (Vec::new(), Some(ctx.start_qemu(kind, n)?)),
+                        };
+                        let config = ctx.own_config(n, &setup)?;
+                        let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
+                        let r = orch.init()?;
+                        ok_report(&r, &format!("init of the {} guests", kind.name()))?;
+                        for p in &mine {
+                            let s = if p.mode == BenchMode::Pool {
+                                ctx.pool_series(n, *p, &vms, &setup)?
+                            } else {
+                                ctx.count_series(&orch, n, *p, &vms)?
+                            };
+                            rep.series.push(s);
+                        }
                     }
-                    drop(orch);
-                    drop(vms);
                 }
                 Some(config) => {
                     let orch = Orchestrator::new(config, &mgr, &QmpConnector)?;
@@ -224,6 +243,14 @@ fn check_machine(opts: &BenchOptions, planned: &[Planned], configured: bool) -> 
                 .into(),
         ));
     }
+    if !configured {
+        let paths = opts.qemu_paths();
+        for kind in [VmmKind::Qemu, VmmKind::QemuStock] {
+            if planned.iter().any(|p| p.vmm == Some(kind)) {
+                qemu::check(kind, &paths, &opts.vfs, Path::exists)?;
+            }
+        }
+    }
     let own_vms = !configured && planned.iter().any(|p| p.vmm == Some(VmmKind::SvffVmm));
     if own_vms {
         let vmm = svff_vmm_path(opts);
@@ -265,6 +292,15 @@ fn step_times(r: &OpReport) -> BTreeMap<String, f64> {
         *e = e.max(ms);
     }
     out
+}
+
+/// The helper-config name of the QEMU guest of the self-managed set-up.
+const QEMU_VM: &str = "qemu0";
+
+/// One self-managed set-up: the VMM kind and its state directory.
+struct Setup {
+    kind: VmmKind,
+    state: PathBuf,
 }
 
 struct Ctx<'a> {
@@ -449,6 +485,55 @@ impl Ctx<'_> {
         Ok(series("floor", "none", n, runs))
     }
 
+    /// One QEMU L2 guest of `kind` ([`QEMU_VM`]) holding VFs `0..n`, each on
+    /// its root port; returns once its guest sees all of them.
+    fn start_qemu(&self, kind: VmmKind, n: u16) -> Result<qemu::QemuVm, Error> {
+        let paths = self.opts.qemu_paths();
+        let bin = paths
+            .binary(kind)
+            .ok_or_else(|| bench_err(format!("{} is not a QEMU", kind.name())))?
+            .to_owned();
+        let vfs: Vec<(u16, PciAddress)> = self.mgr.vfs(self.pf)?.into_iter().take(n.into()).collect();
+        let first = vfs
+            .first()
+            .ok_or_else(|| bench_err(format!("PF {} has no VF for the QEMU guest", self.pf)))?
+            .1;
+        let attr = |a: &str| {
+            fs::read_to_string(format!("/sys/bus/pci/devices/{first}/{a}"))
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| io_err(format!("reading {a} of VF {first}"), e))
+        };
+        let vf_id = format!("{}{}", attr("vendor")?, attr("device")?);
+        let initrd = qemu::write_initramfs(&self.dir, &paths.busybox, &vf_id)?;
+        let qmp = self.dir.join(format!("{QEMU_VM}.qmp"));
+        let serial = self.dir.join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
+        let log = self.dir.join(format!("{QEMU_VM}-{}-{n}.log", kind.name()));
+        let args = qemu::command_args(kind, &paths, &initrd, &qmp, &serial, self.pf, &vfs);
+        eprintln!(
+            "bench: starting {} with {n} VF for {} (L2 Linux, up to {} s) ...",
+            bin.display(),
+            kind.name(),
+            self.opts.l2_boot_deadline_s
+        );
+        let t0 = Instant::now();
+        let vm = qemu::start(
+            QEMU_VM,
+            &bin,
+            &args,
+            &qmp,
+            &serial,
+            &log,
+            n,
+            Duration::from_secs(self.opts.l2_boot_deadline_s),
+        )?;
+        eprintln!(
+            "bench: {} guest up with {n} VF in {:.1} s",
+            kind.name(),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(vm)
+    }
+
     /// `n` svff-vmm test guests `vm0..`, `vmI` holding VF I under its svff
     /// device id, each printing counters; returns once every guest did.
     fn start_vms(&self, n: u16) -> Result<Vec<TestVm>, Error> {
@@ -537,16 +622,16 @@ impl Ctx<'_> {
 
     /// The helper config of the self-managed set-up: the PF with `n + 1`
     /// VFs, VM `vmI` (its QMP socket in the temporary directory) holding VF I.
-    fn own_config(&self, n: u16) -> Result<Config, Error> {
-        self.own_config_with(n, None)
+    fn own_config(&self, n: u16, setup: &Setup) -> Result<Config, Error> {
+        self.own_config_with(n, None, setup)
     }
 
     /// [`Self::own_config`], with `pool = Some(size)`: the PF in pool mode
     /// with a pool of `size` VFs (the VFs there are now).
-    fn own_config_with(&self, n: u16, pool: Option<u16>) -> Result<Config, Error> {
+    fn own_config_with(&self, n: u16, pool: Option<u16>, setup: &Setup) -> Result<Config, Error> {
         let mut text = format!(
             "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{}\"\nprofile = \"{}\"\nvfs = {}\n",
-            self.dir.join("state").display(),
+            setup.state.display(),
             self.pf,
             profile_name(self.profile),
             pool.unwrap_or(n + 1)
@@ -557,18 +642,37 @@ impl Ctx<'_> {
         if self.profile == PfProfile::Nvme {
             text.push_str("nvme = { vq = 2, vi = 1 }\n");
         }
-        for i in 0..n {
+        if setup.kind == VmmKind::SvffVmm {
+            for i in 0..n {
+                let _ = write!(
+                    text,
+                    "[[vm]]\nname = \"vm{i}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
+                     qmp_timeout_s = 30\ndetach_timeout_s = 30\nvfs = [{{ pf = \"{}\", index = [{i}] }}]\n",
+                    self.dir.join(format!("vm{i}.qmp")).display(),
+                    self.pf
+                );
+            }
+        } else {
+            let ports: Vec<String> = (0..usize::from(n))
+                .map(|k| format!("\"{}\"", qemu::port_name(k)))
+                .collect();
+            let index: Vec<String> = (0..n).map(|i| i.to_string()).collect();
             let _ = write!(
                 text,
-                "[[vm]]\nname = \"vm{i}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
-                 qmp_timeout_s = 30\ndetach_timeout_s = 30\nvfs = [{{ pf = \"{}\", index = [{i}] }}]\n",
-                self.dir.join(format!("vm{i}.qmp")).display(),
-                self.pf
+                "[[vm]]\nname = \"{QEMU_VM}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
+                 qmp_timeout_s = 30\ndetach_timeout_s = 30\nhotplug_ports = [{}]\n\
+                 vfs = [{{ pf = \"{}\", index = [{}] }}]\n",
+                self.dir.join(format!("{QEMU_VM}.qmp")).display(),
+                ports.join(", "),
+                self.pf,
+                index.join(", ")
             );
         }
-        let path = self
-            .dir
-            .join(if pool.is_some() { "helper-pool.toml" } else { "helper.toml" });
+        let path = self.dir.join(format!(
+            "helper-{}-{n}{}.toml",
+            setup.kind.name(),
+            if pool.is_some() { "-pool" } else { "" }
+        ));
         fs::write(&path, &text).map_err(|e| io_err(format!("writing {}", path.display()), e))?;
         Config::parse(&text, &path)
     }
@@ -643,9 +747,15 @@ impl Ctx<'_> {
     /// between [`POOL_VQ`]'s two values (VI unchanged: a held VF's VI count
     /// is its MSI-X table size), guests running; `from` and `to` of a run
     /// are the VF count, which never changes.
-    fn pool_series(&self, n: u16, p: Planned, vms: &[TestVm]) -> Result<Series, Error> {
+    fn pool_series(
+        &self,
+        n: u16,
+        p: Planned,
+        vms: &[TestVm],
+        setup: &Setup,
+    ) -> Result<Series, Error> {
         let (_, count) = self.mgr.vf_counts(self.pf)?;
-        let config = self.own_config_with(n, Some(count))?;
+        let config = self.own_config_with(n, Some(count), setup)?;
         let orch = Orchestrator::new(&config, self.mgr, &QmpConnector)?;
         let mut k = 0usize;
         self.vm_series(n, p, vms, |_| {
