@@ -101,7 +101,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         guest_memory_mib: opts.guest_memory_mib,
         vms: match &opts.config {
             Some(p) => format!("the VMs of {}", p.display()),
-            None => "svff-vmm test guests, one per VF, started by svff bench".into(),
+            None => own_vms_text(&planned),
         },
         reference: None,
         series: Vec::new(),
@@ -207,6 +207,29 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         super::plot::draw(&rep, path)?;
     }
     Ok(rep)
+}
+
+/// What the self-managed set-up runs, for the report's `vms`.
+fn own_vms_text(planned: &[Planned]) -> String {
+    let mut parts = Vec::new();
+    let has = |k| planned.iter().any(|p| p.vmm == Some(k));
+    if has(VmmKind::SvffVmm) {
+        parts.push("svff-vmm test guests, one per VF".to_owned());
+    }
+    for (k, what) in [
+        (VmmKind::QemuStock, "Debian's QEMU"),
+        (VmmKind::Qemu, "svff's patched QEMU (svff-vfio-pci)"),
+    ] {
+        if has(k) {
+            parts.push(format!(
+                "{what}: one L2 Linux (busybox init, no driver bound to the VFs) holding every VF"
+            ));
+        }
+    }
+    if parts.is_empty() {
+        return "none (floor only)".into();
+    }
+    format!("{}; started by svff bench", parts.join("; "))
 }
 
 fn profile_name(p: PfProfile) -> &'static str {
