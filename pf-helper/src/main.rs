@@ -175,9 +175,19 @@ struct BenchArgs {
     /// Deadline for a QEMU guest to boot, seconds.
     #[arg(long, value_name = "S", default_value_t = 300)]
     l2_boot_deadline: u64,
+    /// QMP connections of svff bench's own set-up: kept (open across the runs)
+    /// or per-operation (connect in every reconf, as `svff reconf` does).
+    #[arg(long, value_enum, default_value = "kept")]
+    qmp: QmpArg,
     /// Measure nothing: print the tables of this --json document again (and --plot it).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["json", "pf"])]
     report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum QmpArg {
+    Kept,
+    PerOperation,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -705,6 +715,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<(), Error> {
         qemu_stock: args.qemu_stock.clone(),
         l2_kernel: args.l2_kernel.clone(),
         l2_boot_deadline_s: args.l2_boot_deadline,
+        keep_qmp: matches!(args.qmp, QmpArg::Kept),
     };
     let report = svff_pf_helper::bench_run(&opts)?;
     print!("{}", svff_pf_helper::render_all(&report));

@@ -179,6 +179,10 @@ pub struct BenchOptions {
     pub l2_kernel: Option<PathBuf>,
     /// Deadline for a QEMU guest to boot, seconds.
     pub l2_boot_deadline_s: u64,
+    /// Keep each VM's QMP connection open across the runs of a set-up
+    /// ([`crate::PersistentConnector`]); false: connect in every operation
+    /// as `svff reconf` does.
+    pub keep_qmp: bool,
 }
 
 impl BenchOptions {
@@ -239,6 +243,7 @@ impl Default for BenchOptions {
             qemu_stock: None,
             l2_kernel: None,
             l2_boot_deadline_s: 300,
+            keep_qmp: true,
         }
     }
 }

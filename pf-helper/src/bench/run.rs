@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::nvme::{NvmeResources, VfResources};
 use crate::orch::journal::Mode;
 use crate::orch::state::AssignState;
-use crate::orch::vmm::QmpConnector;
+use crate::orch::vmm::{Connector, PersistentConnector, QmpConnector};
 use crate::orch::{device_id, AssignRequest, OpReport, Orchestrator};
 use crate::pci::{DriverName, PciAddress};
 use crate::sriov::{SriovManager, VfsSetOptions};
@@ -158,13 +158,14 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                         let setup = Setup {
                             kind,
                             state: ctx.dir.join(format!("state-{}-{n}", kind.name())),
+                            kept: opts.keep_qmp.then(PersistentConnector::new),
                         };
                         let (vms, _qemu) = match kind {
                             VmmKind::SvffVmm => (ctx.start_vms(n)?, None),
                             _ => (Vec::new(), Some(ctx.start_qemu(kind, n)?)),
                         };
                         let config = ctx.own_config(n, &setup)?;
-                        let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
+                        let orch = Orchestrator::new(&config, &mgr, setup.connector())?;
                         let r = orch.init()?;
                         ok_report(&r, &format!("init of the {} guests", kind.name()))?;
                         for p in &mine {
@@ -320,10 +321,21 @@ fn step_times(r: &OpReport) -> BTreeMap<String, f64> {
 /// The helper-config name of the QEMU guest of the self-managed set-up.
 const QEMU_VM: &str = "qemu0";
 
-/// One self-managed set-up: the VMM kind and its state directory.
+/// One self-managed set-up: the VMM kind, its state directory and, with
+/// `keep_qmp`, the connector keeping its VMs' QMP connections open.
 struct Setup {
     kind: VmmKind,
     state: PathBuf,
+    kept: Option<PersistentConnector>,
+}
+
+impl Setup {
+    fn connector(&self) -> &dyn Connector {
+        match &self.kept {
+            Some(k) => k,
+            None => &QmpConnector,
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -779,7 +791,7 @@ impl Ctx<'_> {
     ) -> Result<Series, Error> {
         let (_, count) = self.mgr.vf_counts(self.pf)?;
         let config = self.own_config_with(n, Some(count), setup)?;
-        let orch = Orchestrator::new(&config, self.mgr, &QmpConnector)?;
+        let orch = Orchestrator::new(&config, self.mgr, setup.connector())?;
         let mut k = 0usize;
         self.vm_series(n, p, vms, |_| {
             let vq = POOL_VQ[(k + 1) % 2];
