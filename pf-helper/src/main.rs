@@ -169,7 +169,7 @@ struct BenchArgs {
     /// Debian's QEMU for --vmm qemu-stock.
     #[arg(long, value_name = "PATH")]
     qemu_stock: Option<PathBuf>,
-    /// The QEMU guests' Linux kernel (default: /boot/vmlinuz-<running release>).
+    /// The QEMU guests' Linux kernel (default: `/boot/vmlinuz-<running release>`).
     #[arg(long, value_name = "PATH")]
     l2_kernel: Option<PathBuf>,
     /// Deadline for a QEMU guest to boot, seconds.

@@ -138,21 +138,21 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_stock_and_patched_qemu_in_one_run_
     let out = svff_within(
         BOOTING_CALL_TIMEOUT_S,
         &[
-        "bench",
-        "--pf",
-        &pf,
-        "--vfs",
-        "1",
-        "--runs",
-        "2",
-        "--mode",
-        "floor,pause,detach",
-        "--vmm",
-        "svff-vmm,qemu-stock,qemu",
-        "--json",
-        out_json.to_str().unwrap(),
-        "--plot",
-        out_svg.to_str().unwrap(),
+            "bench",
+            "--pf",
+            &pf,
+            "--vfs",
+            "1",
+            "--runs",
+            "2",
+            "--mode",
+            "floor,pause,detach",
+            "--vmm",
+            "svff-vmm,qemu-stock,qemu",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--plot",
+            out_svg.to_str().unwrap(),
         ],
     );
     assert!(out.status.success(), "svff bench failed");
@@ -193,11 +193,24 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_stock_and_patched_qemu_in_one_run_
         for want in ["remove_vf", "change_numvfs", "bind_vfs", "add_vf"] {
             assert!(d.contains(&want.to_owned()), "{d:?}");
         }
-        assert!(s["runs"][0]["guest"].as_array().unwrap().is_empty(), "no counters from an L2 Linux");
+        assert!(
+            s["runs"][0]["guest"].as_array().unwrap().is_empty(),
+            "no counters from an L2 Linux"
+        );
     }
     let q = step_names(qpause);
-    for want in ["pause", "change_numvfs", "bind_vfs", "unpause", "pause.vmm", "unpause.vmm"] {
-        assert!(q.contains(&want.to_owned()), "the patched QEMU pauses and times itself: {q:?}");
+    for want in [
+        "pause",
+        "change_numvfs",
+        "bind_vfs",
+        "unpause",
+        "pause.vmm",
+        "unpause.vmm",
+    ] {
+        assert!(
+            q.contains(&want.to_owned()),
+            "the patched QEMU pauses and times itself: {q:?}"
+        );
     }
     assert_eq!(
         step_names(floor),
@@ -236,7 +249,10 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_stock_and_patched_qemu_in_one_run_
         "{prow}"
     );
     let srow = t.iter().find(|r| r["vmm"] == "qemu-stock").unwrap();
-    assert_eq!(srow["overhead_pct"], 0.0, "stock QEMU's detach is the reference: {srow}");
+    assert_eq!(
+        srow["overhead_pct"], 0.0,
+        "stock QEMU's detach is the reference: {srow}"
+    );
     assert_eq!(doc["reference"], "qemu-stock");
     assert_eq!(doc["paper_table_i"].as_array().unwrap().len(), 4);
 
@@ -315,7 +331,14 @@ fn lab_bench_refuses_bad_input_before_the_pf_changes() {
             "patched QEMU is not built",
         ),
         (
-            &["--vmm", "qemu-stock", "--l2-kernel", "/nonexistent/vmlinuz"],
+            &[
+                "--mode",
+                "detach",
+                "--vmm",
+                "qemu-stock",
+                "--l2-kernel",
+                "/nonexistent/vmlinuz",
+            ],
             "/nonexistent/vmlinuz does not exist",
         ),
         (

@@ -84,7 +84,10 @@ pub fn check(
     }
     for (what, p) in [
         ("the guest kernel (--l2-kernel)", &paths.kernel),
-        ("busybox for the guest's initramfs (busybox-static)", &paths.busybox),
+        (
+            "busybox for the guest's initramfs (busybox-static)",
+            &paths.busybox,
+        ),
         ("the qboot firmware (qemu-system-data)", &paths.firmware),
         ("/dev/kvm", &PathBuf::from("/dev/kvm")),
     ] {
@@ -257,19 +260,28 @@ impl Drop for QemuVm {
     }
 }
 
-/// Starts QEMU (`bin` with `args`, stderr to `log`) and waits until its
-/// guest's `/init` printed [`READY_MARK`] with `want` VFs on `serial`,
-/// within `deadline`.
+/// A guest's files: QMP socket, serial console, QEMU's stderr.
+pub struct GuestFiles {
+    /// The QMP socket.
+    pub qmp: PathBuf,
+    /// The serial console (`-serial file:`).
+    pub serial: PathBuf,
+    /// QEMU's stderr.
+    pub log: PathBuf,
+}
+
+/// Starts QEMU (`bin` with `args`, stderr to `files.log`) and waits until
+/// its guest's `/init` printed [`READY_MARK`] with `want` VFs on the serial
+/// console, within `deadline`.
 pub fn start(
     name: &str,
     bin: &Path,
     args: &[String],
-    qmp: &Path,
-    serial: &Path,
-    log: &Path,
+    files: &GuestFiles,
     want: u16,
     deadline: Duration,
 ) -> Result<QemuVm, Error> {
+    let (qmp, serial, log) = (&files.qmp, &files.serial, &files.log);
     let _ = fs::remove_file(qmp);
     let _ = fs::remove_file(serial);
     let logf = fs::File::create(log).map_err(|e| Error::Bench {
@@ -297,7 +309,10 @@ pub fn start(
         if let Ok(Some(st)) = vm.child.try_wait() {
             let log = fs::read_to_string(log).unwrap_or_default();
             return Err(Error::Bench {
-                what: format!("VM {name}: QEMU exited ({st}) before its guest was up: {}", log.trim()),
+                what: format!(
+                    "VM {name}: QEMU exited ({st}) before its guest was up: {}",
+                    log.trim()
+                ),
                 source: None,
             });
         }

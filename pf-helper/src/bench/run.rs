@@ -528,7 +528,8 @@ impl Ctx<'_> {
             .binary(kind)
             .ok_or_else(|| bench_err(format!("{} is not a QEMU", kind.name())))?
             .to_owned();
-        let vfs: Vec<(u16, PciAddress)> = self.mgr.vfs(self.pf)?.into_iter().take(n.into()).collect();
+        let vfs: Vec<(u16, PciAddress)> =
+            self.mgr.vfs(self.pf)?.into_iter().take(n.into()).collect();
         let first = vfs
             .first()
             .ok_or_else(|| bench_err(format!("PF {} has no VF for the QEMU guest", self.pf)))?
@@ -541,7 +542,9 @@ impl Ctx<'_> {
         let vf_id = format!("{}{}", attr("vendor")?, attr("device")?);
         let initrd = qemu::write_initramfs(&self.dir, &paths.busybox, &vf_id)?;
         let qmp = self.dir.join(format!("{QEMU_VM}.qmp"));
-        let serial = self.dir.join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
+        let serial = self
+            .dir
+            .join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
         let log = self.dir.join(format!("{QEMU_VM}-{}-{n}.log", kind.name()));
         let args = qemu::command_args(kind, &paths, &initrd, &qmp, &serial, self.pf, &vfs);
         eprintln!(
@@ -551,13 +554,12 @@ impl Ctx<'_> {
             self.opts.l2_boot_deadline_s
         );
         let t0 = Instant::now();
+        let files = qemu::GuestFiles { qmp, serial, log };
         let vm = qemu::start(
             QEMU_VM,
             &bin,
             &args,
-            &qmp,
-            &serial,
-            &log,
+            &files,
             n,
             Duration::from_secs(self.opts.l2_boot_deadline_s),
         )?;

@@ -444,7 +444,10 @@ fn a_vmm_kind_that_is_not_on_this_machine_is_refused_naming_what_is_missing() {
     let e = qemu::check(VmmKind::QemuStock, &paths, &[1], no_kernel)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("guest kernel") && e.contains("/boot/vmlinuz-6.12"), "{e}");
+    assert!(
+        e.contains("guest kernel") && e.contains("/boot/vmlinuz-6.12"),
+        "{e}"
+    );
     let e = qemu::check(VmmKind::QemuStock, &paths, &[1, 25], all)
         .unwrap_err()
         .to_string();
@@ -474,7 +477,10 @@ fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device()
     let stock = args(VmmKind::QemuStock);
     assert!(stock.contains("-accel kvm -machine q35"), "{stock}");
     assert!(stock.contains("-bios /usr/share/qemu/qboot.rom"), "{stock}");
-    assert!(stock.contains("-qmp unix:/t/q.qmp,server=on,wait=off"), "{stock}");
+    assert!(
+        stock.contains("-qmp unix:/t/q.qmp,server=on,wait=off"),
+        "{stock}"
+    );
     let want = format!(
         "-device pcie-root-port,id=svffrp1,bus=pcie.0,chassis=21,slot=21 \
          -device vfio-pci,host=0000:01:00.2,id={},bus=svffrp1",

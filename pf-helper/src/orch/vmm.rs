@@ -202,7 +202,9 @@ fn transport_failure(e: &Error) -> bool {
 
 impl Kept {
     fn conn(&mut self) -> &mut QmpVmm {
-        self.conn.as_mut().expect("a Kept holds its connection until dropped")
+        self.conn
+            .as_mut()
+            .expect("a Kept holds its connection until dropped")
     }
 
     /// Runs `f`; a read-only `f` that fails on the transport of a
@@ -624,7 +626,11 @@ mod tests {
         }
         let log = asked.0.lock().unwrap().clone();
         let sessions: std::collections::BTreeSet<u64> = log.iter().map(|(s, _)| *s).collect();
-        assert_eq!(sessions.len(), 1, "one connection for three operations: {log:?}");
+        assert_eq!(
+            sessions.len(),
+            1,
+            "one connection for three operations: {log:?}"
+        );
         let qom = log.iter().filter(|(_, c)| c == "qom-list").count();
         assert_eq!(qom, 1, "qom-list is not asked again once unknown: {log:?}");
     }
