@@ -42,5 +42,5 @@ pub use agent::serve as serve_agent;
 pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT, L1_MEMORY_MIB};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
-pub use session::{shell, Lab, Output};
+pub use session::{shell, Lab, Output, NS_IMAGE_BYTES};
 pub use signals::{await_signal_cleanup, exit_cleanly_on_signals};
