@@ -235,7 +235,9 @@ impl Kept {
 
 impl Drop for Kept {
     fn drop(&mut self) {
-        if let Some(c) = self.conn.take().filter(|_| self.healthy) {
+        if let Some(mut c) = self.conn.take().filter(|_| self.healthy) {
+            // An answer of this operation is no answer for the next one.
+            c.fresh_states = None;
             self.idle
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -307,6 +309,10 @@ pub struct QmpVmm {
     client_timeout: Duration,
     /// The VMM answered `qom-list` with `CommandNotFound` (svff-vmm): not asked again.
     no_qom: bool,
+    /// The `query-svff-vfio` answer [`Vmm::devices`] just got on this
+    /// connection (svff-vmm), handed to the next [`Vmm::pause_states`] if no
+    /// other command came in between: one round trip less per operation.
+    fresh_states: Option<Vec<SvffVfioInfo>>,
 }
 
 impl QmpVmm {
@@ -329,6 +335,7 @@ impl QmpVmm {
             next_fd: 0,
             client_timeout: Duration::from_secs(vm.qmp_timeout_s),
             no_qom: false,
+            fresh_states: None,
         })
     }
 
@@ -406,9 +413,12 @@ fn find_qdev(v: &Value, id: &str) -> Option<String> {
 
 impl Vmm for QmpVmm {
     fn devices(&mut self) -> Result<Vec<String>, Error> {
+        self.fresh_states = None;
         if self.no_qom {
             if let Some(list) = self.pause_states()? {
-                return Ok(list.into_iter().map(|i| i.id).collect());
+                let ids = list.iter().map(|i| i.id.clone()).collect();
+                self.fresh_states = Some(list);
+                return Ok(ids);
             }
             self.no_qom = false;
         }
@@ -424,7 +434,11 @@ impl Vmm for QmpVmm {
             {
                 self.no_qom = true;
                 return match self.pause_states()? {
-                    Some(list) => Ok(list.into_iter().map(|i| i.id).collect()),
+                    Some(list) => {
+                        let ids = list.iter().map(|i| i.id.clone()).collect();
+                        self.fresh_states = Some(list);
+                        Ok(ids)
+                    }
                     None => Err(self.err(
                         "listing its devices (neither qom-list nor query-svff-vfio)".into(),
                     )(e)),
@@ -459,6 +473,7 @@ impl Vmm for QmpVmm {
         bus: Option<&str>,
         group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<Option<String>, Error> {
+        self.fresh_states = None;
         let mut args = json!({ "driver": "vfio-pci", "host": host.to_string(), "id": id });
         if let Some(bus) = bus {
             args["bus"] = json!(bus);
@@ -483,6 +498,7 @@ impl Vmm for QmpVmm {
     }
 
     fn detach(&mut self, id: &str) -> Result<(), Error> {
+        self.fresh_states = None;
         // Events of earlier operations must not satisfy this wait.
         drop(self.client.take_events());
         self.client
@@ -509,6 +525,7 @@ impl Vmm for QmpVmm {
     }
 
     fn pause(&mut self, id: &str) -> Result<SvffVfioTimings, Error> {
+        self.fresh_states = None;
         let cmd = SvffVfioPause {
             id: id.into(),
             policy: Some(self.policy),
@@ -525,6 +542,7 @@ impl Vmm for QmpVmm {
         host: PciAddress,
         group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<SvffVfioTimings, Error> {
+        self.fresh_states = None;
         let fdname = match group_fd {
             Some(fd) => {
                 self.next_fd += 1;
@@ -547,6 +565,9 @@ impl Vmm for QmpVmm {
     }
 
     fn pause_states(&mut self) -> Result<Option<Vec<SvffVfioInfo>>, Error> {
+        if let Some(list) = self.fresh_states.take() {
+            return Ok(Some(list));
+        }
         match self.client.call(&QuerySvffVfio {}) {
             Ok(list) => Ok(Some(list)),
             Err(e)
@@ -633,6 +654,34 @@ mod tests {
         );
         let qom = log.iter().filter(|(_, c)| c == "qom-list").count();
         assert_eq!(qom, 1, "qom-list is not asked again once unknown: {log:?}");
+    }
+
+    #[test]
+    fn pause_states_right_after_devices_reuses_its_answer_but_not_after_another_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm0.qmp");
+        let asked = Arc::new(Asked::default());
+        let _server = serve(&sock, &asked);
+        let mut c = QmpVmm::connect(&vm_config(&sock)).unwrap();
+        let queries = || {
+            asked
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, c)| c == "query-svff-vfio")
+                .count()
+        };
+        c.devices().unwrap();
+        assert_eq!(queries(), 1);
+        assert_eq!(c.pause_states().unwrap(), Some(Vec::new()));
+        assert_eq!(queries(), 1, "the answer devices() just got");
+        c.pause_states().unwrap();
+        assert_eq!(queries(), 2, "only once: then asked again");
+        c.devices().unwrap();
+        let _ = c.pause("svff-x");
+        c.pause_states().unwrap();
+        assert_eq!(queries(), 4, "a command in between: asked again");
     }
 
     #[test]
