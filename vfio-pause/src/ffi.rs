@@ -873,9 +873,14 @@ pub unsafe extern "C" fn vp_device_region_info(
         }
         // SAFETY: forwarded contract.
         let r = unsafe { dev(d) }?.region_info(index)?;
-        let flags = u32::from(r.read) * VP_REGION_READ
-            | u32::from(r.write) * VP_REGION_WRITE
-            | u32::from(r.mmap) * VP_REGION_MMAP;
+        let flags = [
+            (r.read, VP_REGION_READ),
+            (r.write, VP_REGION_WRITE),
+            (r.mmap, VP_REGION_MMAP),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |f, (_, bit)| f | bit);
         // SAFETY: non-NULL and writable per the contract.
         unsafe {
             *out = VpRegionInfo {
@@ -1284,12 +1289,15 @@ mod tests {
         unsafe {
             assert_eq!(vp_device_region_info(d, 0, &mut r), VpStatus::VpOk);
             assert!(r.size > 0, "BAR0 of the simulated nvme VF: {r:?}");
-            assert_eq!(
-                r.flags,
-                VP_REGION_READ | VP_REGION_WRITE | VP_REGION_MMAP
-            );
+            assert_eq!(r.flags, VP_REGION_READ | VP_REGION_WRITE | VP_REGION_MMAP);
             assert_eq!(vp_device_region_info(d, 7, &mut r), VpStatus::VpOk);
-            assert_eq!(r, VpRegionInfo { size: 0x100, flags: VP_REGION_READ | VP_REGION_WRITE });
+            assert_eq!(
+                r,
+                VpRegionInfo {
+                    size: 0x100,
+                    flags: VP_REGION_READ | VP_REGION_WRITE
+                }
+            );
             assert_eq!(vp_device_region_info(d, 2, &mut r), VpStatus::VpOk);
             assert_eq!(r, VpRegionInfo::default(), "no BAR2");
             assert_eq!(

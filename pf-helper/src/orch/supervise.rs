@@ -312,6 +312,7 @@ mod tests {
             kind: VmKind::SvffVmm,
             qmp: "/run/svff/vm1.qmp".into(),
             hotplug_ports: vec![],
+            device_props: Default::default(),
             pause_policy: svff_types::PausePolicy::Stall,
             stall_ms: None,
             pass_group_fd: false,
