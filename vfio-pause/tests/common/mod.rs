@@ -23,7 +23,7 @@ pub fn static_lib(sim: bool) -> PathBuf {
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    libs.sort_by(|a, b| b.0.cmp(&a.0));
+    libs.sort_by_key(|l| std::cmp::Reverse(l.0));
     let needle: &[u8] = b"vp_container_new_simulated";
     libs.into_iter()
         .map(|(_, p)| p)
