@@ -2,6 +2,8 @@
 //! file (included in the crate docs).
 
 pub mod journal;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 mod pool;
 pub mod state;
 pub mod supervise;
@@ -24,6 +26,21 @@ use crate::sysfs::Sysfs;
 use journal::{Journal, Mode, OpKind, Step};
 use state::{AssignState, Assignment, AssignmentTable, StateDir};
 use vmm::{Connector, Vmm};
+
+/// Connects to a VM of kind `libvirt` (feature `libvirt`).
+#[cfg(feature = "libvirt")]
+fn connect_libvirt(vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+    libvirt::LibvirtVmm::connect(vm).map(|v| Box::new(v) as Box<dyn Vmm>)
+}
+
+/// Without feature `libvirt`: a clear error, nothing contacted.
+#[cfg(not(feature = "libvirt"))]
+fn connect_libvirt(vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+    Err(Error::VmmUnsupported {
+        vm: vm.name.clone(),
+        reason: "kind \"libvirt\" needs svff built with `--features libvirt` (libvirt-dev)".into(),
+    })
+}
 
 /// Version of the `--json` result of init, reconf and recover.
 pub const RESULT_FORMAT_VERSION: u32 = 1;
@@ -924,7 +941,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             .iter()
             .map(|vm| {
                 let (process, pid) = match vm.kind {
-                    crate::config::VmKind::Qmp => (None, None),
+                    crate::config::VmKind::Qmp | crate::config::VmKind::Libvirt => (None, None),
                     crate::config::VmKind::SvffVmm => {
                         match supervise::process(self.state.path(), &vm.name) {
                             supervise::Process::NotStarted => (Some("not started".into()), None),
