@@ -21,19 +21,24 @@ build: deps
 demo: build
 	$(LAB) run --timeout 900 -- bash $(CURDIR)/scripts/demo.sh
 
-# The paper's Table I/II in the lab: `svff bench` on the nvme PF, 1/4/10 VFs, every mode that
-# exists, svff-vmm test guests; JSON, tables and SVG plot under target/bench/. L1's root is
-# read-only, so the JSON comes out on stdout and the host renders tables and plot from it.
+# The paper's Table I/II in the lab: `svff bench` on the nvme PF (on the kernel's nvme driver,
+# which pool mode needs), 1/4/10 VFs, every mode, svff-vmm test guests, stock QEMU and svff's
+# patched QEMU (L2 Linux) side by side; JSON, tables and SVG plot under target/bench/. L1's
+# root is read-only, so the JSON comes out on stdout and the host renders tables and plot.
 #   make bench BENCH_RUNS=100 (the paper's count; default 5)  BENCH_VFS=1,4,10  BENCH_MODES=...
+#   BENCH_VMMS=svff-vmm,qemu-stock,qemu  BENCH_PROFILE=nvme|pci-pf-stub
 BENCH_RUNS ?= 5
 BENCH_VFS ?= 1,4,10
-BENCH_MODES ?= floor,pause,detach
+BENCH_MODES ?= floor,pause,detach,pool
+BENCH_VMMS ?= svff-vmm,qemu-stock,qemu
+BENCH_PROFILE ?= nvme
 BENCH_TIMEOUT ?= 3600
-bench: build
+bench: build qemu
 	@mkdir -p target/bench
 	$(LAB) run --timeout $(BENCH_TIMEOUT) -- sh -c 'modprobe vfio-pci && modprobe kvm-amd && \
 	  $(CURDIR)/target/debug/svff bench --pf $$SVFF_LAB_NVME_PF --vfs $(BENCH_VFS) \
-	    --runs $(BENCH_RUNS) --mode $(BENCH_MODES) --json /tmp/svff-bench.json >&2 && \
+	    --runs $(BENCH_RUNS) --mode $(BENCH_MODES) --vmm $(BENCH_VMMS) --profile $(BENCH_PROFILE) \
+	    --json /tmp/svff-bench.json >&2 && \
 	  cat /tmp/svff-bench.json' > target/bench/bench.json
 	target/debug/svff bench --report target/bench/bench.json --plot target/bench/bench.svg \
 	  | tee target/bench/tables.txt

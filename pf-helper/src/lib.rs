@@ -267,7 +267,7 @@ pub use nvme::{
 pub use orch::journal::{Mode, CRASH_AFTER_ENV, JOURNAL_VERSION};
 pub use orch::state::{AssignState, Assignment, AssignmentTable, StateDir, TABLE_FORMAT_VERSION};
 pub use orch::supervise::{Process as VmmProcess, StartVf};
-pub use orch::vmm::{Connector, QmpConnector, QmpVmm, Vmm};
+pub use orch::vmm::{Connector, PersistentConnector, QmpConnector, QmpVmm, Vmm};
 pub use orch::{
     device_id, AssignRequest, OpReport, Orchestrator, TimedStep, RESULT_FORMAT_VERSION,
 };

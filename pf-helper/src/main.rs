@@ -131,7 +131,8 @@ struct BenchArgs {
     /// Modes: pause, detach, floor, pool.
     #[arg(long, value_name = "MODE,...", default_value = "floor,pause,detach")]
     mode: String,
-    /// VMMs: svff-vmm, qemu, qemu-stock (qemu and qemu-stock need --config).
+    /// VMMs: svff-vmm, qemu (patched), qemu-stock (Debian's): without --config,
+    /// svff bench starts the guests of each kind itself, one kind after another.
     #[arg(long, value_name = "VMM,...", default_value = "svff-vmm")]
     vmm: String,
     /// The PF (default: the --config's only PF).
@@ -161,9 +162,32 @@ struct BenchArgs {
     /// The svff-vmm binary (default: $SVFF_VMM, else beside this executable).
     #[arg(long, value_name = "PATH")]
     svff_vmm: Option<PathBuf>,
+    /// svff's patched QEMU for --vmm qemu (default: $SVFF_QEMU, else
+    /// target/svff-qemu/qemu-system-x86_64 beside this build, where `make qemu` puts it).
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// Debian's QEMU for --vmm qemu-stock.
+    #[arg(long, value_name = "PATH")]
+    qemu_stock: Option<PathBuf>,
+    /// The QEMU guests' Linux kernel (default: `/boot/vmlinuz-<running release>`).
+    #[arg(long, value_name = "PATH")]
+    l2_kernel: Option<PathBuf>,
+    /// Deadline for a QEMU guest to boot, seconds.
+    #[arg(long, value_name = "S", default_value_t = 300)]
+    l2_boot_deadline: u64,
+    /// QMP connections of svff bench's own set-up: kept (open across the runs)
+    /// or per-operation (connect in every reconf, as `svff reconf` does).
+    #[arg(long, value_enum, default_value = "kept")]
+    qmp: QmpArg,
     /// Measure nothing: print the tables of this --json document again (and --plot it).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["json", "pf"])]
     report: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum QmpArg {
+    Kept,
+    PerOperation,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -687,6 +711,11 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<(), Error> {
             GuestsArg::Stopped => svff_pf_helper::GuestLoad::Stopped,
         },
         svff_vmm: args.svff_vmm.clone(),
+        qemu: args.qemu.clone(),
+        qemu_stock: args.qemu_stock.clone(),
+        l2_kernel: args.l2_kernel.clone(),
+        l2_boot_deadline_s: args.l2_boot_deadline,
+        keep_qmp: matches!(args.qmp, QmpArg::Kept),
     };
     let report = svff_pf_helper::bench_run(&opts)?;
     print!("{}", svff_pf_helper::render_all(&report));

@@ -1,7 +1,9 @@
 //! Lab smoke tests of `svff bench` on the real kernel in L1: every mode that
-//! exists, 1 VF, 2 runs, on the nvme PF under pci-pf-stub; svff-vmm test
-//! guests started by the bench itself, and a stock QEMU L2 described in a
-//! helper config. They check that the command works, that its JSON has the
+//! exists, 1 VF, 2 runs, on the nvme PF (under pci-pf-stub; pool mode on the
+//! kernel's nvme driver, which it needs); svff-vmm test guests and stock and
+//! patched QEMU L2 Linux guests started by the bench itself (the patched
+//! QEMU is `make qemu`'s, as `make test` builds it), and a stock QEMU L2
+//! described in a helper config. They check that the command works, that its JSON has the
 //! documented shape and what the guests saw (no device vanishes in pause
 //! mode, every one in detach mode); the numbers themselves are never
 //! asserted. Each test leaves the PF with 0 VFs and unbound.
@@ -18,10 +20,16 @@ use svff_lab::l2::{Image, Qemu, L2};
 const SVFF: &str = env!("CARGO_BIN_EXE_svff");
 /// Upper bound of one svff bench call.
 const CALL_TIMEOUT_S: &str = "280";
+/// Upper bound of one svff bench call that boots QEMU L2 guests.
+const BOOTING_CALL_TIMEOUT_S: &str = "600";
 
 fn svff(args: &[&str]) -> Output {
+    svff_within(CALL_TIMEOUT_S, args)
+}
+
+fn svff_within(timeout_s: &str, args: &[&str]) -> Output {
     let out = Command::new("timeout")
-        .arg(CALL_TIMEOUT_S)
+        .arg(timeout_s)
         .arg(SVFF)
         .args(args)
         .output()
@@ -97,10 +105,17 @@ fn assert_series_shape(s: &Value, vfs: u64) {
     for r in runs {
         assert!(r["total_ms"].as_f64().unwrap() > 0.0, "{r}");
         let (from, to) = (r["from"].as_u64().unwrap(), r["to"].as_u64().unwrap());
-        assert!(
-            (from, to) == (vfs, vfs + 1) || (from, to) == (vfs + 1, vfs),
-            "each run changes the count between N and N+1: {r}"
-        );
+        if s["mode"] == "pool" {
+            assert!(
+                from == to && (from == vfs || from == vfs + 1),
+                "a pool run keeps the VF count: {r}"
+            );
+        } else {
+            assert!(
+                (from, to) == (vfs, vfs + 1) || (from, to) == (vfs + 1, vfs),
+                "each run changes the count between N and N+1: {r}"
+            );
+        }
     }
     for k in ["avg_ms", "sigma_ms", "min_ms", "max_ms"] {
         assert!(s["summary"][k].is_number(), "{k}: {s}");
@@ -109,7 +124,8 @@ fn assert_series_shape(s: &Value, vfs: u64) {
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
-fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_and_plot() {
+fn lab_bench_floor_pause_detach_with_svff_vmm_stock_and_patched_qemu_in_one_run_writes_the_documented_json_and_plot(
+) {
     let (pf, dir) = setup();
     let out_json = dir.path().join("bench.json");
     let out_svg = dir.path().join("bench.svg");
@@ -119,21 +135,26 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
         "{} is built with the workspace",
         vmm.display()
     );
-    let out = svff(&[
-        "bench",
-        "--pf",
-        &pf,
-        "--vfs",
-        "1",
-        "--runs",
-        "2",
-        "--mode",
-        "floor,pause,detach",
-        "--json",
-        out_json.to_str().unwrap(),
-        "--plot",
-        out_svg.to_str().unwrap(),
-    ]);
+    let out = svff_within(
+        BOOTING_CALL_TIMEOUT_S,
+        &[
+            "bench",
+            "--pf",
+            &pf,
+            "--vfs",
+            "1",
+            "--runs",
+            "2",
+            "--mode",
+            "floor,pause,detach",
+            "--vmm",
+            "svff-vmm,qemu-stock,qemu",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--plot",
+            out_svg.to_str().unwrap(),
+        ],
+    );
     assert!(out.status.success(), "svff bench failed");
     let stdout = String::from_utf8_lossy(&out.stdout);
     for want in [
@@ -141,6 +162,9 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
         "Table II",
         "Guest view",
         "pause/svff-vmm",
+        "detach/qemu-stock",
+        "pause/qemu",
+        "detach reference: detach/qemu-stock",
         "floor",
     ] {
         assert!(stdout.contains(want), "stdout lacks {want:?}");
@@ -154,12 +178,39 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     let doc = json(&out_json);
     assert_eq!(doc["format_version"], 1);
     assert_eq!(doc["pf"], pf.as_str());
-    assert_eq!(doc["series"].as_array().unwrap().len(), 3, "{doc}");
+    assert_eq!(doc["series"].as_array().unwrap().len(), 6, "{doc}");
     let floor = series(&doc, "floor", "none");
     let pause = series(&doc, "pause", "svff-vmm");
     let detach = series(&doc, "detach", "svff-vmm");
-    for s in [floor, pause, detach] {
+    let stock = series(&doc, "detach", "qemu-stock");
+    let qpause = series(&doc, "pause", "qemu");
+    let qdetach = series(&doc, "detach", "qemu");
+    for s in [floor, pause, detach, stock, qpause, qdetach] {
         assert_series_shape(s, 1);
+    }
+    for s in [stock, qdetach] {
+        let d = step_names(s);
+        for want in ["remove_vf", "change_numvfs", "bind_vfs", "add_vf"] {
+            assert!(d.contains(&want.to_owned()), "{d:?}");
+        }
+        assert!(
+            s["runs"][0]["guest"].as_array().unwrap().is_empty(),
+            "no counters from an L2 Linux"
+        );
+    }
+    let q = step_names(qpause);
+    for want in [
+        "pause",
+        "change_numvfs",
+        "bind_vfs",
+        "unpause",
+        "pause.vmm",
+        "unpause.vmm",
+    ] {
+        assert!(
+            q.contains(&want.to_owned()),
+            "the patched QEMU pauses and times itself: {q:?}"
+        );
     }
     assert_eq!(
         step_names(floor),
@@ -186,15 +237,23 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
     assert_eq!(pause["summary"]["guest_disappeared"], 0);
     assert_eq!(detach["summary"]["guest_disappeared"], 2, "{detach}");
     assert!(floor["runs"][0]["guest"].as_array().unwrap().is_empty());
-    // Table I: a row per series, compared with detach and the floor.
+    // Table I: a row per series, compared with stock QEMU's detach and the floor.
     let t = doc["table_i"].as_array().unwrap();
-    assert_eq!(t.len(), 3);
-    let prow = t.iter().find(|r| r["mode"] == "pause").unwrap();
+    assert_eq!(t.len(), 6);
+    let prow = t
+        .iter()
+        .find(|r| r["mode"] == "pause" && r["vmm"] == "svff-vmm")
+        .unwrap();
     assert!(
         prow["floor_ratio"].is_number() && prow["overhead_pct"].is_number(),
         "{prow}"
     );
-    assert_eq!(doc["reference"], "svff-vmm");
+    let srow = t.iter().find(|r| r["vmm"] == "qemu-stock").unwrap();
+    assert_eq!(
+        srow["overhead_pct"], 0.0,
+        "stock QEMU's detach is the reference: {srow}"
+    );
+    assert_eq!(doc["reference"], "qemu-stock");
     assert_eq!(doc["paper_table_i"].as_array().unwrap().len(), 4);
 
     let svg = fs::read_to_string(&out_svg).unwrap();
@@ -210,15 +269,82 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_guests_writes_the_documented_json_
 
 #[test]
 #[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn lab_bench_pool_mode_changes_vf_resources_without_a_count_change_and_no_guest_loses_its_vf() {
+    let (pf, dir) = setup();
+    let out_json = dir.path().join("bench.json");
+    let out = svff(&[
+        "bench",
+        "--pf",
+        &pf,
+        "--profile",
+        "nvme",
+        "--vfs",
+        "1",
+        "--runs",
+        "2",
+        "--mode",
+        "pool",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "svff bench --mode pool failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("pool/svff-vmm") && stdout.contains("resources ms"),
+        "Table I/II show the pool series and its resources step"
+    );
+    let doc = json(&out_json);
+    assert_eq!(doc["profile"], "nvme");
+    assert_eq!(doc["series"].as_array().unwrap().len(), 1, "{doc}");
+    let pool = series(&doc, "pool", "svff-vmm");
+    assert_series_shape(pool, 1);
+    let steps = step_names(pool);
+    for want in ["pause", "resources", "unpause"] {
+        assert!(steps.contains(&want.to_owned()), "pool steps {steps:?}");
+    }
+    assert!(
+        !steps.contains(&"change_numvfs".to_owned()),
+        "pool mode never changes the count: {steps:?}"
+    );
+    for r in pool["runs"].as_array().unwrap() {
+        let g = &r["guest"][0];
+        assert_eq!(g["vm"], "vm0", "{r}");
+        assert_eq!(g["disappeared"], false, "pool: the guest keeps its VF: {r}");
+    }
+    assert_eq!(pool["summary"]["guest_disappeared"], 0, "{pool}");
+    assert_eq!(numvfs(&pf), 0, "the bench leaves the PF without VFs");
+    release(&pf);
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
 fn lab_bench_refuses_bad_input_before_the_pf_changes() {
     let (pf, _dir) = setup();
     guest::bind(&pf, "pci-pf-stub");
     set_numvfs(&pf, 2);
-    let cases: [(&[&str], &str); 5] = [
-        (&["--mode", "pool"], "pool mode"),
+    let cases: [(&[&str], &str); 7] = [
+        (&["--mode", "pool"], "add --profile nvme"),
         (&["--mode", "pause,turbo"], "unknown mode"),
         (&["--vmm", "xen"], "unknown VMM"),
-        (&["--vmm", "qemu-stock"], "pass --config"),
+        (
+            &["--vmm", "svff-vmm,qemu", "--qemu", "/nonexistent/qemu"],
+            "patched QEMU is not built",
+        ),
+        (
+            &[
+                "--mode",
+                "detach",
+                "--vmm",
+                "qemu-stock",
+                "--l2-kernel",
+                "/nonexistent/vmlinuz",
+            ],
+            "/nonexistent/vmlinuz does not exist",
+        ),
+        (
+            &["--mode", "pool", "--vmm", "qemu-stock", "--profile", "nvme"],
+            "has no pause",
+        ),
         (
             &["--vfs", "64"],
             "supports at most 64 VFs, and svff bench needs 65",

@@ -81,10 +81,42 @@ struct Setup {
     pf: String,
     dir: tempfile::TempDir,
     config: String,
+    vms: Vec<String>,
+}
+
+/// One `[[vm]]` of the test's config: kind `svff-vmm`, started by `svff init` with `command`
+/// (a TOML array), holding the pool VFs `index`.
+struct VmSpec {
+    name: String,
+    command: String,
+    index: Vec<usize>,
+    policy: &'static str,
 }
 
 impl Setup {
+    /// The lab's nvme PF, unbound with no VFs, and a config for a pool of `POOL` VFs (2 VQ /
+    /// 1 VI each) held by four svff-vmm test guests, 3 VFs each.
     fn new() -> Setup {
+        Self::with(POOL, (2, 1), |vmm| {
+            // The test guests read in a busy loop: niced, so that L1 still runs svff.
+            let command = format!(
+                r#"["/usr/bin/nice", "-n", "19", "{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
+                vmm.display()
+            );
+            VMS.iter()
+                .enumerate()
+                .map(|(i, vm)| VmSpec {
+                    name: (*vm).to_owned(),
+                    command: command.clone(),
+                    index: (i * 3..i * 3 + 3).collect(),
+                    policy: "ignore",
+                })
+                .collect()
+        })
+    }
+
+    /// A pool of `pool` VFs with `(vq, vi)` each and the VMs `vms(path of svff-vmm)` returns.
+    fn with(pool: usize, (vq, vi): (u32, u32), vms: impl FnOnce(&Path) -> Vec<VmSpec>) -> Setup {
         guest::require_lab();
         let pf = guest::nvme_pf();
         if guest::driver_of(&pf).is_some() {
@@ -110,22 +142,21 @@ impl Setup {
         fs::create_dir(&bin).unwrap();
         fs::copy(SVFF, bin.join("svff")).unwrap();
         fs::copy(&vmm, bin.join("svff-vmm")).unwrap();
-        let vmm = bin.join("svff-vmm");
+        let vms = vms(&bin.join("svff-vmm"));
         let config = dir.path().join("helper.toml");
-        // The test guests read in a busy loop: niced, so that L1 still runs svff.
-        let command = format!(
-            r#"["/usr/bin/nice", "-n", "19", "{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
-            vmm.display()
-        );
         let mut text = format!(
-            "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{pf}\"\nprofile = \"nvme\"\nvfs = {POOL}\npool = true\nnvme = {{ vq = 2, vi = 1 }}\n",
+            "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{pf}\"\nprofile = \"nvme\"\nvfs = {pool}\npool = true\nnvme = {{ vq = {vq}, vi = {vi} }}\n",
             dir.path().join("state").display()
         );
-        for (i, vm) in VMS.iter().enumerate() {
-            let idx: Vec<String> = (i * 3..i * 3 + 3).map(|v| v.to_string()).collect();
+        for vm in &vms {
+            let idx: Vec<String> = vm.index.iter().map(|v| v.to_string()).collect();
             text.push_str(&format!(
-                "[[vm]]\nname = \"{vm}\"\nkind = \"svff-vmm\"\nqmp = \"{}/{vm}.qmp\"\nqmp_timeout_s = 30\ncommand = {command}\nvfs = [{{ pf = \"{pf}\", index = [{}] }}]\n",
+                "[[vm]]\nname = \"{}\"\nkind = \"svff-vmm\"\nqmp = \"{}/{}.qmp\"\nqmp_timeout_s = 30\npause_policy = \"{}\"\ncommand = {}\nvfs = [{{ pf = \"{pf}\", index = [{}] }}]\n",
+                vm.name,
                 dir.path().display(),
+                vm.name,
+                vm.policy,
+                vm.command,
                 idx.join(", ")
             ));
         }
@@ -134,6 +165,7 @@ impl Setup {
             pf,
             config: config.display().to_string(),
             dir,
+            vms: vms.into_iter().map(|v| v.name).collect(),
         }
     }
 
@@ -225,7 +257,7 @@ impl Setup {
     /// `id -> (state, pause_count)` of every VMM's devices.
     fn vmm_devices(&self) -> BTreeMap<String, (String, u64)> {
         let mut m = BTreeMap::new();
-        for vm in VMS {
+        for vm in &self.vms {
             let sock = self.dir.path().join(format!("{vm}.qmp"));
             let mut c = qmp_ext::Client::connect(&sock, Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("QMP of {vm}: {e}"));
@@ -264,7 +296,7 @@ impl Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        for vm in VMS {
+        for vm in &self.vms {
             if let Some(pid) = pid_of(&self.state(), vm) {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
@@ -522,4 +554,261 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
     for t in timings {
         println!("{t}");
     }
+}
+
+/// The L2 guest's side of the nvme test (the image's setup script; it never returns). Loads
+/// `nvme` with a poll queue (it needs no interrupt, so the I/O queue count follows the VF's VQ
+/// resources although its single VI stays; `poll_queues` is at most the guest's CPU count, 1)
+/// and short command timeouts, then every second:
+/// writes a tick marker to a new block of the namespace, drops the page cache, reads it back,
+/// and prints one line (tick, hardware queues of `nvme0n1`, I/O result, the VF's driver),
+/// followed by the kernel messages since the last tick. Hardware queues: the `mq/N` entries of
+/// the namespace's block device.
+const NVME_GUEST: &str = r#"
+say() { echo "svff-l2: $*"; }
+modprobe nvme_core io_timeout=5 admin_timeout=5 || say "modprobe nvme_core failed"
+modprobe nvme poll_queues=1 || say "modprobe nvme failed"
+g=
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor)" = 0x1b36 ] && [ "$(cat $d/device)" = 0x0010 ] && g=${d##*/}
+done
+say "vf $g"
+i=0
+while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+n=0
+while :; do
+    n=$((n + 1))
+    b=$((n % 30000))
+    m=$(printf 'svff-tick-%08d' $n)
+    io=fail
+    if [ -b /dev/nvme0n1 ] && printf '%s' "$m" | dd of=/dev/nvme0n1 bs=512 seek=$b conv=fsync 2>/dev/null \
+        && echo 1 > /proc/sys/vm/drop_caches \
+        && [ "$(dd if=/dev/nvme0n1 bs=512 skip=$b count=1 2>/dev/null | head -c 18)" = "$m" ]; then
+        io=ok
+    fi
+    # With native multipath nvme0n1 is the head and nvme0c0n1 the path with the queues.
+    q=$(ls -d /sys/block/nvme0*n1/mq/[0-9]* 2>/dev/null | wc -l)
+    say "tick $n mq=$q io=$io drv=$(basename "$(readlink /sys/bus/pci/devices/$g/driver)")"
+    dmesg -c | sed 's/^/svff-l2: dmesg /'
+    sleep 1
+done
+"#;
+
+/// One `svff-l2: tick N mq=Q io=R drv=D` line of the nvme guest.
+#[derive(Debug, Clone, PartialEq)]
+struct Tick {
+    n: u64,
+    mq: u64,
+    io_ok: bool,
+    driver: String,
+}
+
+fn ticks(serial: &str) -> Vec<Tick> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.trim().strip_prefix("svff-l2: tick ")?.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            let mq = w.next()?.strip_prefix("mq=")?.parse().ok()?;
+            let io_ok = w.next()?.strip_prefix("io=")? == "ok";
+            let driver = w.next()?.strip_prefix("drv=")?.to_owned();
+            Some(Tick {
+                n,
+                mq,
+                io_ok,
+                driver,
+            })
+        })
+        .collect()
+}
+
+fn guest_dmesg(serial: &str) -> Vec<String> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("svff-l2: dmesg ").map(str::to_owned))
+        .collect()
+}
+
+/// `(default, read, poll)` from each "nvme nvme0: D/R/P default/read/poll queues" line.
+fn queue_lines(dmesg: &[String]) -> Vec<(u64, u64, u64)> {
+    dmesg
+        .iter()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("nvme nvme0: ")?;
+            let counts = rest.strip_suffix(" default/read/poll queues")?;
+            let v: Vec<u64> = counts.split('/').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect()
+}
+
+#[test]
+fn nvme_guest_lines_parse() {
+    let s = "svff-l2: tick 7 mq=3 io=ok drv=nvme\nsvff-l2: dmesg [    3.1] nvme nvme0: 1/0/2 default/read/poll queues\nnoise\n";
+    assert_eq!(
+        ticks(s),
+        vec![Tick {
+            n: 7,
+            mq: 3,
+            io_ok: true,
+            driver: "nvme".into()
+        }]
+    );
+    assert_eq!(queue_lines(&guest_dmesg(s)), vec![(1, 0, 2)]);
+}
+
+/// Waits (bounded) until the guest's serial has a tick line past `after` for which `cond` holds.
+fn wait_tick(serial: &Serial, what: &str, secs: u64, cond: &dyn Fn(&Tick) -> bool) -> Tick {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = serial.text();
+        if let Some(t) = ticks(&text).into_iter().find(|t| cond(t)) {
+            return t;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {secs} s waiting for {what}; guest serial:\n{text}"
+        );
+        // The guest's only sign is its next line (one a second).
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn lab_pool_l2_linux_nvme_driver_keeps_its_vf_across_a_pool_queue_change_resets_and_sees_the_new_queue_count(
+) {
+    // VF 0 starts with 3 VQ (admin + 2 I/O queues: the guest's nvme makes 1 default + 1
+    // poll queue) and 1 VI, and goes to 2 VQ (1 I/O queue: 1 default, no poll queue).
+    let s = Setup::with(2, (3, 1), |vmm| {
+        let kernel = svff_lab::l2::default_kernel().unwrap();
+        let initrd = svff_lab::l2::Image::new()
+            .module("nvme")
+            .setup(NVME_GUEST)
+            .build()
+            .expect("build the L2 image");
+        let cmdline = format!(
+            "{} quiet loglevel=4 rdinit=/init svff.ctl=ttyS0",
+            svff_vmm_cmdline()
+        );
+        vec![VmSpec {
+            name: "linux".into(),
+            command: format!(
+                r#"["{}", "--memory", "512M", "--test-devices", "0", "--kernel", "{}", "--initrd", "{}", "--cmdline", "{cmdline}"]"#,
+                vmm.display(),
+                kernel.display(),
+                initrd.display()
+            ),
+            index: vec![0],
+            // A vCPU touching the paused VF waits for the unpause: the driver never reads
+            // all-ones (which would make it give the device up).
+            policy: "stall",
+        }]
+    });
+    let pf = s.pf.clone();
+    let r = s.ok_json(&["init", "--json"]);
+    assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
+    let serial = s.serial("linux");
+    let started = Instant::now();
+    let first = wait_tick(&serial, "the guest's first I/O", 400, &|t| t.io_ok);
+    println!(
+        "L2 up with nvme I/O after {:.1} s: {first:?}",
+        started.elapsed().as_secs_f64()
+    );
+    // The kernel messages of a tick follow its line: the next tick has them.
+    wait_tick(&serial, "the next tick", 60, &|t| t.n > first.n);
+    let before = serial.text();
+    assert_eq!(first.driver, "nvme", "{before}");
+    assert_eq!(first.mq, 2, "1 default + 1 poll queue: {before}");
+    assert_eq!(
+        queue_lines(&guest_dmesg(&before)),
+        vec![(1, 0, 1)],
+        "{before}"
+    );
+    let identity = s.vf_identity();
+    let pauses = s.vmm_devices();
+
+    let r = s.ok_json(&[
+        "reconf",
+        "--pf",
+        &pf,
+        "--resources",
+        "0=vq:2,vi:1",
+        "--json",
+    ]);
+    assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
+    let changed_at = ticks(&serial.text()).last().map_or(0, |t| t.n);
+    let reconf_at = Instant::now();
+    let (p, _) = step_ms(&r, "pause");
+    let (res, _) = step_ms(&r, "resources");
+    let (u, _) = step_ms(&r, "unpause");
+    println!(
+        "pool reconf of the guest's VF: pause {p:.0} ms, resources {res:.0} ms, unpause {u:.0} ms"
+    );
+    assert_eq!(s.resources()[&0], (true, 2, 1));
+    assert_eq!(s.vf_identity(), identity, "sriov_numvfs was written");
+    let id = device_id(&pf, 0);
+    assert_eq!(s.vmm_devices()[&id].1, pauses[&id].1 + 1, "paused once");
+
+    // The driver finds the controller reset (its queues gone), times out, resets it and
+    // comes back with the new count; then I/O works again.
+    let after = wait_tick(
+        &serial,
+        "I/O on 1 hardware queue after the change",
+        300,
+        &|t| t.n > changed_at && t.io_ok && t.mq == 1,
+    );
+    println!(
+        "guest back with {} queues and working I/O {:.1} s after the reconf: {after:?}",
+        after.mq,
+        reconf_at.elapsed().as_secs_f64()
+    );
+    let more = wait_tick(&serial, "two more ticks", 60, &|t| t.n >= after.n + 2);
+    let text = serial.text();
+    let dmesg = guest_dmesg(&text);
+    let nvme_log: Vec<&String> = dmesg
+        .iter()
+        .filter(|l| l.contains("nvme") || l.contains("0000:00:01.0"))
+        .collect();
+    println!(
+        "guest kernel's nvme messages:\n{}",
+        nvme_log
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let t = ticks(&text);
+    println!(
+        "ticks around the change: {:?}",
+        t.iter()
+            .filter(|t| t.n + 3 >= changed_at && t.n <= more.n)
+            .map(|t| (t.n, t.mq, t.io_ok))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        queue_lines(&dmesg),
+        vec![(1, 0, 1), (1, 0, 0)],
+        "the reset's queue line"
+    );
+    assert!(
+        nvme_log.iter().any(|l| l.contains("reset controller")),
+        "the driver reset the controller"
+    );
+    let gone: Vec<&&String> = nvme_log
+        .iter()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("remov") || l.contains("disable controller")
+        })
+        .collect();
+    assert!(gone.is_empty(), "removal in the guest's dmesg: {gone:?}");
+    assert!(t.iter().all(|t| t.driver == "nvme"), "nvme stayed bound");
+    assert!(more.io_ok && more.mq == 1, "{more:?}");
+    assert_eq!(s.serial("linux").events("gone"), 0);
+}
+
+/// svff-vmm's default kernel command line (its `--cmdline` replaces it).
+fn svff_vmm_cmdline() -> &'static str {
+    "console=ttyS0 reboot=k panic=1 pci=conf1 acpi=off"
 }

@@ -31,8 +31,8 @@ pub use error::Error;
 pub use guest::{GuestMode, TestGuest};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,
-    CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA, HOST_BRIDGE_DEVICE,
-    HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
+    CAP_ID_MSI, CAP_ID_MSIX, COMMAND_MASTER, COMMAND_MEMORY, CONF1_ADDRESS, CONF1_DATA,
+    HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use qmp::{parse_devfn, QmpHandler, Start, StartGate, START_TIMEOUT};
 pub use svff_types::{parse_counters, GuestCounters};

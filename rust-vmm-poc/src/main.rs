@@ -124,8 +124,8 @@ struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     guest_report_every: u32,
 
-    /// Test guest: what it does after enumerating bus 0 and setting up interrupts and MSI-X
-    /// (robustness tests: a guest that scribbles over paused VFs, halts or spins).
+    /// Test guest: what it does after enumerating bus 0 and setting up interrupts, MSI-X and
+    /// MSI (robustness tests: a guest that scribbles over paused VFs, halts or spins).
     #[arg(long, value_enum, value_name = "MODE", default_value = "read")]
     guest_mode: GuestModeArg,
 
@@ -156,7 +156,8 @@ struct Cli {
     /// while attached (not the MSI-X table and PBA pages, which trap); mmap=off traps every
     /// BAR access. QMP svff-vfio-pause /
     /// svff-vfio-unpause pause it; while paused, BAR reads give all-ones (ignore) or wait up
-    /// to 10 s for the unpause (stall). MSI-X is emulated and wired through KVM irqfds.
+    /// to 5 s for the unpause (stall). MSI and MSI-X are emulated and wired through KVM
+    /// irqfds (INTx is not wired).
     /// `fd=<name>` (a name not starting with a digit): open the VF through a VFIO group fd
     /// passed over QMP instead of /dev/vfio/<group> (for a VMM without /dev/vfio access);
     /// then --qmp is required and the VMM starts in the start-up handshake: it serves QMP

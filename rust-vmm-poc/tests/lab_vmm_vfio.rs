@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 use svff_lab::guest::{self, bind, set_numvfs, unbind, vfs_of};
 use svff_vmm::parse_counters;
 
@@ -889,4 +891,90 @@ fn a_bar0_the_guest_moves_is_mapped_at_its_new_address_and_again_after_a_pause_o
         live(after.st) && after.ok > at_new.ok,
         "live registers of the new VF: {after:?}"
     );
+}
+
+/// The last counter line of `dev` printed after `round` (by a report that is complete).
+fn report_after(vmm: &common::Vmm, dev: &str, round: u64) -> svff_vmm::GuestCounters {
+    vmm.wait(&format!("a report of {dev} after round {round}"), &|| {
+        vmm.last(dev).is_some_and(|c| c.round > round)
+    });
+    vmm.last(dev).unwrap()
+}
+
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn msi_of_an_msi_only_function_reaches_the_guest_by_irqfd_stops_while_paused_and_resumes_after_unpause(
+) {
+    use serde_json::json;
+
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    // QEMU's edu in L1: MSI (one vector, 64-bit), no MSI-X; it raises its MSI on a write of
+    // BAR0+0x60, which the test guest does every round once it enabled MSI.
+    let edu = guest::edu();
+    bind(&edu, "vfio-pci");
+    let mut vmm = common::Vmm::spawn("vmm", &[("edu0", &edu, "ignore")], 20, "read");
+    let dev = "00:01.0";
+    vmm.wait("edu found by the guest", &|| {
+        vmm.out()
+            .contains("svff-guest: found 00:01.0 vendor=1234 device=11e8")
+    });
+    vmm.wait("MSI enabled by the guest", &|| {
+        vmm.out().contains("svff-guest: dev=00:01.0 msi vector=64")
+    });
+    assert!(
+        !vmm.out().contains("dev=00:01.0 msix"),
+        "edu has no MSI-X: {}",
+        vmm.out()
+    );
+    let s1 = report_after(&vmm, dev, 0);
+    let s2 = report_after(&vmm, dev, s1.round);
+    println!("attached: {s1:?}\n          {s2:?}");
+    assert_eq!(s2.id, 0x0100_00ed, "edu's identity register: {s2:?}");
+    assert!(s1.irqs >= 1, "the device's MSI reached the guest: {s1:?}");
+    assert!(s2.irqs > s1.irqs, "and keeps coming: {s1:?} -> {s2:?}");
+
+    let mut qmp = vmm.qmp();
+    let p = qmp
+        .execute("svff-vfio-pause", Some(json!({"id": "edu0"})))
+        .unwrap();
+    println!("pause: {p}");
+    // A report begun after the pause returned, then two more: no MSI meanwhile (the device's
+    // fds are closed, and the guest's writes to BAR0+0x60 are dropped by policy ignore).
+    let r = vmm.round();
+    let p1 = report_after(&vmm, dev, r + 20);
+    let p2 = report_after(&vmm, dev, p1.round + 20);
+    println!("paused:   {p1:?}\n          {p2:?}");
+    assert_eq!(p1.irqs, p2.irqs, "no MSI while paused: {p1:?} -> {p2:?}");
+    assert!(
+        p2.ones > p1.ones,
+        "paused reads are all-ones: {p1:?} -> {p2:?}"
+    );
+
+    // edu is no VF: the unpause reopens the same function (its identity check passes).
+    let u = qmp
+        .execute("svff-vfio-unpause", Some(json!({"id": "edu0"})))
+        .unwrap();
+    println!("unpause: {u}");
+    let info = qmp.execute("query-svff-vfio", None).unwrap();
+    println!("{info:#}");
+    assert_eq!(info[0]["state"], "attached");
+    assert_eq!(info[0]["host"], edu.as_str());
+    let paused_reads = info[0]["paused-accesses"]["bar-reads"].as_u64().unwrap();
+    let r = vmm.round();
+    let a1 = report_after(&vmm, dev, r + 20);
+    let a2 = report_after(&vmm, dev, a1.round);
+    println!("unpaused: {a1:?}\n          {a2:?}");
+    let status = vmm.quit();
+    drop(vmm);
+    unbind(&edu);
+    assert!(status.success(), "{status}");
+    assert!(
+        a2.irqs > p2.irqs,
+        "MSI again after the unpause: {p2:?} -> {a2:?}"
+    );
+    assert!(a2.irqs > a1.irqs, "and it keeps coming: {a1:?} -> {a2:?}");
+    assert_eq!((a2.gone, a2.back), (0, 0), "never left config space");
+    assert_eq!(a2.id, 0x0100_00ed, "{a2:?}");
+    assert_eq!(a2.ones, paused_reads, "all-ones only in the pause window");
 }

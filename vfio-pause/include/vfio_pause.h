@@ -13,6 +13,15 @@
 // Number of timed phases (`VpTimings::phase_ns` entries).
 #define VP_PHASE_COUNT 12
 
+// `VpRegionInfo::flags`: the region can be read.
+#define VP_REGION_READ 1
+
+// `VpRegionInfo::flags`: the region can be written.
+#define VP_REGION_WRITE 2
+
+// `VpRegionInfo::flags`: the kernel lets (parts of) the region be mmapped.
+#define VP_REGION_MMAP 4
+
 // Status of every `vp_*` call. Details: `vp_last_error()`.
 typedef enum VpStatus {
   // Success.
@@ -110,6 +119,14 @@ typedef struct VpAccessCounters {
   // BAR accesses that waited for the unpause (policy `stall`).
   uint64_t stalled;
 } VpAccessCounters;
+
+// Geometry of one VFIO region (BAR 0-5, ROM 6, config 7) of the VF.
+typedef struct VpRegionInfo {
+  // Size in bytes; 0: the VF has no such region.
+  uint64_t size;
+  // `VP_REGION_*` bits.
+  uint32_t flags;
+} VpRegionInfo;
 
 // A stalled BAR access's deadline across `vp_device_try_bar_*` retries:
 // zero-initialise it for every guest access.
@@ -258,6 +275,18 @@ enum VpStatus vp_device_last_timings(const struct VpDevice *d,
 // # Safety
 // `d` must be a live device handle, `out` writable.
 enum VpStatus vp_device_access_counters(const struct VpDevice *d, struct VpAccessCounters *out);
+
+// Size and access flags of VFIO region `index` (BAR n = n, ROM 6, config
+// 7) of the attached VF, as the kernel reports them. Only while attached
+// (`VP_ERR_INVALID_STATE` otherwise): a VMM learns the geometry when it
+// opens the device; it does not change across pauses (the unpause checks
+// the new VF's identity, and a VF of the same ids has the same BARs).
+//
+// # Safety
+// `d` must be a live device handle, `out` writable.
+enum VpStatus vp_device_region_info(const struct VpDevice *d,
+                                    uint32_t index,
+                                    struct VpRegionInfo *out);
 
 // Guest config-space read (from the shadow while paused).
 //

@@ -168,6 +168,23 @@ pub struct VpTimings {
     pub phase_ns: [u64; VP_PHASE_COUNT],
 }
 
+/// `VpRegionInfo::flags`: the region can be read.
+pub const VP_REGION_READ: u32 = 1;
+/// `VpRegionInfo::flags`: the region can be written.
+pub const VP_REGION_WRITE: u32 = 2;
+/// `VpRegionInfo::flags`: the kernel lets (parts of) the region be mmapped.
+pub const VP_REGION_MMAP: u32 = 4;
+
+/// Geometry of one VFIO region (BAR 0-5, ROM 6, config 7) of the VF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VpRegionInfo {
+    /// Size in bytes; 0: the VF has no such region.
+    pub size: u64,
+    /// `VP_REGION_*` bits.
+    pub flags: u32,
+}
+
 /// Guest accesses a paused device handled, summed over all its pauses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -836,6 +853,40 @@ pub unsafe extern "C" fn vp_device_access_counters(
     })
 }
 
+/// Size and access flags of VFIO region `index` (BAR n = n, ROM 6, config
+/// 7) of the attached VF, as the kernel reports them. Only while attached
+/// (`VP_ERR_INVALID_STATE` otherwise): a VMM learns the geometry when it
+/// opens the device; it does not change across pauses (the unpause checks
+/// the new VF's identity, and a VF of the same ids has the same BARs).
+///
+/// # Safety
+/// `d` must be a live device handle, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn vp_device_region_info(
+    d: *const VpDevice,
+    index: u32,
+    out: *mut VpRegionInfo,
+) -> VpStatus {
+    entry(|| {
+        if out.is_null() {
+            return Err(Fail::Arg("out is NULL".into()));
+        }
+        // SAFETY: forwarded contract.
+        let r = unsafe { dev(d) }?.region_info(index)?;
+        let flags = u32::from(r.read) * VP_REGION_READ
+            | u32::from(r.write) * VP_REGION_WRITE
+            | u32::from(r.mmap) * VP_REGION_MMAP;
+        // SAFETY: non-NULL and writable per the contract.
+        unsafe {
+            *out = VpRegionInfo {
+                size: r.size,
+                flags,
+            }
+        };
+        Ok(())
+    })
+}
+
 /// Guest config-space read (from the shadow while paused).
 ///
 /// # Safety
@@ -1223,6 +1274,38 @@ mod tests {
             );
         }
         (c, d)
+    }
+
+    #[test]
+    fn region_info_reports_the_vfs_regions_while_attached_and_refuses_while_paused() {
+        let (c, d) = sim_device();
+        let mut r = VpRegionInfo::default();
+        // SAFETY: live handles and valid out pointers (NULL where tested).
+        unsafe {
+            assert_eq!(vp_device_region_info(d, 0, &mut r), VpStatus::VpOk);
+            assert!(r.size > 0, "BAR0 of the simulated nvme VF: {r:?}");
+            assert_eq!(
+                r.flags,
+                VP_REGION_READ | VP_REGION_WRITE | VP_REGION_MMAP
+            );
+            assert_eq!(vp_device_region_info(d, 7, &mut r), VpStatus::VpOk);
+            assert_eq!(r, VpRegionInfo { size: 0x100, flags: VP_REGION_READ | VP_REGION_WRITE });
+            assert_eq!(vp_device_region_info(d, 2, &mut r), VpStatus::VpOk);
+            assert_eq!(r, VpRegionInfo::default(), "no BAR2");
+            assert_eq!(
+                vp_device_region_info(d, 0, ptr::null_mut()),
+                VpStatus::VpErrInvalidArgument
+            );
+            assert!(last_error().contains("out is NULL"));
+            assert_eq!(vp_device_pause(d, ptr::null_mut()), VpStatus::VpOk);
+            assert_eq!(
+                vp_device_region_info(d, 0, &mut r),
+                VpStatus::VpErrInvalidState
+            );
+            assert!(last_error().contains("nvme0"), "{}", last_error());
+            assert_eq!(vp_device_close(d), VpStatus::VpOk);
+            vp_container_free(c);
+        }
     }
 
     #[test]

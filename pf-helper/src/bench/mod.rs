@@ -3,6 +3,7 @@
 
 mod guest;
 mod plot;
+mod qemu;
 mod report;
 mod run;
 
@@ -14,6 +15,7 @@ use crate::pci::PciAddress;
 
 pub use guest::GuestRunView;
 pub use plot::draw as draw_plot;
+pub use qemu::QemuPaths;
 pub use report::{
     finish, render_all, BenchReport, PaperPoint, Run, Series, Summary, TableIRow,
     BENCH_FORMAT_VERSION, PAPER_TABLE_I,
@@ -31,7 +33,8 @@ pub enum BenchMode {
     Pause,
     /// `svff reconf --mode detach`.
     Detach,
-    /// Per-function reconfiguration without a count change (not available yet).
+    /// Pool mode: `Orchestrator::reconf_pool`, the assigned VFs' NVMe queue
+    /// resources changed back and forth (VQ 2 <-> 4) without a count change.
     Pool,
 }
 
@@ -166,6 +169,57 @@ pub struct BenchOptions {
     pub guests: GuestLoad,
     /// The svff-vmm binary (default: `$SVFF_VMM`, else beside this executable).
     pub svff_vmm: Option<PathBuf>,
+    /// svff's patched QEMU (default: `$SVFF_QEMU`, else
+    /// `target/svff-qemu/qemu-system-x86_64` of the workspace this executable
+    /// was built in, where `make qemu` puts it).
+    pub qemu: Option<PathBuf>,
+    /// Debian's QEMU (default `/usr/bin/qemu-system-x86_64`).
+    pub qemu_stock: Option<PathBuf>,
+    /// The QEMU guests' kernel (default `/boot/vmlinuz-<running release>`).
+    pub l2_kernel: Option<PathBuf>,
+    /// Deadline for a QEMU guest to boot, seconds.
+    pub l2_boot_deadline_s: u64,
+    /// Keep each VM's QMP connection open across the runs of a set-up
+    /// ([`crate::PersistentConnector`]); false: connect in every operation
+    /// as `svff reconf` does.
+    pub keep_qmp: bool,
+}
+
+impl BenchOptions {
+    /// The paths of the QEMU guests' parts, defaults filled in.
+    pub fn qemu_paths(&self) -> QemuPaths {
+        let exe_dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(std::path::Path::to_path_buf));
+        let patched = self
+            .qemu
+            .clone()
+            .or_else(|| std::env::var_os("SVFF_QEMU").map(PathBuf::from))
+            .or_else(|| {
+                // target/debug/svff -> target/svff-qemu/qemu-system-x86_64
+                exe_dir
+                    .as_ref()
+                    .and_then(|d| d.parent())
+                    .map(|t| t.join("svff-qemu/qemu-system-x86_64"))
+            })
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64-svff"));
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        QemuPaths {
+            stock: self
+                .qemu_stock
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            patched,
+            kernel: self
+                .l2_kernel
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/boot/vmlinuz-{release}"))),
+            busybox: PathBuf::from("/bin/busybox"),
+            firmware: PathBuf::from("/usr/share/qemu/qboot.rom"),
+        }
+    }
 }
 
 impl Default for BenchOptions {
@@ -185,6 +239,11 @@ impl Default for BenchOptions {
             report_every: 20,
             guests: GuestLoad::Idle,
             svff_vmm: None,
+            qemu: None,
+            qemu_stock: None,
+            l2_kernel: None,
+            l2_boot_deadline_s: 300,
+            keep_qmp: true,
         }
     }
 }
@@ -218,35 +277,30 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
         return Err(Error::Usage("--runs must be at least 1".into()));
     }
     if opts.modes.contains(&BenchMode::Pool) {
-        return Err(Error::Usage(
-            "--mode pool: pool mode (per-function reconfiguration without a count change) is not \
-             available yet in svff; measure pause, detach and floor"
-                .into(),
-        ));
+        if let Some(path) = &opts.config {
+            return Err(Error::Usage(format!(
+                "--mode pool with --config {}: svff bench measures pool mode only on its own                  set-up (--profile nvme, no --config); a PF of a helper config is either in                  pool mode or changes its VF count, never both",
+                path.display()
+            )));
+        }
+        if opts.profile != PfProfile::Nvme {
+            return Err(Error::Usage(
+                "--mode pool changes NVMe VF resources (pool mode needs the PF on the kernel's                  nvme driver): add --profile nvme"
+                    .into(),
+            ));
+        }
     }
     let wants_vms = opts
         .modes
         .iter()
-        .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach));
+        .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach | BenchMode::Pool));
     if wants_vms {
-        match &opts.config {
-            None => {
-                if let Some(v) = opts.vmms.iter().find(|v| **v != VmmKind::SvffVmm) {
-                    return Err(Error::Usage(format!(
-                        "--vmm {}: svff bench starts only svff-vmm test guests itself; for {} \
-                         start the VMs, describe them in a helper config and pass --config",
-                        v.name(),
-                        v.name()
-                    )));
-                }
-            }
-            Some(path) => {
-                if opts.vmms.len() != 1 {
-                    return Err(Error::Usage(format!(
-                        "--config {}: its VMs are of one kind: give exactly one --vmm (the kind they are)",
-                        path.display()
-                    )));
-                }
+        if let Some(path) = &opts.config {
+            if opts.vmms.len() != 1 {
+                return Err(Error::Usage(format!(
+                    "--config {}: its VMs are of one kind: give exactly one --vmm (the kind they are)",
+                    path.display()
+                )));
             }
         }
     }
@@ -257,13 +311,15 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
             vmm: None,
         });
     }
-    for mode in [BenchMode::Pause, BenchMode::Detach] {
+    // Pool before detach: detach re-adds plain `vfio-pci` devices, which a
+    // patched QEMU cannot pause.
+    for mode in [BenchMode::Pause, BenchMode::Pool, BenchMode::Detach] {
         if !opts.modes.contains(&mode) {
             continue;
         }
         let mut any = false;
         for &vmm in &opts.vmms {
-            if mode == BenchMode::Pause && vmm == VmmKind::QemuStock {
+            if mode != BenchMode::Detach && vmm == VmmKind::QemuStock {
                 continue;
             }
             any = true;
@@ -273,14 +329,32 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
             });
         }
         if !any {
-            return Err(Error::Usage(
-                "--mode pause --vmm qemu-stock: Debian's unpatched QEMU has no pause (it knows no \
-                 svff-vfio-pause); use --vmm svff-vmm or qemu for pause mode"
-                    .into(),
-            ));
+            return Err(Error::Usage(format!(
+                "--mode {} --vmm qemu-stock: Debian's unpatched QEMU has no pause (it knows no \
+                 svff-vfio-pause); use --vmm svff-vmm or qemu for {} mode",
+                mode.name(),
+                mode.name()
+            )));
         }
     }
     Ok(out)
+}
+
+/// Whether PF `pf`, offering `total` VFs, can hold every VF count of
+/// `vfs`: the bench needs `max + 1` VFs (the assigned VFs and one
+/// unassigned VF that comes and goes, so that every count-change run
+/// changes the count: N -> 0 -> N+1, then N+1 -> 0 -> N).
+pub fn check_vf_capacity(pf: PciAddress, total: u16, vfs: &[u16]) -> Result<(), Error> {
+    let max = vfs.iter().max().copied().unwrap_or(1);
+    let need = u32::from(max) + 1;
+    if need > u32::from(total) {
+        return Err(Error::Usage(format!(
+            "--vfs {max}: PF {pf} supports at most {total} VFs, and svff bench needs {need}: the \
+             {max} assigned VFs and one unassigned VF that comes and goes, so that every run \
+             changes the count (N -> 0 -> N+1, then N+1 -> 0 -> N)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

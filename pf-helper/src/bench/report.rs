@@ -23,7 +23,7 @@ pub const PAPER_TABLE_I: [(&str, u16, f64); 4] = [
 /// One measured run: one reconfiguration of `vfs` assigned VFs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Run {
-    /// VF count before (`vfs` or `vfs + 1`).
+    /// VF count before (`vfs` or `vfs + 1`; pool mode: the pool's size, as `to`).
     pub from: u16,
     /// VF count after.
     pub to: u16,
@@ -38,7 +38,7 @@ pub struct Run {
 /// All runs of one mode and VMM at one VF count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Series {
-    /// `pause`, `detach` or `floor`.
+    /// `pause`, `detach`, `pool` or `floor`.
     pub mode: String,
     /// `svff-vmm`, `qemu`, `qemu-stock`, or `none` (floor).
     pub vmm: String,
@@ -389,6 +389,7 @@ pub fn render_table_ii(report: &BenchReport) -> String {
         "remove_vf",
         "pause",
         "change_numvfs",
+        "resources",
         "bind_vfs",
         "unpause",
         "add_vf",

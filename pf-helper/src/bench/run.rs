@@ -15,6 +15,7 @@ use vfio_pause::{Container, DeviceOptions, PausableDevice, TrapAllBars, VfSource
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::guest::{view_of_run, GuestRunView, Sample, Tailer};
+use super::qemu;
 use super::report::{self, BenchReport, Run, Series};
 use super::{plan, BenchMode, BenchOptions, GuestLoad, Planned, VmmKind};
 use crate::config::{Config, PfProfile};
@@ -22,7 +23,7 @@ use crate::error::Error;
 use crate::nvme::{NvmeResources, VfResources};
 use crate::orch::journal::Mode;
 use crate::orch::state::AssignState;
-use crate::orch::vmm::QmpConnector;
+use crate::orch::vmm::{Connector, PersistentConnector, QmpConnector};
 use crate::orch::{device_id, AssignRequest, OpReport, Orchestrator};
 use crate::pci::{DriverName, PciAddress};
 use crate::sriov::{SriovManager, VfsSetOptions};
@@ -30,6 +31,9 @@ use crate::sysfs::RealSysfs;
 
 /// Deadline for a test guest to print its first counters.
 const GUEST_START: Duration = Duration::from_secs(90);
+/// Pool mode's VQ resources per VF: the set-up's 2 (as `nvme = { vq = 2 }`
+/// creates them) and the value each other run changes them to.
+const POOL_VQ: [u16; 2] = [2, 4];
 /// Deadline for a guest's first sample after a run.
 const GUEST_SAMPLE: Duration = Duration::from_secs(10);
 
@@ -76,16 +80,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         None => opts.profile,
     };
     let (total, _) = mgr.vf_counts(pf)?;
-    let need = opts.vfs.iter().max().copied().unwrap_or(1) + 1;
-    if need > total {
-        return Err(Error::Usage(format!(
-            "--vfs {}: PF {pf} supports at most {total} VFs, and svff bench needs {need}: the {} \
-             assigned VFs and one unassigned VF that comes and goes, so that every run changes \
-             the count (N -> 0 -> N+1, then N+1 -> 0 -> N)",
-            need - 1,
-            need - 1
-        )));
-    }
+    super::check_vf_capacity(pf, total, &opts.vfs)?;
     check_machine(opts, &planned, user_config.is_some())?;
     let svff_vmm = svff_vmm_path(opts);
 
@@ -106,7 +101,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         guest_memory_mib: opts.guest_memory_mib,
         vms: match &opts.config {
             Some(p) => format!("the VMs of {}", p.display()),
-            None => "svff-vmm test guests, one per VF, started by svff bench".into(),
+            None => own_vms_text(&planned),
         },
         reference: None,
         series: Vec::new(),
@@ -147,23 +142,47 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
             }
             match &user_config {
                 None => {
-                    ctx.fresh_vfs(n + 1)?;
-                    let vms = ctx.start_vms(n)?;
-                    let config = ctx.own_config(n)?;
-                    let orch = Orchestrator::new(&config, &mgr, &QmpConnector)?;
-                    let r = orch.init()?;
-                    ok_report(&r, "init of the test guests")?;
-                    for p in &vm_series {
-                        rep.series.push(ctx.vm_series(&orch, n, *p, &vms)?);
+                    // One set-up per VMM kind (in --vmm order): fresh VFs,
+                    // that kind's VMs, a helper config and state directory of
+                    // its own, `init`, then its series.
+                    for &kind in &opts.vmms {
+                        let mine: Vec<Planned> = vm_series
+                            .iter()
+                            .copied()
+                            .filter(|p| p.vmm == Some(kind))
+                            .collect();
+                        if mine.is_empty() {
+                            continue;
+                        }
+                        ctx.fresh_vfs(n + 1)?;
+                        let setup = Setup {
+                            kind,
+                            state: ctx.dir.join(format!("state-{}-{n}", kind.name())),
+                            kept: opts.keep_qmp.then(PersistentConnector::new),
+                        };
+                        let (vms, _qemu) = match kind {
+                            VmmKind::SvffVmm => (ctx.start_vms(n)?, None),
+                            _ => (Vec::new(), Some(ctx.start_qemu(kind, n)?)),
+                        };
+                        let config = ctx.own_config(n, &setup)?;
+                        let orch = Orchestrator::new(&config, &mgr, setup.connector())?;
+                        let r = orch.init()?;
+                        ok_report(&r, &format!("init of the {} guests", kind.name()))?;
+                        for p in &mine {
+                            let s = if p.mode == BenchMode::Pool {
+                                ctx.pool_series(n, *p, &vms, &setup)?
+                            } else {
+                                ctx.count_series(&orch, n, *p, &vms)?
+                            };
+                            rep.series.push(s);
+                        }
                     }
-                    drop(orch);
-                    drop(vms);
                 }
                 Some(config) => {
                     let orch = Orchestrator::new(config, &mgr, &QmpConnector)?;
                     ctx.assign_configured(&orch, config, n)?;
                     for p in &vm_series {
-                        rep.series.push(ctx.vm_series(&orch, n, *p, &[])?);
+                        rep.series.push(ctx.count_series(&orch, n, *p, &[])?);
                     }
                 }
             }
@@ -189,6 +208,29 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         super::plot::draw(&rep, path)?;
     }
     Ok(rep)
+}
+
+/// What the self-managed set-up runs, for the report's `vms`.
+fn own_vms_text(planned: &[Planned]) -> String {
+    let mut parts = Vec::new();
+    let has = |k| planned.iter().any(|p| p.vmm == Some(k));
+    if has(VmmKind::SvffVmm) {
+        parts.push("svff-vmm test guests, one per VF".to_owned());
+    }
+    for (k, what) in [
+        (VmmKind::QemuStock, "Debian's QEMU"),
+        (VmmKind::Qemu, "svff's patched QEMU (svff-vfio-pci)"),
+    ] {
+        if has(k) {
+            parts.push(format!(
+                "{what}: one L2 Linux (busybox init, no driver bound to the VFs) holding every VF"
+            ));
+        }
+    }
+    if parts.is_empty() {
+        return "none (floor only)".into();
+    }
+    format!("{}; started by svff bench", parts.join("; "))
 }
 
 fn profile_name(p: PfProfile) -> &'static str {
@@ -224,6 +266,14 @@ fn check_machine(opts: &BenchOptions, planned: &[Planned], configured: bool) -> 
              VFIO, and so every mode, needs an IOMMU (intel_iommu=on / amd_iommu=on)"
                 .into(),
         ));
+    }
+    if !configured {
+        let paths = opts.qemu_paths();
+        for kind in [VmmKind::Qemu, VmmKind::QemuStock] {
+            if planned.iter().any(|p| p.vmm == Some(kind)) {
+                qemu::check(kind, &paths, &opts.vfs, Path::exists)?;
+            }
+        }
     }
     let own_vms = !configured && planned.iter().any(|p| p.vmm == Some(VmmKind::SvffVmm));
     if own_vms {
@@ -266,6 +316,26 @@ fn step_times(r: &OpReport) -> BTreeMap<String, f64> {
         *e = e.max(ms);
     }
     out
+}
+
+/// The helper-config name of the QEMU guest of the self-managed set-up.
+const QEMU_VM: &str = "qemu0";
+
+/// One self-managed set-up: the VMM kind, its state directory and, with
+/// `keep_qmp`, the connector keeping its VMs' QMP connections open.
+struct Setup {
+    kind: VmmKind,
+    state: PathBuf,
+    kept: Option<PersistentConnector>,
+}
+
+impl Setup {
+    fn connector(&self) -> &dyn Connector {
+        match &self.kept {
+            Some(k) => k,
+            None => &QmpConnector,
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -450,6 +520,57 @@ impl Ctx<'_> {
         Ok(series("floor", "none", n, runs))
     }
 
+    /// One QEMU L2 guest of `kind` ([`QEMU_VM`]) holding VFs `0..n`, each on
+    /// its root port; returns once its guest sees all of them.
+    fn start_qemu(&self, kind: VmmKind, n: u16) -> Result<qemu::QemuVm, Error> {
+        let paths = self.opts.qemu_paths();
+        let bin = paths
+            .binary(kind)
+            .ok_or_else(|| bench_err(format!("{} is not a QEMU", kind.name())))?
+            .to_owned();
+        let vfs: Vec<(u16, PciAddress)> =
+            self.mgr.vfs(self.pf)?.into_iter().take(n.into()).collect();
+        let first = vfs
+            .first()
+            .ok_or_else(|| bench_err(format!("PF {} has no VF for the QEMU guest", self.pf)))?
+            .1;
+        let attr = |a: &str| {
+            fs::read_to_string(format!("/sys/bus/pci/devices/{first}/{a}"))
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| io_err(format!("reading {a} of VF {first}"), e))
+        };
+        let vf_id = format!("{}{}", attr("vendor")?, attr("device")?);
+        let initrd = qemu::write_initramfs(&self.dir, &paths.busybox, &vf_id)?;
+        let qmp = self.dir.join(format!("{QEMU_VM}.qmp"));
+        let serial = self
+            .dir
+            .join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
+        let log = self.dir.join(format!("{QEMU_VM}-{}-{n}.log", kind.name()));
+        let args = qemu::command_args(kind, &paths, &initrd, &qmp, &serial, self.pf, &vfs);
+        eprintln!(
+            "bench: starting {} with {n} VF for {} (L2 Linux, up to {} s) ...",
+            bin.display(),
+            kind.name(),
+            self.opts.l2_boot_deadline_s
+        );
+        let t0 = Instant::now();
+        let files = qemu::GuestFiles { qmp, serial, log };
+        let vm = qemu::start(
+            QEMU_VM,
+            &bin,
+            &args,
+            &files,
+            n,
+            Duration::from_secs(self.opts.l2_boot_deadline_s),
+        )?;
+        eprintln!(
+            "bench: {} guest up with {n} VF in {:.1} s",
+            kind.name(),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(vm)
+    }
+
     /// `n` svff-vmm test guests `vm0..`, `vmI` holding VF I under its svff
     /// device id, each printing counters; returns once every guest did.
     fn start_vms(&self, n: u16) -> Result<Vec<TestVm>, Error> {
@@ -538,27 +659,57 @@ impl Ctx<'_> {
 
     /// The helper config of the self-managed set-up: the PF with `n + 1`
     /// VFs, VM `vmI` (its QMP socket in the temporary directory) holding VF I.
-    fn own_config(&self, n: u16) -> Result<Config, Error> {
+    fn own_config(&self, n: u16, setup: &Setup) -> Result<Config, Error> {
+        self.own_config_with(n, None, setup)
+    }
+
+    /// [`Self::own_config`], with `pool = Some(size)`: the PF in pool mode
+    /// with a pool of `size` VFs (the VFs there are now).
+    fn own_config_with(&self, n: u16, pool: Option<u16>, setup: &Setup) -> Result<Config, Error> {
         let mut text = format!(
             "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{}\"\nprofile = \"{}\"\nvfs = {}\n",
-            self.dir.join("state").display(),
+            setup.state.display(),
             self.pf,
             profile_name(self.profile),
-            n + 1
+            pool.unwrap_or(n + 1)
         );
+        if pool.is_some() {
+            text.push_str("pool = true\n");
+        }
         if self.profile == PfProfile::Nvme {
             text.push_str("nvme = { vq = 2, vi = 1 }\n");
         }
-        for i in 0..n {
+        if setup.kind == VmmKind::SvffVmm {
+            for i in 0..n {
+                let _ = write!(
+                    text,
+                    "[[vm]]\nname = \"vm{i}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
+                     qmp_timeout_s = 30\ndetach_timeout_s = 30\nvfs = [{{ pf = \"{}\", index = [{i}] }}]\n",
+                    self.dir.join(format!("vm{i}.qmp")).display(),
+                    self.pf
+                );
+            }
+        } else {
+            let ports: Vec<String> = (0..usize::from(n))
+                .map(|k| format!("\"{}\"", qemu::port_name(k)))
+                .collect();
+            let index: Vec<String> = (0..n).map(|i| i.to_string()).collect();
             let _ = write!(
                 text,
-                "[[vm]]\nname = \"vm{i}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
-                 qmp_timeout_s = 30\ndetach_timeout_s = 30\nvfs = [{{ pf = \"{}\", index = [{i}] }}]\n",
-                self.dir.join(format!("vm{i}.qmp")).display(),
-                self.pf
+                "[[vm]]\nname = \"{QEMU_VM}\"\nkind = \"qmp\"\nqmp = \"{}\"\npause_policy = \"ignore\"\n\
+                 qmp_timeout_s = 30\ndetach_timeout_s = 30\nhotplug_ports = [{}]\n\
+                 vfs = [{{ pf = \"{}\", index = [{}] }}]\n",
+                self.dir.join(format!("{QEMU_VM}.qmp")).display(),
+                ports.join(", "),
+                self.pf,
+                index.join(", ")
             );
         }
-        let path = self.dir.join("helper.toml");
+        let path = self.dir.join(format!(
+            "helper-{}-{n}{}.toml",
+            setup.kind.name(),
+            if pool.is_some() { "-pool" } else { "" }
+        ));
         fs::write(&path, &text).map_err(|e| io_err(format!("writing {}", path.display()), e))?;
         Config::parse(&text, &path)
     }
@@ -605,29 +756,81 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// One mode through the orchestration: `n` assigned VFs, each run a
-    /// reconf N -> N+1 or back (both N -> 0 -> M in the kernel).
-    fn vm_series(
+    /// `pause` or `detach` through the orchestration: `n` assigned VFs, each
+    /// run a reconf N -> N+1 or back (both N -> 0 -> M in the kernel).
+    fn count_series(
         &self,
         orch: &Orchestrator<'_, RealSysfs>,
         n: u16,
         p: Planned,
         vms: &[TestVm],
     ) -> Result<Series, Error> {
-        let vmm = p.vmm.map_or("none", VmmKind::name);
         let mode = match p.mode {
             BenchMode::Pause => Mode::Pause,
             _ => Mode::Detach,
         };
-        let label = report::label(p.mode.name(), vmm);
         let (_, mut current) = self.mgr.vf_counts(self.pf)?;
+        self.vm_series(n, p, vms, |_| {
+            let to = if current == n { n + 1 } else { n };
+            let r = orch.reconf(self.pf, to, mode, &[])?;
+            let from = std::mem::replace(&mut current, to);
+            Ok((r, from, to))
+        })
+    }
+
+    /// `pool` through `Orchestrator::reconf_pool`: the PF's VFs as they are
+    /// now become a pool (the same state directory and VMs, the PF in pool
+    /// mode); each run changes the VQ resources of all `n` assigned VFs
+    /// between [`POOL_VQ`]'s two values (VI unchanged: a held VF's VI count
+    /// is its MSI-X table size), guests running; `from` and `to` of a run
+    /// are the VF count, which never changes.
+    fn pool_series(
+        &self,
+        n: u16,
+        p: Planned,
+        vms: &[TestVm],
+        setup: &Setup,
+    ) -> Result<Series, Error> {
+        let (_, count) = self.mgr.vf_counts(self.pf)?;
+        let config = self.own_config_with(n, Some(count), setup)?;
+        let orch = Orchestrator::new(&config, self.mgr, setup.connector())?;
+        let mut k = 0usize;
+        self.vm_series(n, p, vms, |_| {
+            let vq = POOL_VQ[(k + 1) % 2];
+            k += 1;
+            let res = NvmeResources {
+                default: None,
+                vfs: (0..n).map(|i| (i, VfResources { vq, vi: 1 })).collect(),
+            };
+            let r = orch.reconf_pool(self.pf, &res, &[])?;
+            if r.steps.iter().all(|s| s.name != "resources") {
+                return Err(bench_err(format!(
+                    "pool: the reconf to vq {vq} changed no resources: {}",
+                    r.changes.join("; ")
+                )));
+            }
+            Ok((r, count, count))
+        })
+    }
+
+    /// One series through the orchestration: `op(i)` does run `i` and
+    /// returns its report and the VF counts before and after; the guests'
+    /// view of each run is taken from their counters.
+    fn vm_series(
+        &self,
+        n: u16,
+        p: Planned,
+        vms: &[TestVm],
+        mut op: impl FnMut(usize) -> Result<(OpReport, u16, u16), Error>,
+    ) -> Result<Series, Error> {
+        let vmm = p.vmm.map_or("none", VmmKind::name);
+        let label = report::label(p.mode.name(), vmm);
         let mut runs = Vec::new();
         for i in 0..self.opts.warmup + self.opts.runs {
-            let to = if current == n { n + 1 } else { n };
             let t0 = Instant::now();
-            let r = orch.reconf(self.pf, to, mode, &[])?;
+            let (r, from, to) = op(i)?;
             let t1 = Instant::now();
-            ok_report(&r, &format!("{label}: reconf {current} -> {to}"))?;
+            ok_report(&r, &format!("{label}: run {} ({from} -> {to} VFs)", i + 1))?;
             let total = (t1 - t0).as_secs_f64() * 1e3;
             self.progress(&label, n, i, total);
             let mut guest: Vec<GuestRunView> = Vec::new();
@@ -651,14 +854,13 @@ impl Ctx<'_> {
             }
             if i >= self.opts.warmup {
                 runs.push(Run {
-                    from: current,
+                    from,
                     to,
                     total_ms: total,
                     steps: step_times(&r),
                     guest,
                 });
             }
-            current = to;
         }
         Ok(series(p.mode.name(), vmm, n, runs))
     }

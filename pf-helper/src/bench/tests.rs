@@ -1,6 +1,7 @@
 //! Host unit tests of svff bench's option checks, statistics, tables, JSON and plot.
 
 use super::*;
+use crate::pci::PciAddress;
 
 fn run(total: f64, steps: &[(&str, f64)]) -> Run {
     Run {
@@ -285,20 +286,9 @@ fn parsers_reject_unknown_modes_vmms_and_bad_counts() {
 }
 
 #[test]
-fn plan_refuses_pool_stock_qemu_pause_and_unmanageable_vmms() {
-    let mut o = opts();
-    o.modes = vec![BenchMode::Pause, BenchMode::Pool];
-    let e = plan(&o).unwrap_err().to_string();
-    assert!(
-        e.contains("pool mode") && e.contains("not available yet"),
-        "{e}"
-    );
-
+fn plan_refuses_stock_qemu_pause_and_unmanageable_vmms() {
     let mut o = opts();
     o.vmms = vec![VmmKind::QemuStock];
-    let e = plan(&o).unwrap_err().to_string();
-    assert!(e.contains("starts only svff-vmm test guests itself"), "{e}");
-
     o.config = Some("/etc/svff/helper.toml".into());
     o.modes = vec![BenchMode::Pause];
     let e = plan(&o).unwrap_err().to_string();
@@ -360,5 +350,189 @@ fn default_plan_is_floor_pause_detach_on_svff_vmm() {
             ("pause", Some("svff-vmm")),
             ("detach", Some("svff-vmm"))
         ]
+    );
+}
+
+#[test]
+fn pool_mode_needs_the_nvme_profile_and_the_bench_s_own_set_up() {
+    let mut o = opts();
+    o.modes = vec![BenchMode::Pause, BenchMode::Pool];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("add --profile nvme"), "{e}");
+
+    o.profile = PfProfile::Nvme;
+    o.config = Some("/etc/svff/helper.toml".into());
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("--mode pool with --config"), "{e}");
+
+    o.config = None;
+    o.modes = vec![BenchMode::Pool, BenchMode::Detach, BenchMode::Pause];
+    let names: Vec<&str> = plan(&o).unwrap().iter().map(|p| p.mode.name()).collect();
+    assert_eq!(
+        names,
+        ["pause", "pool", "detach"],
+        "pool before detach: a patched QEMU pauses only its own svff-vfio-pci devices"
+    );
+}
+
+#[test]
+fn the_bench_s_own_set_up_runs_every_vmm_kind_side_by_side() {
+    let mut o = opts();
+    o.vmms = vec![VmmKind::SvffVmm, VmmKind::QemuStock, VmmKind::Qemu];
+    let names: Vec<(&str, Option<&str>)> = plan(&o)
+        .unwrap()
+        .iter()
+        .map(|p| (p.mode.name(), p.vmm.map(VmmKind::name)))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("floor", None),
+            ("pause", Some("svff-vmm")),
+            ("pause", Some("qemu")),
+            ("detach", Some("svff-vmm")),
+            ("detach", Some("qemu-stock")),
+            ("detach", Some("qemu")),
+        ],
+        "stock QEMU only detaches; the others pause and detach"
+    );
+}
+
+fn qemu_paths() -> QemuPaths {
+    QemuPaths {
+        stock: "/usr/bin/qemu-system-x86_64".into(),
+        patched: "/w/target/svff-qemu/qemu-system-x86_64".into(),
+        kernel: "/boot/vmlinuz-6.12".into(),
+        busybox: "/bin/busybox".into(),
+        firmware: "/usr/share/qemu/qboot.rom".into(),
+    }
+}
+
+#[test]
+fn a_vmm_kind_that_is_not_on_this_machine_is_refused_naming_what_is_missing() {
+    let paths = qemu_paths();
+    let all = |_: &std::path::Path| true;
+    for kind in [VmmKind::Qemu, VmmKind::QemuStock, VmmKind::SvffVmm] {
+        assert!(qemu::check(kind, &paths, &[1, 4, 10], all).is_ok());
+    }
+    let no_patched = |p: &std::path::Path| !p.starts_with("/w/target");
+    let e = qemu::check(VmmKind::Qemu, &paths, &[1], no_patched)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("patched QEMU is not built") && e.contains("make qemu"),
+        "{e}"
+    );
+    assert!(
+        qemu::check(VmmKind::QemuStock, &paths, &[1], no_patched).is_ok(),
+        "stock QEMU does not need the patched build"
+    );
+    let no_stock = |p: &std::path::Path| p != std::path::Path::new("/usr/bin/qemu-system-x86_64");
+    let e = qemu::check(VmmKind::QemuStock, &paths, &[1], no_stock)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--vmm qemu-stock: /usr/bin/qemu-system-x86_64 does not exist"),
+        "{e}"
+    );
+    let no_kvm = |p: &std::path::Path| p != std::path::Path::new("/dev/kvm");
+    let e = qemu::check(VmmKind::Qemu, &paths, &[1], no_kvm)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/dev/kvm does not exist"), "{e}");
+    let no_kernel = |p: &std::path::Path| !p.starts_with("/boot");
+    let e = qemu::check(VmmKind::QemuStock, &paths, &[1], no_kernel)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("guest kernel") && e.contains("/boot/vmlinuz-6.12"),
+        "{e}"
+    );
+    let e = qemu::check(VmmKind::QemuStock, &paths, &[1, 25], all)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 24 VFs"), "{e}");
+}
+
+#[test]
+fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device() {
+    let pf = PciAddress::parse("0000:01:00.0").unwrap();
+    let vfs = [
+        (0, PciAddress::parse("0000:01:00.1").unwrap()),
+        (1, PciAddress::parse("0000:01:00.2").unwrap()),
+    ];
+    let p = std::path::Path::new;
+    let args = |kind| {
+        qemu::command_args(
+            kind,
+            &qemu_paths(),
+            p("/t/i.cpio"),
+            p("/t/q.qmp"),
+            p("/t/s"),
+            pf,
+            &vfs,
+        )
+        .join(" ")
+    };
+    let stock = args(VmmKind::QemuStock);
+    assert!(stock.contains("-accel kvm -machine q35"), "{stock}");
+    assert!(stock.contains("-bios /usr/share/qemu/qboot.rom"), "{stock}");
+    assert!(
+        stock.contains("-qmp unix:/t/q.qmp,server=on,wait=off"),
+        "{stock}"
+    );
+    let want = format!(
+        "-device pcie-root-port,id=svffrp1,bus=pcie.0,chassis=21,slot=21 \
+         -device vfio-pci,host=0000:01:00.2,id={},bus=svffrp1",
+        crate::orch::device_id(pf, 1)
+    );
+    assert!(stock.contains(&want), "{stock}");
+    let patched = args(VmmKind::Qemu);
+    assert!(
+        patched.contains("-device svff-vfio-pci,host=0000:01:00.1,")
+            && !patched.contains("-device vfio-pci"),
+        "{patched}"
+    );
+}
+
+#[test]
+fn initramfs_is_a_newc_cpio_with_its_files_and_a_trailer() {
+    let a = qemu::cpio(&[("bin", 0o040_755, &[]), ("init", 0o100_755, b"#!/bin/sh\n")]);
+    assert!(a.starts_with(b"070701"));
+    assert_eq!(a.len() % 4, 0);
+    let text = String::from_utf8_lossy(&a);
+    assert!(text.contains("bin\0") && text.contains("init\0") && text.contains("#!/bin/sh"));
+    assert!(text.contains("TRAILER!!!\0"));
+    // The header of `init`: mode 0o100755 and filesize 10, in hex.
+    let at = text.find("init\0").unwrap();
+    let header = &text[at - 110..at];
+    assert_eq!(&header[14..22], "000081ed", "{header}");
+    assert_eq!(&header[54..62], "0000000a", "{header}");
+}
+
+#[test]
+fn pool_mode_on_stock_qemu_alone_is_refused_as_it_cannot_pause() {
+    let mut o = opts();
+    o.profile = PfProfile::Nvme;
+    o.modes = vec![BenchMode::Pool];
+    o.vmms = vec![VmmKind::QemuStock];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("--mode pool --vmm qemu-stock"), "{e}");
+}
+
+#[test]
+fn more_vfs_than_the_pf_offers_are_refused_counting_the_extra_vf() {
+    let pf = PciAddress::parse("0000:01:00.0").unwrap();
+    assert!(check_vf_capacity(pf, 64, &[1, 4, 63]).is_ok());
+    let e = check_vf_capacity(pf, 64, &[1, 64]).unwrap_err().to_string();
+    assert!(
+        e.contains("PF 0000:01:00.0 supports at most 64 VFs, and svff bench needs 65"),
+        "{e}"
+    );
+    let e = check_vf_capacity(pf, 7, &[10, 4]).unwrap_err().to_string();
+    assert!(e.contains("--vfs 10") && e.contains("at most 7"), "{e}");
+    assert!(
+        check_vf_capacity(pf, 0, &[1]).is_err(),
+        "a PF without SR-IOV"
     );
 }

@@ -585,7 +585,8 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                     .map(|side| {
                         let shared = &shared;
                         let target_ids = &target_ids;
-                        scope.spawn(move || release_vm(side, mode, target_ids, shared))
+                        let vmms = self.vmms;
+                        scope.spawn(move || release_vm(side, mode, target_ids, shared, vmms))
                     })
                     .collect();
                 handles
@@ -1184,6 +1185,67 @@ fn summary(begin: &Step) -> String {
     }
 }
 
+/// A maker of further QMP connections to `vm`'s VMM, for one command per
+/// device at once: svff-vmm serves every connection on a thread of its own
+/// and pauses and unpauses its devices independently (FLRs in parallel).
+/// `None` for kind `qmp` (QEMU's monitor serves one client at a time and runs
+/// its commands in its main loop): one device after another on one connection.
+fn extra_connections<'a>(
+    vm: &'a VmConfig,
+    vmms: &'a dyn Connector,
+) -> Option<impl Fn() -> Result<Box<dyn Vmm>, Error> + Sync + 'a> {
+    (vm.kind == crate::config::VmKind::SvffVmm).then(|| move || vmms.connect(vm))
+}
+
+/// Runs `f` once per item and returns the results in the items' order. With
+/// `more` and several items, the first item runs on `conn` and every other on
+/// a connection of its own, all at once (a connection that cannot be made is
+/// handed to `f` as its error); otherwise they run on `conn` one after
+/// another, stopping after the first result `stop` picks.
+fn per_device<T: Sync, R: Send>(
+    conn: &mut dyn Vmm,
+    more: Option<&(impl Fn() -> Result<Box<dyn Vmm>, Error> + Sync)>,
+    items: &[T],
+    f: &(dyn Fn(Result<&mut dyn Vmm, Error>, &T) -> R + Sync),
+    stop: fn(&R) -> bool,
+) -> Vec<R> {
+    match (more, items.split_first()) {
+        (Some(connect), Some((first, rest))) if !rest.is_empty() => std::thread::scope(|scope| {
+            let handles: Vec<_> = rest
+                .iter()
+                .map(|item| {
+                    scope.spawn(move || match connect() {
+                        Ok(mut c) => f(Ok(&mut *c), item),
+                        Err(e) => f(Err(e), item),
+                    })
+                })
+                .collect();
+            let mut out = vec![f(Ok(conn), first)];
+            for (h, item) in handles.into_iter().zip(rest) {
+                out.push(h.join().unwrap_or_else(|_| {
+                    f(
+                        Err(Error::Internal("a VMM connection thread panicked".into())),
+                        item,
+                    )
+                }));
+            }
+            out
+        }),
+        _ => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                let r = f(Ok(&mut *conn), item);
+                let done = stop(&r);
+                out.push(r);
+                if done {
+                    break;
+                }
+            }
+            out
+        }
+    }
+}
+
 /// Release step of one VM: every svff device of the PF it holds attached is
 /// paused (pause mode) or detached (detach mode, or not in the target).
 fn release_vm(
@@ -1191,8 +1253,10 @@ fn release_vm(
     mode: Mode,
     target: &BTreeMap<&str, &Assignment>,
     shared: &Shared<'_>,
+    vmms: &dyn Connector,
 ) -> Result<(), Error> {
     let name = side.cfg.name.clone();
+    let more = extra_connections(&side.cfg, vmms);
     let conn = side.conn.as_mut().expect("filtered");
     let ids: Vec<String> = side
         .present
@@ -1205,14 +1269,25 @@ fn release_vm(
     }
     match mode {
         Mode::Pause => shared.timed("pause", Some(&name), || {
-            for id in &ids {
+            // Each pause is journaled just before it is sent; with several
+            // connections (svff-vmm) the devices are paused at once.
+            let pause = |c: Result<&mut dyn Vmm, Error>, id: &String| {
                 shared.record(Step::Pause {
                     vm: name.clone(),
                     id: id.clone(),
                 })?;
                 let t = Instant::now();
-                match conn.pause(id) {
-                    Ok(timings) => vmm_substeps(shared, "pause", &name, t, &timings),
+                c?.pause(id).map(|timings| (t, timings))
+            };
+            let results = per_device(&mut **conn, more.as_ref(), &ids, &pause, Result::is_err);
+            let mut first_error = None;
+            for (id, r) in ids.iter().zip(results) {
+                match r {
+                    Ok((t, timings)) => {
+                        vmm_substeps(shared, "pause", &name, t, &timings);
+                        side.paused.insert(id.clone());
+                        shared.change(format!("VM {name}: paused {id}"));
+                    }
                     Err(e) => {
                         // A pause that got no answer may still happen: the
                         // rollback unpauses it too (and fails while the VMM
@@ -1220,13 +1295,11 @@ fn release_vm(
                         if e.is_timeout() {
                             side.paused.insert(id.clone());
                         }
-                        return Err(e);
+                        first_error.get_or_insert(e);
                     }
                 }
-                side.paused.insert(id.clone());
-                shared.change(format!("VM {name}: paused {id}"));
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         }),
         Mode::Detach => shared.timed("remove_vf", Some(&name), || {
             for id in &ids {
@@ -1318,6 +1391,14 @@ fn start_vm(
     }
 }
 
+/// What became of one unpause of the restore step.
+enum Unpaused {
+    /// Not sent (journal or group fd failed): the failure line.
+    NotSent(String),
+    /// Sent at this time, with the VMM's answer.
+    Sent(Instant, Result<qmp_ext::svff::SvffVfioTimings, Error>),
+}
+
 /// Restore step of one VM; returns its resulting assignments.
 fn restore_vm(
     pf: PciAddress,
@@ -1355,22 +1436,32 @@ fn restore_vm(
         .filter(|a| side.paused.contains(&a.id))
         .collect();
     if !to_unpause.is_empty() {
+        let cfg = side.cfg.clone();
+        let more = extra_connections(&cfg, starter.vmms);
         let _ = shared.timed("unpause", Some(&name), || {
-            for a in &to_unpause {
-                let Some(&host) = hosts.get(&a.vf) else {
-                    fail(shared, format!("VM {name}: {}: VF {} of PF {pf} does not exist", a.id, a.vf));
-                    continue;
-                };
-                let step = shared.record(Step::Unpause {
+            // A VF that no longer exists is reported, not unpaused.
+            let jobs: Vec<(&Assignment, PciAddress)> = to_unpause
+                .iter()
+                .filter_map(|a| match hosts.get(&a.vf) {
+                    Some(&host) => Some((**a, host)),
+                    None => {
+                        fail(shared, format!("VM {name}: {}: VF {} of PF {pf} does not exist", a.id, a.vf));
+                        None
+                    }
+                })
+                .collect();
+            // Journaled just before it is sent; with several connections
+            // (svff-vmm) the devices are unpaused at once.
+            let unpause = |c: Result<&mut dyn Vmm, Error>, (a, host): &(&Assignment, PciAddress)| {
+                let host = *host;
+                if let Err(e) = shared.record(Step::Unpause {
                     vm: name.clone(),
                     id: a.id.clone(),
                     host,
-                });
-                if let Err(e) = step {
-                    fail(shared, format!("VM {name}: {}: {}", a.id, e.chain()));
-                    continue;
+                }) {
+                    return Unpaused::NotSent(format!("VM {name}: {}: {}", a.id, e.chain()));
                 }
-                let group = if side.cfg.pass_group_fd {
+                let group = if cfg.pass_group_fd {
                     match groups.get(&host).copied().flatten() {
                         Some(g) => match OpenOptions::new()
                             .read(true)
@@ -1379,8 +1470,7 @@ fn restore_vm(
                         {
                             Ok(f) => Some(f),
                             Err(e) => {
-                                fail(shared, format!("VM {name}: {}: cannot open /dev/vfio/{g} of {host}: {e}", a.id));
-                                continue;
+                                return Unpaused::NotSent(format!("VM {name}: {}: cannot open /dev/vfio/{g} of {host}: {e}", a.id));
                             }
                         },
                         None => None,
@@ -1389,18 +1479,27 @@ fn restore_vm(
                     None
                 };
                 let t = Instant::now();
-                match conn.unpause(&a.id, host, group.as_ref().map(|f| f.as_fd())) {
-                    Ok(timings) => {
+                Unpaused::Sent(
+                    t,
+                    c.and_then(|c| c.unpause(&a.id, host, group.as_ref().map(|f| f.as_fd()))),
+                )
+            };
+            let results = per_device(&mut **conn, more.as_ref(), &jobs, &unpause, |_| false);
+            for ((a, host), r) in jobs.iter().zip(results) {
+                let host = *host;
+                match r {
+                    Unpaused::NotSent(line) => fail(shared, line),
+                    Unpaused::Sent(t, Ok(timings)) => {
                         vmm_substeps(shared, "unpause", &name, t, &timings);
                         side.paused.remove(&a.id);
                         shared.change(format!("VM {name}: unpaused {} onto {host}", a.id));
                         out.push(Assignment {
                             host,
                             state: AssignState::Attached,
-                            ..(**a).clone()
+                            ..(*a).clone()
                         });
                     }
-                    Err(e) if e.is_timeout() => {
+                    Unpaused::Sent(_, Err(e)) if e.is_timeout() => {
                         // A VMM that does not answer is not told to remove
                         // the device: it stays paused until `svff recover`
                         // (the journal stays open) finds the VMM answering.
@@ -1409,10 +1508,10 @@ fn restore_vm(
                         out.push(Assignment {
                             host,
                             state: AssignState::Paused,
-                            ..(**a).clone()
+                            ..(*a).clone()
                         });
                     }
-                    Err(e) => {
+                    Unpaused::Sent(_, Err(e)) => {
                         failed.insert(a.id.clone());
                         fail(shared, format!("VM {name}: {} could not be unpaused onto {host}: {}; removing it from the guest", a.id, e.chain()));
                         let _ = shared.record(Step::Detach {

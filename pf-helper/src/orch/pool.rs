@@ -12,7 +12,8 @@
 //! 2. `begin` (kind `pool`) and `pool_plan` (those VFs' resources before and
 //!    after) are journaled;
 //! 3. *pause*: only the VMMs holding a changing VF are contacted, one thread
-//!    per VM, and pause only those VFs (the other guests see nothing);
+//!    per VM (and, for svff-vmm, one connection per VF: its VFs pause at
+//!    once), and pause only those VFs (the other guests see nothing);
 //! 4. *resources* (`resources` record): offline, assign VQ, assign VI,
 //!    online for each changing VF ([`crate::nvme::apply_plan`]); a VF that
 //!    left vfio-pci is bound again (`bind`);
@@ -388,10 +389,11 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                             .filter(|a| a.vm == side.cfg.name && todo_idx.contains(&a.vf))
                             .map(|a| a.id.clone())
                             .collect();
+                        let vmms = self.vmms;
                         scope.spawn(move || {
                             let all = std::mem::take(&mut side.present);
                             side.present = all.intersection(&ids).cloned().collect();
-                            let r = release_vm(side, Mode::Pause, no_target, shared);
+                            let r = release_vm(side, Mode::Pause, no_target, shared, vmms);
                             side.present = all;
                             r
                         })

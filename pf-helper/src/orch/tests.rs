@@ -39,6 +39,20 @@ struct Behaviour {
     pause_delay: Option<Duration>,
     /// svff-vfio-unpause fails for these ids.
     unpause_fails: Vec<String>,
+    /// A pause or unpause waits (at most [`MEET_WAIT`]) until this many
+    /// of the same command are in flight.
+    meet: usize,
+}
+
+/// How long a pause or unpause waits for the others of [`Behaviour::meet`]:
+/// below the test VMs' 1 s QMP deadline.
+const MEET_WAIT: Duration = Duration::from_millis(700);
+
+/// Pauses or unpauses in flight at once: now, and the most seen.
+#[derive(Debug, Default)]
+struct InFlight {
+    now: usize,
+    most: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +70,41 @@ struct VmmState {
     log: Mutex<Vec<String>>,
     /// Whether the last unpause came with a group fd.
     got_fd: Mutex<Vec<bool>>,
+    /// Pauses and unpauses in flight.
+    pauses: (Mutex<InFlight>, std::sync::Condvar),
+    unpauses: (Mutex<InFlight>, std::sync::Condvar),
+}
+
+impl VmmState {
+    /// Runs `f` as one command of `which` in flight, first waiting (bounded)
+    /// for `meet` of them.
+    fn in_flight<R>(
+        &self,
+        which: &(Mutex<InFlight>, std::sync::Condvar),
+        f: impl FnOnce() -> R,
+    ) -> R {
+        let meet = self.behaviour.lock().unwrap().meet;
+        {
+            let mut n = which.0.lock().unwrap();
+            n.now += 1;
+            n.most = n.most.max(n.now);
+            which.1.notify_all();
+            let _ = which
+                .1
+                .wait_timeout_while(n, MEET_WAIT, |n| n.now < meet)
+                .unwrap();
+        }
+        let r = f();
+        which.0.lock().unwrap().now -= 1;
+        r
+    }
+
+    fn most_in_flight(&self) -> (usize, usize) {
+        (
+            self.pauses.0.lock().unwrap().most,
+            self.unpauses.0.lock().unwrap().most,
+        )
+    }
 }
 
 struct Double {
@@ -65,6 +114,26 @@ struct Double {
 
 impl PausableDevices for Double {
     fn pause(&self, args: qmp_ext::svff::SvffVfioPause) -> Result<SvffVfioTimings, QmpError> {
+        let st = Arc::clone(&self.st);
+        st.in_flight(&st.pauses, || self.pause_now(args))
+    }
+
+    fn unpause(
+        &self,
+        args: SvffVfioUnpause,
+        group_fd: Option<OwnedFd>,
+    ) -> Result<SvffVfioTimings, QmpError> {
+        let st = Arc::clone(&self.st);
+        st.in_flight(&st.unpauses, || self.unpause_now(args, group_fd))
+    }
+
+    fn query(&self) -> Result<Vec<SvffVfioInfo>, QmpError> {
+        self.query_now()
+    }
+}
+
+impl Double {
+    fn pause_now(&self, args: qmp_ext::svff::SvffVfioPause) -> Result<SvffVfioTimings, QmpError> {
         if let Some(d) = self.st.behaviour.lock().unwrap().pause_delay {
             std::thread::sleep(d);
         }
@@ -83,7 +152,7 @@ impl PausableDevices for Double {
         })
     }
 
-    fn unpause(
+    fn unpause_now(
         &self,
         args: SvffVfioUnpause,
         group_fd: Option<OwnedFd>,
@@ -110,7 +179,7 @@ impl PausableDevices for Double {
         Ok(SvffVfioTimings::default())
     }
 
-    fn query(&self) -> Result<Vec<SvffVfioInfo>, QmpError> {
+    fn query_now(&self) -> Result<Vec<SvffVfioInfo>, QmpError> {
         Ok(self
             .st
             .devices
@@ -264,6 +333,11 @@ fn vm_double(path: &Path, behaviour: Behaviour) -> Vm {
 /// PF 0000:01:00.0 (igb, 4 VFs at init) with vm1 (2 VFs by count) and vm2
 /// (VF 3 by index); `extra` is appended to vm2's table.
 fn lab(b1: Behaviour, b2: Behaviour, extra: &str) -> Lab {
+    lab_kind("qmp", b1, b2, extra)
+}
+
+/// [`lab`] with vm1 of kind `kind1`.
+fn lab_kind(kind1: &str, b1: Behaviour, b2: Behaviour, extra: &str) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let text = format!(
@@ -275,7 +349,7 @@ driver = "igb"
 vfs = 4
 [[vm]]
 name = "vm1"
-kind = "qmp"
+kind = "{kind1}"
 qmp = "{}"
 qmp_timeout_s = 1
 detach_timeout_s = 1
@@ -508,6 +582,30 @@ fn pause_reconf_pauses_survivors_and_removes_only_vfs_that_are_gone() {
         .unwrap();
     assert_eq!(lab.vm("vm2").ids(), ids(&[2]));
     assert_eq!(lab.vm("vm1").ids(), ids(&[0, 1]));
+}
+
+#[test]
+fn the_devices_of_one_svff_vmm_are_paused_and_unpaused_at_once_those_of_a_qmp_vm_in_turn() {
+    // vm1 holds VFs 0 and 1; a pause-mode reconf 4 -> 3 pauses and unpauses both.
+    let meet = Behaviour { meet: 2, ..svff() };
+    let lab = lab_kind("svff-vmm", meet, svff(), "");
+    lab.orch().init().unwrap();
+    let r = lab.orch().reconf(pf(), 3, Mode::Pause, &[]).unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(
+        lab.vm("vm1").st.most_in_flight(),
+        (2, 2),
+        "svff-vmm: at once"
+    );
+    assert_eq!(lab.vm("vm1").state_of(&id(0)), Some(DeviceState::Attached));
+    assert_eq!(lab.vm("vm1").state_of(&id(1)), Some(DeviceState::Attached));
+    // Kind qmp (QEMU's monitor: one client, one command at a time): in turn.
+    let qmp = lab_kind("qmp", svff(), svff(), "");
+    qmp.orch().init().unwrap();
+    let r = qmp.orch().reconf(pf(), 3, Mode::Pause, &[]).unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(qmp.vm("vm1").st.most_in_flight(), (1, 1), "qmp: in turn");
+    assert_eq!(qmp.vm("vm1").state_of(&id(1)), Some(DeviceState::Attached));
 }
 
 #[test]

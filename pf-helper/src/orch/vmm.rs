@@ -9,8 +9,10 @@
 //! not know them answers `CommandNotFound`, which becomes a clear error
 //! ([`Error::Vmm`]) and the documented rollback.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qmp_ext::svff::{QuerySvffVfio, SvffVfioInfo, SvffVfioPause, SvffVfioTimings, SvffVfioUnpause};
@@ -122,6 +124,168 @@ impl Connector for QmpConnector {
     }
 }
 
+/// A connector that keeps each VM's QMP connection open across
+/// operations: a connection handed out by [`Connector::connect`] goes back
+/// to the connector when the operation drops it (unless it failed on the
+/// transport), and the next operation on that VM reuses it, saving the
+/// connect, the greeting and `qmp_capabilities` (and, for svff-vmm, the
+/// `qom-list` it does not know). A kept connection found dead at its first
+/// (read-only) command, as after a VMM restart, is replaced by a new one
+/// and the command asked again. For a process running many operations in
+/// a row (`svff bench`, a daemon).
+#[derive(Debug, Default)]
+pub struct PersistentConnector {
+    idle: Arc<Mutex<BTreeMap<String, QmpVmm>>>,
+}
+
+impl PersistentConnector {
+    /// A connector with no connection yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many connections are kept (idle) right now.
+    pub fn kept(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Connector for PersistentConnector {
+    fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+        let kept = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.name);
+        let reused = kept.is_some();
+        let conn = match kept {
+            Some(c) => c,
+            None => QmpVmm::connect(vm)?,
+        };
+        Ok(Box::new(Kept {
+            conn: Some(conn),
+            cfg: vm.clone(),
+            idle: Arc::clone(&self.idle),
+            reused,
+            healthy: true,
+        }))
+    }
+
+    fn start(
+        &self,
+        vm: &VmConfig,
+        state_dir: &Path,
+        vfs: &[StartVf],
+    ) -> Result<(Box<dyn Vmm>, u32), Error> {
+        // A new VMM: an idle connection to its predecessor is dead.
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.name);
+        QmpConnector.start(vm, state_dir, vfs)
+    }
+}
+
+/// A connection of a [`PersistentConnector`], back to it when dropped.
+struct Kept {
+    conn: Option<QmpVmm>,
+    cfg: VmConfig,
+    idle: Arc<Mutex<BTreeMap<String, QmpVmm>>>,
+    /// Taken from the idle set and not used since.
+    reused: bool,
+    /// No transport failure so far.
+    healthy: bool,
+}
+
+/// Whether `e` is a failure of the QMP transport (closed, timed out,
+/// unparsable), not an error answer of the VMM.
+fn transport_failure(e: &Error) -> bool {
+    matches!(e, Error::Vmm { source, .. } if source.qmp().is_none())
+}
+
+impl Kept {
+    fn conn(&mut self) -> &mut QmpVmm {
+        self.conn
+            .as_mut()
+            .expect("a Kept holds its connection until dropped")
+    }
+
+    /// Runs `f`; a read-only `f` that fails on the transport of a
+    /// connection just reused is asked again on a new connection.
+    fn run<T>(
+        &mut self,
+        read_only: bool,
+        mut f: impl FnMut(&mut QmpVmm) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let was_reused = std::mem::replace(&mut self.reused, false);
+        let r = f(self.conn());
+        let r = match r {
+            Err(e) if was_reused && read_only && transport_failure(&e) => {
+                tracing::info!(vm = %self.cfg.name, error = %e.chain(), "kept QMP connection is dead: connecting again");
+                self.conn = Some(QmpVmm::connect(&self.cfg)?);
+                f(self.conn())
+            }
+            r => r,
+        };
+        if let Err(e) = &r {
+            if transport_failure(e) {
+                self.healthy = false;
+            }
+        }
+        r
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.conn.take().filter(|_| self.healthy) {
+            // An answer of this operation is no answer for the next one.
+            c.fresh_states = None;
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.cfg.name.clone(), c);
+        }
+    }
+}
+
+impl Vmm for Kept {
+    fn devices(&mut self) -> Result<Vec<String>, Error> {
+        self.run(true, QmpVmm::devices)
+    }
+
+    fn attach(
+        &mut self,
+        id: &str,
+        host: PciAddress,
+        bus: Option<&str>,
+        group_fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Option<String>, Error> {
+        self.run(false, |c| c.attach(id, host, bus, group_fd))
+    }
+
+    fn detach(&mut self, id: &str) -> Result<(), Error> {
+        self.run(false, |c| c.detach(id))
+    }
+
+    fn pause(&mut self, id: &str) -> Result<SvffVfioTimings, Error> {
+        self.run(false, |c| c.pause(id))
+    }
+
+    fn unpause(
+        &mut self,
+        id: &str,
+        host: PciAddress,
+        group_fd: Option<BorrowedFd<'_>>,
+    ) -> Result<SvffVfioTimings, Error> {
+        self.run(false, |c| c.unpause(id, host, group_fd))
+    }
+
+    fn pause_states(&mut self) -> Result<Option<Vec<SvffVfioInfo>>, Error> {
+        self.run(true, QmpVmm::pause_states)
+    }
+}
+
 /// Opens `/dev/vfio/<group>` for passing to VM `vm`'s device `id`.
 pub fn open_group(vm: &str, id: &str, group: u32) -> Result<std::fs::File, Error> {
     let path = format!("/dev/vfio/{group}");
@@ -146,6 +310,12 @@ pub struct QmpVmm {
     stall_ms: Option<u64>,
     next_fd: u64,
     client_timeout: Duration,
+    /// The VMM answered `qom-list` with `CommandNotFound` (svff-vmm): not asked again.
+    no_qom: bool,
+    /// The `query-svff-vfio` answer [`Vmm::devices`] just got on this
+    /// connection (svff-vmm), handed to the next [`Vmm::pause_states`] if no
+    /// other command came in between: one round trip less per operation.
+    fresh_states: Option<Vec<SvffVfioInfo>>,
 }
 
 impl QmpVmm {
@@ -167,6 +337,8 @@ impl QmpVmm {
             stall_ms: vm.stall_ms,
             next_fd: 0,
             client_timeout: Duration::from_secs(vm.qmp_timeout_s),
+            no_qom: false,
+            fresh_states: None,
         })
     }
 
@@ -244,6 +416,15 @@ pub(super) fn find_qdev(v: &Value, id: &str) -> Option<String> {
 
 impl Vmm for QmpVmm {
     fn devices(&mut self) -> Result<Vec<String>, Error> {
+        self.fresh_states = None;
+        if self.no_qom {
+            if let Some(list) = self.pause_states()? {
+                let ids = list.iter().map(|i| i.id.clone()).collect();
+                self.fresh_states = Some(list);
+                return Ok(ids);
+            }
+            self.no_qom = false;
+        }
         let list = match self
             .client
             .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
@@ -254,8 +435,13 @@ impl Vmm for QmpVmm {
                 if e.qmp()
                     .is_some_and(|q| q.class == ErrorClass::CommandNotFound) =>
             {
+                self.no_qom = true;
                 return match self.pause_states()? {
-                    Some(list) => Ok(list.into_iter().map(|i| i.id).collect()),
+                    Some(list) => {
+                        let ids = list.iter().map(|i| i.id.clone()).collect();
+                        self.fresh_states = Some(list);
+                        Ok(ids)
+                    }
                     None => Err(self.err(
                         "listing its devices (neither qom-list nor query-svff-vfio)".into(),
                     )(e)),
@@ -290,6 +476,7 @@ impl Vmm for QmpVmm {
         bus: Option<&str>,
         group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<Option<String>, Error> {
+        self.fresh_states = None;
         let mut args = json!({ "driver": "vfio-pci", "host": host.to_string(), "id": id });
         if let Some(bus) = bus {
             args["bus"] = json!(bus);
@@ -314,6 +501,7 @@ impl Vmm for QmpVmm {
     }
 
     fn detach(&mut self, id: &str) -> Result<(), Error> {
+        self.fresh_states = None;
         // Events of earlier operations must not satisfy this wait.
         drop(self.client.take_events());
         self.client
@@ -340,6 +528,7 @@ impl Vmm for QmpVmm {
     }
 
     fn pause(&mut self, id: &str) -> Result<SvffVfioTimings, Error> {
+        self.fresh_states = None;
         let cmd = SvffVfioPause {
             id: id.into(),
             policy: Some(self.policy),
@@ -356,6 +545,7 @@ impl Vmm for QmpVmm {
         host: PciAddress,
         group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<SvffVfioTimings, Error> {
+        self.fresh_states = None;
         let fdname = match group_fd {
             Some(fd) => {
                 self.next_fd += 1;
@@ -378,6 +568,9 @@ impl Vmm for QmpVmm {
     }
 
     fn pause_states(&mut self) -> Result<Option<Vec<SvffVfioInfo>>, Error> {
+        if let Some(list) = self.fresh_states.take() {
+            return Ok(Some(list));
+        }
         match self.client.call(&QuerySvffVfio {}) {
             Ok(list) => Ok(Some(list)),
             Err(e)
@@ -394,6 +587,147 @@ impl Vmm for QmpVmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qmp_ext::{QmpError, Server, ServerConfig, Session};
+    use serde_json::Map;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An svff-vmm-like VMM: no `qom-list`; `query-svff-vfio` lists nothing;
+    /// records which connection (session id) asked what.
+    #[derive(Default)]
+    struct Asked(Mutex<Vec<(u64, String)>>, AtomicUsize);
+
+    struct NoQom(Arc<Asked>);
+
+    impl qmp_ext::Handler for NoQom {
+        fn execute(
+            &self,
+            session: &mut Session,
+            command: &str,
+            _args: Map<String, Value>,
+        ) -> Result<Value, QmpError> {
+            self.0 .1.fetch_add(1, Ordering::SeqCst);
+            self.0
+                 .0
+                .lock()
+                .unwrap()
+                .push((session.id(), command.to_owned()));
+            match command {
+                "query-svff-vfio" => Ok(json!([])),
+                _ => Err(QmpError::command_not_found(command)),
+            }
+        }
+    }
+
+    fn vm_config(sock: &Path) -> VmConfig {
+        let text = format!(
+            "allowed_uids = [0]\nstate_dir = \"/nonexistent\"\n[[vm]]\nname = \"vm0\"\nkind = \"qmp\"\nqmp = \"{}\"\nqmp_timeout_s = 5\n",
+            sock.display()
+        );
+        crate::config::Config::parse(&text, Path::new("t.toml"))
+            .unwrap()
+            .vms
+            .remove(0)
+    }
+
+    fn serve(sock: &Path, asked: &Arc<Asked>) -> Server {
+        Server::bind(sock, ServerConfig::default(), NoQom(Arc::clone(asked))).unwrap()
+    }
+
+    #[test]
+    fn persistent_connector_reuses_one_connection_and_asks_qom_list_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm0.qmp");
+        let asked = Arc::new(Asked::default());
+        let _server = serve(&sock, &asked);
+        let cfg = vm_config(&sock);
+        let conns = PersistentConnector::new();
+        for _ in 0..3 {
+            let mut c = conns.connect(&cfg).unwrap();
+            assert_eq!(c.devices().unwrap(), Vec::<String>::new());
+            assert_eq!(conns.kept(), 0, "handed out, not idle");
+            drop(c);
+            assert_eq!(conns.kept(), 1, "back when dropped");
+        }
+        let log = asked.0.lock().unwrap().clone();
+        let sessions: std::collections::BTreeSet<u64> = log.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            sessions.len(),
+            1,
+            "one connection for three operations: {log:?}"
+        );
+        let qom = log.iter().filter(|(_, c)| c == "qom-list").count();
+        assert_eq!(qom, 1, "qom-list is not asked again once unknown: {log:?}");
+    }
+
+    #[test]
+    fn pause_states_right_after_devices_reuses_its_answer_but_not_after_another_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm0.qmp");
+        let asked = Arc::new(Asked::default());
+        let _server = serve(&sock, &asked);
+        let mut c = QmpVmm::connect(&vm_config(&sock)).unwrap();
+        let queries = || {
+            asked
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, c)| c == "query-svff-vfio")
+                .count()
+        };
+        c.devices().unwrap();
+        assert_eq!(queries(), 1);
+        assert_eq!(c.pause_states().unwrap(), Some(Vec::new()));
+        assert_eq!(queries(), 1, "the answer devices() just got");
+        c.pause_states().unwrap();
+        assert_eq!(queries(), 2, "only once: then asked again");
+        c.devices().unwrap();
+        let _ = c.pause("svff-x");
+        c.pause_states().unwrap();
+        assert_eq!(queries(), 4, "a command in between: asked again");
+    }
+
+    #[test]
+    fn persistent_connector_replaces_a_kept_connection_whose_vmm_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm0.qmp");
+        let asked = Arc::new(Asked::default());
+        let server = serve(&sock, &asked);
+        let cfg = vm_config(&sock);
+        let conns = PersistentConnector::new();
+        conns.connect(&cfg).unwrap().devices().unwrap();
+        assert_eq!(conns.kept(), 1);
+        drop(server);
+        let again = Arc::new(Asked::default());
+        let _server = serve(&sock, &again);
+        let mut c = conns.connect(&cfg).unwrap();
+        assert_eq!(
+            c.devices().unwrap(),
+            Vec::<String>::new(),
+            "the dead connection is replaced and the read asked again"
+        );
+        assert!(again.1.load(Ordering::SeqCst) >= 1, "the new VMM answered");
+        drop(c);
+        assert_eq!(conns.kept(), 1, "the new connection is kept");
+    }
+
+    #[test]
+    fn persistent_connector_drops_a_connection_that_failed_on_the_transport() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm0.qmp");
+        let asked = Arc::new(Asked::default());
+        let server = serve(&sock, &asked);
+        let cfg = vm_config(&sock);
+        let conns = PersistentConnector::new();
+        let mut c = conns.connect(&cfg).unwrap();
+        drop(server);
+        assert!(
+            c.pause("svff-x").is_err(),
+            "a pause on a dead VMM fails, never retried"
+        );
+        drop(c);
+        assert_eq!(conns.kept(), 0, "a broken connection is not kept");
+    }
 
     #[test]
     fn guest_addresses_are_found_behind_bridges() {

@@ -1094,7 +1094,7 @@ fn unpause_with_a_group_fd_passed_by_getfd_works_where_qemu_cannot_open_dev_vfio
     guest::set_numvfs(&pf, 0);
 }
 
-// ---- igb VF with igbvf in L2: interrupts and the recover=aer mechanism ----
+// ---- igb VF with igbvf in L2: interrupts and the recover=aer* mechanisms ----
 
 /// Sum of the guest's interrupt counts of `gbdf`'s MSI-X vectors.
 fn guest_msix_count(vm: &mut L2, gbdf: &str) -> u64 {
@@ -1130,12 +1130,132 @@ fn wait_msix_growth(vm: &mut L2, gbdf: &str, above: u64, limit: Duration) -> Opt
     }
 }
 
-/// What igbvf does after an unpause (at `t0`): whether its interrupts count
-/// again by themselves within `wait`, else whether they do within `wait`
-/// after `ip link set down/up` (the interface's re-initialisation), as a
-/// sentence. igbvf's watchdog raises its rx vector every 2 s while the PF
-/// answers, so 10 s (five periods) is enough to say "not counting".
-fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant, wait: Duration) -> String {
+/// The guest's operstate of `eth` (`up`, `down`, ...).
+fn operstate(vm: &mut L2, eth: &str) -> String {
+    vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string()
+}
+
+/// Waits (at most `limit`) until the guest's `eth` is operationally up.
+fn wait_operstate_up(vm: &mut L2, eth: &str, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if operstate(vm, eth) == "up" {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        // Pacing between polls; the deadline bounds the wait.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits (at most `limit_s` seconds) until `text` occurs `n` times in the
+/// guest's dmesg.
+fn wait_dmesg_count(vm: &mut L2, text: &str, n: usize, limit_s: u32) -> bool {
+    let r = vm.sh(
+        &format!(
+            "i=0; until [ $(dmesg | grep -cF '{text}') -ge {n} ]; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
+            limit_s * 10
+        ),
+        Duration::from_secs(u64::from(limit_s) + 30),
+    );
+    match r {
+        Ok(out) => out.success(),
+        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
+    }
+}
+
+/// COMMAND, BAR0 and MSI-X message control of a config space dump.
+fn config_summary(cfg: &[u8]) -> String {
+    if cfg.len() < 64 {
+        return "config unreadable".into();
+    }
+    let cmd = u16::from_le_bytes([cfg[4], cfg[5]]);
+    let bar0 = u32::from_le_bytes([cfg[0x10], cfg[0x11], cfg[0x12], cfg[0x13]]);
+    let mut msix = None;
+    let mut ptr = usize::from(cfg[0x34]);
+    for _ in 0..48 {
+        if ptr < 0x40 || ptr + 3 >= cfg.len() {
+            break;
+        }
+        if cfg[ptr] == 0x11 {
+            msix = Some(u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]));
+            break;
+        }
+        ptr = usize::from(cfg[ptr + 1]);
+    }
+    let msix = msix.map_or("none".to_string(), |m| format!("{m:#06x}"));
+    format!("COMMAND {cmd:#06x}, BAR0 {bar0:#010x}, MSI-X control {msix}")
+}
+
+/// The host-side PCI state of VF `vf` in L1, read from sysfs.
+fn l1_vf_state(vf: &str) -> String {
+    let cfg = std::fs::read(guest::dev_path(vf).join("config")).unwrap_or_default();
+    format!("{vf}: {}", config_summary(&cfg))
+}
+
+/// The guest's view of `gbdf`'s config space (the device model's, read now).
+fn guest_vf_state(vm: &mut L2, gbdf: &str) -> String {
+    let hex = vm
+        .sh_ok(
+            &format!("od -An -v -tx1 -N256 /sys/bus/pci/devices/{gbdf}/config"),
+            CMD,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg: Vec<u8> = hex
+        .split_whitespace()
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    format!("{gbdf}: {}", config_summary(&cfg))
+}
+
+/// L1's kernel messages of the igb PF driver (its VF mailbox handling).
+fn l1_igb_log() -> String {
+    let out = std::process::Command::new("dmesg").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("igb "))
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// igbvf's dmesg lines after the first `skip` ones.
+fn igbvf_lines(vm: &mut L2, skip: usize) -> (Vec<String>, usize) {
+    let dmesg = vm.dmesg().unwrap();
+    let lines: Vec<String> = dmesg
+        .lines()
+        .filter(|l| l.contains("igbvf") || l.contains("AER") || l.contains("pcieport"))
+        .map(str::to_owned)
+        .collect();
+    let n = lines.len();
+    (lines.into_iter().skip(skip).collect(), n)
+}
+
+/// How long the igbvf test waits for an outcome that may not come (igbvf
+/// after an unpause without recovery): ten of igbvf's 2 s watchdog
+/// periods, so that "no interrupt" means something while `make test`
+/// stays fast.
+const NO_RECOVERY_WAIT: Duration = Duration::from_secs(20);
+
+/// After an unpause without recovery (at `t0`): whether igbvf's interrupts
+/// count again by themselves within `wait`, else whether they do within
+/// `wait` after `ip link set down/up`, as a sentence.
+fn igbvf_without_recovery(
+    vm: &mut L2,
+    gbdf: &str,
+    eth: &str,
+    t0: Instant,
+    wait: Duration,
+) -> String {
     let base = guest_msix_count(vm, gbdf);
     if let Some(n) = wait_msix_growth(vm, gbdf, base, wait) {
         return format!(
@@ -1169,62 +1289,69 @@ fn igbvf_after_unpause(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant, wait: Du
     }
 }
 
-/// The host-side PCI state of VF `vf` in L1 as a sentence: its command
-/// register (memory, bus master) and MSI-X message control, read from sysfs.
-fn l1_vf_state(vf: &str) -> String {
-    let cfg = std::fs::read(guest::dev_path(vf).join("config")).unwrap_or_default();
-    if cfg.len() < 64 {
-        return format!("{vf}: config unreadable");
-    }
-    let cmd = u16::from_le_bytes([cfg[4], cfg[5]]);
-    let mut msix = None;
-    let mut ptr = usize::from(cfg[0x34]);
-    for _ in 0..48 {
-        if ptr < 0x40 || ptr + 3 >= cfg.len() {
-            break;
-        }
-        if cfg[ptr] == 0x11 {
-            msix = Some(u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]));
-            break;
-        }
-        ptr = usize::from(cfg[ptr + 1]);
-    }
-    let msix = msix.map_or("none".to_string(), |m| format!("{m:#06x}"));
-    format!("{vf}: COMMAND {cmd:#06x}, MSI-X control {msix}")
+/// Pause `vf0`, cycle the PF's VFs 1 -> 0 -> 1, bind the new VF to
+/// vfio-pci and unpause onto it; returns the new VF and the unpause's end.
+fn igb_change(qmp: &mut qmp_ext::Client, pf: &str) -> (String, Instant) {
+    let numvfs = |n: &str| guest::write_attr(guest::dev_path(pf).join("sriov_numvfs"), n);
+    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
+        .unwrap();
+    numvfs("0");
+    numvfs("1");
+    let vf = guest::vfs_of(pf)[0].clone();
+    bind_vfio(&vf);
+    qmp.execute(
+        "svff-vfio-unpause",
+        Some(json!({ "id": "vf0", "host": vf })),
+    )
+    .unwrap();
+    (vf, Instant::now())
 }
 
-/// L1's kernel messages of the igb PF driver (its VF mailbox handling).
-fn l1_igb_log() -> String {
-    let out = std::process::Command::new("dmesg").output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("igb "))
-        .rev()
-        .take(15)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n")
+fn set_recover(qmp: &mut qmp_ext::Client, value: &str) {
+    qmp.execute(
+        "qom-set",
+        Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": value })),
+    )
+    .unwrap_or_else(|e| panic!("qom-set recover={value}: {e}"));
 }
 
-/// How long the igbvf test waits for an outcome that is known not to happen
-/// today (interrupts after an unpause, open bug): five of igbvf's 2 s
-/// watchdog periods, so that "no interrupt" still means something while
-/// `make test` stays fast.
-const KNOWN_FAILING_WAIT: Duration = Duration::from_secs(10);
-
-fn operstate(vm: &mut L2, eth: &str) -> String {
-    vm.sh_ok(&format!("cat /sys/class/net/{eth}/operstate"), CMD)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .trim()
-        .to_string()
+/// The recover=aer-nonfatal recovery after an unpause at `t0`: the AER core's
+/// `n`-th successful recovery, then igbvf's interrupts counting up from their
+/// count at the unpause and its link up. Returns what was seen, timed.
+fn igbvf_recovers(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant, n: usize) -> String {
+    let base = guest_msix_count(vm, gbdf);
+    assert!(
+        wait_dmesg_count(vm, "AER: device recovery successful", n, 60),
+        "AER recovery {n} of igbvf in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let recovered = t0.elapsed();
+    // igbvf's watchdog raises its rx vector every 2 s once the VF answers;
+    // 60 s bounds the wait (interrupts counted 1.5 s after an unpause here).
+    let counted = wait_msix_growth(vm, gbdf, base, Duration::from_secs(60));
+    let counted_at = t0.elapsed();
+    assert!(
+        counted.is_some(),
+        "igbvf's MSI-X interrupts stayed at {base} after the recovery ({}):\n{}",
+        guest_vf_state(vm, gbdf),
+        vm.dmesg().unwrap()
+    );
+    assert!(
+        wait_operstate_up(vm, eth, Duration::from_secs(60)),
+        "{eth} not up after the recovery ({}):\n{}",
+        operstate(vm, eth),
+        vm.dmesg().unwrap()
+    );
+    format!(
+        "AER recovery done {recovered:?} after the unpause, interrupts {base} -> {} at {counted_at:?}, {eth} up at {:?}",
+        counted.unwrap(),
+        t0.elapsed()
+    )
 }
 
 #[test]
 #[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
-fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpause_with_recover_aer()
-{
+fn igbvf_interrupts_count_again_and_its_link_comes_up_after_unpause_with_recover_aer_nonfatal() {
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
     let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
@@ -1234,8 +1361,10 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
         .kernel_param("ignore_loglevel")
         .device("pcie-root-port,id=rp0,slot=1,chassis=1")
         .device(&format!(
-            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
+            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer-nonfatal"
         ))
+        .arg("-trace")
+        .arg("svff_set_irqs")
         .arg("-qmp")
         .arg(&format!("unix:{},server=on,wait=off", sock.display()));
     vmm.binary = bin;
@@ -1245,7 +1374,6 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
     let gbdf = guest_igb_vf(&mut vm);
     let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
     assert_eq!(vectors, 3, "igbvf's MSI-X vectors of {gbdf}");
-    println!("L1 before the pause: {}", l1_vf_state(&vf));
     let c0 = guest_msix_count(&mut vm, &gbdf);
     let c1 = wait_msix_growth(&mut vm, &gbdf, c0, Duration::from_secs(60)).unwrap_or_else(|| {
         panic!(
@@ -1253,45 +1381,36 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
             vm.dmesg().unwrap()
         )
     });
-    println!("igbvf MSI-X interrupts before the pause: {c0} -> {c1}");
+    assert!(wait_operstate_up(&mut vm, &eth, Duration::from_secs(60)));
+    println!(
+        "igbvf MSI-X interrupts before the pause: {c0} -> {c1}; L1 {}",
+        l1_vf_state(&vf)
+    );
+    let (_, seen) = igbvf_lines(&mut vm, 0);
 
-    // 1. recover=aer: pause, numvfs 1 -> 0 -> 1, unpause onto the new VF.
-    let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
-    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
-        .unwrap();
-    numvfs("0");
-    numvfs("1");
-    let new_vf = guest::vfs_of(&pf)[0].clone();
-    bind_vfio(&new_vf);
-    qmp.execute(
-        "svff-vfio-unpause",
-        Some(json!({ "id": "vf0", "host": new_vf })),
-    )
-    .unwrap();
-    let t0 = Instant::now();
+    // 1. recover=aer-nonfatal: pause, numvfs 1 -> 0 -> 1, unpause onto the
+    // new VF; the AER core runs igbvf's handlers without a bus reset.
+    let (new_vf, t0) = igb_change(&mut qmp, &pf);
     let state = l1_vf_state(&new_vf);
-    println!("L1 right after the unpause: {state}");
-    // The unpause re-wired MSI-X on the new host function (enable bit 0x8000).
     assert!(
         state.contains("MSI-X control 0x8"),
         "MSI-X enabled on the host VF after the unpause: {state}"
     );
-    assert!(
-        wait_dmesg(&mut vm, "AER: device recovery successful", 60),
-        "AER recovery of igbvf in L2:\n{}",
-        vm.dmesg().unwrap()
+    let nonfatal = igbvf_recovers(&mut vm, &gbdf, &eth, t0, 1);
+    let (log, seen) = igbvf_lines(&mut vm, seen);
+    println!(
+        "recover=aer-nonfatal: {nonfatal}\nL2 dmesg:\n{}",
+        log.join("\n")
     );
-    let recovered = t0.elapsed();
-    let aer = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0, KNOWN_FAILING_WAIT);
+    println!("L1 after the recovery: {}", l1_vf_state(&new_vf));
     let dmesg = vm.dmesg().unwrap();
-    let log: Vec<&str> = dmesg
-        .lines()
-        .filter(|l| l.contains("igbvf") || l.contains("AER") || l.contains("pcieport"))
-        .collect();
-    println!("L2 dmesg (igbvf, AER):\n{}", log.join("\n"));
     assert!(
-        dmesg.contains("igbvf 0000:01:00.0: enabling device"),
-        "igbvf's slot_reset ran"
+        dmesg.contains("Uncorrectable (Non-Fatal) error"),
+        "a non-fatal error was signalled:\n{dmesg}"
+    );
+    assert!(
+        !dmesg.contains("link has been reset"),
+        "no bus reset for a non-fatal error:\n{dmesg}"
     );
     no_unplug_in(&dmesg);
     assert_eq!(
@@ -1299,70 +1418,41 @@ fn igbvf_interrupts_count_before_the_pause_and_its_aer_handlers_run_after_unpaus
         "8086 10ca",
         "same guest address"
     );
-    println!("recover=aer: AER recovery done {recovered:?} after the unpause; {aer}");
-    println!("L1 after the AER recovery: {}", l1_vf_state(&new_vf));
-    println!("L1 igb PF log:\n{}", l1_igb_log());
-
-    // 2. recover=none: the same change; what igbvf does by itself.
-    qmp.execute(
-        "qom-set",
-        Some(json!({ "path": "/machine/peripheral/vf0", "property": "recover", "value": "none" })),
-    )
-    .unwrap();
-    qmp.execute("svff-vfio-pause", Some(json!({ "id": "vf0" })))
-        .unwrap();
-    numvfs("0");
-    numvfs("1");
-    let vf3 = guest::vfs_of(&pf)[0].clone();
-    bind_vfio(&vf3);
-    qmp.execute(
-        "svff-vfio-unpause",
-        Some(json!({ "id": "vf0", "host": vf3 })),
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    println!(
-        "L1 right after the unpause (recover=none): {}",
-        l1_vf_state(&vf3)
-    );
-    let none = igbvf_after_unpause(&mut vm, &gbdf, &eth, t0, KNOWN_FAILING_WAIT);
-    let dmesg = vm.dmesg().unwrap();
-    no_unplug_in(&dmesg);
-    println!("recover=none: {none}");
     assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
 
-    // 3. The same change through stock code (a plain vfio-pci, device_del
-    // and device_add): does igbvf get interrupts on a re-created VF at all?
-    qmp.execute("device_del", Some(json!({ "id": "vf0" })))
-        .and_then(|_| qmp.wait_event("DEVICE_DELETED", CMD))
-        .unwrap_or_else(|e| panic!("device_del: {e}"));
-    numvfs("0");
-    numvfs("1");
-    let vf4 = guest::vfs_of(&pf)[0].clone();
-    bind_vfio(&vf4);
-    qmp.execute(
-        "device_add",
-        Some(json!({ "driver": "vfio-pci", "host": vf4, "id": "plain0", "bus": "rp0" })),
-    )
-    .unwrap_or_else(|e| panic!("device_add: {e}"));
-    let t0 = Instant::now();
-    let seen = vm
-        .sh(
-            &format!("i=0; until [ -d /sys/bus/pci/devices/{gbdf}/net ] && [ -n \"$(ls /sys/bus/pci/devices/{gbdf}/net)\" ]; do i=$((i+1)); [ $i -gt 300 ] && exit 1; sleep 0.1; done"),
-            CMD,
-        )
-        .unwrap();
-    assert!(seen.success(), "igbvf probed the hot-added VF");
-    let eth2 = guest_iface(&mut vm, &gbdf);
-    let up = vm.sh(&format!("ip link set {eth2} up"), CMD).unwrap();
-    assert!(up.success(), "{up:?}");
-    // Expected to work (14.5 s in the last run): a generous bound, left early.
-    let stock = igbvf_after_unpause(&mut vm, &gbdf, &eth2, t0, Duration::from_secs(45));
-    println!("stock vfio-pci, device_del/device_add onto the re-created VF: {stock}");
-    println!("L1 under stock vfio-pci: {}", l1_vf_state(&vf4));
-    println!("L1 igb PF log:\n{}", l1_igb_log());
-    // The baseline: igbvf works with a re-created VF under stock code.
-    assert!(stock.contains("counting again"), "stock vfio-pci: {stock}");
+    // 2. recover=none, from the working igbvf: what the driver does by itself.
+    set_recover(&mut qmp, "none");
+    let (vf3, t0) = igb_change(&mut qmp, &pf);
+    let none = igbvf_without_recovery(&mut vm, &gbdf, &eth, t0, NO_RECOVERY_WAIT);
+    let (log, seen) = igbvf_lines(&mut vm, seen);
+    println!("recover=none: {none}\nL2 dmesg:\n{}", log.join("\n"));
+    println!("L1: {}; igb PF log:\n{}", l1_vf_state(&vf3), l1_igb_log());
+    no_unplug_in(&vm.dmesg().unwrap());
+    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(1));
+
+    // 3. recover=aer (fatal): the bus reset resets the device's emulated
+    // config space and igbvf's slot_reset does not restore it. Shown, not
+    // asserted beyond the recovery itself: it is the guest driver's doing.
+    set_recover(&mut qmp, "aer");
+    let (vf4, t0) = igb_change(&mut qmp, &pf);
+    assert!(
+        wait_dmesg_count(&mut vm, "AER: device recovery successful", 2, 60),
+        "fatal AER recovery of igbvf in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let fatal_at = t0.elapsed();
+    let base = guest_msix_count(&mut vm, &gbdf);
+    let after = wait_msix_growth(&mut vm, &gbdf, base, Duration::from_secs(10));
+    let (log, _) = igbvf_lines(&mut vm, seen);
+    println!(
+        "recover=aer (fatal): recovery done {fatal_at:?} after the unpause; interrupts within 10 s: {after:?} (from {base}); {eth} {}; guest {}; L1 {}\nL2 dmesg:\n{}",
+        operstate(&mut vm, &eth),
+        guest_vf_state(&mut vm, &gbdf),
+        l1_vf_state(&vf4),
+        log.join("\n")
+    );
+    assert_eq!(qom_get(&mut qmp, "x-recover-count"), json!(2));
+
     drop(qmp);
     drop(vm);
     guest::set_numvfs(&pf, 0);

@@ -20,7 +20,13 @@
 //! and decode changes; the slots go at pause (accesses then trap and get the policy) and
 //! come back at unpause. `--vfio ...,mmap=off` traps every access instead.
 //!
-//! Not yet: MSI (only MSI-X is wired).
+//! MSI: the VF's MSI capability is emulated here too ([`Msi`]: Enable, Multiple Message
+//! Enable, address, data and mask bits are the model's; reads of the capability come from the
+//! model, writes are not forwarded, as the kernel's vfio-pci virtualizes them anyway). When the
+//! guest enables MSI, the eventfds of its enabled vectors go to vfio-pause (MSI index), which
+//! re-wires them at every unpause; each enabled, unmasked vector has a GSI route to its message
+//! (vector `i` of `n`: the data's low `log2 n` bits set to `i`) and an irqfd, with the same
+//! ordering as MSI-X.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -32,7 +38,8 @@ use vfio_pause::{irq, Container, DeviceOptions, PausableDevice, PausePolicy, VfS
 
 use crate::error::{io, Error};
 use crate::pci::{
-    reg, BarKind, BarSpec, ConfigSpace, Msix, PciDevice, CAP_ID_MSIX, MIN_BAR_SIZE, NUM_BARS,
+    reg, BarKind, BarSpec, ConfigSpace, Msi, MsiLayout, Msix, PciDevice, CAP_ID_MSI, CAP_ID_MSIX,
+    MIN_BAR_SIZE, NUM_BARS,
 };
 use crate::vm::GsiRouter;
 
@@ -69,9 +76,9 @@ impl MsixLayout {
     }
 }
 
-/// Walks the capability list read through `read` (dword reads at aligned offsets) for
-/// MSI-X. The walk is bounded to 48 entries.
-pub fn find_msix(read: &mut dyn FnMut(usize) -> u32) -> Option<MsixLayout> {
+/// Walks the capability list read through `read` (dword reads at aligned offsets) for the
+/// capability `id`: its offset and first dword. The walk is bounded to 48 entries.
+fn find_cap(read: &mut dyn FnMut(usize) -> u32, id: u8) -> Option<(usize, u32)> {
     if read(reg::COMMAND) & (1 << 20) == 0 {
         return None;
     }
@@ -81,12 +88,25 @@ pub fn find_msix(read: &mut dyn FnMut(usize) -> u32) -> Option<MsixLayout> {
             return None;
         }
         let h = read(at);
-        if h as u8 == CAP_ID_MSIX {
-            return Some(MsixLayout::from_regs(at, h, read(at + 4), read(at + 8)));
+        if h as u8 == id {
+            return Some((at, h));
         }
         at = ((h >> 8) & 0xfc) as usize;
     }
     None
+}
+
+/// Walks the capability list read through `read` (dword reads at aligned offsets) for
+/// MSI-X. The walk is bounded to 48 entries.
+pub fn find_msix(read: &mut dyn FnMut(usize) -> u32) -> Option<MsixLayout> {
+    let (at, h) = find_cap(read, CAP_ID_MSIX)?;
+    Some(MsixLayout::from_regs(at, h, read(at + 4), read(at + 8)))
+}
+
+/// Walks the capability list read through `read` for MSI: its layout and first dword.
+pub fn find_msi(read: &mut dyn FnMut(usize) -> u32) -> Option<(MsiLayout, u32)> {
+    let (at, h) = find_cap(read, CAP_ID_MSI)?;
+    Some((MsiLayout::from_header(at, h), h))
 }
 
 const IORESOURCE_IO: u64 = 0x100;
@@ -140,6 +160,7 @@ pub struct VfioPci {
     dev: Arc<PausableDevice>,
     shadow: ConfigSpace,
     msix: Option<(MsixLayout, Msix)>,
+    msi: Option<Msi>,
     slots: BarSlots,
     trapped: Arc<BarAccessStats>,
 }
@@ -214,6 +235,10 @@ impl VfioPci {
                 Err(_) => 0,
             }
         };
+        let msi = match find_msi(&mut read) {
+            Some((l, header)) => Some(Msi::external(l, header, router.clone())?),
+            None => None,
+        };
         let msix = match find_msix(&mut read) {
             Some(l) if l.vectors <= 64 => Some((l, Msix::external(l.cap, l.vectors, router)?)),
             Some(l) => {
@@ -227,6 +252,7 @@ impl VfioPci {
             dev: Arc::new(dev),
             shadow,
             msix,
+            msi,
             slots: slots.unwrap_or_else(|| BarSlots::disabled(id)),
             trapped,
         })
@@ -278,6 +304,26 @@ impl VfioPci {
         }
     }
 
+    /// A write inside the MSI capability: the model takes it; a change of the vectors in use
+    /// wires (or unwires) the VF's MSI eventfds.
+    fn msi_write(&mut self, offset: usize, data: &[u8]) {
+        let Some(m) = &mut self.msi else {
+            return;
+        };
+        let (dev, name) = (&self.dev, &self.name);
+        m.write(offset, data, &mut |fds| {
+            let n = fds.len();
+            if let Err(e) = dev.set_irqs(irq::MSI, fds) {
+                tracing::warn!("{name}: wiring {n} MSI vectors: {e}");
+            }
+        });
+    }
+
+    /// The VF's MSI layout, if it has MSI.
+    pub fn msi_layout(&self) -> Option<MsiLayout> {
+        self.msi.as_ref().map(Msi::layout)
+    }
+
     fn msix_region(&self, bar: usize, offset: u64) -> Option<(bool, u64)> {
         let (l, _) = self.msix.as_ref()?;
         if bar == l.table.0 && (l.table.1..l.table.1 + l.table_len()).contains(&offset) {
@@ -317,6 +363,10 @@ impl PciDevice for VfioPci {
                 return u32::MAX;
             }
         };
+        let v = match &self.msi {
+            Some(m) => m.merge(offset, v),
+            None => v,
+        };
         match &self.msix {
             Some((l, m)) if l.cap == offset => {
                 (v & !(0xc000 << 16)) | (u32::from(m.control_bits()) << 16)
@@ -333,6 +383,13 @@ impl PciDevice for VfioPci {
             // The bus decodes BARs from the shadow's command register.
             self.shadow.write(offset, data);
             self.guest_bars_changed();
+        }
+        if self
+            .msi
+            .as_ref()
+            .is_some_and(|m| m.layout().overlaps(offset, data.len()))
+        {
+            return self.msi_write(offset, data);
         }
         if let Some(cap) = self.msix.as_ref().map(|(l, _)| l.cap) {
             if offset < cap + 4 && offset + data.len() > cap {
@@ -453,6 +510,27 @@ mod tests {
         assert_eq!(find_msix(&mut |o| cfg[o / 4]), None, "MSI only");
         cfg[0x70 / 4] = 0x0000_7005;
         assert_eq!(find_msix(&mut |o| cfg[o / 4]), None, "a loop ends");
+    }
+
+    #[test]
+    fn the_msi_capability_of_qemus_edu_device_is_found_with_its_layout() {
+        // As QEMU's edu (1234:11e8): MSI at 0x40, the only capability, 64-bit, 1 vector.
+        let mut cfg = [0u32; 64];
+        cfg[1] = 1 << 20;
+        cfg[0x34 / 4] = 0x40;
+        cfg[0x40 / 4] = 0x0080_0005;
+        let (l, header) = find_msi(&mut |o| cfg[o / 4]).unwrap();
+        assert_eq!(header, 0x0080_0005);
+        assert_eq!(
+            (l.cap, l.vectors(), l.addr64, l.len()),
+            (0x40, 1, true, 0x10)
+        );
+        assert_eq!(find_msix(&mut |o| cfg[o / 4]), None);
+        cfg[1] = 0;
+        assert!(
+            find_msi(&mut |o| cfg[o / 4]).is_none(),
+            "no capability list"
+        );
     }
 
     #[test]

@@ -18,15 +18,20 @@
 //!    `svff-guest: serial irqs=N` (1 when IRQ 4 arrived through the VMM's irqfd, 0 if not);
 //!    then, for each target with an MSI-X capability, points table entry 0 at vector
 //!    0x40 + target index, enables MSI-X and prints `svff-guest: dev=00:DD.F msix vector=V`;
+//!    a target with MSI and no MSI-X gets its MSI message pointed at that vector (one vector,
+//!    64-bit address if the capability has it), MSI enabled, and prints
+//!    `svff-guest: dev=00:DD.F msi vector=V`;
 //! 5. loops in *rounds*: per target, reads its vendor ID in config space (0xffff: the
 //!    function is gone: prints `svff-guest: dev=00:DD.F event=gone` once; when it returns,
 //!    re-enables decoding and prints `... event=back`), then reads BAR0+0 (identity) and
 //!    BAR0+8 (status), each timed with `rdtsc`, counting valid and all-ones reads; on an
-//!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once;
+//!    `svff-test` function with MSI-X it then rings the doorbell (BAR0+0x14 <- 0) once, and
+//!    on QEMU's `edu` (1234:11e8) with MSI set up it acknowledges and raises its interrupt
+//!    (BAR0+0x64 <- 1, BAR0+0x60 <- 1: one MSI per round);
 //! 6. every `report_every` rounds prints, per target,
 //!    `svff-guest: dev=00:DD.F round=R reads=N ok=N ones=N gone=N back=N max_tsc=N irqs=N win_ktsc=N id=XXXXXXXX st=XXXXXXXX`
 //!    (`max_tsc`: the longest single BAR read in TSC ticks, low 32 bits; `irqs`: MSI-X
-//!    interrupts taken; `win_ktsc`: the longest guest-observed disruption in units of 1024 TSC
+//!    or MSI interrupts taken; `win_ktsc`: the longest guest-observed disruption in units of 1024 TSC
 //!    ticks: a run of all-ones reads from its first read to the end of the next valid read
 //!    (policy `ignore`), or one slow read (a stalled access, policy `stall`), whichever is
 //!    longest; `id`: the last BAR0+0 value, `st`: the last BAR0+8 value, hex);

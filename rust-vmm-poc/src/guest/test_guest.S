@@ -40,7 +40,8 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 #   +24 max_tsc, +28 flags (bit 0: gone now), +32 last ID register value, +36 reads,
 #   +40 MSI-X interrupts taken, +44 vendor/device ID, +48 MSI-X table address (0: none),
 #   +52/+56 TSC (lo/hi) of the first read of the current run of all-ones reads (flags bit 1:
-#   in such a run), +60 longest window in units of 1024 TSC ticks, +64 last BAR0+8 value
+#   in such a run), +60 longest window in units of 1024 TSC ticks, +64 last BAR0+8 value,
+#   +68 MSI capability offset when MSI (not MSI-X) is set up (0: none)
 .p2align 6
 .Lg_targets:    .fill 32 * 128, 1, 0
 
@@ -69,6 +70,7 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
 .Lg_s_win:      .asciz " win_ktsc="
 .Lg_s_serial:   .asciz "svff-guest: serial irqs="
 .Lg_s_msix:     .asciz " msix vector="
+.Lg_s_msi:      .asciz " msi vector="
 .Lg_s_exc:      .asciz "svff-guest: exception\n"
 .Lg_s_halt:     .asciz "svff-guest: halting with interrupts off\n"
 .Lg_s_spin:     .asciz "svff-guest: spinning with interrupts off\n"
@@ -164,6 +166,17 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     outl %eax, %dx
     movw $0xcfc, %dx
     inl %dx, %eax
+    ret
+
+# cfg_write: eax = conf1 address (dword aligned), ecx = value. Clobbers edx.
+.Lg_cfg_write:
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfc, %dx
+    pushl %eax
+    movl %ecx, %eax
+    outl %eax, %dx
+    popl %eax
     ret
 
 # enable_mem: edi = conf1 address of dword 0: sets Memory Space and Bus Master in the
@@ -614,6 +627,69 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     call .Lg_putc
 9:  ret
 
+# setup_msi: ebp = target entry, ebx = its index, for a target without MSI-X: finds the MSI
+# capability, points its message at vector 0x40 + index on the boot CPU (one vector: Multiple
+# Message Enable 0), enables MSI and records the capability at +68.
+# Clobbers eax, ecx, edx, esi, edi.
+.Lg_setup_msi:
+    movl 0(%ebp), %eax
+    orl $4, %eax
+    call .Lg_cfg_read
+    testl $0x100000, %eax               # Status: capabilities list
+    jz 9f
+    movl 0(%ebp), %eax
+    orl $0x34, %eax
+    call .Lg_cfg_read
+    andl $0xfc, %eax
+    movl %eax, %esi
+    movl $48, %edi                      # bound the walk
+2:  testl %esi, %esi
+    jz 9f
+    decl %edi
+    jz 9f
+    movl 0(%ebp), %eax
+    orl %esi, %eax
+    call .Lg_cfg_read
+    cmpb $0x05, %al
+    je 3f
+    shrl $8, %eax
+    andl $0xfc, %eax
+    movl %eax, %esi
+    jmp 2b
+3:  movl %eax, %edi                     # edi = ID/next/control, esi = capability offset
+    movl 0(%ebp), %eax
+    orl %esi, %eax
+    addl $4, %eax
+    movl $0xfee00000, %ecx              # address: APIC ID 0, physical
+    call .Lg_cfg_write
+    addl $4, %eax
+    leal 0x40(%ebx), %ecx               # data: fixed, edge, vector 0x40 + index
+    testl $0x800000, %edi               # 64-bit address: upper half 0, data at +12
+    jz 4f
+    pushl %ecx
+    xorl %ecx, %ecx
+    call .Lg_cfg_write
+    popl %ecx
+    addl $4, %eax
+4:  call .Lg_cfg_write
+    movl 0(%ebp), %eax                  # Message Control: Enable, one vector
+    orl %esi, %eax
+    movw $0xcf8, %dx
+    outl %eax, %dx
+    movw $0xcfe, %dx
+    inw %dx, %ax
+    andw $0xff8f, %ax
+    orw $1, %ax
+    outw %ax, %dx
+    movl %esi, 68(%ebp)
+    movl $(0x100000 + .Lg_s_msi - svff_guest_start), %esi
+    call .Lg_print_event
+    leal 0x40(%ebx), %eax
+    call .Lg_put_dec
+    movb $0x0a, %al
+    call .Lg_putc
+9:  ret
+
 # ---- main ---------------------------------------------------------------------------------
 .Lg_entry:
     cli
@@ -721,7 +797,10 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     shll $7, %ebp
     addl $(0x100000 + .Lg_targets - svff_guest_start), %ebp
     call .Lg_setup_msix
-    incl %ebx
+    cmpl $0, 48(%ebp)                   # no MSI-X: MSI, if it has that
+    jne 6f
+    call .Lg_setup_msi
+6:  incl %ebx
     jmp 4b
 5:  movl (0x100000 + .Lg_p_report_every - svff_guest_start), %eax
     movl %eax, (0x100000 + .Lg_countdown - svff_guest_start)
@@ -778,7 +857,15 @@ svff_guest_params:                      # filled in by the VMM (TestGuest::param
     addl $8, %edi
     call .Lg_read_reg
     movl %eax, 64(%ebp)
-    cmpl $0, 48(%ebp)                   # no MSI-X: nothing to ring
+    cmpl $0, 68(%ebp)                   # MSI set up: edu raises it on a write of 0x60
+    je 1f
+    cmpl $0x11e81234, 44(%ebp)          # QEMU edu: acknowledge (0x64), then raise (0x60)
+    jne .Lg_target_next
+    movl 4(%ebp), %edi
+    movl $1, 0x64(%edi)
+    movl $1, 0x60(%edi)
+    jmp .Lg_target_next
+1:  cmpl $0, 48(%ebp)                   # no MSI-X: nothing to ring
     je .Lg_target_next
     cmpl $0x5ff01234, 44(%ebp)          # svff-test with MSI-X: ring vector 0 each round
     jne 7f

@@ -4,6 +4,7 @@
 mod bus;
 mod config;
 mod device;
+mod msi;
 mod msix;
 #[cfg(test)]
 mod tests;
@@ -13,5 +14,7 @@ pub use config::{
     reg, BarKind, BarSpec, ConfigSpace, COMMAND_MASTER, COMMAND_MEMORY, MIN_BAR_SIZE, NUM_BARS,
 };
 pub use device::{HostBridge, PciDevice, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR};
+pub(crate) use msi::Msi;
+pub use msi::{MsiLayout, CAP_ID_MSI};
 pub(crate) use msix::Msix;
 pub use msix::CAP_ID_MSIX;

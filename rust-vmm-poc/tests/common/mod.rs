@@ -1,8 +1,11 @@
 //! Shared by the two-VMM lab tests (`lab_vmm_nvme`, `lab_vmm_igb`): an svff-vmm process with
-//! the test guest, and the acceptance scenarios of issue 11 run against a PF's VFs.
+//! the test guest (run as root, or unprivileged with its VFIO group fds passed over QMP), and
+//! the acceptance scenarios of issue 11 run against a PF's VFs.
 
 #![allow(dead_code)]
 
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -29,12 +32,51 @@ pub struct Kind {
     pub live: fn(&GuestCounters, u16) -> bool,
 }
 
+/// The uid and gid an unprivileged VMM runs as (`nobody`).
+pub const NOBODY: u32 = 65534;
+
+/// `/dev/kvm` opened to everyone (an unprivileged VMM needs it; `/dev/vfio/<group>` stays
+/// root's); its mode put back on drop.
+struct KvmForAll(u32);
+
+impl KvmForAll {
+    fn new() -> KvmForAll {
+        let mode = std::fs::metadata("/dev/kvm").unwrap().permissions().mode();
+        std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o666)).unwrap();
+        KvmForAll(mode)
+    }
+}
+
+impl Drop for KvmForAll {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// Opens the VFIO group of `host` (as root), to hand to an unprivileged VMM.
+pub fn open_group(host: &str) -> std::fs::File {
+    let path = format!("/dev/vfio/{}", svff_lab::guest::iommu_group(host));
+    let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(
+        meta.uid() == 0 && meta.mode() & 0o077 == 0,
+        "{path} is root's only, so an unprivileged VMM cannot open it itself"
+    );
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 /// One svff-vmm with the test guest, its serial log and QMP socket; killed on drop.
 pub struct Vmm {
     pub name: &'static str,
+    /// Runs as [`NOBODY`] and gets its group fds over QMP (at start and at unpause).
+    pub unprivileged: bool,
     child: Option<Child>,
     serial: PathBuf,
     sock: PathBuf,
+    _kvm: Option<KvmForAll>,
     _dir: tempfile::TempDir,
 }
 
@@ -46,29 +88,101 @@ impl Vmm {
         report_every: u32,
         mode: &str,
     ) -> Vmm {
+        Self::spawn_as(name, devs, report_every, mode, false)
+    }
+
+    /// As [`Vmm::spawn`]; `unprivileged`: run as [`NOBODY`] (`setpriv`, locked-memory limit
+    /// raised for type1's pins) with no access to `/dev/vfio/<group>`, every device given as
+    /// `fd=<id>`, its group fd passed with `getfd <id>` before `x-svff-start`.
+    pub fn spawn_as(
+        name: &'static str,
+        devs: &[(&str, &str, &str)],
+        report_every: u32,
+        mode: &str,
+        unprivileged: bool,
+    ) -> Vmm {
         let dir = tempfile::tempdir().unwrap();
         let serial = dir.path().join("serial.log");
         let sock = dir.path().join("qmp.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_svff-vmm"));
+        let (mut cmd, kvm) = if unprivileged {
+            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+            let mut c = Command::new("prlimit");
+            c.args(["--memlock=unlimited", "setpriv"])
+                .arg(format!("--reuid={NOBODY}"))
+                .arg(format!("--regid={NOBODY}"))
+                .args(["--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_svff-vmm"));
+            (c, Some(KvmForAll::new()))
+        } else {
+            (Command::new(env!("CARGO_BIN_EXE_svff-vmm")), None)
+        };
         cmd.args(["--test-devices", "0", "--guest-mode", mode])
             .arg(format!("--guest-report-every={report_every}"))
             .arg(format!("--serial=file:{}", serial.display()))
             .arg("--qmp")
             .arg(&sock);
         for (id, host, policy) in devs {
-            cmd.arg(format!("--vfio={host},id={id},policy={policy}"));
+            let fd = if unprivileged {
+                format!(",fd={id}")
+            } else {
+                String::new()
+            };
+            cmd.arg(format!("--vfio={host},id={id},policy={policy}{fd}"));
         }
         let vmm = Vmm {
             name,
+            unprivileged,
             child: Some(cmd.spawn().unwrap()),
             serial,
             sock,
+            _kvm: kvm,
             _dir: dir,
         };
         vmm.wait("the QMP socket listening", &|| {
             std::os::unix::net::UnixStream::connect(&vmm.sock).is_ok()
         });
+        if unprivileged {
+            assert_eq!(vmm.uid(), NOBODY, "{name} runs as nobody");
+            let mut qmp = vmm.qmp();
+            assert_eq!(
+                qmp.execute("query-status", None).unwrap()["status"],
+                "prelaunch",
+                "{name} waits for its group fds"
+            );
+            for (id, host, _) in devs {
+                let g = open_group(host);
+                qmp.send_fd(id, g.as_fd()).unwrap();
+            }
+            qmp.execute("x-svff-start", None)
+                .unwrap_or_else(|e| panic!("{name}: x-svff-start: {e}"));
+        }
         vmm
+    }
+
+    /// The real uid of the VMM process.
+    pub fn uid(&self) -> u32 {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+            .unwrap()
+    }
+
+    /// `svff-vfio-unpause` of `id` onto `host` on its own QMP connection; an unprivileged VMM
+    /// first gets the group fd of `host` (`getfd`, then `fdname`).
+    pub fn unpause(&self, id: &str, host: &str) -> Value {
+        let mut qmp = self.qmp();
+        let mut args = json!({"id": id, "host": host});
+        if self.unprivileged {
+            let fdname = format!("{id}-unpause");
+            qmp.send_fd(&fdname, open_group(host).as_fd()).unwrap();
+            args["fdname"] = json!(fdname);
+        }
+        qmp.execute("svff-vfio-unpause", Some(args.clone()))
+            .unwrap_or_else(|e| panic!("{}: svff-vfio-unpause {args}: {e}", self.name))
     }
 
     pub fn out(&self) -> String {
@@ -162,10 +276,11 @@ pub fn in_parallel(command: &str, calls: &[(&Vmm, Value)]) -> Vec<Value> {
 pub const DEVS: [&str; 2] = ["00:01.0", "00:02.0"];
 pub const EVERY: u32 = 20;
 
-/// Two svff-vmm instances, each with 2 VFs of `pf` (A: policy ignore, B: policy stall), the
-/// test guest reading them: all four paused in parallel, `sriov_numvfs` 4 -> 0 -> 6 with
-/// vfio-pci binding, each unpaused in parallel onto another new VF (vf0 -> VF 5, vf1 -> 4,
-/// vf2 -> 3, vf3 -> 2). Asserts what issue 11's acceptance asks, from the guests' counters.
+/// Two svff-vmm instances, each with 2 VFs of `pf` (A: policy ignore, as root; B: policy
+/// stall, unprivileged, its group fds passed over QMP at start and at unpause), the test guest
+/// reading them: all four paused in parallel, `sriov_numvfs` 4 -> 0 -> 6 with vfio-pci binding,
+/// each unpaused in parallel onto another new VF (vf0 -> VF 5, vf1 -> 4, vf2 -> 3, vf3 -> 2).
+/// Asserts what issue 11's acceptance asks, from the guests' counters.
 pub fn pause_across_numvfs_4_0_6(pf: &dyn Pf, kind: &Kind) {
     let vfs = pf.vfs(4);
     let mode = if kind.self_irqs { "ring-vf" } else { "read" };
@@ -176,12 +291,14 @@ pub fn pause_across_numvfs_4_0_6(pf: &dyn Pf, kind: &Kind) {
         EVERY,
         mode,
     );
-    let mut b = Vmm::spawn(
+    let mut b = Vmm::spawn_as(
         "vmm-b",
         &[("vf2", &vfs[2], "stall"), ("vf3", &vfs[3], "stall")],
         EVERY,
         mode,
+        true,
     );
+    assert_eq!((a.uid(), b.uid()), (0, NOBODY));
     let guests = [(&a, ["vf0", "vf1"]), (&b, ["vf2", "vf3"])];
     let mut before = Vec::new();
     for (vmm, ids) in guests {
@@ -232,16 +349,33 @@ pub fn pause_across_numvfs_4_0_6(pf: &dyn Pf, kind: &Kind) {
     let t = Instant::now();
     let new_vfs = pf.vfs(6);
     println!("sriov_numvfs 4 -> 0 -> 6 + bind: {:?}", t.elapsed());
-    // Each onto another new VF than it had: vf0 -> VF 5, vf1 -> 4, vf2 -> 3, vf3 -> 2.
-    let unpauses = in_parallel(
+    // B cannot open the new VF's group itself: an unpause without a passed fd is refused and
+    // leaves the device paused.
+    let refused = b.qmp().execute(
         "svff-vfio-unpause",
-        &[
-            (&a, json!({"id": "vf0", "host": new_vfs[5]})),
-            (&a, json!({"id": "vf1", "host": new_vfs[4]})),
-            (&b, json!({"id": "vf2", "host": new_vfs[3]})),
-            (&b, json!({"id": "vf3", "host": new_vfs[2]})),
-        ],
+        Some(json!({"id": "vf2", "host": new_vfs[3]})),
     );
+    println!("vmm-b, unpause without a group fd: {refused:?}");
+    assert!(refused.is_err(), "{refused:?}");
+    let st = b.qmp().execute("query-svff-vfio", None).unwrap();
+    assert_eq!(st[0]["state"], "paused", "{st}");
+    // Each onto another new VF than it had: vf0 -> VF 5, vf1 -> 4, vf2 -> 3, vf3 -> 2; B's
+    // with the new VFs' group fds.
+    let unpauses: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = [
+            (&a, "vf0", 5),
+            (&a, "vf1", 4),
+            (&b, "vf2", 3),
+            (&b, "vf3", 2),
+        ]
+        .into_iter()
+        .map(|(vmm, id, h)| {
+            let host = &new_vfs[h];
+            s.spawn(move || vmm.unpause(id, host))
+        })
+        .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     for u in &unpauses {
         println!("unpause: {u}");
     }

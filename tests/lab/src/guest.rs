@@ -33,6 +33,29 @@ pub fn nvme_pf() -> String {
     pf("SVFF_LAB_NVME_PF")
 }
 
+/// BDF of QEMU's `edu` device (1234:11e8) in L1, found by its IDs: a plain PCI function at
+/// slot 0x10 of L1's root bus, behind the IOMMU in its own group, with one BAR (1 MiB) and an
+/// MSI capability (one vector, 64-bit) and no MSI-X. With MSI enabled (and Bus Master set) a
+/// write to BAR0+0x60 raises its MSI; BAR0+0x00 reads 0x010000ed; BAR0+0x04 returns the
+/// complement of what was written there. No L1 driver claims it.
+pub fn edu() -> String {
+    require_lab();
+    let mut devs: Vec<PathBuf> = fs::read_dir("/sys/bus/pci/devices")
+        .expect("read /sys/bus/pci/devices")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    devs.sort();
+    devs.iter()
+        .find(|d| {
+            fs::read_to_string(d.join("vendor")).is_ok_and(|v| v.trim() == "0x1234")
+                && fs::read_to_string(d.join("device")).is_ok_and(|v| v.trim() == "0x11e8")
+        })
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("no edu device (1234:11e8) in L1: L0 QEMU without `-device edu`?")
+}
+
 /// `/sys/bus/pci/devices/<bdf>`.
 pub fn dev_path(bdf: &str) -> PathBuf {
     Path::new("/sys/bus/pci/devices").join(bdf)

@@ -1,7 +1,8 @@
 //! The svff lab: an emulated SR-IOV host (L1) under QEMU, on the real Linux kernel.
 //!
 //! L1 is a QEMU TCG guest with an intel-iommu, an igb PF (7 VFs with its driver, 8 with
-//! `pci-pf-stub`) and an emulated nvme PF (64 VFs with `pci-pf-stub`). Its root file system is
+//! `pci-pf-stub`), an emulated nvme PF (64 VFs with `pci-pf-stub`) and QEMU's `edu`, an
+//! MSI-only function ([`guest::edu`]). Its root file system is
 //! L0's own root, read-only over 9p, so L1 runs the binaries just built at the same paths. An
 //! agent in L1 runs commands as root on request over a virtio-serial port and streams their
 //! output back ([`proto`]).
@@ -41,5 +42,5 @@ pub use agent::serve as serve_agent;
 pub use config::{LabConfig, TcgThread, DEFAULT_CPUS, INSTALL_HINT, L1_MEMORY_MIB};
 pub use error::LabError;
 pub use initramfs::{ensure_initramfs, resolve_modules, ROOT_MODULES};
-pub use session::{shell, Lab, Output};
+pub use session::{shell, Lab, Output, NS_IMAGE_BYTES};
 pub use signals::{await_signal_cleanup, exit_cleanly_on_signals};

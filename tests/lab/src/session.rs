@@ -45,7 +45,12 @@ impl Output {
 /// `no_timer_check`: under a loaded host, TCG can miss the few PIT ticks the kernel waits for
 /// while it checks the IO-APIC timer path, and the kernel then panics ("timer doesn't work
 /// through Interrupt-remapped IO-APIC"; 3 of 20 boots in the 2026-12-01 campaign, at load average 10).
-fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
+///
+/// The nvme PF's subsystem holds one shared namespace (NSID 1) backed by `ns_image`, a sparse
+/// [`NS_IMAGE_BYTES`] file in the session directory ([`make_ns_image`]): QEMU attaches a shared
+/// namespace to every controller of the subsystem when that controller is enabled, so the PF
+/// and every online secondary controller (VF) see it, and an L2 guest with a VF can do I/O.
+fn machine_args(cfg: &LabConfig, initrd: &Path, ns_image: &Path, mode: &str) -> Vec<String> {
     let mut append = format!(
         "console=ttyS0 intel_iommu=on iommu=pt quiet loglevel=4 panic=-1 no_timer_check rdinit=/init svff.mode={mode} svff.agent={}",
         cfg.agent.display()
@@ -67,12 +72,21 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         "-netdev", "user,id=n0,restrict=on",
         "-device", "pcie-root-port,id=rp1,slot=2,chassis=2",
         "-device", "nvme-subsys,id=sub0",
-        "-device", "nvme,bus=rp1,serial=d1,subsys=sub0,sriov_max_vfs=64,sriov_vq_flexible=128,sriov_vi_flexible=64,sriov_max_vq_per_vf=16,sriov_max_vi_per_vf=8,max_ioqpairs=130,msix_qsize=80",
+        "-device", "nvme,id=nvme0,bus=rp1,serial=d1,subsys=sub0,sriov_max_vfs=64,sriov_vq_flexible=128,sriov_vi_flexible=64,sriov_max_vq_per_vf=16,sriov_max_vi_per_vf=8,max_ioqpairs=130,msix_qsize=80",
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on",
         "-device", "virtio-serial-pci,id=vser",
         "-device", "virtserialport,bus=vser.0,chardev=ctl,name=svff.ctl",
+        // An MSI-only function behind the IOMMU for plain-MSI passthrough tests (see
+        // `guest::edu`); at a fixed slot after everything else, so no other BDF moves.
+        "-device", "edu,addr=10.0",
     ];
     let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    v.extend([
+        "-drive".into(),
+        format!("if=none,id=nvm0,format=raw,file={}", ns_image.display()),
+        "-device".into(),
+        "nvme-ns,drive=nvm0,bus=nvme0,nsid=1,shared=on".into(),
+    ]);
     // Single-threaded TCG by default (see `TcgThread`): with thread=multi, QEMU 10.0.2 now and
     // then loses a vCPU's LAPIC timer interrupt and that CPU idles forever.
     v.extend([
@@ -93,6 +107,18 @@ fn machine_args(cfg: &LabConfig, initrd: &Path, mode: &str) -> Vec<String> {
         append,
     ]);
     v
+}
+
+/// Size of the lab's shared nvme namespace (512-byte blocks: 32768).
+pub const NS_IMAGE_BYTES: u64 = 16 << 20;
+
+/// Creates the namespace's backing file `dir/nvme-ns1.img` (sparse, zeros) and returns its path.
+/// One per session: QEMU locks its image, so two labs must never share one.
+fn make_ns_image(dir: &Path) -> Result<PathBuf, LabError> {
+    let p = dir.join("nvme-ns1.img");
+    let f = fs::File::create(&p).map_err(|e| LabError::io(&p, e))?;
+    f.set_len(NS_IMAGE_BYTES).map_err(|e| LabError::io(&p, e))?;
+    Ok(p)
 }
 
 /// Removes session directories left by processes that no longer exist (e.g. killed by SIGKILL).
@@ -207,8 +233,9 @@ impl Lab {
         let console = dir.join("console.log");
         let qemu_err = fs::File::create(dir.join("qemu.stderr"))
             .map_err(|e| LabError::io(dir.join("qemu.stderr"), e))?;
+        let ns_image = make_ns_image(&dir)?;
         let mut cmd = Command::new(&cfg.qemu);
-        cmd.args(machine_args(cfg, initrd, "run"))
+        cmd.args(machine_args(cfg, initrd, &ns_image, "run"))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-chardev")
@@ -575,17 +602,19 @@ impl Drop for PendingLab {
 /// exits (L1 powers off) or QEMU is quit (Ctrl-A X).
 pub fn shell(cfg: &LabConfig) -> Result<ExitStatus, LabError> {
     let initrd = ensure_initramfs(&cfg.kernel_version, &cfg.cache_dir)?;
-    let mut cmd = Command::new(&cfg.qemu);
-    cmd.args(machine_args(cfg, &initrd, "shell")).args([
-        "-serial",
-        "mon:stdio",
-        "-chardev",
-        "null,id=ctl",
-    ]);
-    let (_pid, exited) = spawn_qemu(cmd)?;
-    exited
-        .recv()
-        .map_err(|_| LabError::Vm("QEMU thread ended without a status".into()))
+    let dir = make_session_dir()?;
+    let result = (|| {
+        let ns_image = make_ns_image(&dir)?;
+        let mut cmd = Command::new(&cfg.qemu);
+        cmd.args(machine_args(cfg, &initrd, &ns_image, "shell"))
+            .args(["-serial", "mon:stdio", "-chardev", "null,id=ctl"]);
+        let (_pid, exited) = spawn_qemu(cmd)?;
+        exited
+            .recv()
+            .map_err(|_| LabError::Vm("QEMU thread ended without a status".into()))
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
 }
 
 #[cfg(test)]

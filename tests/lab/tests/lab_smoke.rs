@@ -103,6 +103,36 @@ fn kvm_is_usable_in_l1_after_loading_kvm_amd() {
     vm.create_vcpu(0).expect("create a vCPU in L1");
 }
 
+/// The plain-MSI passthrough tests rely on this: QEMU's `edu` sits alone in its IOMMU group,
+/// with an MSI capability and no MSI-X, and binds to vfio-pci.
+#[test]
+#[ignore = "lab: runs inside the emulated host (svff-lab test)"]
+fn edu_is_an_msi_only_function_alone_in_its_iommu_group_and_binds_to_vfio_pci() {
+    let edu = guest::edu();
+    let group = guest::iommu_group(&edu);
+    let members: Vec<_> = std::fs::read_dir(format!("/sys/kernel/iommu_groups/{group}/devices"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(members.len(), 1, "group {group}: {members:?}");
+    let cfg = std::fs::read(dev_path(&edu).join("config")).unwrap();
+    assert!(cfg[6] & 0x10 != 0, "capability list");
+    let mut caps = Vec::new();
+    let mut at = usize::from(cfg[0x34] & 0xfc);
+    while at >= 0x40 && caps.len() < 48 {
+        caps.push(cfg[at]);
+        at = usize::from(cfg[at + 1] & 0xfc);
+    }
+    assert!(
+        caps.contains(&0x05) && !caps.contains(&0x11),
+        "{edu} capabilities: {caps:x?}"
+    );
+    bind(&edu, "vfio-pci");
+    assert!(Path::new(&format!("/dev/vfio/{group}")).exists());
+    unbind(&edu);
+}
+
 /// Before the lab kept L1's RAM below 4 GiB, the igb VF BARs landed above 4 GiB and QEMU 10.0.2
 /// decoded them at the truncated 32-bit address: every register read 0 (see
 /// `svff_lab::L1_MEMORY_MIB`).
