@@ -181,6 +181,19 @@ exec libvirtd
         }
     }
 
+    /// The domain's QEMU log (in libvirtd's mount namespace).
+    fn qemu_log(&self) -> String {
+        let Some(c) = self.child.as_ref() else {
+            return String::new();
+        };
+        let out = Command::new("nsenter")
+            .args(["-t", &c.id().to_string(), "-m", "cat"])
+            .arg(format!("/var/log/libvirt/qemu/{DOMAIN}.log"))
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -198,6 +211,27 @@ impl Drop for Libvirtd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Destroys and undefines the test domain on drop (also when the test
+/// fails half-way), so that no QEMU keeps a VF of the PF open.
+struct DomainGuard;
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", DOMAIN]);
+        let _ = virsh(&["undefine", DOMAIN]);
+        if let Ok(pid) = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                kill9(pid);
+            }
+        }
+    }
+}
+
+/// SIGKILL to `pid` (the domain's QEMU, if libvirtd could not destroy it).
+fn kill9(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
 /// The domain's kernel command line: what [`L2::boot`] gives a VMM with a
@@ -240,6 +274,7 @@ fn domain_xml(qemu: &Path, initrd: &Path, alias: &str) -> String {
       <source mode='connect' path='{LINKS}/ctl.sock'/>
       <target type='virtio' name='{port}'/>
     </channel>
+    <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
   <qemu:override>
@@ -339,6 +374,7 @@ fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_re
     let _ = virsh(&["destroy", DOMAIN]);
     let _ = virsh(&["undefine", DOMAIN]);
     virsh_ok(&["define", xml_path.to_str().unwrap()]);
+    let guard = DomainGuard;
 
     let state = dir.path().join("state");
     let write_config = |path: &Path, domain: &str| {
@@ -475,6 +511,14 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     // Bad input: domain not running, then libvirtd down: errors, nothing changed.
     virsh_ok(&["destroy", DOMAIN]);
     drop(vm);
+    let qemu_log = lv.qemu_log();
+    println!(
+        "libvirt taint lines: {:?}",
+        qemu_log
+            .lines()
+            .filter(|l| l.contains("taint"))
+            .collect::<Vec<_>>()
+    );
     fails_with(
         &[
             "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause",
@@ -482,7 +526,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         &["vm1", "not running"],
     );
     assert_eq!(numvfs(&pf), 1, "nothing changed");
-    let _ = virsh(&["undefine", DOMAIN]);
+    drop(guard);
     lv.stop();
     fails_with(
         &[

@@ -1284,12 +1284,15 @@ mod tests {
         unsafe {
             assert_eq!(vp_device_region_info(d, 0, &mut r), VpStatus::VpOk);
             assert!(r.size > 0, "BAR0 of the simulated nvme VF: {r:?}");
-            assert_eq!(
-                r.flags,
-                VP_REGION_READ | VP_REGION_WRITE | VP_REGION_MMAP
-            );
+            assert_eq!(r.flags, VP_REGION_READ | VP_REGION_WRITE | VP_REGION_MMAP);
             assert_eq!(vp_device_region_info(d, 7, &mut r), VpStatus::VpOk);
-            assert_eq!(r, VpRegionInfo { size: 0x100, flags: VP_REGION_READ | VP_REGION_WRITE });
+            assert_eq!(
+                r,
+                VpRegionInfo {
+                    size: 0x100,
+                    flags: VP_REGION_READ | VP_REGION_WRITE
+                }
+            );
             assert_eq!(vp_device_region_info(d, 2, &mut r), VpStatus::VpOk);
             assert_eq!(r, VpRegionInfo::default(), "no BAR2");
             assert_eq!(
