@@ -138,6 +138,9 @@ remember_owner = 0
 security_driver = "none"
 stdio_handler = "file"
 cgroup_controllers = [ ]
+# With libvirt's default namespaces = ["mount"], QEMU's private /dev in L1 had no /dev/kvm:
+# "-accel kvm: Could not access KVM kernel module: No such file or directory".
+namespaces = [ ]
 EOF
 echo 'log_outputs = "3:stderr"' > /etc/libvirt/libvirtd.conf
 exec libvirtd
