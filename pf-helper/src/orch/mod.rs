@@ -1590,27 +1590,31 @@ fn restore_vm(
                     );
                     continue;
                 };
-                let group = if side.cfg.pass_group_fd {
-                    match groups.get(&host).copied().flatten() {
-                        Some(g) => match vmm::open_group(&name, &a.id, g) {
-                            Ok(f) => Some(f),
-                            Err(e) => {
-                                fail(
-                                    shared,
-                                    format!(
-                                        "VM {name}: {} could not be added: {}",
-                                        a.id,
-                                        e.chain()
-                                    ),
-                                );
-                                continue;
-                            }
-                        },
-                        None => None,
-                    }
-                } else {
-                    None
-                };
+                // libvirt opens the group of a hostdev itself; a group fd
+                // svff held open meanwhile would make that open fail (EBUSY:
+                // a VFIO group is opened once).
+                let group =
+                    if side.cfg.pass_group_fd && side.cfg.kind != crate::config::VmKind::Libvirt {
+                        match groups.get(&host).copied().flatten() {
+                            Some(g) => match vmm::open_group(&name, &a.id, g) {
+                                Ok(f) => Some(f),
+                                Err(e) => {
+                                    fail(
+                                        shared,
+                                        format!(
+                                            "VM {name}: {} could not be added: {}",
+                                            a.id,
+                                            e.chain()
+                                        ),
+                                    );
+                                    continue;
+                                }
+                            },
+                            None => None,
+                        }
+                    } else {
+                        None
+                    };
                 let r = shared
                     .record(Step::Attach {
                         vm: name.clone(),
