@@ -478,6 +478,12 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         states.contains("\"attached\"") && states.contains(&vf0),
         "{states}"
     );
+    // The passthrough tainted the domain (libvirt's status XML in /run).
+    let status = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.xml")).unwrap();
+    assert!(
+        status.contains("<taint flag='custom-monitor'/>"),
+        "{status}"
+    );
     // QEMU holds the new VF's group through the passed fd.
     let group = guest::iommu_group(&vf0);
     let pid = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.pid")).unwrap();

@@ -152,6 +152,10 @@ impl PersistentConnector {
 
 impl Connector for PersistentConnector {
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+        // A libvirt connection is not kept (one per operation).
+        if vm.kind == VmKind::Libvirt {
+            return QmpConnector.connect(vm);
+        }
         let kept = self
             .idle
             .lock()
@@ -751,8 +755,15 @@ mod no_libvirt_tests {
         let text = "socket = \"/run/x.sock\"\nallowed_uids = [0]\nstate_dir = \"/var/lib/x\"\n\
                     [[vm]]\nname = \"vm1\"\nkind = \"libvirt\"\nlibvirt = { domain = \"g\" }\n";
         let cfg = crate::config::Config::parse(text, Path::new("/etc/svff/helper.toml")).unwrap();
-        let e = QmpConnector.connect(&cfg.vms[0]).err().unwrap();
-        assert_eq!(e.kind(), "not_supported");
-        assert!(e.to_string().contains("--features libvirt"), "{e}");
+        for e in [
+            QmpConnector.connect(&cfg.vms[0]).err().unwrap(),
+            PersistentConnector::new()
+                .connect(&cfg.vms[0])
+                .err()
+                .unwrap(),
+        ] {
+            assert_eq!(e.kind(), "not_supported");
+            assert!(e.to_string().contains("--features libvirt"), "{e}");
+        }
     }
 }
