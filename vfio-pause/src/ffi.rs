@@ -873,9 +873,14 @@ pub unsafe extern "C" fn vp_device_region_info(
         }
         // SAFETY: forwarded contract.
         let r = unsafe { dev(d) }?.region_info(index)?;
-        let flags = u32::from(r.read) * VP_REGION_READ
-            | u32::from(r.write) * VP_REGION_WRITE
-            | u32::from(r.mmap) * VP_REGION_MMAP;
+        let flags = [
+            (r.read, VP_REGION_READ),
+            (r.write, VP_REGION_WRITE),
+            (r.mmap, VP_REGION_MMAP),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |f, (_, bit)| f | bit);
         // SAFETY: non-NULL and writable per the contract.
         unsafe {
             *out = VpRegionInfo {
