@@ -62,6 +62,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/svff";
 /// kind = "qmp"                       # an existing QEMU / svff-vmm, reached over QMP
 /// qmp = "/run/vm1/qmp.sock"
 /// hotplug_ports = ["rp0", "rp1"]     # buses for device_add (q35 root ports)
+/// # properties added to every device_add (svff's patched QEMU: its pausable device,
+/// # with the guest-driver recovery of qemu-fork/README.md); default: driver vfio-pci
+/// device_props = { driver = "svff-vfio-pci", recover = "aer-nonfatal" }
 /// pause_policy = "ignore"            # ignore | stall (default ignore)
 /// vfs = [{ pf = "0000:01:00.0", count = 2 }, { pf = "0000:81:00.0", index = [0, 3] }]
 ///
@@ -247,6 +250,10 @@ pub struct VmConfig {
     /// Buses `device_add` may put a VF on (QEMU ids of q35 root ports), used
     /// in order; empty: `device_add` without `bus`.
     pub hotplug_ports: Vec<String>,
+    /// Kind `qmp`: properties of every `device_add` (e.g. `driver =
+    /// "svff-vfio-pci"`, `recover = "aer-nonfatal"` for svff's QEMU); the
+    /// driver defaults to `vfio-pci`. `host`, `id`, `bus` and `fdname` are svff's.
+    pub device_props: BTreeMap<String, String>,
     /// Guest BAR access policy while a VF is paused.
     pub pause_policy: PausePolicy,
     /// Deadline of a stalled access in milliseconds (policy `stall`).
@@ -294,6 +301,8 @@ struct RawVm {
     #[serde(default)]
     hotplug_ports: Vec<String>,
     #[serde(default)]
+    device_props: BTreeMap<String, String>,
+    #[serde(default)]
     pause_policy: PausePolicy,
     #[serde(default)]
     stall_ms: Option<u64>,
@@ -330,6 +339,12 @@ fn libvirt_problem(vm: &RawVm) -> Option<(&'static str, String)> {
                     "hotplug_ports",
                     "hotplug_ports is not for kind \"libvirt\" (libvirt picks a free root port)"
                         .into(),
+                ));
+            }
+            if !vm.device_props.is_empty() {
+                return Some((
+                    "device_props",
+                    "device_props is not for kind \"libvirt\" (libvirt builds the device: use <qemu:override>)".into(),
                 ));
             }
             if !vm.command.is_empty() || vm.run_as.is_some() {
@@ -638,6 +653,27 @@ impl Config {
                     format!("VM {}: invalid bus id {p:?}", vm.name),
                 ));
             }
+            if let Some((k, v)) = vm.device_props.iter().find(|(k, v)| {
+                !valid_qemu_id(k)
+                    || ["host", "id", "bus", "fdname"].contains(&k.as_str())
+                    || v.is_empty()
+                    || v.len() > 256
+                    || !v.bytes().all(|b| b.is_ascii_graphic())
+            }) {
+                return Err(at(
+                    key("device_props"),
+                    format!(
+                        "VM {}: device property {k:?} = {v:?} not allowed (host, id, bus and fdname are svff's; values are printable ASCII without spaces)",
+                        vm.name
+                    ),
+                ));
+            }
+            if vm.kind != VmKind::Qmp && !vm.device_props.is_empty() {
+                return Err(at(
+                    key("device_props"),
+                    format!("VM {}: device_props is for kind \"qmp\" only", vm.name),
+                ));
+            }
             if vm.qmp_timeout_s == 0 || vm.detach_timeout_s == 0 {
                 return Err(at(
                     key(if vm.qmp_timeout_s == 0 {
@@ -733,6 +769,7 @@ impl Config {
                 qmp,
                 libvirt: vm.libvirt.clone(),
                 hotplug_ports: vm.hotplug_ports.clone(),
+                device_props: vm.device_props.clone(),
                 pause_policy: vm.pause_policy,
                 stall_ms: vm.stall_ms,
                 // libvirt's QEMU cannot open new /dev/vfio nodes: every unpause passes the group.
@@ -1057,6 +1094,38 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
             "pause_policy = \"wait\"",
         ));
         assert_eq!((line, key.as_str()), (25, "vm[1].pause_policy"));
+    }
+
+    #[test]
+    fn qmp_device_props_parse_and_svffs_own_keys_or_other_kinds_are_refused() {
+        let c = parse(&system_with(
+            "hotplug_ports = [\"rp0\", \"rp1\"]\n",
+            "hotplug_ports = [\"rp0\", \"rp1\"]\ndevice_props = { driver = \"svff-vfio-pci\", recover = \"aer-nonfatal\" }\n",
+        ))
+        .unwrap();
+        let vm1 = c.vm("vm1").unwrap();
+        assert_eq!(vm1.device_props["driver"], "svff-vfio-pci");
+        assert_eq!(vm1.device_props["recover"], "aer-nonfatal");
+        assert!(c.vm("vm2").unwrap().device_props.is_empty());
+        for (props, why) in [
+            ("{ host = \"0000:01:10.0\" }", "not allowed"),
+            ("{ bus = \"rp9\" }", "not allowed"),
+            ("{ recover = \"a b\" }", "not allowed"),
+            ("{ \"9x\" = \"1\" }", "not allowed"),
+        ] {
+            let (_, _, key, reason) = located(&system_with(
+                "hotplug_ports = [\"rp0\", \"rp1\"]\n",
+                &format!("hotplug_ports = [\"rp0\", \"rp1\"]\ndevice_props = {props}\n"),
+            ));
+            assert_eq!(key, "vm[0].device_props", "{props}");
+            assert!(reason.contains(why), "{props}: {reason}");
+        }
+        let (_, _, key, reason) = located(&system_with(
+            "pass_group_fd = true\n",
+            "pass_group_fd = true\ndevice_props = { driver = \"x\" }\n",
+        ));
+        assert_eq!(key, "vm[1].device_props");
+        assert!(reason.contains("kind \"qmp\" only"), "{reason}");
     }
 
     #[test]

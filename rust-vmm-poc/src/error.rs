@@ -93,3 +93,43 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
     let what = what.into();
     move |source| Error::Io { what, source }
 }
+
+/// `err` and every error below it, `: `-separated (a QMP answer then carries the errno).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut at = err.source();
+    for _ in 0..16 {
+        let Some(e) = at else { break };
+        let m = e.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        at = e.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("VF 0000:01:10.6: open /dev/vfio/12 failed")]
+    struct Open(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_chain_carries_the_errno_once() {
+        let open = Open(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(
+            error_chain(&open),
+            "VF 0000:01:10.6: open /dev/vfio/12 failed: Permission denied (os error 13)"
+        );
+        // Messages that already end with their source's text are not repeated.
+        let e = io("reading resource")(std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            error_chain(&e),
+            "reading resource: No such file or directory (os error 2)"
+        );
+    }
+}

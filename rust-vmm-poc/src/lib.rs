@@ -27,7 +27,7 @@ pub use devices::{
     BarAccessStats, SerialSink, TestDevice, VfioPci, COM1_BASE, DEBUG_EXIT_PORT,
     TEST_DEVICE_BAR0_SIZE, TEST_DEVICE_DEVICE, TEST_DEVICE_ID, TEST_DEVICE_VENDOR,
 };
-pub use error::Error;
+pub use error::{error_chain, Error};
 pub use guest::{GuestMode, TestGuest};
 pub use pci::{
     reg as pci_reg, BarKind, BarSpec, ConfigSpace, DevFn, HostBridge, PciBus, PciDevice,

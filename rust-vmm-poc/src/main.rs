@@ -156,7 +156,7 @@ struct Cli {
     /// while attached (not the MSI-X table and PBA pages, which trap); mmap=off traps every
     /// BAR access. QMP svff-vfio-pause /
     /// svff-vfio-unpause pause it; while paused, BAR reads give all-ones (ignore) or wait up
-    /// to 5 s for the unpause (stall). MSI and MSI-X are emulated and wired through KVM
+    /// to 10 s for the unpause (stall). MSI and MSI-X are emulated and wired through KVM
     /// irqfds (INTx is not wired).
     /// `fd=<name>` (a name not starting with a digit): open the VF through a VFIO group fd
     /// passed over QMP instead of /dev/vfio/<group> (for a VMM without /dev/vfio access);
@@ -329,7 +329,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     (vm, server)
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
+                    let _ = reply.send(Err(svff_vmm::error_chain(&e)));
                     return Err(e);
                 }
             },

@@ -45,6 +45,7 @@ use qmp_ext::{decode_arguments, EventSink, Handler, QmpCommand, QmpError, Sessio
 use vfio_pause::{DeviceState, PciAddress, Timings, VfSource};
 
 use crate::devices::{lock, VfioEntry};
+use crate::error::error_chain;
 use crate::pci::DevFn;
 use crate::vm::{ExitReason, RunState, VmHandle};
 
@@ -260,10 +261,9 @@ impl Handler for QmpHandler {
                     fd: None,
                     mmap: a.mmap.unwrap_or(true),
                 };
-                let df = self
-                    .vm
-                    .vfio_add(&spec, source)
-                    .map_err(|e| QmpError::generic(format!("device_add of '{}': {e}", a.id)))?;
+                let df = self.vm.vfio_add(&spec, source).map_err(|e| {
+                    QmpError::generic(format!("device_add of '{}': {}", a.id, error_chain(&e)))
+                })?;
                 Ok(json!({"guest": df.to_string()}))
             }
             "x-svff-query-bar-slots" => {
@@ -328,10 +328,9 @@ impl PausableDevices for QmpHandler {
         let e = self.entry(&args.id)?;
         let policy = args.policy.unwrap_or(*lock(&e.policy));
         let was = e.dev.state();
-        let t = e
-            .dev
-            .pause_with(policy, STALL_DEADLINE)
-            .map_err(|err| QmpError::generic(format!("pausing '{}': {err}", e.id)))?;
+        let t = e.dev.pause_with(policy, STALL_DEADLINE).map_err(|err| {
+            QmpError::generic(format!("pausing '{}': {}", e.id, error_chain(&err)))
+        })?;
         if was == DeviceState::Attached {
             *lock(&e.policy) = policy;
             e.pauses.fetch_add(1, Ordering::Relaxed);
@@ -358,10 +357,9 @@ impl PausableDevices for QmpHandler {
             None => VfSource::Sysfs(host),
         };
         let was = e.dev.state();
-        let t = e
-            .dev
-            .unpause(source)
-            .map_err(|err| QmpError::generic(format!("unpausing '{}': {err}", e.id)))?;
+        let t = e.dev.unpause(source).map_err(|err| {
+            QmpError::generic(format!("unpausing '{}': {}", e.id, error_chain(&err)))
+        })?;
         if was == DeviceState::Paused {
             self.changed(&e.id, SvffVfioState::Attached);
         }

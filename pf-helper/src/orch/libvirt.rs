@@ -740,6 +740,7 @@ mod connect_tests {
                 persistent: true,
             }),
             hotplug_ports: vec![],
+            device_props: Default::default(),
             pause_policy: svff_types::PausePolicy::Ignore,
             stall_ms: None,
             pass_group_fd: true,

@@ -1194,8 +1194,12 @@ fn extra_connections<'a>(
     vm: &'a VmConfig,
     vmms: &'a dyn Connector,
 ) -> Option<impl Fn() -> Result<Box<dyn Vmm>, Error> + Sync + 'a> {
-    (vm.kind == crate::config::VmKind::SvffVmm).then(|| move || vmms.connect(vm))
+    (vm.kind == crate::config::VmKind::SvffVmm).then_some(move || vmms.connect(vm))
 }
+
+/// What [`per_device`] runs per item: given a connection (or why there is
+/// none) and the item.
+type PerDevice<'a, T, R> = dyn Fn(Result<&mut dyn Vmm, Error>, &T) -> R + Sync + 'a;
 
 /// Runs `f` once per item and returns the results in the items' order. With
 /// `more` and several items, the first item runs on `conn` and every other on
@@ -1206,7 +1210,7 @@ fn per_device<T: Sync, R: Send>(
     conn: &mut dyn Vmm,
     more: Option<&(impl Fn() -> Result<Box<dyn Vmm>, Error> + Sync)>,
     items: &[T],
-    f: &(dyn Fn(Result<&mut dyn Vmm, Error>, &T) -> R + Sync),
+    f: &PerDevice<'_, T, R>,
     stop: fn(&R) -> bool,
 ) -> Vec<R> {
     match (more, items.split_first()) {

@@ -313,6 +313,7 @@ mod tests {
             qmp: "/run/svff/vm1.qmp".into(),
             libvirt: None,
             hotplug_ports: vec![],
+            device_props: Default::default(),
             pause_policy: svff_types::PausePolicy::Stall,
             stall_ms: None,
             pass_group_fd: false,

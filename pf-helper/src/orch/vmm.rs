@@ -320,6 +320,7 @@ pub struct QmpVmm {
     /// connection (svff-vmm), handed to the next [`Vmm::pause_states`] if no
     /// other command came in between: one round trip less per operation.
     fresh_states: Option<Vec<SvffVfioInfo>>,
+    device_props: std::collections::BTreeMap<String, String>,
 }
 
 impl QmpVmm {
@@ -343,6 +344,7 @@ impl QmpVmm {
             client_timeout: Duration::from_secs(vm.qmp_timeout_s),
             no_qom: false,
             fresh_states: None,
+            device_props: vm.device_props.clone(),
         })
     }
 
@@ -386,6 +388,23 @@ impl QmpVmm {
         let _ = self.client.set_timeout(normal);
         r
     }
+}
+
+/// `device_add`'s arguments for VF `host` as device `id`: the VM's
+/// `device_props` (validated by the config: never host, id, bus or fdname)
+/// over the default driver `vfio-pci`.
+fn device_add_args(
+    props: &std::collections::BTreeMap<String, String>,
+    id: &str,
+    host: PciAddress,
+) -> Value {
+    let mut args = json!({ "driver": "vfio-pci" });
+    for (k, v) in props {
+        args[k.as_str()] = json!(v);
+    }
+    args["host"] = json!(host.to_string());
+    args["id"] = json!(id);
+    args
 }
 
 /// Finds device `id` in a `query-pci` answer: `0000:BB:SS.F` as the guest numbers it.
@@ -481,7 +500,7 @@ impl Vmm for QmpVmm {
         group_fd: Option<BorrowedFd<'_>>,
     ) -> Result<Option<String>, Error> {
         self.fresh_states = None;
-        let mut args = json!({ "driver": "vfio-pci", "host": host.to_string(), "id": id });
+        let mut args = device_add_args(&self.device_props, id, host);
         if let Some(bus) = bus {
             args["bus"] = json!(bus);
         }
@@ -731,6 +750,25 @@ mod tests {
         );
         drop(c);
         assert_eq!(conns.kept(), 0, "a broken connection is not kept");
+    }
+
+    #[test]
+    fn device_add_takes_the_vms_device_props_over_the_vfio_pci_default() {
+        let host = PciAddress::parse("0000:01:10.2").unwrap();
+        let plain = device_add_args(&Default::default(), "svff-x", host);
+        assert_eq!(
+            plain,
+            json!({ "driver": "vfio-pci", "host": "0000:01:10.2", "id": "svff-x" })
+        );
+        let props = [("driver", "svff-vfio-pci"), ("recover", "aer-nonfatal")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            device_add_args(&props, "svff-x", host),
+            json!({ "driver": "svff-vfio-pci", "recover": "aer-nonfatal",
+                    "host": "0000:01:10.2", "id": "svff-x" })
+        );
     }
 
     #[test]

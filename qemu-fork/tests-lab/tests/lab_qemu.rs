@@ -1458,3 +1458,145 @@ fn igbvf_interrupts_count_again_and_its_link_comes_up_after_unpause_with_recover
     guest::set_numvfs(&pf, 0);
     guest::unbind(&pf);
 }
+
+// ---- svff's orchestrator driving the patched QEMU (VM kind `qmp`) ----
+
+/// Runs `svff --direct --config <cfg> <args>` (the workspace's debug build,
+/// built by `svff-lab test` with the test targets), bounded by timeout(1).
+fn svff_cli(cfg: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/svff");
+    assert!(bin.is_file(), "no svff binary at {}", bin.display());
+    let out = std::process::Command::new("timeout")
+        .arg("300")
+        .arg(&bin)
+        .args(["--direct", "--config"])
+        .arg(cfg)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    println!(
+        "$ svff {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "svff {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+}
+
+#[test]
+#[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
+fn svff_init_and_pause_reconf_drive_the_patched_qemu_and_igbvf_keeps_working_without_unplug() {
+    guest::require_lab();
+    guest::modprobe("kvm-amd");
+    guest::modprobe("vfio-pci");
+    let pf = guest::igb_pf();
+    if guest::driver_of(&pf).is_some() {
+        guest::set_numvfs(&pf, 0);
+    }
+    guest::bind(&pf, "igb");
+    // The PF answers igbvf's mailbox only with its interface up.
+    let net = guest::dev_path(&pf).join("net");
+    for e in std::fs::read_dir(&net).unwrap_or_else(|e| panic!("{}: {e}", net.display())) {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", &name, "up"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set {name} up in L1");
+    }
+    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("vm1.qmp");
+    let mut vmm = l2::Qemu::stock()
+        .kernel_param("ignore_loglevel")
+        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", qmp.display()));
+    vmm.binary = bin;
+    let initrd = Image::new().module("igbvf").build().expect("L2 image");
+    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let out = vm.sh("modprobe igbvf", CMD).unwrap();
+    assert!(out.success(), "modprobe igbvf: {out:?}");
+    let cfg = dir.path().join("helper.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"allowed_uids = [0]
+state_dir = "{state}"
+[[pf]]
+bdf = "{pf}"
+profile = "generic"
+driver = "igb"
+vfs = 1
+[[vm]]
+name = "vm1"
+kind = "qmp"
+qmp = "{qmp}"
+hotplug_ports = ["rp0"]
+device_props = {{ driver = "svff-vfio-pci", recover = "aer-nonfatal" }}
+qmp_timeout_s = 60
+vfs = [{{ pf = "{pf}", count = 1 }}]
+"#,
+            state = dir.path().join("state").display(),
+            qmp = qmp.display(),
+        ),
+    )
+    .unwrap();
+
+    // init: svff creates the VF, binds it and device_adds it as svff-vfio-pci.
+    let r = svff_cli(&cfg, &["init"]);
+    let gbdf = r["assignments"][0]["guest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a guest address in {r}"))
+        .to_string();
+    let host0 = r["assignments"][0]["host"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let seen = vm
+        .sh(
+            &format!("i=0; until [ -n \"$(ls /sys/bus/pci/devices/{gbdf}/net 2>/dev/null)\" ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.1; done"),
+            CMD,
+        )
+        .unwrap();
+    assert!(seen.success(), "igbvf probed the VF svff added at {gbdf}");
+    let eth = guest_iface(&mut vm, &gbdf);
+    let up = vm.sh(&format!("ip link set {eth} up"), CMD).unwrap();
+    assert!(up.success(), "{up:?}");
+    let c0 = guest_msix_count(&mut vm, &gbdf);
+    let c1 = wait_msix_growth(&mut vm, &gbdf, c0, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("igbvf's interrupts after init:\n{}", vm.dmesg().unwrap()));
+    assert!(wait_operstate_up(&mut vm, &eth, Duration::from_secs(60)));
+    println!("after svff init: {gbdf} ({host0} in L1), igbvf interrupts {c0} -> {c1}, {eth} up");
+
+    // reconf in pause mode: 1 -> 0 -> 2 VFs; vm1's VF is paused, not removed.
+    let t0 = Instant::now();
+    let r = svff_cli(
+        &cfg,
+        &["reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause"],
+    );
+    let reconf = t0.elapsed();
+    println!("reconf: {reconf:?}: {r}");
+    assert_eq!(guest::vfs_of(&pf).len(), 2);
+    assert_eq!(r["assignments"][0]["guest"], json!(gbdf), "{r}");
+    let recovered = igbvf_recovers(&mut vm, &gbdf, &eth, t0, 1);
+    println!("svff reconf --mode pause: {recovered} (times from the reconf's start)");
+    let dmesg = vm.dmesg().unwrap();
+    no_unplug_in(&dmesg);
+    assert_eq!(
+        guest_config_ids(&mut vm, &gbdf),
+        "8086 10ca",
+        "same guest address"
+    );
+    let st = svff_cli(&cfg, &["status", "--pf", &pf]);
+    println!("status: {st}");
+    assert_eq!(st["assignments"][0]["vmm_state"], json!("attached"), "{st}");
+    drop(vm);
+    guest::set_numvfs(&pf, 0);
+    guest::unbind(&pf);
+}
