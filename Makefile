@@ -6,6 +6,9 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 LAB = target/debug/svff-lab
+# Optional features on in every build and test: VMs of kind libvirt (needs libvirt-dev, deps.sh).
+FEATURES ?= svff-pf-helper/libvirt
+CARGO_FEATURES = $(if $(FEATURES),--features $(FEATURES))
 
 .PHONY: all deps build demo bench qemu test test-host test-rtl test-fuzz test-lab lint doc clean
 
@@ -16,7 +19,7 @@ deps:
 	@bash scripts/rust-check.sh
 
 build: deps
-	$(CARGO) build --workspace --all-targets
+	$(CARGO) build --workspace --all-targets $(CARGO_FEATURES)
 
 demo: build
 	$(LAB) run --timeout 900 -- bash $(CURDIR)/scripts/demo.sh
@@ -51,13 +54,13 @@ qemu: deps
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(CARGO_FEATURES) -- -D warnings
 
 doc: deps
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps $(CARGO_FEATURES)
 
 test-host: deps
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace $(CARGO_FEATURES)
 
 test-rtl: deps
 	$(MAKE) -C fpga-rtl test
@@ -66,7 +69,7 @@ test-fuzz: deps
 	@if [ -f qmp-ext/fuzz/ci.sh ]; then bash qmp-ext/fuzz/ci.sh; fi
 
 test-lab: build qemu
-	$(LAB) test
+	SVFF_LAB_FEATURES="$(FEATURES)" $(LAB) test
 
 test: lint doc test-host test-rtl test-fuzz test-lab
 	@echo "make test: all suites passed"

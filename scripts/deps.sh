@@ -10,6 +10,10 @@ set -euo pipefail
 BACKPORTS_PKGS=(qemu-system-x86 linux-image-amd64)
 # Packages from the base suites.
 BASE_PKGS=(busybox-static kmod python3 iverilog verilator tcl cpio gzip g++ util-linux systemd)
+# libvirt 9.0 for VMs of kind `libvirt` (pf-helper feature `libvirt`, lab_libvirt): the daemon
+# with its QEMU driver, virsh, and the headers the `virt` crate builds against. Not
+# libvirt-daemon-system: the lab starts libvirtd itself (no systemd units, no default network).
+BASE_PKGS+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
 
 missing=()
 for p in "${BACKPORTS_PKGS[@]}" "${BASE_PKGS[@]}"; do
@@ -17,7 +21,15 @@ for p in "${BACKPORTS_PKGS[@]}" "${BASE_PKGS[@]}"; do
 done
 # The backports kernel/QEMU must be the 6.12 / 10.0 series, not bookworm's own.
 if ! ls /boot/vmlinuz-6.12.* >/dev/null 2>&1; then missing+=(linux-image-amd64); fi
+# libvirtd's state directories (libvirt-daemon-system would create them): L1 sees this root
+# read-only and mounts a tmpfs on each, so they must exist as mount points.
+libvirt_dirs() {
+    for d in /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+        [ -d "$d" ] || mkdir -p "$d" 2>/dev/null || echo "deps: cannot create $d (run as root)" >&2
+    done
+}
 if [ ${#missing[@]} -eq 0 ]; then
+    libvirt_dirs
     echo "deps: all packages present"
     exit 0
 fi
@@ -61,4 +73,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends -t bookworm-backports "${BACKPORTS_PKGS[@]}"
 apt-get install -y -q --no-install-recommends "${BASE_PKGS[@]}"
+libvirt_dirs
 echo "deps: installed"

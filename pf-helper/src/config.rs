@@ -79,6 +79,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/svff";
 ///                                    # pass_group_fd: svff opens /dev/vfio/N and passes it)
 /// pass_group_fd = false              # hand the VMM open VFIO group fds (default false)
 /// vfs = [{ pf = "0000:02:00.0", count = 2 }]
+///
+/// [[vm]]
+/// name = "vm3"
+/// kind = "libvirt"                   # a libvirt domain (svff built with feature `libvirt`)
+/// libvirt = { domain = "guest1", uri = "qemu:///system", live = true, persistent = true }
+/// vfs = [{ pf = "0000:02:00.0", count = 1 }]
 /// ```
 ///
 /// The file must be owned by root and not writable by group or others.
@@ -185,6 +191,34 @@ pub enum VmKind {
     SvffVmm,
     /// An existing QEMU or svff-vmm, reached through its QMP socket.
     Qmp,
+    /// A libvirt domain (`libvirt = { domain, uri, live, persistent }`),
+    /// reached through the libvirt API (see `orch/libvirt.rs`).
+    Libvirt,
+}
+
+/// Where a VM of kind `libvirt` lives and how its VFs are attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtTarget {
+    /// The domain's name.
+    pub domain: String,
+    /// The connection URI (default `qemu:///system`).
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// Attach and detach in the running domain (default true).
+    #[serde(default = "default_true")]
+    pub live: bool,
+    /// Attach and detach in the domain's persistent config too (default true).
+    #[serde(default = "default_true")]
+    pub persistent: bool,
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Which VFs of a PF a VM gets: `count` VFs (the lowest free indices) or
@@ -209,8 +243,10 @@ pub struct VmConfig {
     pub name: String,
     /// How svff reaches it.
     pub kind: VmKind,
-    /// Its QMP socket.
+    /// Its QMP socket (empty for kind `libvirt`).
     pub qmp: PathBuf,
+    /// For kind `libvirt`: the domain.
+    pub libvirt: Option<LibvirtTarget>,
     /// Buses `device_add` may put a VF on (QEMU ids of q35 root ports), used
     /// in order; empty: `device_add` without `bus`.
     pub hotplug_ports: Vec<String>,
@@ -258,7 +294,10 @@ pub struct RunAs {
 struct RawVm {
     name: String,
     kind: VmKind,
-    qmp: PathBuf,
+    #[serde(default)]
+    qmp: Option<PathBuf>,
+    #[serde(default)]
+    libvirt: Option<LibvirtTarget>,
     #[serde(default)]
     hotplug_ports: Vec<String>,
     #[serde(default)]
@@ -279,6 +318,64 @@ struct RawVm {
     run_as: Option<RunAs>,
     #[serde(default)]
     vfs: Vec<VfSelect>,
+}
+
+/// What is wrong with the `libvirt`/`qmp` keys of `vm` for its kind: (key, reason).
+fn libvirt_problem(vm: &RawVm) -> Option<(&'static str, String)> {
+    match (vm.kind, &vm.libvirt) {
+        (VmKind::Libvirt, None) => Some((
+            "kind",
+            "kind \"libvirt\" needs libvirt = { domain = \"...\" }".into(),
+        )),
+        (VmKind::Libvirt, Some(l)) => {
+            if vm.qmp.is_some() {
+                return Some((
+                    "qmp",
+                    "qmp is not for kind \"libvirt\" (libvirt owns the monitor)".into(),
+                ));
+            }
+            if !vm.hotplug_ports.is_empty() {
+                return Some((
+                    "hotplug_ports",
+                    "hotplug_ports is not for kind \"libvirt\" (libvirt picks a free root port)"
+                        .into(),
+                ));
+            }
+            if !vm.device_props.is_empty() {
+                return Some((
+                    "device_props",
+                    "device_props is not for kind \"libvirt\" (libvirt builds the device: use <qemu:override>)".into(),
+                ));
+            }
+            if !vm.command.is_empty() || vm.run_as.is_some() {
+                return Some((
+                    "kind",
+                    "command and run_as are for kind \"svff-vmm\" only".into(),
+                ));
+            }
+            if l.domain.is_empty()
+                || l.domain.len() > 200
+                || l.domain.chars().any(|c| c.is_control() || c == '/')
+            {
+                return Some((
+                    "libvirt",
+                    format!("invalid libvirt domain name {:?}", l.domain),
+                ));
+            }
+            if !l.uri.contains(":///") && !l.uri.contains("://") {
+                return Some(("libvirt", format!("invalid libvirt URI {:?}", l.uri)));
+            }
+            if !l.live && !l.persistent {
+                return Some((
+                    "libvirt",
+                    "libvirt: live and persistent are both false".into(),
+                ));
+            }
+            None
+        }
+        (_, Some(_)) => Some(("libvirt", "libvirt is for kind \"libvirt\" only".into())),
+        (_, None) => None,
+    }
 }
 
 fn default_socket() -> PathBuf {
@@ -540,7 +637,11 @@ impl Config {
             if vms.iter().any(|v| v.name == vm.name) {
                 return Err(at(key("name"), format!("VM {} listed twice", vm.name)));
             }
-            if !vm.qmp.is_absolute() {
+            if let Some(reason) = libvirt_problem(vm) {
+                return Err(at(key(reason.0), format!("VM {}: {}", vm.name, reason.1)));
+            }
+            let qmp = vm.qmp.clone().unwrap_or_default();
+            if vm.kind != VmKind::Libvirt && !qmp.is_absolute() {
                 return Err(at(
                     key("qmp"),
                     format!("VM {}: qmp must be an absolute socket path", vm.name),
@@ -665,12 +766,16 @@ impl Config {
             vms.push(VmConfig {
                 name: vm.name.clone(),
                 kind: vm.kind,
-                qmp: vm.qmp.clone(),
+                qmp,
+                libvirt: vm.libvirt.clone(),
                 hotplug_ports: vm.hotplug_ports.clone(),
                 device_props: vm.device_props.clone(),
                 pause_policy: vm.pause_policy,
                 stall_ms: vm.stall_ms,
-                pass_group_fd: vm.pass_group_fd || vm.run_as.is_some(),
+                // libvirt's QEMU cannot open new /dev/vfio nodes: every unpause passes the group.
+                pass_group_fd: vm.pass_group_fd
+                    || vm.run_as.is_some()
+                    || vm.kind == VmKind::Libvirt,
                 qmp_timeout_s: vm.qmp_timeout_s,
                 detach_timeout_s: vm.detach_timeout_s,
                 command: vm.command.clone(),
@@ -889,6 +994,65 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
     }
 
     #[test]
+    fn libvirt_vm_parses_with_defaults_and_passes_group_fds() {
+        let text = system_with(
+            "kind = \"qmp\"\nqmp = \"/run/vm1.sock\"\nhotplug_ports = [\"rp0\", \"rp1\"]\n",
+            "kind = \"libvirt\"\nlibvirt = { domain = \"guest1\" }\n",
+        );
+        let c = parse(&text).unwrap();
+        let vm1 = c.vm("vm1").unwrap();
+        assert_eq!(vm1.kind, VmKind::Libvirt);
+        let l = vm1.libvirt.as_ref().unwrap();
+        assert_eq!(
+            (l.domain.as_str(), l.uri.as_str()),
+            ("guest1", "qemu:///system")
+        );
+        assert!(l.live && l.persistent);
+        assert!(
+            vm1.pass_group_fd,
+            "libvirt's QEMU cannot open new /dev/vfio nodes"
+        );
+        assert_eq!(c.vm("vm2").unwrap().libvirt, None);
+    }
+
+    #[test]
+    fn libvirt_vm_config_mistakes_name_the_key() {
+        let base = "kind = \"qmp\"\nqmp = \"/run/vm1.sock\"\nhotplug_ports = [\"rp0\", \"rp1\"]\n";
+        for (to, key, says) in [
+            ("kind = \"libvirt\"\n", "vm[0].kind", "needs libvirt"),
+            (
+                "kind = \"libvirt\"\nqmp = \"/run/x\"\nlibvirt = { domain = \"g\" }\n",
+                "vm[0].qmp",
+                "libvirt owns the monitor",
+            ),
+            (
+                "kind = \"libvirt\"\nhotplug_ports = [\"rp0\"]\nlibvirt = { domain = \"g\" }\n",
+                "vm[0].hotplug_ports",
+                "free root port",
+            ),
+            (
+                "kind = \"libvirt\"\nlibvirt = { domain = \"g\", live = false, persistent = false }\n",
+                "vm[0].libvirt",
+                "both false",
+            ),
+            (
+                "kind = \"libvirt\"\nlibvirt = { domain = \"a/b\" }\n",
+                "vm[0].libvirt",
+                "invalid libvirt domain",
+            ),
+            (
+                "kind = \"qmp\"\nqmp = \"/run/vm1.sock\"\nlibvirt = { domain = \"g\" }\n",
+                "vm[0].libvirt",
+                "for kind \"libvirt\" only",
+            ),
+        ] {
+            let (_, _, k, reason) = located(&system_with(base, to));
+            assert_eq!(k, key, "{to}: {reason}");
+            assert!(reason.contains(says), "{to}: {reason}");
+        }
+    }
+
+    #[test]
     fn commented_example_file_parses() {
         let text = include_str!("../systemd/helper.toml.example");
         let c = parse(text).unwrap();
@@ -912,9 +1076,9 @@ vfs = [{ pf = "0000:01:00.0", index = [3] }]
     fn wrong_types_and_values_name_line_and_key() {
         let (line, _, key, reason) = located(&system_with("vfs = 4", "vfs = \"four\""));
         assert_eq!((line, key.as_str()), (7, "pf[0].vfs"), "{reason}");
-        let (line, _, key, reason) = located(&system_with("kind = \"qmp\"", "kind = \"libvirt\""));
+        let (line, _, key, reason) = located(&system_with("kind = \"qmp\"", "kind = \"libvird\""));
         assert_eq!((line, key.as_str()), (16, "vm[0].kind"));
-        assert!(reason.contains("libvirt"), "{reason}");
+        assert!(reason.contains("libvird"), "{reason}");
         let (line, _, key, _) = located(&system_with(
             "profile = \"pci-pf-stub\"",
             "profile = \"fancy\"",

@@ -329,6 +329,18 @@ pub enum Error {
         #[source]
         source: Box<qmp_ext::Error>,
     },
+    /// A libvirt call for a VM of kind `libvirt` failed (connection, domain
+    /// lookup, device change, monitor passthrough); `detail` is libvirt's
+    /// message and error code.
+    #[error("VM {vm}: {action}: {detail}")]
+    Libvirt {
+        /// The VM's name.
+        vm: String,
+        /// What was asked, naming the domain and device.
+        action: String,
+        /// libvirt's error message (with its code).
+        detail: String,
+    },
     /// Starting or watching an svff-started VMM process failed (spawn, its
     /// pid, log or socket files).
     #[error("VM {vm}: {action}")]
@@ -485,7 +497,7 @@ impl Error {
             Error::State { .. } | Error::StateCorrupt { .. } => "state",
             Error::OperationRunning { .. } => "busy",
             Error::RecoveryNeeded { .. } => "recovery_needed",
-            Error::Vmm { .. } | Error::VmmProcess { .. } => "vmm",
+            Error::Vmm { .. } | Error::VmmProcess { .. } | Error::Libvirt { .. } => "vmm",
             Error::VmmUnsupported { .. } => "not_supported",
             Error::UnknownVm { .. } | Error::Plan(_) => "invalid_argument",
             Error::OperationFailed { source, .. } => source.kind(),

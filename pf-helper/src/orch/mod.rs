@@ -2,6 +2,8 @@
 //! file (included in the crate docs).
 
 pub mod journal;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 mod pool;
 pub mod state;
 pub mod supervise;
@@ -24,6 +26,21 @@ use crate::sysfs::Sysfs;
 use journal::{Journal, Mode, OpKind, Step};
 use state::{AssignState, Assignment, AssignmentTable, StateDir};
 use vmm::{Connector, Vmm};
+
+/// Connects to a VM of kind `libvirt` (feature `libvirt`).
+#[cfg(feature = "libvirt")]
+fn connect_libvirt(vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+    libvirt::LibvirtVmm::connect(vm).map(|v| Box::new(v) as Box<dyn Vmm>)
+}
+
+/// Without feature `libvirt`: a clear error, nothing contacted.
+#[cfg(not(feature = "libvirt"))]
+fn connect_libvirt(vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+    Err(Error::VmmUnsupported {
+        vm: vm.name.clone(),
+        reason: "kind \"libvirt\" needs svff built with `--features libvirt` (libvirt-dev)".into(),
+    })
+}
 
 /// Version of the `--json` result of init, reconf and recover.
 pub const RESULT_FORMAT_VERSION: u32 = 1;
@@ -925,7 +942,7 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
             .iter()
             .map(|vm| {
                 let (process, pid) = match vm.kind {
-                    crate::config::VmKind::Qmp => (None, None),
+                    crate::config::VmKind::Qmp | crate::config::VmKind::Libvirt => (None, None),
                     crate::config::VmKind::SvffVmm => {
                         match supervise::process(self.state.path(), &vm.name) {
                             supervise::Process::NotStarted => (Some("not started".into()), None),
@@ -1577,27 +1594,31 @@ fn restore_vm(
                     );
                     continue;
                 };
-                let group = if side.cfg.pass_group_fd {
-                    match groups.get(&host).copied().flatten() {
-                        Some(g) => match vmm::open_group(&name, &a.id, g) {
-                            Ok(f) => Some(f),
-                            Err(e) => {
-                                fail(
-                                    shared,
-                                    format!(
-                                        "VM {name}: {} could not be added: {}",
-                                        a.id,
-                                        e.chain()
-                                    ),
-                                );
-                                continue;
-                            }
-                        },
-                        None => None,
-                    }
-                } else {
-                    None
-                };
+                // libvirt opens the group of a hostdev itself; a group fd
+                // svff held open meanwhile would make that open fail (EBUSY:
+                // a VFIO group is opened once).
+                let group =
+                    if side.cfg.pass_group_fd && side.cfg.kind != crate::config::VmKind::Libvirt {
+                        match groups.get(&host).copied().flatten() {
+                            Some(g) => match vmm::open_group(&name, &a.id, g) {
+                                Ok(f) => Some(f),
+                                Err(e) => {
+                                    fail(
+                                        shared,
+                                        format!(
+                                            "VM {name}: {} could not be added: {}",
+                                            a.id,
+                                            e.chain()
+                                        ),
+                                    );
+                                    continue;
+                                }
+                            },
+                            None => None,
+                        }
+                    } else {
+                        None
+                    };
                 let r = shared
                     .record(Step::Attach {
                         vm: name.clone(),

@@ -311,6 +311,7 @@ mod tests {
             name: "vm1".into(),
             kind: VmKind::SvffVmm,
             qmp: "/run/svff/vm1.qmp".into(),
+            libvirt: None,
             hotplug_ports: vec![],
             device_props: Default::default(),
             pause_policy: svff_types::PausePolicy::Stall,

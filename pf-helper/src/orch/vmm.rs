@@ -82,6 +82,9 @@ pub struct QmpConnector;
 
 impl Connector for QmpConnector {
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+        if vm.kind == VmKind::Libvirt {
+            return super::connect_libvirt(vm);
+        }
         QmpVmm::connect(vm).map(|v| Box::new(v) as Box<dyn Vmm>)
     }
 
@@ -149,6 +152,10 @@ impl PersistentConnector {
 
 impl Connector for PersistentConnector {
     fn connect(&self, vm: &VmConfig) -> Result<Box<dyn Vmm>, Error> {
+        // A libvirt connection is not kept (one per operation).
+        if vm.kind == VmKind::Libvirt {
+            return QmpConnector.connect(vm);
+        }
         let kept = self
             .idle
             .lock()
@@ -401,7 +408,7 @@ fn device_add_args(
 }
 
 /// Finds device `id` in a `query-pci` answer: `0000:BB:SS.F` as the guest numbers it.
-fn find_qdev(v: &Value, id: &str) -> Option<String> {
+pub(super) fn find_qdev(v: &Value, id: &str) -> Option<String> {
     let buses = v.as_array()?;
     fn walk(devices: &[Value], id: &str) -> Option<String> {
         for d in devices {
@@ -774,5 +781,27 @@ mod tests {
         assert_eq!(find_qdev(&pci, "svff-x").as_deref(), Some("0000:01:00.0"));
         assert_eq!(find_qdev(&pci, "rp0").as_deref(), Some("0000:00:02.0"));
         assert_eq!(find_qdev(&pci, "nope"), None);
+    }
+}
+
+#[cfg(all(test, not(feature = "libvirt")))]
+mod no_libvirt_tests {
+    use super::*;
+
+    #[test]
+    fn a_libvirt_vm_without_the_feature_is_refused_before_anything_is_contacted() {
+        let text = "socket = \"/run/x.sock\"\nallowed_uids = [0]\nstate_dir = \"/var/lib/x\"\n\
+                    [[vm]]\nname = \"vm1\"\nkind = \"libvirt\"\nlibvirt = { domain = \"g\" }\n";
+        let cfg = crate::config::Config::parse(text, Path::new("/etc/svff/helper.toml")).unwrap();
+        for e in [
+            QmpConnector.connect(&cfg.vms[0]).err().unwrap(),
+            PersistentConnector::new()
+                .connect(&cfg.vms[0])
+                .err()
+                .unwrap(),
+        ] {
+            assert_eq!(e.kind(), "not_supported");
+            assert!(e.to_string().contains("--features libvirt"), "{e}");
+        }
     }
 }

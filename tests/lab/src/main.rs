@@ -108,6 +108,13 @@ fn cmd_run(timeout: u64, cmd: &[String]) -> Result<u8, LabError> {
 fn lab_test_binaries() -> Result<Vec<(String, PathBuf)>, LabError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("svff-lab: building the workspace's test targets ...");
+    // Optional cargo features for the build (`make test` sets
+    // `svff-pf-helper/libvirt`, which brings in the lab_libvirt binary).
+    let features: Vec<String> = std::env::var("SVFF_LAB_FEATURES")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| vec!["--features".to_owned(), f])
+        .unwrap_or_default();
     let out = Command::new(&cargo)
         .args([
             "test",
@@ -115,6 +122,7 @@ fn lab_test_binaries() -> Result<Vec<(String, PathBuf)>, LabError> {
             "--no-run",
             "--message-format=json-render-diagnostics",
         ])
+        .args(&features)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| LabError::Missing {

@@ -1,0 +1,548 @@
+//! Lab test of VMs of kind `libvirt` (feature `libvirt`): Debian's libvirtd
+//! runs in L1 with svff's patched QEMU as the domain's emulator, and svff
+//! drives the domain through the libvirt API: `svff init` puts the VF in the
+//! domain's persistent config as a `managed='no'` hostdev, the domain starts
+//! with it as `svff-vfio-pci` (a `<qemu:override>` of the alias's driver),
+//! `svff reconf --mode pause` pauses it through libvirt's monitor passthrough
+//! with the re-created VF's group fd passed, `--mode detach` detaches and
+//! attaches it through libvirt. The guest's own view (its dmesg and sysfs,
+//! over the L2 command channel) tells an unplug from a pause.
+//!
+//! libvirtd needs writable `/etc/libvirt`, `/var/lib/libvirt`,
+//! `/var/cache/libvirt`, `/var/log/libvirt` and a `libvirt-qemu` user: L1's
+//! root is L0's, read-only, so libvirtd runs in a private mount namespace
+//! with tmpfs over those and an `/etc/passwd`/`/etc/group` copy with the user
+//! added ([`Libvirtd::start`]); `/run` is L1's shared tmpfs, so its socket is
+//! visible to the test. The nvme PF under pci-pf-stub gives the VFs.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use svff_lab::guest::{self, dev_path, set_numvfs, unbind, vfs_of};
+use svff_lab::l2::{self, BootSpec, Control, Image, L2};
+
+const SVFF: &str = env!("CARGO_BIN_EXE_svff");
+const CALL_TIMEOUT_S: &str = "600";
+const CMD: Duration = Duration::from_secs(90);
+const DOMAIN: &str = "svff-lab-l2";
+const URI: &str = "qemu:///system";
+/// Fixed paths the domain XML names; the L2 boot links them to its session's files.
+const LINKS: &str = "/run/svff-lab-libvirt";
+
+/// The patched QEMU `make qemu` published (as qemu-fork/tests-lab finds it).
+fn patched_qemu() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/svff-qemu/qemu-system-x86_64");
+    assert!(
+        p.is_file(),
+        "{}: run `make qemu` on the host first",
+        p.display()
+    );
+    p.canonicalize().unwrap()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    eprintln!(
+        "$ {cmd:?}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn virsh(args: &[&str]) -> Output {
+    run(Command::new("timeout")
+        .args(["120", "virsh", "-c", URI])
+        .args(args))
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let out = virsh(args);
+    assert!(out.status.success(), "virsh {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn svff(args: &[&str]) -> Output {
+    run(Command::new("timeout")
+        .arg(CALL_TIMEOUT_S)
+        .arg(SVFF)
+        .args(args))
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = svff(args);
+    assert!(out.status.success(), "svff {args:?} failed");
+    serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+}
+
+fn fails_with(args: &[&str], wanted: &[&str]) {
+    let out = svff(args);
+    assert_eq!(out.status.code(), Some(1), "svff {args:?} must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for w in wanted {
+        assert!(err.contains(w), "svff {args:?}: stderr lacks {w:?}: {err}");
+    }
+}
+
+fn numvfs(pf: &str) -> u32 {
+    guest::read_attr(dev_path(pf).join("sriov_numvfs"))
+        .parse()
+        .unwrap()
+}
+
+fn release(pf: &str) {
+    for vf in vfs_of(pf) {
+        unbind(&vf);
+    }
+    if guest::driver_of(pf).is_some() {
+        set_numvfs(pf, 0);
+    }
+    unbind(pf);
+}
+
+/// libvirtd in a private mount namespace (see the module doc); killed on drop.
+struct Libvirtd {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Libvirtd {
+    fn start(dir: &Path) -> Libvirtd {
+        let script = dir.join("libvirtd.sh");
+        let log = dir.join("libvirtd.log");
+        fs::write(
+            &script,
+            r#"set -e
+for d in /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+    mount -t tmpfs -o mode=0755 tmpfs "$d"
+done
+mkdir -p /etc/libvirt/qemu /var/lib/libvirt/qemu /var/log/libvirt/qemu /run/libvirt
+# libvirtd resolves its built-in default user before reading qemu.conf.
+priv=$(mktemp -d /run/svff-libvirt.XXXXXX)
+cp /etc/passwd /etc/group "$priv/"
+grep -q '^libvirt-qemu:' /etc/passwd || echo 'libvirt-qemu:x:64055:64055:libvirt (svff lab):/var/lib/libvirt:/usr/sbin/nologin' >> "$priv/passwd"
+grep -q '^libvirt-qemu:' /etc/group || echo 'libvirt-qemu:x:64055:' >> "$priv/group"
+mount --bind "$priv/passwd" /etc/passwd
+mount --bind "$priv/group" /etc/group
+# Only the domain's <emulator> is probed (no default emulator at start-up).
+for b in /usr/bin/qemu-system-*; do mount --bind /dev/null "$b"; done
+cat > /etc/libvirt/qemu.conf <<'EOF'
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+stdio_handler = "file"
+cgroup_controllers = [ ]
+# With libvirt's default namespaces = ["mount"], QEMU's private /dev in L1 had no /dev/kvm:
+# "-accel kvm: Could not access KVM kernel module: No such file or directory".
+namespaces = [ ]
+EOF
+echo 'log_outputs = "3:stderr"' > /etc/libvirt/libvirtd.conf
+exec libvirtd
+"#,
+        )
+        .unwrap();
+        let _ = fs::remove_file("/run/libvirt/libvirt-sock");
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "bash"])
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start libvirtd");
+        let mut d = Libvirtd {
+            child: Some(child),
+            log,
+        };
+        // Bounded wait for the daemon to answer (its QEMU driver probes nothing yet).
+        let end = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("libvirtd exited ({st}): {}", d.log_text());
+            }
+            let ok = Command::new("timeout")
+                .args(["60", "virsh", "-q", "-c", URI, "uri"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return d;
+            }
+            assert!(
+                Instant::now() < end,
+                "libvirtd did not answer: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The domain's QEMU log (in libvirtd's mount namespace).
+    fn qemu_log(&self) -> String {
+        let Some(c) = self.child.as_ref() else {
+            return String::new();
+        };
+        let out = Command::new("nsenter")
+            .args(["-t", &c.id().to_string(), "-m", "cat"])
+            .arg(format!("/var/log/libvirt/qemu/{DOMAIN}.log"))
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_file("/run/libvirt/libvirt-sock");
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Destroys and undefines the test domain on drop (also when the test
+/// fails half-way), so that no QEMU keeps a VF of the PF open.
+struct DomainGuard;
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", DOMAIN]);
+        let _ = virsh(&["undefine", DOMAIN]);
+        if let Ok(pid) = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                kill9(pid);
+            }
+        }
+    }
+}
+
+/// SIGKILL to `pid` (the domain's QEMU, if libvirtd could not destroy it).
+fn kill9(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// The domain's kernel command line: what [`L2::boot`] gives a VMM with a
+/// virtio control port (checked in [`Start::command`]).
+fn guest_cmdline() -> String {
+    format!(
+        "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init svff.ctl=virtio:{}",
+        l2::CTL_PORT
+    )
+}
+
+/// The persistent domain: direct kernel boot of the lab's L2 with qboot,
+/// console and control channel on [`LINKS`], two spare root ports, and the
+/// override that makes the hostdev of `alias` an `svff-vfio-pci`.
+fn domain_xml(qemu: &Path, initrd: &Path, alias: &str) -> String {
+    format!(
+        r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{DOMAIN}</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <loader type='rom'>/usr/share/qemu/qboot.rom</loader>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='host-passthrough'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{qemu}</emulator>
+    <controller type='pci' model='pcie-root-port' index='1'/>
+    <controller type='pci' model='pcie-root-port' index='2'/>
+    <controller type='pci' model='pcie-root-port' index='3'/>
+    <serial type='file'><source path='{LINKS}/console.log'/></serial>
+    <channel type='unix'>
+      <source mode='connect' path='{LINKS}/ctl.sock'/>
+      <target type='virtio' name='{port}'/>
+    </channel>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:override>
+    <qemu:device alias='{alias}'>
+      <qemu:frontend><qemu:property name='driver' type='string' value='svff-vfio-pci'/></qemu:frontend>
+    </qemu:device>
+  </qemu:override>
+</domain>
+"#,
+        kernel = l2::default_kernel().unwrap().display(),
+        initrd = initrd.display(),
+        cmdline = guest_cmdline(),
+        qemu = qemu.display(),
+        port = l2::CTL_PORT,
+    )
+}
+
+/// Starts the defined domain for [`L2::boot`]: links [`LINKS`] to the boot's
+/// console and control socket, `virsh start`, then waits on QEMU's pid so
+/// the lab sees the VMM live as long as QEMU does.
+struct Start;
+
+impl l2::Vmm for Start {
+    fn name(&self) -> String {
+        format!("QEMU under libvirt (domain {DOMAIN})")
+    }
+
+    fn control(&self) -> Control {
+        Control::Virtio(l2::CTL_PORT.into())
+    }
+
+    fn command(&self, spec: &BootSpec) -> Command {
+        assert_eq!(
+            spec.append,
+            guest_cmdline(),
+            "the lab's L2 command line changed"
+        );
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!(
+            "set -e; mkdir -p {LINKS}; ln -sfn {ctl} {LINKS}/ctl.sock; ln -sfn {log} {LINKS}/console.log; \
+             virsh -q -c {URI} start {DOMAIN}; exec tail --pid=$(cat /run/libvirt/qemu/{DOMAIN}.pid) -f /dev/null",
+            ctl = spec.control_socket.display(),
+            log = spec.console_log.display(),
+        ));
+        cmd
+    }
+}
+
+/// The devices the guest sees with vendor:device `1b36:0010` (nvme VFs).
+fn guest_vfs(vm: &mut L2) -> Vec<String> {
+    vm.sh_ok(
+        "for d in /sys/bus/pci/devices/*; do \
+           [ \"$(cat $d/vendor)$(cat $d/device)\" = 0x1b360x0010 ] && echo ${d##*/}; done; true",
+        CMD,
+    )
+    .unwrap()
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// How often the guest kernel enumerated an nvme VF (`[1b36:0010]` lines in dmesg).
+fn enumerations(vm: &mut L2) -> usize {
+    vm.dmesg().unwrap().matches("[1b36:0010]").count()
+}
+
+/// The vendor id the guest reads from the device's config space now.
+fn guest_vendor(vm: &mut L2, bdf: &str) -> String {
+    vm.sh_ok(
+        &format!("od -An -tx2 -N2 /sys/bus/pci/devices/{bdf}/config"),
+        CMD,
+    )
+    .unwrap()
+    .trim()
+    .to_owned()
+}
+
+#[test]
+#[ignore = "lab: libvirtd, patched QEMU, L2 guest, nvme PF"]
+fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_reconfs() {
+    guest::require_lab();
+    let pf = guest::nvme_pf();
+    release(&pf);
+    guest::modprobe("vfio-pci");
+    guest::modprobe("kvm-amd");
+    let qemu = patched_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let mut lv = Libvirtd::start(dir.path());
+    println!("libvirtd answers after {:.1} s", t0.elapsed().as_secs_f64());
+
+    let id = format!("svff-{}-vf0", pf.replace(':', "-"));
+    let alias = format!("ua-{}", id.replace('.', "_"));
+    let initrd = Image::new().build().expect("build the L2 image");
+    let xml_path = dir.path().join("domain.xml");
+    fs::write(&xml_path, domain_xml(&qemu, &initrd, &alias)).unwrap();
+    let _ = virsh(&["destroy", DOMAIN]);
+    let _ = virsh(&["undefine", DOMAIN]);
+    virsh_ok(&["define", xml_path.to_str().unwrap()]);
+    let guard = DomainGuard;
+
+    let state = dir.path().join("state");
+    let write_config = |path: &Path, domain: &str| {
+        let mut f = fs::File::create(path).unwrap();
+        write!(
+            f,
+            r#"allowed_uids = [0]
+state_dir = "{state}"
+[[pf]]
+bdf = "{pf}"
+profile = "pci-pf-stub"
+vfs = 1
+[[vm]]
+name = "vm1"
+kind = "libvirt"
+libvirt = {{ domain = "{domain}", uri = "{URI}" }}
+qmp_timeout_s = 120
+detach_timeout_s = 120
+vfs = [{{ pf = "{pf}", count = 1 }}]
+"#,
+            state = state.display()
+        )
+        .unwrap();
+    };
+    let cfg = dir.path().join("helper.toml");
+    write_config(&cfg, DOMAIN);
+    let cfg = cfg.to_str().unwrap().to_owned();
+    let bad_cfg = dir.path().join("bad.toml");
+    write_config(&bad_cfg, "no-such-domain");
+    let bad_cfg = bad_cfg.to_str().unwrap().to_owned();
+
+    // Bad input: an unknown domain is an error naming it, before anything changes.
+    fails_with(
+        &["--direct", "--config", &bad_cfg, "init"],
+        &["vm1", "no-such-domain"],
+    );
+    assert_eq!(numvfs(&pf), 0, "nothing changed");
+
+    // init: the domain is defined, not running: the VF goes into its persistent config.
+    let r = ok_json(&["--direct", "--config", &cfg, "init", "--json"]);
+    assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+    assert_eq!(numvfs(&pf), 1);
+    let vf0 = vfs_of(&pf)[0].clone();
+    let inactive = virsh_ok(&["dumpxml", "--inactive", DOMAIN]);
+    assert!(
+        inactive.contains(&format!("<alias name='{alias}'/>")),
+        "{inactive}"
+    );
+    assert!(inactive.contains("managed='no'"), "{inactive}");
+
+    // The domain starts with it, as svff-vfio-pci (the override), and the guest sees it.
+    let mut vm =
+        L2::boot(&Start, &initrd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
+    println!("L2 under libvirt boot: {:.1} s", vm.boot_time.as_secs_f64());
+    let qom = virsh_ok(&[
+        "qemu-monitor-command",
+        DOMAIN,
+        &format!(
+            r#"{{"execute":"qom-get","arguments":{{"path":"/machine/peripheral/{alias}","property":"type"}}}}"#
+        ),
+    ]);
+    assert!(qom.contains("svff-vfio-pci"), "{qom}");
+    let seen = guest_vfs(&mut vm);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let gbdf = seen[0].clone();
+    assert_eq!(enumerations(&mut vm), 1);
+    assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
+
+    // Pause mode: 1 -> 2 VFs. The guest keeps its device: no new enumeration,
+    // config space reads the new VF's vendor.
+    let r = ok_json(&[
+        "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause",
+        "--json",
+    ]);
+    println!("pause reconf: {}", r["steps"]);
+    assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+    let names: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"pause") && names.contains(&"unpause"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"remove_vf"), "{names:?}");
+    assert_eq!(numvfs(&pf), 2);
+    assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
+    assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
+    assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
+    let states = virsh_ok(&[
+        "qemu-monitor-command",
+        DOMAIN,
+        r#"{"execute":"query-svff-vfio"}"#,
+    ]);
+    assert!(
+        states.contains("\"attached\"") && states.contains(&vf0),
+        "{states}"
+    );
+    // The passthrough tainted the domain (libvirt's status XML in /run).
+    let status = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.xml")).unwrap();
+    assert!(
+        status.contains("<taint flag='custom-monitor'/>"),
+        "{status}"
+    );
+    // QEMU holds the new VF's group through the passed fd.
+    let group = guest::iommu_group(&vf0);
+    let pid = fs::read_to_string(format!("/run/libvirt/qemu/{DOMAIN}.pid")).unwrap();
+    let fds: Vec<String> = fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(fds.contains(&format!("/dev/vfio/{group}")), "{fds:?}");
+
+    // Detach mode: 2 -> 1 VFs through virDomainDetachDeviceFlags + attach:
+    // the guest sees the removal and a new enumeration.
+    let r = ok_json(&[
+        "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "1", "--mode", "detach",
+        "--json",
+    ]);
+    println!("detach reconf: {}", r["steps"]);
+    assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+    assert_eq!(numvfs(&pf), 1);
+    let end = Instant::now() + Duration::from_secs(60);
+    while enumerations(&mut vm) < 2 && Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(enumerations(&mut vm), 2, "removed and added again");
+    let seen = guest_vfs(&mut vm);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(guest_vendor(&mut vm, &seen[0]), "1b36");
+    let inactive = virsh_ok(&["dumpxml", "--inactive", DOMAIN]);
+    assert!(
+        inactive.contains(&format!("<alias name='{alias}'/>")),
+        "{inactive}"
+    );
+
+    // Bad input: domain not running, then libvirtd down: errors, nothing changed.
+    virsh_ok(&["destroy", DOMAIN]);
+    drop(vm);
+    let qemu_log = lv.qemu_log();
+    println!(
+        "libvirt taint lines: {:?}",
+        qemu_log
+            .lines()
+            .filter(|l| l.contains("taint"))
+            .collect::<Vec<_>>()
+    );
+    fails_with(
+        &[
+            "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause",
+        ],
+        &["vm1", "not running"],
+    );
+    assert_eq!(numvfs(&pf), 1, "nothing changed");
+    drop(guard);
+    lv.stop();
+    fails_with(
+        &[
+            "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause",
+        ],
+        &["vm1", "is libvirtd running"],
+    );
+    assert_eq!(numvfs(&pf), 1, "nothing changed");
+    release(&pf);
+}
