@@ -704,6 +704,10 @@ impl Ctx<'_> {
                 self.pf,
                 index.join(", ")
             );
+            if setup.kind == VmmKind::Qemu {
+                // device_add (detach mode's re-add) gives it the device it pauses.
+                text.push_str("device_props = { driver = \"svff-vfio-pci\" }\n");
+            }
         }
         let path = self.dir.join(format!(
             "helper-{}-{n}{}.toml",
