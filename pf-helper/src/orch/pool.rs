@@ -56,7 +56,8 @@ impl<S: Sysfs> Orchestrator<'_, S> {
     /// `svff reconf --pf PF --resources SPEC [--assign VM=N,...]` on a PF in
     /// pool mode (see the module docs): the library entry point (the daemon,
     /// the CLI's `--direct` and `svff bench --mode pool` call it). The
-    /// result's steps are `pause` and `unpause` per VM, `resources`,
+    /// result's steps are `plan` (the request checked against the
+    /// controller), `connect`, `pause` and `unpause` per VM, `resources`,
     /// `bind_vfs` (only if a VF had left vfio-pci), `add_vf`, `table`.
     pub fn reconf_pool(
         &self,
@@ -73,6 +74,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                 "PF {pf} is not in pool mode (`pool = true` in its config): change its VF count with --vfs"
             )));
         }
+        let plan_start = Instant::now();
         let size = pfc.vfs.unwrap_or(0);
         let (_, n) = self.mgr.vf_counts(pf)?;
         if n != size {
@@ -189,7 +191,20 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         let affected = |a: &&Assignment| changed.contains(&a.vf) || new_ids.contains(&a.id);
         let aff_before: Vec<Assignment> = before.iter().filter(affected).cloned().collect();
         let aff_target: Vec<Assignment> = target.iter().filter(affected).cloned().collect();
+        // The request checked against the controller (Identify), and the
+        // connections to the affected VMs, as the report's first steps.
+        let mut first_steps = vec![TimedStep {
+            name: "plan".into(),
+            vm: None,
+            ms: crate::sriov::elapsed_ms(plan_start),
+        }];
+        let connect_start = Instant::now();
         let mut sides = self.connect_sides(pf, &aff_before, &aff_target, false, false)?;
+        first_steps.push(TimedStep {
+            name: "connect".into(),
+            vm: None,
+            ms: crate::sriov::elapsed_ms(connect_start),
+        });
         restrict(&mut sides, &aff_target);
         let gone = gone_entries(&aff_target, &sides);
 
@@ -219,6 +234,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         };
         match self.pool_converge(&job, &mut sides, &journal, "reconf") {
             Ok(mut r) => {
+                r.steps.splice(0..0, first_steps);
                 self.record_gone(pf, &gone, &mut r)?;
                 end_journal(journal, &r)?;
                 Ok(r)

@@ -165,6 +165,7 @@ fn pool_reconf_pauses_only_the_vfs_whose_resources_change_and_never_writes_numvf
         .iter()
         .map(|s| (s.name.as_str(), s.vm.as_deref()))
         .collect();
+    assert_eq!(&names[..2], &[("plan", None), ("connect", None)]);
     for want in [
         ("pause", Some("vm1")),
         ("pause", Some("vm2")),
