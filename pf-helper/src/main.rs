@@ -132,7 +132,8 @@ struct BenchArgs {
     #[arg(long, value_name = "MODE,...", default_value = "floor,pause,detach")]
     mode: String,
     /// VMMs: svff-vmm, qemu (patched), qemu-stock (Debian's): without --config,
-    /// svff bench starts the guests of each kind itself, one kind after another.
+    /// svff bench starts the guests of each kind itself, one kind after another;
+    /// libvirt: the running domains of --config (required).
     #[arg(long, value_name = "VMM,...", default_value = "svff-vmm")]
     vmm: String,
     /// The PF (default: the --config's only PF).

@@ -59,6 +59,9 @@ pub enum VmmKind {
     Qemu,
     /// Debian's unpatched QEMU (detach only).
     QemuStock,
+    /// libvirt domains of a helper config (`--config` only: svff bench
+    /// defines and starts no domain itself).
+    Libvirt,
 }
 
 impl VmmKind {
@@ -68,6 +71,7 @@ impl VmmKind {
             VmmKind::SvffVmm => "svff-vmm",
             VmmKind::Qemu => "qemu",
             VmmKind::QemuStock => "qemu-stock",
+            VmmKind::Libvirt => "libvirt",
         }
     }
 }
@@ -97,7 +101,7 @@ pub fn parse_modes(text: &str) -> Result<Vec<BenchMode>, Error> {
     Ok(out)
 }
 
-/// Parses `svff-vmm,qemu,qemu-stock`.
+/// Parses `svff-vmm,qemu,qemu-stock,libvirt`.
 pub fn parse_vmms(text: &str) -> Result<Vec<VmmKind>, Error> {
     let mut out = Vec::new();
     for v in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -105,9 +109,10 @@ pub fn parse_vmms(text: &str) -> Result<Vec<VmmKind>, Error> {
             "svff-vmm" => VmmKind::SvffVmm,
             "qemu" => VmmKind::Qemu,
             "qemu-stock" => VmmKind::QemuStock,
+            "libvirt" => VmmKind::Libvirt,
             _ => {
                 return Err(Error::Usage(format!(
-                    "--vmm {v:?}: unknown VMM (known: svff-vmm, qemu, qemu-stock)"
+                    "--vmm {v:?}: unknown VMM (known: svff-vmm, qemu, qemu-stock, libvirt)"
                 )))
             }
         };
@@ -295,6 +300,14 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
         .iter()
         .any(|m| matches!(m, BenchMode::Pause | BenchMode::Detach | BenchMode::Pool));
     if wants_vms {
+        if opts.config.is_none() && opts.vmms.contains(&VmmKind::Libvirt) {
+            return Err(Error::Usage(
+                "--vmm libvirt needs --config FILE: svff bench defines and starts no libvirt \
+                 domain itself; it measures the running domains of a helper config (VMs of \
+                 kind \"libvirt\")"
+                    .into(),
+            ));
+        }
         if let Some(path) = &opts.config {
             if opts.vmms.len() != 1 {
                 return Err(Error::Usage(format!(
@@ -338,6 +351,41 @@ pub fn plan(opts: &BenchOptions) -> Result<Vec<Planned>, Error> {
         }
     }
     Ok(out)
+}
+
+/// Whether the VMs of helper config `config` (at `path`) are of the one
+/// kind `vmm` names: `libvirt` for VMs of kind `libvirt`, any other VMM for
+/// VMs reached over QMP (which QEMU or svff-vmm is behind a socket is the
+/// user's word).
+pub fn check_config_vmm(
+    vmm: VmmKind,
+    config: &crate::config::Config,
+    path: &std::path::Path,
+) -> Result<(), Error> {
+    use crate::config::VmKind;
+    let want_libvirt = vmm == VmmKind::Libvirt;
+    if let Some(vm) = config
+        .vms
+        .iter()
+        .find(|vm| (vm.kind == VmKind::Libvirt) != want_libvirt)
+    {
+        let (is, use_) = if want_libvirt {
+            (
+                "reached over QMP",
+                "the VMM behind its socket (svff-vmm, qemu or qemu-stock)",
+            )
+        } else {
+            ("of kind \"libvirt\"", "libvirt")
+        };
+        return Err(Error::Usage(format!(
+            "--vmm {} with --config {}: VM {:?} is {is}; give --vmm {use_}, and one config \
+             per VMM kind",
+            vmm.name(),
+            path.display(),
+            vm.name
+        )));
+    }
+    Ok(())
 }
 
 /// Whether PF `pf`, offering `total` VFs, can hold every VF count of

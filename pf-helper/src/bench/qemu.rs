@@ -47,12 +47,12 @@ pub struct QemuPaths {
 }
 
 impl QemuPaths {
-    /// The binary of `kind` (None for svff-vmm).
+    /// The binary of `kind` (None for svff-vmm and libvirt).
     pub fn binary(&self, kind: VmmKind) -> Option<&Path> {
         match kind {
             VmmKind::QemuStock => Some(&self.stock),
             VmmKind::Qemu => Some(&self.patched),
-            VmmKind::SvffVmm => None,
+            VmmKind::SvffVmm | VmmKind::Libvirt => None,
         }
     }
 }

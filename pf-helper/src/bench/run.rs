@@ -79,6 +79,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
             .unwrap_or(PfProfile::Generic),
         None => opts.profile,
     };
+    if let (Some(config), Some(path)) = (&user_config, &opts.config) {
+        if planned.iter().any(|p| p.vmm.is_some()) {
+            super::check_config_vmm(opts.vmms[0], config, path)?;
+        }
+    }
     let (total, _) = mgr.vf_counts(pf)?;
     super::check_vf_capacity(pf, total, &opts.vfs)?;
     check_machine(opts, &planned, user_config.is_some())?;
@@ -100,6 +105,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
         warmup: opts.warmup,
         guest_memory_mib: opts.guest_memory_mib,
         vms: match &opts.config {
+            Some(p) if opts.vmms == [VmmKind::Libvirt] => {
+                format!("the libvirt domains of {}", p.display())
+            }
             Some(p) => format!("the VMs of {}", p.display()),
             None => own_vms_text(&planned),
         },
@@ -162,7 +170,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                         };
                         let (vms, _qemu) = match kind {
                             VmmKind::SvffVmm => (ctx.start_vms(n)?, None),
-                            _ => (Vec::new(), Some(ctx.start_qemu(kind, n)?)),
+                            VmmKind::Qemu | VmmKind::QemuStock => {
+                                (Vec::new(), Some(ctx.start_qemu(kind, n)?))
+                            }
+                            // Refused by `plan` without --config.
+                            VmmKind::Libvirt => {
+                                return Err(Error::Usage(
+                                    "--vmm libvirt needs --config FILE".into(),
+                                ))
+                            }
                         };
                         let config = ctx.own_config(n, &setup)?;
                         let orch = Orchestrator::new(&config, &mgr, setup.connector())?;

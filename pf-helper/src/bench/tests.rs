@@ -536,3 +536,65 @@ fn more_vfs_than_the_pf_offers_are_refused_counting_the_extra_vf() {
         "a PF without SR-IOV"
     );
 }
+
+#[test]
+fn vmm_libvirt_needs_a_config_whose_vms_are_libvirt_domains() {
+    assert_eq!(parse_vmms("libvirt").unwrap(), vec![VmmKind::Libvirt]);
+    let mut o = opts();
+    o.vmms = vec![VmmKind::Libvirt];
+    o.modes = vec![BenchMode::Pause, BenchMode::Detach];
+    let e = plan(&o).unwrap_err().to_string();
+    assert!(e.contains("--vmm libvirt needs --config FILE"), "{e}");
+    // The floor alone needs no VMM, so no config either.
+    o.modes = vec![BenchMode::Floor];
+    assert!(plan(&o).is_ok());
+
+    o.modes = vec![BenchMode::Pause, BenchMode::Detach];
+    o.config = Some("/etc/svff/helper.toml".into());
+    assert_eq!(
+        plan(&o).unwrap(),
+        vec![
+            Planned {
+                mode: BenchMode::Pause,
+                vmm: Some(VmmKind::Libvirt)
+            },
+            Planned {
+                mode: BenchMode::Detach,
+                vmm: Some(VmmKind::Libvirt)
+            }
+        ]
+    );
+
+    let path = std::path::Path::new("/etc/svff/helper.toml");
+    let head = "socket = \"/run/x.sock\"\nallowed_uids = [0]\nstate_dir = \"/var/lib/x\"\n";
+    let libvirt = crate::config::Config::parse(
+        &format!(
+            "{head}[[vm]]\nname = \"vm1\"\nkind = \"libvirt\"\nlibvirt = {{ domain = \"g\" }}\n"
+        ),
+        path,
+    )
+    .unwrap();
+    let qmp = crate::config::Config::parse(
+        &format!("{head}[[vm]]\nname = \"vm2\"\nkind = \"qmp\"\nqmp = \"/run/vm2.qmp\"\n"),
+        path,
+    )
+    .unwrap();
+    assert!(check_config_vmm(VmmKind::Libvirt, &libvirt, path).is_ok());
+    assert!(check_config_vmm(VmmKind::Qemu, &qmp, path).is_ok());
+    let e = check_config_vmm(VmmKind::Libvirt, &qmp, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "--vmm libvirt with --config /etc/svff/helper.toml: VM \"vm2\" is reached over QMP"
+        ),
+        "{e}"
+    );
+    let e = check_config_vmm(VmmKind::Qemu, &libvirt, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("VM \"vm1\" is of kind \"libvirt\"; give --vmm libvirt"),
+        "{e}"
+    );
+}
