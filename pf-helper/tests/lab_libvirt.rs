@@ -5,7 +5,8 @@
 //! with it as `svff-vfio-pci` (a `<qemu:override>` of the alias's driver),
 //! `svff reconf --mode pause` pauses it through libvirt's monitor passthrough
 //! with the re-created VF's group fd passed, `--mode detach` detaches and
-//! attaches it through libvirt. The guest's own view (its dmesg and sysfs,
+//! attaches it through libvirt; `svff bench --vmm libvirt` measures both
+//! modes on the same domain. The guest's own view (its dmesg and sysfs,
 //! over the L2 command channel) tells an unplug from a pause.
 //!
 //! libvirtd needs writable `/etc/libvirt`, `/var/lib/libvirt`,
@@ -355,6 +356,59 @@ fn guest_vendor(vm: &mut L2, bdf: &str) -> String {
     .to_owned()
 }
 
+/// `svff bench --vmm libvirt` on the config's running domain: `mode`, 1 VF,
+/// one warm-up and one counted run (1 -> 2 -> 1 VFs). Prints its tables and
+/// checks its JSON names the libvirt domains, the mode and the mode's steps;
+/// the numbers are never asserted.
+fn bench_libvirt(cfg: &str, pf: &str, mode: &str, dir: &Path) {
+    let json = dir.join(format!("bench-{mode}.json"));
+    let out = svff(&[
+        "--direct",
+        "--config",
+        cfg,
+        "bench",
+        "--pf",
+        pf,
+        "--vmm",
+        "libvirt",
+        "--mode",
+        mode,
+        "--vfs",
+        "1",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "svff bench --vmm libvirt --mode {mode} failed"
+    );
+    println!(
+        "svff bench --vmm libvirt --mode {mode} --vfs 1 --runs 1:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rep: Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();
+    assert!(
+        rep["vms"].as_str().unwrap().contains("libvirt domains"),
+        "{rep}"
+    );
+    let series = rep["series"].as_array().unwrap();
+    assert_eq!(series.len(), 1, "{rep}");
+    assert_eq!(series[0]["mode"], mode);
+    assert_eq!(series[0]["vmm"], "libvirt");
+    let runs = series[0]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{rep}");
+    let steps: &[&str] = if mode == "pause" {
+        &["pause", "unpause"]
+    } else {
+        &["remove_vf", "add_vf"]
+    };
+    for w in steps {
+        assert!(runs[0]["steps"].get(w).is_some(), "{w}: {rep}");
+    }
+}
+
 #[test]
 #[ignore = "lab: libvirtd, patched QEMU, L2 guest, nvme PF"]
 fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_reconfs() {
@@ -446,6 +500,13 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     assert_eq!(enumerations(&mut vm), 1);
     assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
 
+    // svff bench --vmm libvirt, pause mode, on this domain (no new boot). The
+    // guest keeps its device through it too.
+    bench_libvirt(&cfg, &pf, "pause", dir.path());
+    assert_eq!(numvfs(&pf), 1, "even number of count changes");
+    assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
+    assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
+
     // Pause mode: 1 -> 2 VFs. The guest keeps its device: no new enumeration,
     // config space reads the new VF's vendor.
     let r = ok_json(&[
@@ -516,6 +577,11 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         inactive.contains(&format!("<alias name='{alias}'/>")),
         "{inactive}"
     );
+
+    // svff bench --vmm libvirt, detach mode, on the same domain (its pause
+    // mode ran before the first reconf: a re-attached VF is plain vfio-pci).
+    bench_libvirt(&cfg, &pf, "detach", dir.path());
+    assert_eq!(numvfs(&pf), 1, "even number of count changes");
 
     // Bad input: domain not running, then libvirtd down: errors, nothing changed.
     virsh_ok(&["destroy", DOMAIN]);

@@ -771,6 +771,12 @@ impl Ctx<'_> {
                 self.pf
             )));
         }
+        if assign.is_empty() && self.mgr.vf_counts(self.pf)?.1 == n {
+            // Already set up: no reconf (a detach-mode one would re-add
+            // the VFs, and a libvirt domain gets hot-added VFs as plain
+            // vfio-pci, which cannot pause).
+            return Ok(());
+        }
         let r = orch.reconf(self.pf, n, Mode::Detach, &assign)?;
         ok_report(&r, &format!("setting up {n} assigned VFs"))?;
         Ok(())
