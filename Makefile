@@ -61,6 +61,8 @@ doc: deps
 
 test-host: deps
 	$(CARGO) test --workspace $(CARGO_FEATURES)
+	# svff without the libvirt feature: a libvirt VM is refused, naming the feature.
+	$(if $(FEATURES),$(CARGO) test -p svff-pf-helper --lib)
 
 test-rtl: deps
 	$(MAKE) -C fpga-rtl test
