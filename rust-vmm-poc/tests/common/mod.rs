@@ -303,6 +303,11 @@ pub fn pause_across_numvfs_4_0_6(pf: &dyn Pf, kind: &Kind) {
     let mut before = Vec::new();
     for (vmm, ids) in guests {
         for dev in DEVS {
+            // B starts its guest only after the fd handshake: wait for the
+            // guest to reach `dev` in its enumeration before checking it.
+            vmm.wait(&format!("enumeration of {dev}"), &|| {
+                vmm.out().contains(&format!("svff-guest: found {dev} "))
+            });
             assert!(
                 vmm.out()
                     .contains(&format!("svff-guest: found {dev} vendor={}", kind.vendor)),
