@@ -896,14 +896,25 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
         let mut sides = self.connect_sides(*pf, before, &goal, true, start_dead)?;
         // Entries of VMs that are gone stay recorded as gone.
         let gone = gone_entries(&goal, &sides);
-        let mut r = self
+        let r = self
             .converge(*pf, count, &goal, *mode, &mut sides, &journal, "recover")
             .map_err(|f| f.error)?;
-        self.record_gone(*pf, &gone, &mut r)?;
-        r.changes.insert(
-            0,
-            format!("recovered the interrupted {}", summary(&p.begin)),
-        );
+        self.finish_recovery(*pf, &gone, r, &p.begin, journal)
+    }
+
+    /// The end of a recovery (count change or pool): `gone` recorded, the
+    /// report names the interrupted operation, the journal ends.
+    fn finish_recovery(
+        &self,
+        pf: PciAddress,
+        gone: &[Assignment],
+        mut r: OpReport,
+        begin: &Step,
+        journal: Mutex<Journal>,
+    ) -> Result<OpReport, Error> {
+        self.record_gone(pf, gone, &mut r)?;
+        r.changes
+            .insert(0, format!("recovered the interrupted {}", summary(begin)));
         r.changed = true;
         end_journal(journal, &r)?;
         Ok(r)

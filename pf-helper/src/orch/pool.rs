@@ -337,17 +337,10 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             goal,
             release: !rolled_back,
         };
-        let mut r = self
+        let r = self
             .pool_converge(&job, &mut sides, &journal, "recover")
             .map_err(|f| f.error)?;
-        self.record_gone(pf, &gone, &mut r)?;
-        r.changes.insert(
-            0,
-            format!("recovered the interrupted {}", summary(&p.begin)),
-        );
-        r.changed = true;
-        end_journal(journal, &r)?;
-        Ok(r)
+        self.finish_recovery(pf, &gone, r, &p.begin, journal)
     }
 
     /// Pause (only VFs whose resources still differ), resources, bind,
