@@ -243,9 +243,9 @@ mod sysfs;
 
 pub use bench::{
     draw_plot, finish as bench_finish, parse_modes, parse_vf_counts, parse_vmms, plan, render_all,
-    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestLoad, GuestRunView, PaperPoint,
-    Planned, Run as BenchRun, Series as BenchSeries, Summary as BenchSummary, TableIRow, VmmKind,
-    BENCH_FORMAT_VERSION, PAPER_TABLE_I,
+    run as bench_run, BenchMode, BenchOptions, BenchReport, GuestLoad, GuestRunView, L2RunView,
+    PaperPoint, Planned, Run as BenchRun, Series as BenchSeries, Summary as BenchSummary,
+    TableIRow, VmmKind, BENCH_FORMAT_VERSION, PAPER_TABLE_I,
 };
 pub use bitstream::BitstreamConfig;
 pub use client::request;

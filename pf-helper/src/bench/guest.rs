@@ -120,8 +120,133 @@ pub fn view_of_run(vm: &str, dev: &str, samples: &[Sample], tsc_khz: Option<u32>
     }
 }
 
+/// What a QEMU L2 Linux guest saw of one run, from its `/init`'s lines
+/// (`svff-bench-l2 vfs=N bound=B live=L aer=R`, four a second).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct L2RunView {
+    /// The VM.
+    pub vm: String,
+    /// The guest driver loaded for the VFs (`nvme`; None: none).
+    pub driver: Option<String>,
+    /// The VFs the guest holds.
+    pub vfs: u16,
+    /// The fewest VFs the guest saw from the run's start until they were back.
+    pub vfs_min: u16,
+    /// Whether a VF vanished from the guest (`vfs_min` below the VF count).
+    pub vanished: bool,
+    /// The fewest VFs the driver held in that time (None: no driver).
+    pub bound_min: Option<u16>,
+    /// The fewest `live` nvme controllers in that time (None: no driver).
+    pub live_min: Option<u16>,
+    /// Successful AER recoveries the guest logged in that time (None: no driver).
+    pub aer_recoveries: Option<u32>,
+    /// From the run's end to the guest's first line with every VF there
+    /// (bound and live with a driver, and the expected AER recoveries done)
+    /// after the last line without, ms; None: not back within the deadline.
+    pub back_ms: Option<f64>,
+    /// The lines the view is built from.
+    pub samples: usize,
+}
+
+/// The L2 view of one run of `n` VFs from `lines` (arrival time, line; in
+/// order): the run went from `t0` to `t1`; `want_aer`: the AER recoveries
+/// the run must bring before the VFs count as back (the patched QEMU's
+/// `recover=aer` after an unpause), 0 otherwise. The view ends at the first
+/// line after `t1` that is ready and has every later line up to now ready
+/// too, or with the last line (then `back_ms` is None).
+pub fn l2_view_of_run(
+    vm: &str,
+    driver: Option<&str>,
+    n: u16,
+    want_aer: u32,
+    lines: &[(Instant, super::qemu::L2Line)],
+    t0: Instant,
+    t1: Instant,
+) -> L2RunView {
+    let base_aer = lines
+        .iter()
+        .rev()
+        .find(|(at, _)| *at <= t0)
+        .and_then(|(_, l)| l.aer)
+        .unwrap_or(0);
+    let ok = |l: &super::qemu::L2Line| {
+        l.ready(n) && l.aer.unwrap_or(0).saturating_sub(base_aer) >= want_aer
+    };
+    let from = lines
+        .iter()
+        .position(|(at, _)| *at >= t0)
+        .unwrap_or(lines.len());
+    let mine = &lines[from..];
+    // The first line after t1 that is ok, after the last one that is not.
+    let last_bad = mine.iter().rposition(|(_, l)| !ok(l));
+    let back = mine
+        .iter()
+        .enumerate()
+        .skip(last_bad.map_or(0, |i| i + 1))
+        .find(|(_, (at, _))| *at > t1)
+        .map(|(i, _)| i);
+    let upto = back.map_or(mine.len(), |i| i + 1);
+    let seen = &mine[..upto];
+    let min =
+        |f: fn(&super::qemu::L2Line) -> Option<u16>| seen.iter().filter_map(|(_, l)| f(l)).min();
+    let vfs_min = seen.iter().map(|(_, l)| l.vfs).min().unwrap_or(n);
+    let aer_end = seen.last().and_then(|(_, l)| l.aer);
+    L2RunView {
+        vm: vm.into(),
+        driver: driver.map(str::to_owned),
+        vfs: n,
+        vfs_min,
+        vanished: vfs_min < n,
+        bound_min: min(|l| l.bound),
+        live_min: min(|l| l.live),
+        aer_recoveries: aer_end.map(|a| a.saturating_sub(base_aer)),
+        back_ms: back.map(|i| ms(mine[i].0.saturating_duration_since(t1))),
+        samples: seen.len(),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Follows `path` (waited for until it exists; the file only grows) on a
+/// thread, handing each complete line to `line` as it arrives, until `stop`.
+pub fn follow(
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    mut line_fn: impl FnMut(&str) + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let file = loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match File::open(&path) {
+                Ok(f) => break f,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut reader = BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // At the end of the file for now: poll (the file only grows).
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(_) if buf.ends_with(b"\n") => {
+                    line_fn(&String::from_utf8_lossy(&buf));
+                    buf.clear();
+                }
+                // A partial line: the rest comes with the next read.
+                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                Err(_) => return,
+            }
+        }
+    })
 }
 
 /// Follows one VM's serial file, keeping every counter sample.
@@ -138,40 +263,12 @@ impl Tailer {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, stop2) = (samples.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let file = loop {
-                if stop2.load(Ordering::Relaxed) {
-                    return;
-                }
-                match File::open(&path) {
-                    Ok(f) => break f,
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            };
-            let mut reader = BufReader::new(file);
-            let mut line = String::new();
-            loop {
-                match reader.read_line(&mut line) {
-                    Ok(0) => {
-                        if stop2.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        // At the end of the file for now: poll (the file only grows).
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Ok(_) if line.ends_with('\n') => {
-                        if let Some(c) = parse_counters(&line) {
-                            s2.lock().unwrap_or_else(|p| p.into_inner()).push(Sample {
-                                at: Instant::now(),
-                                counters: c,
-                            });
-                        }
-                        line.clear();
-                    }
-                    // A partial line: the rest comes with the next read.
-                    Ok(_) => std::thread::sleep(Duration::from_millis(2)),
-                    Err(_) => return,
-                }
+        let thread = follow(path, stop2, move |line| {
+            if let Some(c) = parse_counters(line) {
+                s2.lock().unwrap_or_else(|p| p.into_inner()).push(Sample {
+                    at: Instant::now(),
+                    counters: c,
+                });
             }
         });
         Tailer {

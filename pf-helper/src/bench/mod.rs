@@ -13,7 +13,7 @@ use crate::config::PfProfile;
 use crate::error::Error;
 use crate::pci::PciAddress;
 
-pub use guest::GuestRunView;
+pub use guest::{GuestRunView, L2RunView};
 pub use plot::draw as draw_plot;
 pub use qemu::QemuPaths;
 pub use report::{

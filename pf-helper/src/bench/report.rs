@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::guest::GuestRunView;
+use super::guest::{GuestRunView, L2RunView};
 
 /// Version of the `svff bench --json` document.
 pub const BENCH_FORMAT_VERSION: u32 = 1;
@@ -33,6 +33,10 @@ pub struct Run {
     pub steps: BTreeMap<String, f64>,
     /// What each test guest saw during the run (empty without svff-vmm test guests).
     pub guest: Vec<GuestRunView>,
+    /// What the QEMU L2 Linux guest saw (its VFs, the driver's hold on
+    /// them, its recoveries); None without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<L2RunView>,
 }
 
 /// All runs of one mode and VMM at one VF count.
@@ -80,6 +84,29 @@ pub struct Summary {
     /// longer than an earlier one of the same guest).
     #[serde(default)]
     pub guest_tsc_windows: Option<u64>,
+    /// The QEMU L2 guest's driver for the VFs (`nvme`, `none`; None: no L2 guest).
+    #[serde(default)]
+    pub l2_driver: Option<String>,
+    /// Runs in which a VF vanished from the L2 guest.
+    #[serde(default)]
+    pub l2_vanished: Option<u64>,
+    /// Runs in which the driver let go of a VF (`bound` below the VF count) or a
+    /// controller left `live`.
+    #[serde(default)]
+    pub l2_driver_disturbed: Option<u64>,
+    /// Mean time from a run's end until the L2 guest had every VF back
+    /// (bound and live with a driver), over the runs in which it did, ms.
+    #[serde(default)]
+    pub l2_back_avg_ms: Option<f64>,
+    /// Longest of those, ms.
+    #[serde(default)]
+    pub l2_back_max_ms: Option<f64>,
+    /// Runs after which the L2 guest did not have every VF back within the deadline.
+    #[serde(default)]
+    pub l2_not_back: Option<u64>,
+    /// AER recoveries the L2 guest logged, summed over the runs.
+    #[serde(default)]
+    pub l2_aer_recoveries: Option<u64>,
 }
 
 /// One row of Table I.
@@ -221,6 +248,46 @@ pub fn summarize(runs: &[Run]) -> Summary {
         guest_tsc_window_avg_ms: (!tsc.is_empty()).then(|| mean_sigma(&tsc).0),
         guest_tsc_window_max_ms: tsc.iter().copied().reduce(f64::max),
         guest_tsc_windows: has_guest.then_some(tsc.len() as u64),
+        ..l2_summary(runs)
+    }
+}
+
+/// The L2 parts of a summary (the others left empty).
+fn l2_summary(runs: &[Run]) -> Summary {
+    let views: Vec<&L2RunView> = runs.iter().filter_map(|r| r.l2.as_ref()).collect();
+    let any = !views.is_empty();
+    let back: Vec<f64> = views.iter().filter_map(|v| v.back_ms).collect();
+    let count =
+        |f: &dyn Fn(&L2RunView) -> bool| any.then(|| views.iter().filter(|v| f(v)).count() as u64);
+    Summary {
+        avg_ms: 0.0,
+        sigma_ms: 0.0,
+        min_ms: 0.0,
+        max_ms: 0.0,
+        steps: BTreeMap::new(),
+        guest_window_avg_ms: None,
+        guest_window_max_ms: None,
+        guest_disappeared: None,
+        guest_tsc_window_avg_ms: None,
+        guest_tsc_window_max_ms: None,
+        guest_tsc_windows: None,
+        l2_driver: views
+            .first()
+            .map(|v| v.driver.clone().unwrap_or_else(|| "none".into())),
+        l2_vanished: count(&|v| v.vanished),
+        l2_driver_disturbed: count(&|v| {
+            v.bound_min.is_some_and(|b| b < v.vfs) || v.live_min.is_some_and(|l| l < v.vfs)
+        }),
+        l2_back_avg_ms: (!back.is_empty()).then(|| mean_sigma(&back).0),
+        l2_back_max_ms: back.iter().copied().reduce(f64::max),
+        l2_not_back: count(&|v| v.back_ms.is_none()),
+        l2_aer_recoveries: any.then(|| {
+            views
+                .iter()
+                .filter_map(|v| v.aer_recoveries)
+                .map(u64::from)
+                .sum()
+        }),
     }
 }
 
@@ -510,6 +577,60 @@ pub fn render_guest_view(report: &BenchReport) -> String {
     out
 }
 
+/// The QEMU L2 guests' view per series as aligned text (empty without one).
+pub fn render_l2_view(report: &BenchReport) -> String {
+    let mut rows = vec![vec![
+        "mode".to_owned(),
+        "VFs".into(),
+        "driver".into(),
+        "runs".into(),
+        "VF vanished".into(),
+        "driver let go".into(),
+        "AER recoveries".into(),
+        "back avg ms".into(),
+        "back max ms".into(),
+        "not back".into(),
+    ]];
+    for s in &report.series {
+        let Some(driver) = &s.summary.l2_driver else {
+            continue;
+        };
+        let runs = s.runs.iter().filter(|r| r.l2.is_some()).count();
+        let c = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+        rows.push(vec![
+            label(&s.mode, &s.vmm),
+            s.vfs.to_string(),
+            driver.clone(),
+            runs.to_string(),
+            c(s.summary.l2_vanished),
+            if driver == "none" {
+                "-".into()
+            } else {
+                c(s.summary.l2_driver_disturbed)
+            },
+            if driver == "none" {
+                "-".into()
+            } else {
+                c(s.summary.l2_aer_recoveries)
+            },
+            opt(s.summary.l2_back_avg_ms, 1, ""),
+            opt(s.summary.l2_back_max_ms, 1, ""),
+            c(s.summary.l2_not_back),
+        ]);
+    }
+    if rows.len() == 1 {
+        return String::new();
+    }
+    let mut out = "L2 guest view (QEMU guests' L2 Linux, sampled 4 times a second: runs in which \
+                   a VF vanished from the guest, in which its driver let go of a VF or a \
+                   controller left `live`, the AER recoveries it logged, and the time from the \
+                   reconf's end until every VF was back, bound and live; not counted in the \
+                   totals)\n"
+        .to_owned();
+    out.push_str(&align(&rows));
+    out
+}
+
 /// Every table, one after another.
 pub fn render_all(report: &BenchReport) -> String {
     let mut out = format!(
@@ -519,10 +640,11 @@ pub fn render_all(report: &BenchReport) -> String {
     out.push_str(&render_table_i(report));
     out.push('\n');
     out.push_str(&render_table_ii(report));
-    let g = render_guest_view(report);
-    if !g.is_empty() {
-        out.push('\n');
-        out.push_str(&g);
+    for g in [render_guest_view(report), render_l2_view(report)] {
+        if !g.is_empty() {
+            out.push('\n');
+            out.push_str(&g);
+        }
     }
     out
 }

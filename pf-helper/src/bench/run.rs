@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vfio_pause::{Container, DeviceOptions, PausableDevice, TrapAllBars, VfSource};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::guest::{view_of_run, GuestRunView, Sample, Tailer};
+use super::guest::{l2_view_of_run, view_of_run, GuestRunView, Sample, Tailer};
 use super::qemu;
 use super::report::{self, BenchReport, Run, Series};
 use super::{plan, BenchMode, BenchOptions, GuestLoad, Planned, VmmKind};
@@ -36,6 +36,9 @@ const GUEST_START: Duration = Duration::from_secs(90);
 const POOL_VQ: [u16; 2] = [2, 4];
 /// Deadline for a guest's first sample after a run.
 const GUEST_SAMPLE: Duration = Duration::from_secs(10);
+/// Deadline for a QEMU L2 guest to have every VF back after a run (bound
+/// and live with a driver): the next run starts only then, or after it.
+const L2_BACK: Duration = Duration::from_secs(60);
 
 fn bench_err(what: String) -> Error {
     Error::Bench { what, source: None }
@@ -168,7 +171,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                             state: ctx.dir.join(format!("state-{}-{n}", kind.name())),
                             kept: opts.keep_qmp.then(PersistentConnector::new),
                         };
-                        let (vms, _qemu) = match kind {
+                        let (vms, qemu_vm) = match kind {
                             VmmKind::SvffVmm => (ctx.start_vms(n)?, None),
                             VmmKind::Qemu | VmmKind::QemuStock => {
                                 (Vec::new(), Some(ctx.start_qemu(kind, n)?))
@@ -186,9 +189,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                         ok_report(&r, &format!("init of the {} guests", kind.name()))?;
                         for p in &mine {
                             let s = if p.mode == BenchMode::Pool {
-                                ctx.pool_series(n, *p, &vms, &setup)?
+                                ctx.pool_series(n, *p, &vms, qemu_vm.as_ref(), &setup)?
                             } else {
-                                ctx.count_series(&orch, n, *p, &vms)?
+                                ctx.count_series(&orch, n, *p, &vms, qemu_vm.as_ref())?
                             };
                             rep.series.push(s);
                         }
@@ -198,7 +201,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                     let orch = Orchestrator::new(config, &mgr, &QmpConnector)?;
                     ctx.assign_configured(&orch, config, n)?;
                     for p in &vm_series {
-                        rep.series.push(ctx.count_series(&orch, n, *p, &[])?);
+                        rep.series.push(ctx.count_series(&orch, n, *p, &[], None)?);
                     }
                 }
             }
@@ -407,6 +410,11 @@ impl Ctx<'_> {
         })
     }
 
+    /// The QEMU L2 guests' driver for the VFs ([`qemu::guest_driver`]).
+    fn l2_driver(&self) -> Option<&'static str> {
+        qemu::guest_driver(self.profile == PfProfile::Nvme)
+    }
+
     /// The PF with exactly `count` fresh VFs on vfio-pci.
     fn fresh_vfs(&self, count: u16) -> Result<(), Error> {
         self.mgr.set_vf_count(self.pf, 0, &self.set_opts(false))?;
@@ -529,6 +537,7 @@ impl Ctx<'_> {
                         ("unpause".to_owned(), ms(t3, t4)),
                     ]),
                     guest: Vec::new(),
+                    l2: None,
                 });
             }
         }
@@ -556,17 +565,33 @@ impl Ctx<'_> {
                 .map_err(|e| io_err(format!("reading {a} of VF {first}"), e))
         };
         let vf_id = format!("{}{}", attr("vendor")?, attr("device")?);
-        let initrd = qemu::write_initramfs(&self.dir, &paths.busybox, &vf_id)?;
+        let driver = self.l2_driver();
+        let modules = PathBuf::from("/lib/modules").join(
+            fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+        );
+        let initrd = qemu::write_initramfs(&self.dir, &paths.busybox, &vf_id, driver, &modules)?;
         let qmp = self.dir.join(format!("{QEMU_VM}.qmp"));
         let serial = self
             .dir
             .join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
         let log = self.dir.join(format!("{QEMU_VM}-{}-{n}.log", kind.name()));
-        let args = qemu::command_args(kind, &paths, &initrd, &qmp, &serial, self.pf, &vfs);
+        let args = qemu::command_args(
+            kind,
+            &paths,
+            &initrd,
+            &qmp,
+            &serial,
+            self.pf,
+            &vfs,
+            driver.is_some(),
+        );
         eprintln!(
-            "bench: starting {} with {n} VF for {} (L2 Linux, up to {} s) ...",
+            "bench: starting {} with {n} VF for {} (L2 Linux, guest driver {}, up to {} s) ...",
             bin.display(),
             kind.name(),
+            driver.unwrap_or("none"),
             self.opts.l2_boot_deadline_s
         );
         let t0 = Instant::now();
@@ -721,8 +746,17 @@ impl Ctx<'_> {
                 index.join(", ")
             );
             if setup.kind == VmmKind::Qemu {
-                // device_add (detach mode's re-add) gives it the device it pauses.
-                text.push_str("device_props = { driver = \"svff-vfio-pci\" }\n");
+                // device_add (detach mode's re-add) gives it the device it
+                // pauses, recovering as the started ones do.
+                if self.l2_driver().is_some() {
+                    let _ = writeln!(
+                        text,
+                        "device_props = {{ driver = \"svff-vfio-pci\", recover = \"{}\" }}",
+                        qemu::RECOVER
+                    );
+                } else {
+                    text.push_str("device_props = { driver = \"svff-vfio-pci\" }\n");
+                }
             }
         }
         let path = self.dir.join(format!(
@@ -790,13 +824,14 @@ impl Ctx<'_> {
         n: u16,
         p: Planned,
         vms: &[TestVm],
+        l2: Option<&qemu::QemuVm>,
     ) -> Result<Series, Error> {
         let mode = match p.mode {
             BenchMode::Pause => Mode::Pause,
             _ => Mode::Detach,
         };
         let (_, mut current) = self.mgr.vf_counts(self.pf)?;
-        self.vm_series(n, p, vms, |_| {
+        self.vm_series(n, p, vms, l2, |_| {
             let to = if current == n { n + 1 } else { n };
             let r = orch.reconf(self.pf, to, mode, &[])?;
             let from = std::mem::replace(&mut current, to);
@@ -815,13 +850,14 @@ impl Ctx<'_> {
         n: u16,
         p: Planned,
         vms: &[TestVm],
+        l2: Option<&qemu::QemuVm>,
         setup: &Setup,
     ) -> Result<Series, Error> {
         let (_, count) = self.mgr.vf_counts(self.pf)?;
         let config = self.own_config_with(n, Some(count), setup)?;
         let orch = Orchestrator::new(&config, self.mgr, setup.connector())?;
         let mut k = 0usize;
-        self.vm_series(n, p, vms, |_| {
+        self.vm_series(n, p, vms, l2, |_| {
             let vq = POOL_VQ[(k + 1) % 2];
             k += 1;
             let res = NvmeResources {
@@ -847,6 +883,7 @@ impl Ctx<'_> {
         n: u16,
         p: Planned,
         vms: &[TestVm],
+        l2: Option<&qemu::QemuVm>,
         mut op: impl FnMut(usize) -> Result<(OpReport, u16, u16), Error>,
     ) -> Result<Series, Error> {
         let vmm = p.vmm.map_or("none", VmmKind::name);
@@ -878,6 +915,7 @@ impl Ctx<'_> {
                         .map(|d| view_of_run(&vm.name, d, &samples, vm.tsc_khz)),
                 );
             }
+            let l2_view = l2.map(|vm| self.l2_view(vm, n, p, t0, t1, &label));
             if i >= self.opts.warmup {
                 runs.push(Run {
                     from,
@@ -885,10 +923,54 @@ impl Ctx<'_> {
                     total_ms: total,
                     steps: step_times(&r),
                     guest,
+                    l2: l2_view,
                 });
             }
         }
         Ok(series(p.mode.name(), vmm, n, runs))
+    }
+}
+
+impl Ctx<'_> {
+    /// The L2 view of the run from `t0` to `t1` of series `p` ([`QEMU_VM`]
+    /// holding `n` VFs), once the guest has every VF back (bound and live
+    /// with a driver, and after a pause of the patched QEMU the `n` AER
+    /// recoveries of `recover=aer` done), or after [`L2_BACK`]: the next run
+    /// starts on a guest that has recovered, or says that it did not.
+    fn l2_view(
+        &self,
+        vm: &qemu::QemuVm,
+        n: u16,
+        p: Planned,
+        t0: Instant,
+        t1: Instant,
+        label: &str,
+    ) -> super::guest::L2RunView {
+        let driver = self.l2_driver();
+        let want_aer = match (p.vmm, p.mode, driver) {
+            (Some(VmmKind::Qemu), BenchMode::Pause | BenchMode::Pool, Some(_)) => u32::from(n),
+            _ => 0,
+        };
+        let view = |lines: &[(Instant, qemu::L2Line)]| {
+            l2_view_of_run(QEMU_VM, driver, n, want_aer, lines, t0, t1)
+        };
+        let back = vm.wait_lines(L2_BACK, |lines| {
+            lines.iter().filter(|(at, _)| *at > t1).count() >= 2 && view(lines).back_ms.is_some()
+        });
+        let v = view(&vm.lines());
+        if !back {
+            eprintln!(
+                "bench: {label} {n} VF: the L2 guest did not have its {n} VFs back within {} s \
+                 (driver {}; fewest VFs {}, bound {:?}, live {:?}, AER recoveries {:?} of {want_aer})",
+                L2_BACK.as_secs(),
+                driver.unwrap_or("none"),
+                v.vfs_min,
+                v.bound_min,
+                v.live_min,
+                v.aer_recoveries
+            );
+        }
+        v
     }
 }
 

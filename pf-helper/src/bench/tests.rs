@@ -10,6 +10,7 @@ fn run(total: f64, steps: &[(&str, f64)]) -> Run {
         total_ms: total,
         steps: steps.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         guest: Vec::new(),
+        l2: None,
     }
 }
 
