@@ -245,7 +245,7 @@ pub fn check(
 /// the initramfs, in load order), then four times a second prints how many
 /// functions with vendor:device `vf_id` it sees and, with `driver`, how many
 /// of them that driver holds and how many nvme controllers are `live`.
-fn init_script(vf_id: &str, driver: Option<&str>, modules: &[String]) -> String {
+pub(super) fn init_script(vf_id: &str, driver: Option<&str>, modules: &[String]) -> String {
     let mut s = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\

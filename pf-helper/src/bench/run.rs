@@ -112,7 +112,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
                 format!("the libvirt domains of {}", p.display())
             }
             Some(p) => format!("the VMs of {}", p.display()),
-            None => own_vms_text(&planned),
+            None => own_vms_text(&planned, qemu::guest_driver(profile == PfProfile::Nvme)),
         },
         reference: None,
         series: Vec::new(),
@@ -229,8 +229,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, Error> {
     Ok(rep)
 }
 
-/// What the self-managed set-up runs, for the report's `vms`.
-fn own_vms_text(planned: &[Planned]) -> String {
+/// What the self-managed set-up runs, for the report's `vms`; `driver`:
+/// the QEMU L2 guests' driver for the VFs.
+fn own_vms_text(planned: &[Planned], driver: Option<&str>) -> String {
     let mut parts = Vec::new();
     let has = |k| planned.iter().any(|p| p.vmm == Some(k));
     if has(VmmKind::SvffVmm) {
@@ -238,12 +239,25 @@ fn own_vms_text(planned: &[Planned]) -> String {
     }
     for (k, what) in [
         (VmmKind::QemuStock, "Debian's QEMU"),
-        (VmmKind::Qemu, "svff's patched QEMU (svff-vfio-pci)"),
+        (
+            VmmKind::Qemu,
+            if driver.is_some() {
+                "svff's patched QEMU (svff-vfio-pci, recover=aer)"
+            } else {
+                "svff's patched QEMU (svff-vfio-pci)"
+            },
+        ),
     ] {
         if has(k) {
-            parts.push(format!(
-                "{what}: one L2 Linux (busybox init, no driver bound to the VFs) holding every VF"
-            ));
+            parts.push(match driver {
+                Some(d) => format!(
+                    "{what}: one L2 Linux (busybox init, the guest's {d} driver bound to the VFs) \
+                     holding every VF"
+                ),
+                None => format!(
+                    "{what}: one L2 Linux (busybox init, no driver bound to the VFs) holding every VF"
+                ),
+            });
         }
     }
     if parts.is_empty() {

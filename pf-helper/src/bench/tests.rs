@@ -463,7 +463,7 @@ fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device()
         (1, PciAddress::parse("0000:01:00.2").unwrap()),
     ];
     let p = std::path::Path::new;
-    let args = |kind| {
+    let args_with = |kind, driver| {
         qemu::command_args(
             kind,
             &qemu_paths(),
@@ -472,9 +472,11 @@ fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device()
             p("/t/s"),
             pf,
             &vfs,
+            driver,
         )
         .join(" ")
     };
+    let args = |kind| args_with(kind, false);
     let stock = args(VmmKind::QemuStock);
     assert!(stock.contains("-accel kvm -machine q35"), "{stock}");
     assert!(stock.contains("-bios /usr/share/qemu/qboot.rom"), "{stock}");
@@ -491,9 +493,247 @@ fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device()
     let patched = args(VmmKind::Qemu);
     assert!(
         patched.contains("-device svff-vfio-pci,host=0000:01:00.1,")
-            && !patched.contains("-device vfio-pci"),
+            && !patched.contains("-device vfio-pci")
+            && !patched.contains("recover="),
         "{patched}"
     );
+    // With the guest's driver bound, the patched QEMU's devices recover it by AER.
+    let patched = args_with(VmmKind::Qemu, true);
+    assert!(
+        patched.contains("-device svff-vfio-pci,recover=aer,host=0000:01:00.1,"),
+        "{patched}"
+    );
+    let stock = args_with(VmmKind::QemuStock, true);
+    assert!(!stock.contains("recover="), "{stock}");
+}
+
+#[test]
+fn l2_console_lines_parse_with_and_without_a_driver_and_amid_kernel_messages() {
+    assert_eq!(
+        qemu::parse_line("svff-bench-l2 vfs=3\n"),
+        Some(qemu::L2Line {
+            vfs: 3,
+            bound: None,
+            live: None,
+            aer: None
+        })
+    );
+    let l = qemu::parse_line("[ 12.5] nvme nvme0: resetsvff-bench-l2 vfs=10 bound=9 live=8 aer=4")
+        .unwrap();
+    assert_eq!(
+        (l.vfs, l.bound, l.live, l.aer),
+        (10, Some(9), Some(8), Some(4))
+    );
+    assert!(!l.ready(10), "not every VF bound and live");
+    assert!(qemu::parse_line("svff-bench-l2 vfs=1 bound=1 live=1 aer=0")
+        .unwrap()
+        .ready(1));
+    assert!(qemu::parse_line("svff-bench-l2 vfs=1").unwrap().ready(1));
+    assert!(!qemu::parse_line("svff-bench-l2 vfs=0").unwrap().ready(1));
+    for bad in [
+        "svff-bench-l2: insmod modules/nvme.ko failed",
+        "svff-bench-l2 vfs=x",
+        "svff-bench-l2 vfs=1 odd=2",
+        "svff-bench-l2 bound=1",
+        "nvme nvme0: 1/0/0 default/read/poll queues",
+    ] {
+        assert_eq!(qemu::parse_line(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn guest_driver_modules_load_dependencies_first_from_modules_dep() {
+    let dep = "kernel/drivers/nvme/host/nvme-core.ko.xz: kernel/drivers/nvme/common/nvme-auth.ko.xz\n\
+               kernel/drivers/nvme/host/nvme.ko.xz: kernel/drivers/nvme/host/nvme-core.ko.xz kernel/drivers/nvme/common/nvme-auth.ko.xz\n\
+               kernel/drivers/nvme/common/nvme-auth.ko.xz:\n\
+               kernel/drivers/net/ethernet/intel/igbvf/igbvf.ko.xz:\n";
+    assert_eq!(
+        qemu::module_load_order(dep, "nvme").unwrap(),
+        [
+            "kernel/drivers/nvme/common/nvme-auth.ko.xz",
+            "kernel/drivers/nvme/host/nvme-core.ko.xz",
+            "kernel/drivers/nvme/host/nvme.ko.xz"
+        ]
+    );
+    assert_eq!(
+        qemu::module_load_order(dep, "nvme_core").unwrap().len(),
+        2,
+        "- and _ are the same in module names"
+    );
+    assert_eq!(
+        qemu::module_load_order(dep, "igbvf").unwrap(),
+        ["kernel/drivers/net/ethernet/intel/igbvf/igbvf.ko.xz"]
+    );
+    let e = qemu::module_load_order(dep, "nvm").unwrap_err().to_string();
+    assert!(e.contains("nvm is not in modules.dep"), "{e}");
+    assert_eq!(qemu::guest_driver(true), Some("nvme"));
+    assert_eq!(qemu::guest_driver(false), None);
+}
+
+#[test]
+fn l2_init_loads_the_driver_modules_in_order_and_reports_bound_live_and_aer() {
+    let mods = [
+        "modules/nvme-auth.ko".to_owned(),
+        "modules/nvme.ko".to_owned(),
+    ];
+    let s = qemu::init_script("0x1b360x0010", Some("nvme"), &mods);
+    let a = s.find("insmod /modules/nvme-auth.ko").unwrap();
+    let b = s.find("insmod /modules/nvme.ko").unwrap();
+    let lp = s.find("while :").unwrap();
+    assert!(
+        a < b && b < lp,
+        "modules load in order before the loop: {s}"
+    );
+    assert!(s.contains("*/nvme) b=$((b+1))"), "{s}");
+    assert!(s.contains("/sys/class/nvme/"), "{s}");
+    assert!(s.contains("AER: device recovery successful"), "{s}");
+    assert!(
+        s.contains("svff-bench-l2 vfs=$n bound=$b live=$l aer=$a"),
+        "{s}"
+    );
+    let s = qemu::init_script("0x80860x10ca", None, &[]);
+    assert!(!s.contains("insmod") && !s.contains("bound="), "{s}");
+    assert!(s.contains("echo \"svff-bench-l2 vfs=$n\""), "{s}");
+}
+
+fn l2(
+    at: std::time::Instant,
+    vfs: u16,
+    bound: u16,
+    live: u16,
+    aer: u32,
+) -> (std::time::Instant, qemu::L2Line) {
+    (
+        at,
+        qemu::L2Line {
+            vfs,
+            bound: Some(bound),
+            live: Some(live),
+            aer: Some(aer),
+        },
+    )
+}
+
+#[test]
+fn l2_view_of_a_detach_sees_the_vf_vanish_and_times_its_driver_back_from_the_run_s_end() {
+    let t = std::time::Instant::now();
+    let at = |ms: u64| t + std::time::Duration::from_millis(ms);
+    let lines = [
+        l2(at(0), 2, 2, 2, 0),
+        l2(at(300), 1, 1, 1, 0),
+        l2(at(600), 0, 0, 0, 0),
+        l2(at(900), 2, 1, 1, 0),
+        l2(at(1200), 2, 2, 2, 0),
+        l2(at(1500), 2, 2, 2, 0),
+    ];
+    let v = guest::l2_view_of_run("qemu0", Some("nvme"), 2, 0, &lines, at(100), at(800));
+    assert_eq!(v.vfs, 2);
+    assert_eq!((v.vfs_min, v.vanished), (0, true));
+    assert_eq!((v.bound_min, v.live_min), (Some(0), Some(0)));
+    assert_eq!(
+        v.back_ms,
+        Some(400.0),
+        "1200 ms, the first line with both back, after 800"
+    );
+    assert_eq!(v.samples, 4, "the lines from 300 to 1200 ms");
+    assert_eq!(v.aer_recoveries, Some(0));
+    // Still not back at the last line: no back time.
+    let v = guest::l2_view_of_run("qemu0", Some("nvme"), 2, 0, &lines[..4], at(100), at(800));
+    assert_eq!(v.back_ms, None);
+}
+
+#[test]
+fn l2_view_of_a_pause_waits_for_the_aer_recoveries_it_expects() {
+    let t = std::time::Instant::now();
+    let at = |ms: u64| t + std::time::Duration::from_millis(ms);
+    // The driver never left live in a sample, but recovered once per VF.
+    let lines = [
+        l2(at(0), 2, 2, 2, 5),
+        l2(at(900), 2, 2, 2, 5),
+        l2(at(1200), 2, 2, 2, 6),
+        l2(at(1500), 2, 2, 2, 7),
+        l2(at(1800), 2, 2, 2, 7),
+    ];
+    let v = guest::l2_view_of_run("qemu0", Some("nvme"), 2, 2, &lines, at(100), at(800));
+    assert_eq!(
+        v.back_ms,
+        Some(700.0),
+        "the line with both recoveries at 1500 ms"
+    );
+    assert_eq!(v.aer_recoveries, Some(2));
+    assert!(!v.vanished);
+    assert_eq!((v.bound_min, v.live_min), (Some(2), Some(2)));
+    // Without expected recoveries (stock QEMU), the first good line after the run counts.
+    let v = guest::l2_view_of_run("qemu0", Some("nvme"), 2, 0, &lines, at(100), at(800));
+    assert_eq!(v.back_ms, Some(100.0));
+    // One recovery missing: not back.
+    let v = guest::l2_view_of_run("qemu0", Some("nvme"), 2, 3, &lines, at(100), at(800));
+    assert_eq!(v.back_ms, None);
+}
+
+#[test]
+fn l2_summary_counts_vanished_disturbed_and_not_back_runs_and_renders_its_table() {
+    let view = |vanished: bool, bound: u16, back: Option<f64>, aer: u32| guest::L2RunView {
+        vm: "qemu0".into(),
+        driver: Some("nvme".into()),
+        vfs: 2,
+        vfs_min: if vanished { 1 } else { 2 },
+        vanished,
+        bound_min: Some(bound),
+        live_min: Some(bound),
+        aer_recoveries: Some(aer),
+        back_ms: back,
+        samples: 5,
+    };
+    let mut runs = vec![run(100.0, &[]), run(200.0, &[]), run(300.0, &[])];
+    runs[0].l2 = Some(view(true, 1, Some(1000.0), 0));
+    runs[1].l2 = Some(view(false, 2, Some(3000.0), 2));
+    runs[2].l2 = Some(view(false, 2, None, 1));
+    let s = summarize(&runs);
+    assert_eq!(s.l2_driver.as_deref(), Some("nvme"));
+    assert_eq!(s.l2_vanished, Some(1));
+    assert_eq!(s.l2_driver_disturbed, Some(1));
+    assert_eq!(s.l2_back_avg_ms, Some(2000.0));
+    assert_eq!(s.l2_back_max_ms, Some(3000.0));
+    assert_eq!(s.l2_not_back, Some(1));
+    assert_eq!(s.l2_aer_recoveries, Some(3));
+    assert_eq!(summarize(&[run(1.0, &[])]).l2_driver, None);
+    let rep = report(vec![Series {
+        mode: "pause".into(),
+        vmm: "qemu".into(),
+        vfs: 2,
+        summary: s,
+        runs,
+    }]);
+    let text = render_all(&rep);
+    assert!(text.contains("L2 guest view"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("pause/qemu") && l.contains("nvme"))
+        .unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        [
+            "pause/qemu",
+            "2",
+            "nvme",
+            "3",
+            "1",
+            "1",
+            "3",
+            "2000.0",
+            "3000.0",
+            "1"
+        ],
+        "{text}"
+    );
+    let json = serde_json::to_string(&rep).unwrap();
+    let back: BenchReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, rep);
+    // A document without the L2 fields (written before they existed) still reads.
+    let old = json.replace("\"l2_driver\":\"nvme\",", "");
+    assert!(old.len() < json.len());
+    serde_json::from_str::<BenchReport>(&old).unwrap();
 }
 
 #[test]
