@@ -30,10 +30,14 @@ demo: build
 # root is read-only, so the JSON comes out on stdout and the host renders tables and plot.
 #   make bench BENCH_RUNS=100 (the paper's count; default 5)  BENCH_VFS=1,4,10  BENCH_MODES=...
 #   BENCH_VMMS=svff-vmm,qemu-stock,qemu  BENCH_PROFILE=nvme|pci-pf-stub
-# Then, in a second L1 boot, the large part: BENCH_VFS_LARGE VFs (default 32, the most the lab
-# opens through VFIO; empty: skipped) with BENCH_MODES_LARGE on BENCH_VMMS_LARGE, written to
-# target/bench/bench-large.json and appended to tables.txt (a QEMU guest holds at most 24 VFs).
+# Then the large part: BENCH_VFS_LARGE VFs (default 32, the most the lab opens through VFIO;
+# empty: skipped) with BENCH_MODES_LARGE on BENCH_VMMS_LARGE (a QEMU guest holds at most 24
+# VFs), one L1 boot per svff-vmm guest load of BENCH_GUESTS_LARGE (idle: spinning on their VFs,
+# with the guest view; stopped: the VMMs' own cost, as 32 spinning nested guests on L1's one
+# vCPU slow the kernel's count change), each written to target/bench/bench-large-<load>.json
+# and appended to tables.txt.
 BENCH_VFS_LARGE ?= 32
+BENCH_GUESTS_LARGE ?= idle stopped
 BENCH_MODES_LARGE ?= floor,pause
 BENCH_VMMS_LARGE ?= svff-vmm
 BENCH_RUNS ?= 5
@@ -52,14 +56,16 @@ bench: build qemu
 	  cat /tmp/svff-bench.json' > target/bench/bench.json
 	target/debug/svff bench --report target/bench/bench.json --plot target/bench/bench.svg \
 	  | tee target/bench/tables.txt
-	$(if $(BENCH_VFS_LARGE),$(LAB) run --timeout $(BENCH_TIMEOUT) -- sh -c 'modprobe vfio-pci && modprobe kvm-amd && \
-	  $(CURDIR)/target/debug/svff bench --pf $$SVFF_LAB_NVME_PF --vfs $(BENCH_VFS_LARGE) \
-	    --runs $(BENCH_RUNS) --mode $(BENCH_MODES_LARGE) --vmm $(BENCH_VMMS_LARGE) --profile $(BENCH_PROFILE) \
-	    --json /tmp/svff-bench.json >&2 && \
-	  cat /tmp/svff-bench.json' > target/bench/bench-large.json)
-	$(if $(BENCH_VFS_LARGE),(echo; echo "Large part: $(BENCH_VFS_LARGE) VFs"; \
-	  target/debug/svff bench --report target/bench/bench-large.json) | tee -a target/bench/tables.txt)
-	@echo "make bench: target/bench/bench.json, target/bench/tables.txt, target/bench/bench.svg$(if $(BENCH_VFS_LARGE),$(comma) target/bench/bench-large.json)"
+	$(if $(BENCH_VFS_LARGE),for g in $(BENCH_GUESTS_LARGE); do \
+	  $(LAB) run --timeout $(BENCH_TIMEOUT) -- sh -c "modprobe vfio-pci && modprobe kvm-amd && \
+	    $(CURDIR)/target/debug/svff bench --pf \$$SVFF_LAB_NVME_PF --vfs $(BENCH_VFS_LARGE) \
+	      --runs $(BENCH_RUNS) --mode $(BENCH_MODES_LARGE) --vmm $(BENCH_VMMS_LARGE) \
+	      --profile $(BENCH_PROFILE) --guests $$g --json /tmp/svff-bench.json >&2 && \
+	    cat /tmp/svff-bench.json" > target/bench/bench-large-$$g.json || exit 1; \
+	  (echo; echo "Large part: $(BENCH_VFS_LARGE) VFs, svff-vmm test guests $$g"; \
+	    target/debug/svff bench --report target/bench/bench-large-$$g.json) | tee -a target/bench/tables.txt; \
+	done)
+	@echo "make bench: target/bench/bench.json, target/bench/tables.txt, target/bench/bench.svg$(if $(BENCH_VFS_LARGE),$(comma) target/bench/bench-large-{$(BENCH_GUESTS_LARGE)}.json)"
 
 # svff's QEMU (qemu-fork/): upstream QEMU + patches + libvfio_pause.a, cached by input hash in
 # ~/.cache/svff-qemu/; prints the binary's path.

@@ -198,6 +198,25 @@ fn lab_bench_floor_pause_detach_with_svff_vmm_stock_and_patched_qemu_in_one_run_
             "no counters from an L2 Linux"
         );
     }
+    // The L2 Linux guests' own view: on pci-pf-stub (offline VFs) no driver;
+    // the detached VF vanished from the guest in every run and came back,
+    // the paused one never left.
+    for (s, vanished) in [(stock, true), (qdetach, true), (qpause, false)] {
+        for r in s["runs"].as_array().unwrap() {
+            let l2 = &r["l2"];
+            assert_eq!(l2["vm"], "qemu0", "{r}");
+            assert_eq!(l2["driver"], Value::Null, "{r}");
+            assert_eq!(l2["vanished"], vanished, "{r}");
+            assert!(l2["back_ms"].is_number(), "the VF was back: {r}");
+        }
+        assert_eq!(s["summary"]["l2_driver"], "none", "{s}");
+        assert_eq!(s["summary"]["l2_not_back"], 0, "{s}");
+    }
+    assert!(
+        pause["runs"][0].get("l2").is_none(),
+        "no L2 view without a QEMU guest"
+    );
+    assert!(stdout.contains("L2 guest view"), "stdout lacks the L2 view");
     let q = step_names(qpause);
     for want in [
         "pause",
