@@ -372,13 +372,12 @@ pub fn write_initramfs(
 /// The QEMU command line of a guest of `kind` holding `vfs` (VF index,
 /// host address) of `pf`: root port `svffrpI` and device `svff-<pf>-vfI` per
 /// VF; the patched QEMU's devices get `recover=`[`RECOVER`] when the guest
-/// has a driver bound (`guest_driver`).
+/// has a driver bound (`guest_driver`). QMP socket and console from `files`.
 pub fn command_args(
     kind: VmmKind,
     paths: &QemuPaths,
     initrd: &Path,
-    qmp: &Path,
-    serial: &Path,
+    files: &GuestFiles,
     pf: PciAddress,
     vfs: &[(u16, PciAddress)],
     guest_driver: bool,
@@ -417,9 +416,9 @@ pub fn command_args(
         "-append".into(),
         "console=ttyS0 quiet panic=-1".into(),
         "-serial".into(),
-        format!("file:{}", serial.display()),
+        format!("file:{}", files.serial.display()),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp.display()),
+        format!("unix:{},server=on,wait=off", files.qmp.display()),
     ]);
     for (k, (i, host)) in vfs.iter().enumerate() {
         let port = FIRST_PORT + k as u16;

@@ -591,12 +591,12 @@ impl Ctx<'_> {
             .dir
             .join(format!("{QEMU_VM}-{}-{n}.serial", kind.name()));
         let log = self.dir.join(format!("{QEMU_VM}-{}-{n}.log", kind.name()));
+        let files = qemu::GuestFiles { qmp, serial, log };
         let args = qemu::command_args(
             kind,
             &paths,
             &initrd,
-            &qmp,
-            &serial,
+            &files,
             self.pf,
             &vfs,
             driver.is_some(),
@@ -609,7 +609,6 @@ impl Ctx<'_> {
             self.opts.l2_boot_deadline_s
         );
         let t0 = Instant::now();
-        let files = qemu::GuestFiles { qmp, serial, log };
         let vm = qemu::start(
             QEMU_VM,
             &bin,

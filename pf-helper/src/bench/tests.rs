@@ -468,8 +468,11 @@ fn qemu_guests_get_a_root_port_per_vf_and_the_patched_qemu_its_pausable_device()
             kind,
             &qemu_paths(),
             p("/t/i.cpio"),
-            p("/t/q.qmp"),
-            p("/t/s"),
+            &qemu::GuestFiles {
+                qmp: "/t/q.qmp".into(),
+                serial: "/t/s".into(),
+                log: "/t/l".into(),
+            },
             pf,
             &vfs,
             driver,
