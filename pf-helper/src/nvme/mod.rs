@@ -513,7 +513,12 @@ pub fn apply_plan(
     force: bool,
     vf_bdf: &dyn Fn(u16) -> Option<PciAddress>,
 ) -> Result<usize, Error> {
-    let before = secondary_controllers(ctrl)?;
+    // With `force` every planned VF is done again: no need to ask first.
+    let before = if force {
+        Vec::new()
+    } else {
+        secondary_controllers(ctrl)?
+    };
     let is_done = |p: &PlannedVf, list: &[SecondaryController]| {
         list.iter().any(|s| s.scid == p.scid && matches(p, s))
     };

@@ -30,7 +30,7 @@
 //! unpauses; of one that had turned back, it only unpauses.
 
 use super::*;
-use crate::nvme::{NvmeResources, PlannedVf, VfResources};
+use crate::nvme::{NvmeResources, PlannedVf, SecondaryController, VfResources};
 use journal::Pending;
 
 /// The refusal of a VF-count reconf of a pool-mode PF.
@@ -50,6 +50,9 @@ struct PoolJob<'p> {
     goal: &'p [Assignment],
     /// Whether attached VFs whose resources still differ are paused first.
     release: bool,
+    /// The controller and its secondary controller list as just read by
+    /// the caller (a reconf right after its plan): not asked again.
+    known: Option<(&'p dyn crate::nvme::NvmeAdmin, &'p [SecondaryController])>,
 }
 
 impl<S: Sysfs> Orchestrator<'_, S> {
@@ -231,6 +234,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             plan: Some(&plan),
             goal: &aff_target,
             release: true,
+            known: Some((&*ctrl, &secs)),
         };
         match self.pool_converge(&job, &mut sides, &journal, "reconf") {
             Ok(mut r) => {
@@ -252,6 +256,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                     plan: None,
                     goal: &aff_before,
                     release: false,
+                    known: None,
                 };
                 let r = self.pool_converge(&back, &mut sides, &journal, "rollback");
                 let outcome = rollback_outcome(journal, r, || {
@@ -336,6 +341,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             plan: plan.as_deref(),
             goal,
             release: !rolled_back,
+            known: None,
         };
         let r = self
             .pool_converge(&job, &mut sides, &journal, "recover")
@@ -366,13 +372,24 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             r.from = Some(n);
             r.to = Some(n);
         }
-        // What is still to change, from the controller's own view.
+        // What is still to change, from the controller's own view (as the
+        // caller just read it, or read now).
         let mut todo: Vec<PlannedVf> = Vec::new();
-        let mut ctrl = None;
+        let mut opened: Option<Box<dyn crate::nvme::NvmeAdmin>> = None;
+        let mut ctrl: Option<&dyn crate::nvme::NvmeAdmin> = None;
         if let Some(plan) = job.plan.filter(|p| !p.is_empty()) {
-            let c = self.mgr.nvme_opener().open(pf).map_err(fail)?;
-            let secs = crate::nvme::secondary_controllers(&*c).map_err(fail)?;
-            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, &secs).into_iter().collect();
+            let read;
+            let (c, secs): (&dyn crate::nvme::NvmeAdmin, &[SecondaryController]) = match job.known
+            {
+                Some(k) => k,
+                None => {
+                    let c: &dyn crate::nvme::NvmeAdmin =
+                        &**opened.insert(self.mgr.nvme_opener().open(pf).map_err(fail)?);
+                    read = crate::nvme::secondary_controllers(c).map_err(fail)?;
+                    (c, &read)
+                }
+            };
+            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, secs).into_iter().collect();
             todo = plan
                 .iter()
                 .filter(|p| left.contains(&p.index))
@@ -425,28 +442,30 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         // 2. resources (finish and report from here on)
         let hosts: BTreeMap<u16, PciAddress> =
             self.mgr.vfs(pf).map_err(fail)?.into_iter().collect();
-        if let (Some(c), false) = (&ctrl, todo.is_empty()) {
+        if let (Some(c), false) = (ctrl, todo.is_empty()) {
             let vfs: Vec<u16> = todo.iter().map(|p| p.index).collect();
             let r = shared.record(Step::Resources { pf, vfs }).and_then(|()| {
                 shared.timed("resources", None, || {
                     let bdf = |i: u16| hosts.get(&i).copied();
-                    crate::nvme::apply_plan(pf, &**c, &todo, false, &bdf)
+                    // `todo` holds only VFs the controller shows not as
+                    // planned: forced, without asking it again first.
+                    crate::nvme::apply_plan(pf, c, &todo, true, &bdf)
                 })
             });
             match r {
                 Ok(_) => {
-                    let secs = crate::nvme::secondary_controllers(&**c).unwrap_or_default();
+                    // apply_plan checked the controller afterwards: each VF
+                    // is as planned (online unless given no resources).
                     for p in &todo {
-                        let was = secs.iter().find(|s| s.scid == p.scid);
                         shared.change(format!(
                             "PF {pf}: VF {} (secondary controller {}) {}{}",
                             p.index,
                             p.scid,
                             p.want,
-                            if was.is_some_and(|s| s.online) {
-                                " online"
-                            } else {
+                            if p.want.vq == 0 && p.want.vi == 0 {
                                 " offline"
+                            } else {
+                                " online"
                             }
                         ));
                     }
@@ -461,14 +480,23 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                 }
             }
         }
-        // A VF that left vfio-pci (not expected: the function stays) goes back.
-        let status = self.mgr.pf_status(pf).map_err(fail)?;
-        let unbound: Vec<PciAddress> = status
-            .vfs
-            .iter()
-            .filter(|v| todo_idx.contains(&v.index) && v.driver.as_deref() != Some("vfio-pci"))
-            .map(|v| v.bdf)
-            .collect();
+        // A VF that left vfio-pci (not expected: the function stays) goes
+        // back. Only the affected VFs' driver and IOMMU group links are read
+        // (not the whole PF status: its controller queries and its scan of
+        // every process's fds are not needed here).
+        let goal_idx: BTreeSet<u16> = job.goal.iter().map(|a| a.vf).collect();
+        let mut unbound: Vec<PciAddress> = Vec::new();
+        let mut groups: BTreeMap<PciAddress, Option<u32>> = BTreeMap::new();
+        for (&index, &bdf) in &hosts {
+            if todo_idx.contains(&index)
+                && self.mgr.driver_of(bdf).map_err(fail)?.as_deref() != Some("vfio-pci")
+            {
+                unbound.push(bdf);
+            }
+            if goal_idx.contains(&index) {
+                groups.insert(bdf, self.mgr.iommu_group_of(bdf).map_err(fail)?);
+            }
+        }
         if !unbound.is_empty() {
             let r = shared.record(Step::Bind { pf }).and_then(|()| {
                 shared.timed("bind_vfs", None, || {
@@ -488,11 +516,6 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         }
 
         // 3. unpause, add
-        let groups: BTreeMap<PciAddress, Option<u32>> = status
-            .vfs
-            .into_iter()
-            .map(|v| (v.bdf, v.iommu_group))
-            .collect();
         let outcomes: Vec<Vec<Assignment>> = std::thread::scope(|scope| {
             let handles: Vec<_> = sides
                 .values_mut()

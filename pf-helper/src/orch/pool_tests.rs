@@ -420,3 +420,31 @@ fn recover_finishes_a_pool_reconf_interrupted_after_any_record() {
         assert_eq!(p.res(4), (true, 2, 1), "stop {stop}");
     }
 }
+
+#[test]
+fn pool_reconf_asks_the_controller_for_its_secondary_list_once_to_plan_and_once_to_check() {
+    let p = pool(true, svff());
+    let before = p.nvme.log().len();
+    let r = p
+        .orch()
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,2=vq:4,vi:1"), &[])
+        .unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!((p.res(0), p.res(2)), ((true, 4, 1), (true, 4, 1)));
+    // Identify (opcode 0x06) with CNS 0x15: the secondary controller list.
+    let lists = p.nvme.log()[before..]
+        .iter()
+        .filter(|(op, cdw10, _)| *op == 0x06 && cdw10 & 0xff == 0x15)
+        .count();
+    assert_eq!(lists, 2, "{:?}", &p.nvme.log()[before..]);
+    // The report still says each changed VF is online with its resources.
+    for vf in [0, 2] {
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c.contains(&format!("VF {vf} ")) && c.ends_with(" online")),
+            "{:?}",
+            r.changes
+        );
+    }
+}
