@@ -283,7 +283,10 @@ fn domain_xml(qemu: &Path, initrd: &Path, alias: &str) -> String {
   </devices>
   <qemu:override>
     <qemu:device alias='{alias}'>
-      <qemu:frontend><qemu:property name='driver' type='string' value='svff-vfio-pci'/></qemu:frontend>
+      <qemu:frontend>
+        <qemu:property name='driver' type='string' value='svff-vfio-pci'/>
+        <qemu:property name='recover' type='string' value='aer'/>
+      </qemu:frontend>
     </qemu:device>
   </qemu:override>
 </domain>
@@ -356,6 +359,179 @@ fn guest_vendor(vm: &mut L2, bdf: &str) -> String {
     .to_owned()
 }
 
+/// A QMP command through `virsh qemu-monitor-command`; its `return` value.
+fn monitor(cmd: Value) -> Value {
+    let out = virsh_ok(&["qemu-monitor-command", DOMAIN, &cmd.to_string()]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert!(v.get("error").is_none(), "{cmd}: {v}");
+    v["return"].clone()
+}
+
+/// QOM property `prop` of the device with id `alias`.
+fn qom_get(alias: &str, prop: &str) -> Value {
+    monitor(serde_json::json!({ "execute": "qom-get", "arguments": {
+        "path": format!("/machine/peripheral/{alias}"), "property": prop } }))
+}
+
+fn qom_set(alias: &str, prop: &str, value: &str) {
+    monitor(serde_json::json!({ "execute": "qom-set", "arguments": {
+        "path": format!("/machine/peripheral/{alias}"), "property": prop, "value": value } }));
+}
+
+/// Runs `cond` (a shell condition) in the guest every 0.1 s until it holds,
+/// at most `limit_s` seconds; whether it held.
+fn guest_until(vm: &mut L2, cond: &str, limit_s: u32) -> bool {
+    let r = vm.sh(
+        &format!(
+            "i=0; until {cond}; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
+            limit_s * 10
+        ),
+        Duration::from_secs(u64::from(limit_s) + 30),
+    );
+    match r {
+        Ok(out) => out.success(),
+        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
+    }
+}
+
+fn nvme_live(vm: &mut L2, limit_s: u32) -> bool {
+    guest_until(
+        vm,
+        "[ \"$(cat /sys/class/nvme/nvme0/state 2>/dev/null)\" = live ]",
+        limit_s,
+    )
+}
+
+/// Shell function of the guest: the sum of nvme0's queue interrupt counts.
+const NVME_IRQS: &str = "irqs() { awk '/nvme0q/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }' /proc/interrupts; }";
+
+/// What the guest's nvme driver can do now: an admin command (a rescan's
+/// Identify) completed by interrupt with the controller live, then a direct
+/// read of the shared namespace's first 4 KiB. Panics (with the guest's
+/// dmesg) when either fails; returns a summary for the log.
+fn nvme_works(vm: &mut L2, when: &str) -> String {
+    let out = vm
+        .sh(
+            &format!(
+                "{NVME_IRQS}; b=$(irqs); echo 1 > /sys/class/nvme/nvme0/rescan_controller || exit 2
+                 i=0; while [ $(irqs) -le $b ] || [ \"$(cat /sys/class/nvme/nvme0/state)\" != live ]; do
+                   i=$((i+1)); [ $i -gt 300 ] && exit 3; sleep 0.1; done
+                 dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=1 iflag=direct 2>&1 || exit 4
+                 echo \"interrupts $b -> $(irqs)\""
+            ),
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    if !out.success() {
+        let dmesg = vm.dmesg().unwrap();
+        panic!(
+            "nvme in L2 {when}: {}: {out:?}\nL2 dmesg:\n{dmesg}",
+            match out.code {
+                Some(2) => "rescan_controller failed",
+                Some(3) => "the admin command did not complete by interrupt within 30 s",
+                Some(4) => "reading /dev/nvme0n1 failed",
+                _ => "failed",
+            }
+        );
+    }
+    out.stdout.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The guest's AER and nvme lines of dmesg.
+fn aer_nvme_lines(dmesg: &str) -> Vec<&str> {
+    dmesg
+        .lines()
+        .filter(|l| l.contains("AER") || l.contains("nvme") || l.contains("pcieport"))
+        .collect()
+}
+
+/// After the `n`-th unpause with recover=aer (at `t0`): the guest's AER core
+/// reports its `n`-th successful recovery, the nvme driver reset the
+/// controller without failing, and it does I/O again.
+fn guest_recovers(vm: &mut L2, n: usize, t0: Instant, what: &str) {
+    let text = "AER: device recovery successful";
+    assert!(
+        guest_until(vm, &format!("[ $(dmesg | grep -cF '{text}') -ge {n} ]"), 60),
+        "{what}: AER recovery {n} in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let recovered = t0.elapsed();
+    assert!(nvme_live(vm, 60), "{what}: nvme0 live again");
+    let works = nvme_works(vm, &format!("after {what}"));
+    let working = t0.elapsed();
+    let dmesg = vm.dmesg().unwrap();
+    assert_eq!(
+        dmesg
+            .matches("frozen state error detected, reset controller")
+            .count(),
+        n,
+        "{what}: nvme's error_detected ran once per unpause:\n{dmesg}"
+    );
+    for bad in ["reset failure", "device recovery failed", "Removing"] {
+        assert!(!dmesg.contains(bad), "{what}: {bad:?} in L2:\n{dmesg}");
+    }
+    println!(
+        "{what}: AER recovery done {recovered:?} after the reconf returned, nvme admin + read {working:?}; {works}\nL2 dmesg (AER, nvme):\n{}",
+        aer_nvme_lines(&dmesg).join("\n")
+    );
+}
+
+/// The pause-mode step names of a reconf report (pause and unpause, no removal).
+fn assert_pause_steps(r: &Value) {
+    let names: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"pause") && names.contains(&"unpause"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"remove_vf"), "{names:?}");
+}
+
+/// `svff helper --config <cfg>` (the daemon, on the config's `socket`);
+/// killed on drop.
+struct Helper(Child);
+
+impl Helper {
+    fn start(cfg: &str, socket: &Path) -> Helper {
+        let _ = fs::remove_file(socket);
+        let mut child = Command::new(SVFF)
+            .args(["helper", "--config", cfg])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start svff helper");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let h = Helper(child);
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("svff helper did not say it listens within 60 s");
+        assert!(
+            line.starts_with("svff helper listening on"),
+            "helper said {line:?}"
+        );
+        h
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `svff bench --vmm libvirt` on the config's running domain: `mode`, 1 VF,
 /// one warm-up and one counted run (1 -> 2 -> 1 VFs). Prints its tables and
 /// checks its JSON names the libvirt domains, the mode and the mode's steps;
@@ -425,7 +601,10 @@ fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_re
 
     let id = format!("svff-{}-vf0", pf.replace(':', "-"));
     let alias = format!("ua-{}", id.replace('.', "_"));
-    let initrd = Image::new().build().expect("build the L2 image");
+    let initrd = Image::new()
+        .module("nvme")
+        .build()
+        .expect("build the L2 image");
     let xml_path = dir.path().join("domain.xml");
     fs::write(&xml_path, domain_xml(&qemu, &initrd, &alias)).unwrap();
     let _ = virsh(&["destroy", DOMAIN]);
@@ -434,16 +613,19 @@ fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_re
     let guard = DomainGuard;
 
     let state = dir.path().join("state");
+    let socket = dir.path().join("helper.sock");
     let write_config = |path: &Path, domain: &str| {
         let mut f = fs::File::create(path).unwrap();
         write!(
             f,
             r#"allowed_uids = [0]
+socket = "{socket}"
 state_dir = "{state}"
 [[pf]]
 bdf = "{pf}"
-profile = "pci-pf-stub"
+profile = "nvme"
 vfs = 1
+nvme = {{ vq = 2, vi = 1 }}
 [[vm]]
 name = "vm1"
 kind = "libvirt"
@@ -452,7 +634,8 @@ qmp_timeout_s = 120
 detach_timeout_s = 120
 vfs = [{{ pf = "{pf}", count = 1 }}]
 "#,
-            state = state.display()
+            state = state.display(),
+            socket = socket.display(),
         )
         .unwrap();
     };
@@ -482,51 +665,62 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     );
     assert!(inactive.contains("managed='no'"), "{inactive}");
 
-    // The domain starts with it, as svff-vfio-pci (the override), and the guest sees it.
+    // The domain starts with it, as svff-vfio-pci with recover=aer (the
+    // override), and the guest sees it.
     let mut vm =
         L2::boot(&Start, &initrd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
     println!("L2 under libvirt boot: {:.1} s", vm.boot_time.as_secs_f64());
-    let qom = virsh_ok(&[
-        "qemu-monitor-command",
-        DOMAIN,
-        &format!(
-            r#"{{"execute":"qom-get","arguments":{{"path":"/machine/peripheral/{alias}","property":"type"}}}}"#
-        ),
-    ]);
-    assert!(qom.contains("svff-vfio-pci"), "{qom}");
+    assert_eq!(qom_get(&alias, "type"), "svff-vfio-pci");
+    assert_eq!(qom_get(&alias, "recover"), "aer");
     let seen = guest_vfs(&mut vm);
     assert_eq!(seen.len(), 1, "{seen:?}");
     let gbdf = seen[0].clone();
     assert_eq!(enumerations(&mut vm), 1);
     assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
 
-    // svff bench --vmm libvirt, pause mode, on this domain (no new boot). The
+    // svff bench --vmm libvirt, pause mode, on this domain (no new boot),
+    // before the guest's nvme driver binds and with recover=none: the bench's
+    // back-to-back reconfs measure svff, not the guest's AER recovery. The
     // guest keeps its device through it too.
+    qom_set(&alias, "recover", "none");
     bench_libvirt(&cfg, &pf, "pause", dir.path());
+    qom_set(&alias, "recover", "aer");
+    assert_eq!(qom_get(&alias, "x-recover-count"), 0);
     assert_eq!(numvfs(&pf), 1, "even number of count changes");
     assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
     assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
 
+    // The guest's nvme driver brings the VF's controller (an online secondary
+    // controller of the nvme profile) up and reads the shared namespace.
+    let out = vm.sh("modprobe nvme", CMD).unwrap();
+    assert!(out.success(), "modprobe nvme: {out:?}");
+    assert!(
+        nvme_live(&mut vm, 60),
+        "nvme0 live in L2:\n{}",
+        vm.dmesg().unwrap()
+    );
+    let dmesg = vm.dmesg().unwrap();
+    assert!(
+        dmesg.contains("AER: enabled with IRQ"),
+        "the guest's AER driver runs on libvirt's pcie-root-port:\n{dmesg}"
+    );
+    let probed = nvme_works(&mut vm, "after the probe");
+    println!("L2 nvme0 after modprobe: {probed}");
+
     // Pause mode: 1 -> 2 VFs. The guest keeps its device: no new enumeration,
-    // config space reads the new VF's vendor.
+    // config space reads the new VF's vendor; recover=aer makes the guest's
+    // AER core reset the controller and nvme works again.
     let r = ok_json(&[
         "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "2", "--mode", "pause",
         "--json",
     ]);
+    let t0 = Instant::now();
     println!("pause reconf: {}", r["steps"]);
     assert_eq!(r["failures"], serde_json::json!([]), "{r}");
-    let names: Vec<&str> = r["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
-    assert!(
-        names.contains(&"pause") && names.contains(&"unpause"),
-        "{names:?}"
-    );
-    assert!(!names.contains(&"remove_vf"), "{names:?}");
+    assert_pause_steps(&r);
     assert_eq!(numvfs(&pf), 2);
+    assert_eq!(qom_get(&alias, "x-recover-count"), 1);
+    guest_recovers(&mut vm, 1, t0, "pause reconf 1 -> 2 (--direct)");
     assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
     assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
     assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
@@ -555,7 +749,27 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         .collect();
     assert!(fds.contains(&format!("/dev/vfio/{group}")), "{fds:?}");
 
-    // Detach mode: 2 -> 1 VFs through virDomainDetachDeviceFlags + attach:
+    // The daemon path: the same kind of reconf (2 -> 3 VFs, pause mode)
+    // through `svff helper` on its socket instead of --direct.
+    let helper = Helper::start(&cfg, &socket);
+    let sock = socket.to_str().unwrap();
+    let r = ok_json(&[
+        "--socket", sock, "reconf", "--pf", &pf, "--vfs", "3", "--mode", "pause", "--json",
+    ]);
+    let t0 = Instant::now();
+    println!("pause reconf through the daemon: {}", r["steps"]);
+    assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+    assert_pause_steps(&r);
+    let st = ok_json(&["--socket", sock, "status", "--json"]);
+    assert!(st.to_string().contains("vm1"), "daemon status: {st}");
+    drop(helper);
+    assert_eq!(numvfs(&pf), 3);
+    assert_eq!(qom_get(&alias, "x-recover-count"), 2);
+    guest_recovers(&mut vm, 2, t0, "pause reconf 2 -> 3 (daemon)");
+    assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
+    assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
+
+    // Detach mode: 3 -> 1 VFs through virDomainDetachDeviceFlags + attach:
     // the guest sees the removal and a new enumeration.
     let r = ok_json(&[
         "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "1", "--mode", "detach",
