@@ -12,7 +12,8 @@
 //! libvirtd needs writable `/etc/libvirt`, `/var/lib/libvirt`,
 //! `/var/cache/libvirt`, `/var/log/libvirt` and a `libvirt-qemu` user: L1's
 //! root is L0's, read-only, so libvirtd runs in a private mount namespace
-//! with tmpfs over those and an `/etc/passwd`/`/etc/group` copy with the user
+//! (rooted as [`libvirtd_ns_command`] says, so that libvirt's own mount
+//! namespace for QEMU works) with tmpfs over those and an `/etc/passwd`/`/etc/group` copy with the user
 //! added ([`Libvirtd::start`]); `/run` is L1's shared tmpfs, so its socket is
 //! visible to the test. The nvme PF under pci-pf-stub gives the VFs.
 
@@ -105,6 +106,60 @@ fn release(pf: &str) {
     unbind(pf);
 }
 
+/// The command that runs `script` (libvirtd's start) with bash in a private
+/// mount namespace whose *root mount* is the root this test runs in.
+///
+/// L1 runs the test chrooted into the L0 root (a directory of the initramfs).
+/// libvirt builds QEMU's private `/dev` by `setns()` into QEMU's mount
+/// namespace from a forked helper, and `setns()` sets the caller's root to the
+/// namespace's root mount: in a chroot that is the initramfs, not the chroot,
+/// so the nodes (`/dev/kvm`, `/dev/vfio/*`) were made in the initramfs's
+/// `/dev` and QEMU's `/dev` stayed empty ("-accel kvm: Could not access KVM
+/// kernel module"; the earlier lab ran QEMU with `namespaces = []`). So the
+/// chroot's directory is moved onto `/` in the new namespace and entered
+/// there, as `switch_root` does (pivot_root refuses the initramfs): every
+/// `setns()` into it, or into a namespace copied from it, lands in the same
+/// root. Outside a chroot, a plain `unshare -m`.
+fn libvirtd_ns_command(script: &Path) -> Command {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let root = id(Path::new("/"));
+    let outer = Path::new("/proc/1/root");
+    if id(outer) == root {
+        let mut c = Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "bash"])
+            .arg(script);
+        return c;
+    }
+    // The initramfs directory that is our root (/host in the lab; /l0 is
+    // another view of the same file system without the tmpfs mounts, so the
+    // script's directory must match too).
+    let sdir = script.parent().unwrap();
+    let rel = sdir.strip_prefix("/").unwrap();
+    let dir = fs::read_dir(outer)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| id(&outer.join(n)) == root && id(&outer.join(n).join(rel)) == id(sdir))
+        .expect("the chroot's directory among /proc/1/root's");
+    let mut c = Command::new("chroot");
+    c.arg(outer).args([
+        "/bin/busybox",
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        &format!(
+            "cd /{dir} && /bin/busybox mount -o move /{dir} / && exec /bin/busybox chroot . /bin/bash {}",
+            script.display()
+        ),
+    ]);
+    c
+}
+
 /// libvirtd in a private mount namespace (see the module doc); killed on drop.
 struct Libvirtd {
     child: Option<Child>,
@@ -139,9 +194,6 @@ remember_owner = 0
 security_driver = "none"
 stdio_handler = "file"
 cgroup_controllers = [ ]
-# With libvirt's default namespaces = ["mount"], QEMU's private /dev in L1 had no /dev/kvm:
-# "-accel kvm: Could not access KVM kernel module: No such file or directory".
-namespaces = [ ]
 EOF
 echo 'log_outputs = "3:stderr"' > /etc/libvirt/libvirtd.conf
 exec libvirtd
@@ -149,9 +201,7 @@ exec libvirtd
         )
         .unwrap();
         let _ = fs::remove_file("/run/libvirt/libvirt-sock");
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "bash"])
-            .arg(&script)
+        let child = libvirtd_ns_command(&script)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log).unwrap())
             .stderr(fs::File::create(&log).unwrap())
@@ -196,6 +246,10 @@ exec libvirtd
             .output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("libvirtd runs").id()
     }
 
     fn log_text(&self) -> String {
@@ -596,6 +650,7 @@ fn libvirt_domain_gets_its_vf_from_init_and_keeps_it_through_pause_and_detach_re
     let qemu = patched_qemu();
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
+    let at = || format!("[{:6.1} s]", t0.elapsed().as_secs_f64());
     let mut lv = Libvirtd::start(dir.path());
     println!("libvirtd answers after {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -669,7 +724,11 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     // override), and the guest sees it.
     let mut vm =
         L2::boot(&Start, &initrd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"));
-    println!("L2 under libvirt boot: {:.1} s", vm.boot_time.as_secs_f64());
+    println!(
+        "{} L2 under libvirt booted in {:.1} s",
+        at(),
+        vm.boot_time.as_secs_f64()
+    );
     assert_eq!(qom_get(&alias, "type"), "svff-vfio-pci");
     assert_eq!(qom_get(&alias, "recover"), "aer");
     let seen = guest_vfs(&mut vm);
@@ -684,6 +743,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     // guest keeps its device through it too.
     qom_set(&alias, "recover", "none");
     bench_libvirt(&cfg, &pf, "pause", dir.path());
+    println!("{} bench --mode pause done", at());
     qom_set(&alias, "recover", "aer");
     assert_eq!(qom_get(&alias, "x-recover-count"), 0);
     assert_eq!(numvfs(&pf), 1, "even number of count changes");
@@ -705,7 +765,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         "the guest's AER driver runs on libvirt's pcie-root-port:\n{dmesg}"
     );
     let probed = nvme_works(&mut vm, "after the probe");
-    println!("L2 nvme0 after modprobe: {probed}");
+    println!("{} L2 nvme0 live after modprobe: {probed}", at());
 
     // Pause mode: 1 -> 2 VFs. The guest keeps its device: no new enumeration,
     // config space reads the new VF's vendor; recover=aer makes the guest's
@@ -715,7 +775,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         "--json",
     ]);
     let t0 = Instant::now();
-    println!("pause reconf: {}", r["steps"]);
+    println!("{} pause reconf (--direct): {}", at(), r["steps"]);
     assert_eq!(r["failures"], serde_json::json!([]), "{r}");
     assert_pause_steps(&r);
     assert_eq!(numvfs(&pf), 2);
@@ -748,6 +808,26 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         .map(|p| p.display().to_string())
         .collect();
     assert!(fds.contains(&format!("/dev/vfio/{group}")), "{fds:?}");
+    // QEMU runs in a mount namespace of its own (libvirt's default
+    // namespaces = ["mount"]), whose /dev holds only what libvirt put there.
+    let ns = |p: &str| fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(pid.trim()),
+        ns(&lv.pid().to_string()),
+        "QEMU has its own mount namespace"
+    );
+    let nodes =
+        run(Command::new("nsenter").args(["-t", pid.trim(), "-m", "ls", "/dev", "/dev/vfio"]));
+    let nodes = String::from_utf8_lossy(&nodes.stdout).into_owned();
+    assert!(
+        nodes.contains("kvm") && !nodes.contains("nvme0"),
+        "QEMU's private /dev: {nodes}"
+    );
+    println!(
+        "{} QEMU's /dev (its mount namespace): {}",
+        at(),
+        nodes.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
 
     // The daemon path: the same kind of reconf (2 -> 3 VFs, pause mode)
     // through `svff helper` on its socket instead of --direct.
@@ -757,7 +837,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         "--socket", sock, "reconf", "--pf", &pf, "--vfs", "3", "--mode", "pause", "--json",
     ]);
     let t0 = Instant::now();
-    println!("pause reconf through the daemon: {}", r["steps"]);
+    println!("{} pause reconf through the daemon: {}", at(), r["steps"]);
     assert_eq!(r["failures"], serde_json::json!([]), "{r}");
     assert_pause_steps(&r);
     let st = ok_json(&["--socket", sock, "status", "--json"]);
@@ -775,7 +855,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         "--direct", "--config", &cfg, "reconf", "--pf", &pf, "--vfs", "1", "--mode", "detach",
         "--json",
     ]);
-    println!("detach reconf: {}", r["steps"]);
+    println!("{} detach reconf: {}", at(), r["steps"]);
     assert_eq!(r["failures"], serde_json::json!([]), "{r}");
     assert_eq!(numvfs(&pf), 1);
     let end = Instant::now() + Duration::from_secs(60);
@@ -795,6 +875,7 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     // svff bench --vmm libvirt, detach mode, on the same domain (its pause
     // mode ran before the first reconf: a re-attached VF is plain vfio-pci).
     bench_libvirt(&cfg, &pf, "detach", dir.path());
+    println!("{} bench --mode detach done", at());
     assert_eq!(numvfs(&pf), 1, "even number of count changes");
 
     // Bad input: domain not running, then libvirtd down: errors, nothing changed.

@@ -22,9 +22,9 @@
 //!   (`custom-monitor`, in the domain log and `virsh dominfo`'s security
 //!   label: libvirt no longer vouches for QEMU's state).
 //! - **The persistent config** follows the host address: after an unpause
-//!   onto another VF the hostdev of the inactive XML is replaced
-//!   (`AFFECT_CONFIG` detach of the old, attach of the new source address),
-//!   so a restarted domain gets the right VF. The live XML keeps the old
+//!   onto another VF the domain is re-defined with its inactive XML in which
+//!   only that hostdev's source address changed ([`with_host`]), so a
+//!   restarted domain gets the right VF and the hostdev keeps everything else. The live XML keeps the old
 //!   source address (libvirt has no call to change a live hostdev).
 //!
 //! Only a device QEMU created as `svff-vfio-pci` can pause: libvirt creates
