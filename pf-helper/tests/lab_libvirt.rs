@@ -2,20 +2,25 @@
 //! runs in L1 with svff's patched QEMU as the domain's emulator, and svff
 //! drives the domain through the libvirt API: `svff init` puts the VF in the
 //! domain's persistent config as a `managed='no'` hostdev, the domain starts
-//! with it as `svff-vfio-pci` (a `<qemu:override>` of the alias's driver),
-//! `svff reconf --mode pause` pauses it through libvirt's monitor passthrough
-//! with the re-created VF's group fd passed, `--mode detach` detaches and
-//! attaches it through libvirt; `svff bench --vmm libvirt` measures both
-//! modes on the same domain. The guest's own view (its dmesg and sysfs,
-//! over the L2 command channel) tells an unplug from a pause.
+//! with it as `svff-vfio-pci,recover=aer` (a `<qemu:override>` of the
+//! alias's properties), `svff reconf --mode pause` (with `--direct` and
+//! through the `svff helper` daemon) pauses it through libvirt's monitor
+//! passthrough with the re-created VF's group fd passed, `--mode detach`
+//! detaches and attaches it through libvirt; `svff bench --vmm libvirt
+//! --mode pause` measures on the same domain. The guest's own view (its
+//! dmesg, sysfs and its nvme driver's I/O, over the L2 command channel)
+//! tells an unplug from a pause and a recovered driver from a dead one.
 //!
 //! libvirtd needs writable `/etc/libvirt`, `/var/lib/libvirt`,
 //! `/var/cache/libvirt`, `/var/log/libvirt` and a `libvirt-qemu` user: L1's
 //! root is L0's, read-only, so libvirtd runs in a private mount namespace
 //! (rooted as [`libvirtd_ns_command`] says, so that libvirt's own mount
-//! namespace for QEMU works) with tmpfs over those and an `/etc/passwd`/`/etc/group` copy with the user
-//! added ([`Libvirtd::start`]); `/run` is L1's shared tmpfs, so its socket is
-//! visible to the test. The nvme PF under pci-pf-stub gives the VFs.
+//! namespace for QEMU works) with tmpfs over those and an
+//! `/etc/passwd`/`/etc/group` copy with the user added
+//! ([`Libvirtd::start`]); `/run` is L1's shared tmpfs, so its socket is
+//! visible to the test. The nvme PF on svff's nvme profile gives the VFs
+//! (online secondary controllers with 2 VQ / 1 VI each: under pci-pf-stub
+//! a VF stays offline and the guest's nvme driver cannot bring it up).
 
 use std::fs;
 use std::io::Write;
@@ -872,22 +877,20 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
         "{inactive}"
     );
 
-    // svff bench --vmm libvirt, detach mode, on the same domain (its pause
-    // mode ran before the first reconf: a re-attached VF is plain vfio-pci).
-    bench_libvirt(&cfg, &pf, "detach", dir.path());
-    println!("{} bench --mode detach done", at());
-    assert_eq!(numvfs(&pf), 1, "even number of count changes");
+    // (svff bench --vmm libvirt --mode detach is not run here, to keep this
+    // test short: its libvirt steps are this test's detach reconf.)
 
     // Bad input: domain not running, then libvirtd down: errors, nothing changed.
     virsh_ok(&["destroy", DOMAIN]);
     drop(vm);
     let qemu_log = lv.qemu_log();
-    println!(
-        "libvirt taint lines: {:?}",
-        qemu_log
-            .lines()
-            .filter(|l| l.contains("taint"))
-            .collect::<Vec<_>>()
+    let taints: Vec<&str> = qemu_log.lines().filter(|l| l.contains("taint")).collect();
+    println!("{} libvirt taint lines: {taints:?}", at());
+    assert!(
+        taints
+            .iter()
+            .any(|l| l.contains("is tainted: custom-monitor")),
+        "the domain log names the custom-monitor taint: {taints:?}"
     );
     fails_with(
         &[
