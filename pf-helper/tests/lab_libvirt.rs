@@ -418,6 +418,24 @@ fn guest_vendor(vm: &mut L2, bdf: &str) -> String {
     .to_owned()
 }
 
+/// A `<hostdev>`'s source address as libvirt writes it, for `bdf`.
+fn source_address(bdf: &str) -> String {
+    let (dom, rest) = bdf.split_once(':').unwrap();
+    let (bus, rest) = rest.split_once(':').unwrap();
+    let (slot, func) = rest.split_once('.').unwrap();
+    format!("<address domain='0x{dom}' bus='0x{bus}' slot='0x{slot}' function='0x{func}'/>")
+}
+
+/// The `<hostdev>` element with alias `alias` in a domain XML.
+fn hostdev_block(xml: &str, alias: &str) -> String {
+    let at = xml
+        .find(&format!("<alias name='{alias}'/>"))
+        .unwrap_or_else(|| panic!("no hostdev {alias}: {xml}"));
+    let start = xml[..at].rfind("<hostdev ").unwrap();
+    let end = at + xml[at..].find("</hostdev>").unwrap() + "</hostdev>".len();
+    xml[start..end].to_owned()
+}
+
 /// A QMP command through `virsh qemu-monitor-command`; its `return` value.
 fn monitor(cmd: Value) -> Value {
     let out = virsh_ok(&["qemu-monitor-command", DOMAIN, &cmd.to_string()]);
@@ -772,6 +790,24 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     let probed = nvme_works(&mut vm, "after the probe");
     println!("{} L2 nvme0 live after modprobe: {probed}", at());
 
+    // The persistent config made stale: its hostdev names another host
+    // address (as after a VF address change). The unpause's persistent
+    // update (virDomainDefineXML of the inactive XML with only the source
+    // address rewritten) must point it at the VF QEMU now uses, and leave
+    // the rest of the hostdev (its guest address) as it was.
+    let inactive = virsh_ok(&["dumpxml", "--inactive", DOMAIN]);
+    let original = hostdev_block(&inactive, &alias);
+    assert!(original.contains(&source_address(&vf0)), "{original}");
+    assert!(original.contains("<address type='pci'"), "{original}");
+    // Function 7 of the PF's slot: no VF of this test (they are 1..3).
+    let stale_vf = format!("{}.7", &pf[..pf.len() - 2]);
+    let stale = original.replace(&source_address(&vf0), &source_address(&stale_vf));
+    let stale_xml = dir.path().join("stale.xml");
+    fs::write(&stale_xml, inactive.replace(&original, &stale)).unwrap();
+    virsh_ok(&["define", stale_xml.to_str().unwrap()]);
+    let inactive = virsh_ok(&["dumpxml", "--inactive", DOMAIN]);
+    assert_eq!(hostdev_block(&inactive, &alias), stale);
+
     // Pause mode: 1 -> 2 VFs. The guest keeps its device: no new enumeration,
     // config space reads the new VF's vendor; recover=aer makes the guest's
     // AER core reset the controller and nvme works again.
@@ -786,6 +822,12 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     assert_eq!(numvfs(&pf), 2);
     assert_eq!(qom_get(&alias, "x-recover-count"), 1);
     guest_recovers(&mut vm, 1, t0, "pause reconf 1 -> 2 (--direct)");
+    let inactive = virsh_ok(&["dumpxml", "--inactive", DOMAIN]);
+    assert_eq!(
+        hostdev_block(&inactive, &alias),
+        original,
+        "the persistent hostdev names {vf0} again, all else unchanged"
+    );
     assert_eq!(guest_vfs(&mut vm), vec![gbdf.clone()]);
     assert_eq!(enumerations(&mut vm), 1, "the guest saw no unplug/replug");
     assert_eq!(guest_vendor(&mut vm, &gbdf), "1b36");
