@@ -381,6 +381,8 @@ fn init_and_first_reads(s: &Setup) -> BTreeMap<String, BTreeMap<String, u32>> {
     assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
     let mut ids = BTreeMap::new();
     for vm in ["vm1", "vm2"] {
+        let ag = fs::read_to_string(format!("/proc/{}/autogroup", s.pid(vm))).unwrap_or_default();
+        println!("{vm}: {}", ag.trim());
         let serial = s.serial(vm);
         let mut m = BTreeMap::new();
         for dev in s.devs(vm) {

@@ -614,6 +614,35 @@ fn serial_reads_only_complete_appended_lines_and_starts_over_when_the_file_shrin
     assert_eq!(serial.all_events("gone"), 0);
 }
 
+#[test]
+fn low_priority_vmm_command_is_a_toml_array_that_execs_the_vmm_with_svffs_arguments() {
+    let text = format!(
+        "command = {}",
+        common::low_priority_vmm_command(Path::new("/bin/echo"), &["--memory", "32M"])
+    );
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    let mut argv: Vec<String> = v["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    // What svff appends.
+    argv.extend(["--qmp".to_owned(), "/run/vm1.qmp".to_owned()]);
+    // In a session of its own, as svff starts a VMM: the autogroup it lowers is its own,
+    // not the one of whoever runs this test.
+    let out = std::process::Command::new("setsid")
+        .arg("--wait")
+        .args(&argv)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "--memory 32M --qmp /run/vm1.qmp\n"
+    );
+}
+
 /// Waits (bounded) until the guest's serial has a tick line past `after` for which `cond` holds.
 fn wait_tick(serial: &Serial, what: &str, secs: u64, cond: &dyn Fn(&Tick) -> bool) -> Tick {
     let end = Instant::now() + Duration::from_secs(secs);
