@@ -427,6 +427,19 @@ impl<S: Sysfs> SriovManager<S> {
         self.driver_in(&dir)
     }
 
+    /// The device's IOMMU group (its `iommu_group` link), `None` when it
+    /// has none.
+    pub fn iommu_group_of(&self, bdf: PciAddress) -> Result<Option<u32>, Error> {
+        let rel = self.device_dir(bdf)?.join("iommu_group");
+        match self.link_name(&rel)? {
+            Some(n) => n.parse().map(Some).map_err(|_| Error::Parse {
+                path: self.sysfs.root().join(&rel),
+                content: n,
+            }),
+            None => Ok(None),
+        }
+    }
+
     fn driver_in(&self, dir: &Path) -> Result<Option<String>, Error> {
         self.link_name(&dir.join("driver"))
     }

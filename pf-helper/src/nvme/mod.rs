@@ -513,7 +513,27 @@ pub fn apply_plan(
     force: bool,
     vf_bdf: &dyn Fn(u16) -> Option<PciAddress>,
 ) -> Result<usize, Error> {
-    let before = secondary_controllers(ctrl)?;
+    apply_plan_each(pf, ctrl, plan, force, vf_bdf, &|_| ())
+}
+
+/// [`apply_plan`], calling `done(index)` as soon as that VF's secondary
+/// controller has its resources and is online (or is left offline), before
+/// the next one is changed and before the final check: pool mode unpauses
+/// each VF then, while the next ones are still being changed.
+pub fn apply_plan_each(
+    pf: PciAddress,
+    ctrl: &dyn NvmeAdmin,
+    plan: &[PlannedVf],
+    force: bool,
+    vf_bdf: &dyn Fn(u16) -> Option<PciAddress>,
+    done: &dyn Fn(u16),
+) -> Result<usize, Error> {
+    // With `force` every planned VF is done again: no need to ask first.
+    let before = if force {
+        Vec::new()
+    } else {
+        secondary_controllers(ctrl)?
+    };
     let is_done = |p: &PlannedVf, list: &[SecondaryController]| {
         list.iter().any(|s| s.scid == p.scid && matches(p, s))
     };
@@ -539,6 +559,7 @@ pub fn apply_plan(
     for p in &todo {
         if p.want.vq == 0 && p.want.vi == 0 {
             info!(%pf, scid = p.scid, vf = p.index, "secondary controller left offline");
+            done(p.index);
             continue;
         }
         for (rt, n) in [(ResourceType::Vq, p.want.vq), (ResourceType::Vi, p.want.vi)] {
@@ -556,6 +577,7 @@ pub fn apply_plan(
             format!("Virtualization Management: set {} online", who(p)),
         )?;
         info!(%pf, scid = p.scid, vf = p.index, vq = p.want.vq, vi = p.want.vi, "secondary controller online");
+        done(p.index);
     }
     let after = secondary_controllers(ctrl)?;
     for p in plan {

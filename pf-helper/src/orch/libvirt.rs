@@ -22,9 +22,9 @@
 //!   (`custom-monitor`, in the domain log and `virsh dominfo`'s security
 //!   label: libvirt no longer vouches for QEMU's state).
 //! - **The persistent config** follows the host address: after an unpause
-//!   onto another VF the hostdev of the inactive XML is replaced
-//!   (`AFFECT_CONFIG` detach of the old, attach of the new source address),
-//!   so a restarted domain gets the right VF. The live XML keeps the old
+//!   onto another VF the domain is re-defined with its inactive XML in which
+//!   only that hostdev's source address changed ([`with_host`]), so a
+//!   restarted domain gets the right VF and the hostdev keeps everything else. The live XML keeps the old
 //!   source address (libvirt has no call to change a live hostdev).
 //!
 //! Only a device QEMU created as `svff-vfio-pci` can pause: libvirt creates
@@ -110,6 +110,40 @@ pub fn hostdevs(xml: &str) -> Vec<(String, Option<PciAddress>)> {
         out.push((alias, host));
     }
     out
+}
+
+/// `xml` (a domain XML) with the `<source><address .../>` of svff hostdev
+/// `alias` replaced by `host`'s, everything else byte for byte as it was;
+/// `None` when no hostdev has that alias or it already names `host`.
+pub fn with_host(xml: &str, alias: &str, host: PciAddress) -> Option<String> {
+    let mut at = 0;
+    while let Some(start) = xml[at..].find("<hostdev ").map(|s| s + at) {
+        let end = xml[start..]
+            .find("</hostdev>")
+            .map_or(xml.len(), |e| start + e + 10);
+        let dev = &xml[start..end];
+        at = end;
+        if attr_after(dev, "<alias ", "name").as_deref() != Some(alias) {
+            continue;
+        }
+        let (_, old) = hostdevs(dev).into_iter().next()?;
+        if old == Some(host) {
+            return None;
+        }
+        let src = start + dev.find("<source")?;
+        let src_end = src + xml[src..].find("</source>")?;
+        let addr = src + xml[src..src_end].find("<address ")?;
+        let addr_end = addr + xml[addr..src_end].find("/>")? + 2;
+        let new = format!(
+            "<address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/>",
+            host.domain(),
+            host.bus(),
+            host.device(),
+            host.function()
+        );
+        return Some(format!("{}{new}{}", &xml[..addr], &xml[addr_end..]));
+    }
+    None
 }
 
 /// The value of attribute `name` of the first element starting with `elem` in `xml`.
@@ -442,6 +476,39 @@ impl LibvirtVmm {
     }
 }
 
+impl LibvirtVmm {
+    /// Points the persistent hostdev `alias` at `host`: the inactive XML
+    /// (with its secure parts, so a re-define loses nothing) redefined with
+    /// only that hostdev's source address changed ([`with_host`]), in one
+    /// `virDomainDefineXML`: the hostdev keeps its guest address, ROM and
+    /// other settings, and is never missing from the config half-way. Does
+    /// nothing when the config already names `host` or lacks the hostdev.
+    fn persist_host(&self, alias: &str, host: PciAddress) -> Result<(), Error> {
+        let flags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
+        let xml = self.dom.get_xml_desc(flags).map_err(|e| {
+            self.err(
+                format!(
+                    "reading the persistent XML of domain {}",
+                    self.target.domain
+                ),
+                e.to_string(),
+            )
+        })?;
+        let Some(new) = with_host(&xml, alias, host) else {
+            return Ok(());
+        };
+        Domain::define_xml(&self.conn, &new).map(drop).map_err(|e| {
+            self.err(
+                format!(
+                    "updating the persistent hostdev {alias} of domain {} to {host}",
+                    self.target.domain
+                ),
+                e.to_string(),
+            )
+        })
+    }
+}
+
 /// A `DEVICE_REMOVED` callback registration; deregistered on drop.
 struct RemovedWaiter {
     conn: sys::virConnectPtr,
@@ -639,23 +706,7 @@ impl Vmm for LibvirtVmm {
         let t = self.call(&cmd, &[])?;
         // The persistent config follows the host address.
         if self.target.persistent {
-            if let Some(old) = self.host_of(&alias, true)? {
-                if old != host {
-                    let cfg = sys::VIR_DOMAIN_AFFECT_CONFIG;
-                    self.dom
-                        .detach_device_flags(&hostdev_xml(old, &alias), cfg)
-                        .and_then(|_| self.dom.attach_device_flags(&hostdev_xml(host, &alias), cfg))
-                        .map_err(|e| {
-                            self.err(
-                                format!(
-                                    "updating the persistent hostdev {alias} of domain {} to {host}",
-                                    self.target.domain
-                                ),
-                                e.to_string(),
-                            )
-                        })?;
-                }
-            }
+            self.persist_host(&alias, host)?;
         }
         Ok(t)
     }
@@ -720,6 +771,59 @@ mod tests {
                 ),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+
+    /// A domain's inactive XML as libvirt 9.0 writes it: one svff hostdev
+    /// with a guest address and a ROM setting, one foreign hostdev.
+    fn inactive(host_fn: u8) -> String {
+        format!(
+            "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\n  \
+             <name>g</name>\n  <devices>\n    \
+             <hostdev mode='subsystem' type='pci' managed='yes'>\n      <source>\n        \
+             <address domain='0x0000' bus='0x05' slot='0x00' function='0x0'/>\n      </source>\n      \
+             <address type='pci' domain='0x0000' bus='0x06' slot='0x00' function='0x0'/>\n    \
+             </hostdev>\n    \
+             <hostdev mode='subsystem' type='pci' managed='no'>\n      <source>\n        \
+             <address domain='0x0000' bus='0x01' slot='0x00' function='0x{host_fn:x}'/>\n      \
+             </source>\n      <alias name='ua-svff-0000-01-00_0-vf0'/>\n      <rom bar='off'/>\n      \
+             <address type='pci' domain='0x0000' bus='0x02' slot='0x00' function='0x0'/>\n    \
+             </hostdev>\n  </devices>\n  <qemu:override>\n    \
+             <qemu:device alias='ua-svff-0000-01-00_0-vf0'/>\n  </qemu:override>\n</domain>\n"
+        )
+    }
+
+    #[test]
+    fn persistent_xml_rewrite_changes_only_the_source_address_of_that_hostdev() {
+        let alias = "ua-svff-0000-01-00_0-vf0";
+        let new: PciAddress = "0000:01:00.5".parse().unwrap();
+        let out = with_host(&inactive(2), alias, new).expect("a change");
+        assert_eq!(out, inactive(5), "only the source function changed");
+        assert_eq!(
+            hostdevs(&out),
+            vec![(alias.to_owned(), Some(new))],
+            "the svff hostdev names the new VF"
+        );
+        assert!(out.contains("bus='0x02' slot='0x00' function='0x0'/>\n    </hostdev>"));
+    }
+
+    #[test]
+    fn persistent_xml_rewrite_is_none_when_unchanged_or_the_alias_is_absent() {
+        let host: PciAddress = "0000:01:00.2".parse().unwrap();
+        assert_eq!(
+            with_host(&inactive(2), "ua-svff-0000-01-00_0-vf0", host),
+            None
+        );
+        assert_eq!(
+            with_host(&inactive(2), "ua-svff-0000-01-00_0-vf9", host),
+            None
+        );
+        // The foreign hostdev (no svff alias) is never touched.
+        assert_eq!(with_host(&inactive(2), "hostdev0", host), None);
     }
 }
 

@@ -670,8 +670,9 @@ impl<'a, S: Sysfs> Orchestrator<'a, S> {
                         vmms: self.vmms,
                         state_dir: self.state.path(),
                     };
-                    scope
-                        .spawn(move || restore_vm(pf, side, target, hosts, groups, shared, starter))
+                    scope.spawn(move || {
+                        restore_vm(pf, side, target, hosts, groups, shared, starter, None)
+                    })
                 })
                 .collect();
             handles
@@ -1414,7 +1415,10 @@ enum Unpaused {
     Sent(Instant, Result<qmp_ext::svff::SvffVfioTimings, Error>),
 }
 
-/// Restore step of one VM; returns its resulting assignments.
+/// Restore step of one VM; returns its resulting assignments. With `gate`
+/// (pool mode) each unpause and add first waits until that VF's resources
+/// are changed.
+#[allow(clippy::too_many_arguments)]
 fn restore_vm(
     pf: PciAddress,
     side: &mut VmSide,
@@ -1423,6 +1427,7 @@ fn restore_vm(
     groups: &BTreeMap<PciAddress, Option<u32>>,
     shared: &Shared<'_>,
     starter: Starter<'_>,
+    gate: Option<&pool::ResourceGate>,
 ) -> Vec<Assignment> {
     let name = side.cfg.name.clone();
     let mine: Vec<&Assignment> = target.iter().filter(|a| a.vm == name).collect();
@@ -1469,6 +1474,9 @@ fn restore_vm(
             // (svff-vmm) the devices are unpaused at once.
             let unpause = |c: Result<&mut dyn Vmm, Error>, (a, host): &(&Assignment, PciAddress)| {
                 let host = *host;
+                if let Some(g) = gate {
+                    g.wait(a.vf);
+                }
                 if let Err(e) = shared.record(Step::Unpause {
                     vm: name.clone(),
                     id: a.id.clone(),
@@ -1630,6 +1638,9 @@ fn restore_vm(
                     } else {
                         None
                     };
+                if let Some(g) = gate {
+                    g.wait(a.vf);
+                }
                 let r = shared
                     .record(Step::Attach {
                         vm: name.clone(),

@@ -14,11 +14,12 @@
 //! 3. *pause*: only the VMMs holding a changing VF are contacted, one thread
 //!    per VM (and, for svff-vmm, one connection per VF: its VFs pause at
 //!    once), and pause only those VFs (the other guests see nothing);
-//! 4. *resources* (`resources` record): offline, assign VQ, assign VI,
-//!    online for each changing VF ([`crate::nvme::apply_plan`]); a VF that
-//!    left vfio-pci is bound again (`bind`);
+//! 4. a VF that left vfio-pci is bound again (`bind`); *resources*
+//!    (`resources` record): offline, assign VQ, assign VI, online for each
+//!    changing VF ([`crate::nvme::apply_plan_each`]);
 //! 5. *unpause* of the paused VFs (same VF, same host address), `device_add`
-//!    of free pool VFs given to VMs with `--assign`;
+//!    of free pool VFs given to VMs with `--assign`: each as soon as its own
+//!    secondary controller is online, while the next VFs are changed;
 //! 6. the assignment table: the other entries are kept as they are.
 //!
 //! Failure rules as for a count change: a failed pause rolls back (every
@@ -30,7 +31,7 @@
 //! unpauses; of one that had turned back, it only unpauses.
 
 use super::*;
-use crate::nvme::{NvmeResources, PlannedVf, VfResources};
+use crate::nvme::{NvmeResources, PlannedVf, SecondaryController, VfResources};
 use journal::Pending;
 
 /// The refusal of a VF-count reconf of a pool-mode PF.
@@ -50,6 +51,9 @@ struct PoolJob<'p> {
     goal: &'p [Assignment],
     /// Whether attached VFs whose resources still differ are paused first.
     release: bool,
+    /// The controller and its secondary controller list as just read by
+    /// the caller (a reconf right after its plan): not asked again.
+    known: Option<(&'p dyn crate::nvme::NvmeAdmin, &'p [SecondaryController])>,
 }
 
 impl<S: Sysfs> Orchestrator<'_, S> {
@@ -231,6 +235,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             plan: Some(&plan),
             goal: &aff_target,
             release: true,
+            known: Some((&*ctrl, &secs)),
         };
         match self.pool_converge(&job, &mut sides, &journal, "reconf") {
             Ok(mut r) => {
@@ -252,6 +257,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                     plan: None,
                     goal: &aff_before,
                     release: false,
+                    known: None,
                 };
                 let r = self.pool_converge(&back, &mut sides, &journal, "rollback");
                 let outcome = rollback_outcome(journal, r, || {
@@ -336,6 +342,7 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             plan: plan.as_deref(),
             goal,
             release: !rolled_back,
+            known: None,
         };
         let r = self
             .pool_converge(&job, &mut sides, &journal, "recover")
@@ -366,13 +373,23 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             r.from = Some(n);
             r.to = Some(n);
         }
-        // What is still to change, from the controller's own view.
+        // What is still to change, from the controller's own view (as the
+        // caller just read it, or read now).
         let mut todo: Vec<PlannedVf> = Vec::new();
-        let mut ctrl = None;
+        let mut opened: Option<Box<dyn crate::nvme::NvmeAdmin>> = None;
+        let mut ctrl: Option<&dyn crate::nvme::NvmeAdmin> = None;
         if let Some(plan) = job.plan.filter(|p| !p.is_empty()) {
-            let c = self.mgr.nvme_opener().open(pf).map_err(fail)?;
-            let secs = crate::nvme::secondary_controllers(&*c).map_err(fail)?;
-            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, &secs).into_iter().collect();
+            let read;
+            let (c, secs): (&dyn crate::nvme::NvmeAdmin, &[SecondaryController]) = match job.known {
+                Some(k) => k,
+                None => {
+                    let c: &dyn crate::nvme::NvmeAdmin =
+                        &**opened.insert(self.mgr.nvme_opener().open(pf).map_err(fail)?);
+                    read = crate::nvme::secondary_controllers(c).map_err(fail)?;
+                    (c, &read)
+                }
+            };
+            let left: BTreeSet<u16> = crate::nvme::changed_vfs(plan, secs).into_iter().collect();
             todo = plan
                 .iter()
                 .filter(|p| left.contains(&p.index))
@@ -422,53 +439,27 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             }
         }
 
-        // 2. resources (finish and report from here on)
+        // 2. bind and resources, 3. unpause and add: from here on finish
+        // and report.
         let hosts: BTreeMap<u16, PciAddress> =
             self.mgr.vfs(pf).map_err(fail)?.into_iter().collect();
-        if let (Some(c), false) = (&ctrl, todo.is_empty()) {
-            let vfs: Vec<u16> = todo.iter().map(|p| p.index).collect();
-            let r = shared.record(Step::Resources { pf, vfs }).and_then(|()| {
-                shared.timed("resources", None, || {
-                    let bdf = |i: u16| hosts.get(&i).copied();
-                    crate::nvme::apply_plan(pf, &**c, &todo, false, &bdf)
-                })
-            });
-            match r {
-                Ok(_) => {
-                    let secs = crate::nvme::secondary_controllers(&**c).unwrap_or_default();
-                    for p in &todo {
-                        let was = secs.iter().find(|s| s.scid == p.scid);
-                        shared.change(format!(
-                            "PF {pf}: VF {} (secondary controller {}) {}{}",
-                            p.index,
-                            p.scid,
-                            p.want,
-                            if was.is_some_and(|s| s.online) {
-                                " online"
-                            } else {
-                                " offline"
-                            }
-                        ));
-                    }
-                }
-                Err(e) => {
-                    let line = format!(
-                        "PF {pf}: the VF resources could not all be changed: {}",
-                        e.chain()
-                    );
-                    warn!("{line}");
-                    shared.report().failures.push(line);
-                }
+        // A VF that left vfio-pci (not expected: the function stays) goes
+        // back. Only the affected VFs' driver and IOMMU group links are read
+        // (not the whole PF status: its controller queries and its scan of
+        // every process's fds are not needed here).
+        let goal_idx: BTreeSet<u16> = job.goal.iter().map(|a| a.vf).collect();
+        let mut unbound: Vec<PciAddress> = Vec::new();
+        let mut groups: BTreeMap<PciAddress, Option<u32>> = BTreeMap::new();
+        for (&index, &bdf) in &hosts {
+            if todo_idx.contains(&index)
+                && self.mgr.driver_of(bdf).map_err(fail)?.as_deref() != Some("vfio-pci")
+            {
+                unbound.push(bdf);
+            }
+            if goal_idx.contains(&index) {
+                groups.insert(bdf, self.mgr.iommu_group_of(bdf).map_err(fail)?);
             }
         }
-        // A VF that left vfio-pci (not expected: the function stays) goes back.
-        let status = self.mgr.pf_status(pf).map_err(fail)?;
-        let unbound: Vec<PciAddress> = status
-            .vfs
-            .iter()
-            .filter(|v| todo_idx.contains(&v.index) && v.driver.as_deref() != Some("vfio-pci"))
-            .map(|v| v.bdf)
-            .collect();
         if !unbound.is_empty() {
             let r = shared.record(Step::Bind { pf }).and_then(|()| {
                 shared.timed("bind_vfs", None, || {
@@ -487,12 +478,14 @@ impl<S: Sysfs> Orchestrator<'_, S> {
             }
         }
 
-        // 3. unpause, add
-        let groups: BTreeMap<PciAddress, Option<u32>> = status
-            .vfs
-            .into_iter()
-            .map(|v| (v.bdf, v.iommu_group))
-            .collect();
+        // The restore threads start now; each VF whose resources change is
+        // unpaused (or added) as soon as its secondary controller is back
+        // online, while the next ones are changed on this thread.
+        let gate = ResourceGate::new(if ctrl.is_some() {
+            todo_idx.clone()
+        } else {
+            BTreeSet::new()
+        });
         let outcomes: Vec<Vec<Assignment>> = std::thread::scope(|scope| {
             let handles: Vec<_> = sides
                 .values_mut()
@@ -500,14 +493,24 @@ impl<S: Sysfs> Orchestrator<'_, S> {
                     let shared = &shared;
                     let hosts = &hosts;
                     let groups = &groups;
+                    let gate = &gate;
                     let starter = Starter {
                         vmms: self.vmms,
                         state_dir: self.state.path(),
                     };
                     let goal = job.goal;
-                    scope.spawn(move || restore_vm(pf, side, goal, hosts, groups, shared, starter))
+                    scope.spawn(move || {
+                        restore_vm(pf, side, goal, hosts, groups, shared, starter, Some(gate))
+                    })
                 })
                 .collect();
+            {
+                // However the resource step ends, every VF goes through.
+                let _open = OpenAllOnDrop(&gate);
+                if let (Some(c), false) = (ctrl, todo.is_empty()) {
+                    self.pool_resources(pf, c, &todo, &hosts, &shared, &gate);
+                }
+            }
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_default())
@@ -533,6 +536,121 @@ impl<S: Sysfs> Orchestrator<'_, S> {
         self.finish_table(pf, &entries, journal, &mut report)
             .map_err(fail)?;
         Ok(report)
+    }
+}
+
+impl<S: Sysfs> Orchestrator<'_, S> {
+    /// The resource step: journaled, then each changing VF offline, its
+    /// resources, online ([`crate::nvme::apply_plan_each`]), `gate` opened
+    /// for each VF as soon as it is done; a failure is reported.
+    fn pool_resources(
+        &self,
+        pf: PciAddress,
+        c: &dyn crate::nvme::NvmeAdmin,
+        todo: &[PlannedVf],
+        hosts: &BTreeMap<u16, PciAddress>,
+        shared: &Shared<'_>,
+        gate: &ResourceGate,
+    ) {
+        let vfs: Vec<u16> = todo.iter().map(|p| p.index).collect();
+        let r = shared.record(Step::Resources { pf, vfs }).and_then(|()| {
+            shared.timed("resources", None, || {
+                let bdf = |i: u16| hosts.get(&i).copied();
+                // `todo` holds only VFs the controller shows not as
+                // planned: forced, without asking it again first.
+                crate::nvme::apply_plan_each(pf, c, todo, true, &bdf, &|i| gate.open(i))
+            })
+        });
+        match r {
+            Ok(_) => {
+                // apply_plan checked the controller afterwards: each VF is
+                // as planned (online unless given no resources).
+                for p in todo {
+                    shared.change(format!(
+                        "PF {pf}: VF {} (secondary controller {}) {}{}",
+                        p.index,
+                        p.scid,
+                        p.want,
+                        if p.want.vq == 0 && p.want.vi == 0 {
+                            " offline"
+                        } else {
+                            " online"
+                        }
+                    ));
+                }
+            }
+            Err(e) => {
+                let line = format!(
+                    "PF {pf}: the VF resources could not all be changed: {}",
+                    e.chain()
+                );
+                warn!("{line}");
+                shared.report().failures.push(line);
+            }
+        }
+    }
+}
+
+/// The VFs of a pool reconf whose resources are still being changed: the
+/// restore step waits here before it unpauses (or adds) one of them, so each
+/// VF comes back as soon as its own secondary controller is online.
+pub(super) struct ResourceGate {
+    pending: Mutex<BTreeSet<u16>>,
+    opened: std::sync::Condvar,
+}
+
+/// The longest a restore thread waits for the resource step (whose admin
+/// commands are bounded themselves; the step opens the gate however it ends).
+const GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl ResourceGate {
+    fn new(pending: BTreeSet<u16>) -> Self {
+        ResourceGate {
+            pending: Mutex::new(pending),
+            opened: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u16>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// VF `vf` is done: let it through.
+    fn open(&self, vf: u16) {
+        self.lock().remove(&vf);
+        self.opened.notify_all();
+    }
+
+    /// Waits until VF `vf` may be unpaused: at once for a VF whose resources
+    /// do not change.
+    pub(super) fn wait(&self, vf: u16) {
+        let end = Instant::now() + GATE_WAIT;
+        let mut g = self.lock();
+        while g.contains(&vf) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    vf,
+                    "the resource step did not end in time: unpausing anyway"
+                );
+                return;
+            }
+            g = self
+                .opened
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Opens the whole gate when dropped.
+struct OpenAllOnDrop<'g>(&'g ResourceGate);
+
+impl Drop for OpenAllOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.lock().clear();
+        self.0.opened.notify_all();
     }
 }
 

@@ -27,6 +27,15 @@ struct Pool {
 /// and 8 VI flexible, at most 8 VQ / 4 VI per VF; vm1 VFs 0,1, vm2 VFs 2,3,
 /// vm3 VF 4, VF 5 free.
 fn pool(pool: bool, b2: Behaviour) -> Pool {
+    pool_with(pool, b2, |n| Arc::new(n))
+}
+
+/// [`pool`], the controller reached through `opener(model)`.
+fn pool_with(
+    pool: bool,
+    b2: Behaviour,
+    opener: impl FnOnce(FakeNvme) -> Arc<dyn crate::nvme::NvmeOpener>,
+) -> Pool {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let vm = |name: &str, idx: &str| {
@@ -57,7 +66,7 @@ fn pool(pool: bool, b2: Behaviour) -> Pool {
     sys.add_pf(NPF, "0x1b36", "0x0010", 64, "0x0010");
     sys.preset_driver(NPF, "nvme");
     let nvme = FakeNvme::new(64, 16, 8, 8, 4);
-    let mgr = sys.manager().with_nvme_opener(Arc::new(nvme.clone()));
+    let mgr = sys.manager().with_nvme_opener(opener(nvme.clone()));
     let mut vms = BTreeMap::new();
     vms.insert("vm1".into(), vm_double(&p("vm1.sock"), svff()));
     vms.insert("vm2".into(), vm_double(&p("vm2.sock"), b2));
@@ -419,4 +428,137 @@ fn recover_finishes_a_pool_reconf_interrupted_after_any_record() {
         }
         assert_eq!(p.res(4), (true, 2, 1), "stop {stop}");
     }
+}
+
+#[test]
+fn pool_reconf_asks_the_controller_for_its_secondary_list_once_to_plan_and_once_to_check() {
+    let p = pool(true, svff());
+    let before = p.nvme.log().len();
+    let r = p
+        .orch()
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,2=vq:4,vi:1"), &[])
+        .unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!((p.res(0), p.res(2)), ((true, 4, 1), (true, 4, 1)));
+    // Identify (opcode 0x06) with CNS 0x15: the secondary controller list.
+    let lists = p.nvme.log()[before..]
+        .iter()
+        .filter(|(op, cdw10, _)| *op == 0x06 && cdw10 & 0xff == 0x15)
+        .count();
+    assert_eq!(lists, 2, "{:?}", &p.nvme.log()[before..]);
+    // The report still says each changed VF is online with its resources.
+    for vf in [0, 2] {
+        assert!(
+            r.changes
+                .iter()
+                .any(|c| c.contains(&format!("VF {vf} ")) && c.ends_with(" online")),
+            "{:?}",
+            r.changes
+        );
+    }
+}
+
+/// The fake controller, except that the first command assigning resources
+/// to secondary controller `scid` first waits (at most 10 s) for `vm`'s
+/// log to show `line`, and records whether it did.
+#[derive(Clone)]
+struct WaitsForVmm {
+    nvme: FakeNvme,
+    scid: u16,
+    line: String,
+    vm: Arc<Mutex<Option<Arc<VmmState>>>>,
+    saw: Arc<Mutex<Option<bool>>>,
+}
+
+impl std::fmt::Debug for WaitsForVmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitsForVmm")
+            .field("scid", &self.scid)
+            .finish()
+    }
+}
+
+impl crate::nvme::NvmeOpener for WaitsForVmm {
+    fn open(&self, _pf: PciAddress) -> Result<Box<dyn crate::nvme::NvmeAdmin>, Error> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+impl crate::nvme::NvmeAdmin for WaitsForVmm {
+    fn name(&self) -> String {
+        self.nvme.name()
+    }
+
+    fn admin(
+        &self,
+        cmd: &crate::nvme::AdminCommand,
+        data: Option<&mut [u8]>,
+    ) -> Result<u32, crate::nvme::AdminError> {
+        let pt = cmd.to_passthru(0);
+        // Virtualization Management (0x1c), action 8 (assign), to `scid`.
+        let assign =
+            pt.opcode == 0x1c && pt.cdw10 & 0xf == 8 && pt.cdw10 >> 16 == u32::from(self.scid);
+        let vm = self.vm.lock().unwrap().clone();
+        if let (true, Some(vm)) = (assign, vm) {
+            if self.saw.lock().unwrap().is_none() {
+                let end = Instant::now() + std::time::Duration::from_secs(10);
+                let seen = loop {
+                    if vm.log.lock().unwrap().contains(&self.line) {
+                        break true;
+                    }
+                    if Instant::now() > end {
+                        break false;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                };
+                *self.saw.lock().unwrap() = Some(seen);
+            }
+        }
+        self.nvme.admin(cmd, data)
+    }
+}
+
+#[test]
+fn pool_reconf_unpauses_each_vf_as_soon_as_its_resources_are_changed_while_the_next_ones_are_changed(
+) {
+    let vm = Arc::new(Mutex::new(None));
+    let saw = Arc::new(Mutex::new(None));
+    let line = format!("svff-vfio-unpause {}", nid(0));
+    let (v2, s2, l2) = (vm.clone(), saw.clone(), line.clone());
+    let p = pool_with(true, svff(), move |nvme| {
+        Arc::new(WaitsForVmm {
+            nvme,
+            // VF 2's secondary controller: changed after VF 0's.
+            scid: 3,
+            line: l2,
+            vm: v2,
+            saw: s2,
+        })
+    });
+    *vm.lock().unwrap() = Some(p.vms["vm1"].st.clone());
+    let r = p
+        .orch()
+        .reconf_pool(npf(), &spec("0=vq:4,vi:1,2=vq:4,vi:1"), &[])
+        .unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(
+        *saw.lock().unwrap(),
+        Some(true),
+        "VF 0 was not unpaused before VF 2's resources were assigned: {:?}",
+        p.vms["vm1"].log()
+    );
+    assert_eq!((p.res(0), p.res(2)), ((true, 4, 1), (true, 4, 1)));
+    p.everything_attached("after");
+    assert!(!p.pending());
+    // Each unpause is still journaled after the resource step began, and
+    // before it is sent.
+    let text = std::fs::read_to_string(p.dir.path().join("state/journal.jsonl")).unwrap();
+    let at = |what: &str| {
+        text.find(what)
+            .unwrap_or_else(|| panic!("{what} in {text}"))
+    };
+    assert!(
+        at("\"step\":\"resources\"") < at("\"step\":\"unpause\""),
+        "{text}"
+    );
 }
