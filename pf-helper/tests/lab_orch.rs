@@ -5,19 +5,18 @@
 //! the L2 has four q35 root ports for hot-plug. Each test leaves the PF with
 //! 0 VFs and unbound.
 
+mod common;
+
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 use svff_lab::guest::{self, dev_path, set_numvfs, unbind, vfs_of};
 use svff_lab::l2::{Image, Qemu, L2};
 
-const SVFF: &str = env!("CARGO_BIN_EXE_svff");
-/// Upper bound of one CLI call.
-const CALL_TIMEOUT_S: &str = "300";
 const CMD: Duration = Duration::from_secs(90);
 const PORTS: [&str; 4] = ["svffrp0", "svffrp1", "svffrp2", "svffrp3"];
 
@@ -31,30 +30,9 @@ fn boot_deadline() -> Duration {
     )
 }
 
-/// The svff binary the calls run: the current [`Setup`]'s copy in L1's RAM
-/// (from the 9p host root every call pages the 60 MB debug binary in again).
-static BIN: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-
-/// Runs svff under `timeout(1)` with `env`, printing what it said.
+/// Runs svff (its copy in L1's RAM) under `timeout(1)` with `env`.
 fn svff_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let bin = BIN
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(SVFF));
-    let mut cmd = Command::new("timeout");
-    cmd.arg(CALL_TIMEOUT_S).arg(bin).args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run timeout(1)");
-    eprintln!(
-        "$ svff {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::svff_env(common::svff_in_ram(), args, env)
 }
 
 fn svff(args: &[&str]) -> Output {
@@ -62,13 +40,7 @@ fn svff(args: &[&str]) -> Output {
 }
 
 fn ok_json(args: &[&str]) -> Value {
-    let out = svff(args);
-    assert!(
-        out.status.success(),
-        "svff {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+    common::json_of(args, &svff(args))
 }
 
 fn fails_with(args: &[&str], wanted: &[&str]) {
@@ -105,18 +77,8 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        guest::require_lab();
-        let pf = guest::nvme_pf();
-        if guest::driver_of(&pf).is_some() {
-            set_numvfs(&pf, 0);
-        }
-        release(&pf);
-        guest::modprobe("vfio-pci");
-        guest::modprobe("kvm-amd");
+        let pf = common::released_nvme_pf(&["vfio-pci", "kvm-amd"]);
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("svff");
-        fs::copy(SVFF, &bin).unwrap();
-        *BIN.lock().unwrap() = Some(bin);
         let qmp = dir.path().join("vm1.qmp");
         let mut qemu = Qemu::stock()
             .arg("-qmp")
@@ -190,10 +152,10 @@ vfs = [{{ pf = "{pf}", count = 4 }}]
     /// (the guest's hot-plug handling is asynchronous; bounded wait).
     fn guest_vfs(&mut self, n: usize) -> Vec<String> {
         let script = format!(
-            "i=0; while [ $i -lt 60 ]; do \
+            "i=0; while [ $i -lt 600 ]; do \
                l=$(for d in /sys/bus/pci/devices/*; do \
                      [ \"$(cat $d/vendor)$(cat $d/device)\" = 0x1b360x0010 ] && echo ${{d##*/}}; done); \
-               [ $(echo -n \"$l\" | grep -c .) -eq {n} ] && break; sleep 1; i=$((i+1)); done; \
+               [ $(echo -n \"$l\" | grep -c .) -eq {n} ] && break; sleep 0.1; i=$((i+1)); done; \
              echo \"$l\""
         );
         let out = self

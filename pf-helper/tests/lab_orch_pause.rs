@@ -9,6 +9,8 @@
 //! its group fds. Each test leaves the PF with 0 VFs, unbound, and no VMM
 //! running.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,135 +19,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{pid_of, reports_past, signal, wait_proc_state, Serial};
 use serde_json::Value;
 use svff_lab::guest::{self, dev_path, set_numvfs, unbind, vfs_of};
 
-const SVFF: &str = env!("CARGO_BIN_EXE_svff");
-/// Upper bound of one CLI call.
-const CALL_TIMEOUT_S: &str = "300";
 /// Rounds between two counter reports of the test guests.
 const REPORT_EVERY: u64 = 20;
 /// The unprivileged VMM's uid and gid.
 const UNPRIV: u32 = 4242;
-/// Bound of every wait for a guest's report.
-const GUEST_WAIT: Duration = Duration::from_secs(180);
-
-/// Runs svff under `timeout(1)` with `env`, printing what it said.
-fn svff_env(svff: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new("timeout");
-    cmd.arg(CALL_TIMEOUT_S).arg(svff).args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let start = Instant::now();
-    let out = cmd.output().expect("run timeout(1)");
-    eprintln!(
-        "$ svff {}   [{:.1} s]\n{}{}",
-        args.join(" "),
-        start.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-use svff_types::{parse_counters, GuestCounters as Counters};
-
-/// A VM's serial console, as svff's supervision writes it.
-struct Serial(PathBuf);
-
-impl Serial {
-    fn text(&self) -> String {
-        let t = fs::read_to_string(&self.0).unwrap_or_default();
-        // Complete lines only.
-        t[..t.rfind('\n').map_or(0, |i| i + 1)].to_string()
-    }
-
-    fn last(&self, dev: &str) -> Option<Counters> {
-        self.text()
-            .lines()
-            .rev()
-            .filter_map(parse_counters)
-            .find(|c| c.dev == dev)
-    }
-
-    fn events(&self, dev: &str, event: &str) -> usize {
-        let want = format!("svff-guest: dev={dev} event={event}");
-        self.text().lines().filter(|l| l.trim() == want).count()
-    }
-
-    /// The first report of `dev` whose round is past `round` (bounded wait).
-    fn report_after(&self, dev: &str, round: u64) -> Counters {
-        let end = Instant::now() + GUEST_WAIT;
-        loop {
-            if let Some(c) = self.last(dev).filter(|c| c.round > round) {
-                return c;
-            }
-            assert!(
-                Instant::now() < end,
-                "no report of {dev} after round {round} in {}:\n{}",
-                self.0.display(),
-                tail(&self.text(), 30)
-            );
-            // The guest gives no other sign than its next line.
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until `dev` printed `event` `n` times.
-    fn wait_events(&self, dev: &str, event: &str, n: usize) {
-        let end = Instant::now() + GUEST_WAIT;
-        while self.events(dev, event) < n {
-            assert!(
-                Instant::now() < end,
-                "{dev} never printed event={event} x{n} in {}:\n{}",
-                self.0.display(),
-                tail(&self.text(), 30)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let l: Vec<&str> = text.lines().collect();
-    l[l.len().saturating_sub(n)..].join("\n")
-}
-
-fn pid_of(state: &Path, vm: &str) -> Option<u32> {
-    fs::read_to_string(state.join(format!("vm-{vm}.pid")))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// `R`, `S`, `T`, `Z`, ... of `pid`, `None` once it is gone.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].trim().chars().next()
-}
-
-fn wait_proc_state(pid: u32, want: &[Option<char>], what: &str) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while !want.contains(&proc_state(pid)) {
-        assert!(
-            Instant::now() < end,
-            "{what}: pid {pid} is {:?}",
-            proc_state(pid)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill -{sig} {pid}");
-}
 
 /// `/dev/kvm` given to group `UNPRIV` (mode 0660) until dropped.
 struct KvmForGroup(u32, u32, u32);
@@ -173,48 +54,22 @@ struct Setup {
     pf: String,
     dir: tempfile::TempDir,
     config: String,
+    /// vm1's and vm2's consoles, read incrementally.
+    serials: BTreeMap<&'static str, Serial>,
     _kvm: KvmForGroup,
 }
 
 impl Setup {
     fn new() -> Setup {
-        guest::require_lab();
-        let pf = guest::nvme_pf();
-        if guest::driver_of(&pf).is_some() {
-            set_numvfs(&pf, 0);
-        }
-        for vf in vfs_of(&pf) {
-            unbind(&vf);
-        }
-        unbind(&pf);
-        guest::modprobe("vfio-pci");
-        guest::modprobe("kvm-amd");
-        guest::modprobe("nvme");
-        let vmm = Path::new(SVFF).with_file_name("svff-vmm");
-        assert!(
-            vmm.exists(),
-            "{} missing: cargo build --workspace",
-            vmm.display()
-        );
+        let pf = common::released_nvme_pf(&["vfio-pci", "kvm-amd", "nvme"]);
         let dir = tempfile::tempdir().unwrap();
         // uid 4242 must reach its socket directory (svff creates it).
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
-        // Both binaries copied into L1's RAM once: run from the 9p host
-        // root, every call would page the 60 MB debug binary in again.
-        let bin = dir.path().join("bin");
-        fs::create_dir(&bin).unwrap();
-        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::copy(SVFF, bin.join("svff")).unwrap();
-        fs::copy(&vmm, bin.join("svff-vmm")).unwrap();
-        let vmm = bin.join("svff-vmm");
         let config = dir.path().join("helper.toml");
         let state = dir.path().join("state");
-        // The test guests read in a busy loop: niced, so that L1's one vCPU
-        // still runs svff (the guests only need to keep reading).
-        let command = format!(
-            r#"["/usr/bin/nice", "-n", "19", "{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
-            vmm.display()
-        );
+        // The test guests read in a busy loop: at the lowest priority, so that L1's one
+        // vCPU still runs svff (the guests only need to keep reading).
+        let command = common::test_guest_command(REPORT_EVERY);
         let text = format!(
             r#"allowed_uids = [0]
 state_dir = "{state}"
@@ -243,24 +98,29 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
             dir = dir.path().display(),
         );
         fs::write(&config, text).unwrap();
+        let serials = ["vm1", "vm2"]
+            .into_iter()
+            .map(|vm| (vm, Serial::new(state.join(format!("vm-{vm}.serial")))))
+            .collect();
         Setup {
             pf,
             config: config.display().to_string(),
             dir,
+            serials,
             _kvm: KvmForGroup::new(),
         }
     }
 
-    fn svff(&self) -> PathBuf {
-        self.dir.path().join("bin/svff")
+    fn svff(&self) -> &'static Path {
+        common::svff_in_ram()
     }
 
     fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn serial(&self, vm: &str) -> Serial {
-        Serial(self.state().join(format!("vm-{vm}.serial")))
+    fn serial(&self, vm: &str) -> &Serial {
+        &self.serials[vm]
     }
 
     fn pid(&self, vm: &str) -> u32 {
@@ -270,17 +130,11 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut v = vec!["--direct", "--config", &self.config];
         v.extend_from_slice(args);
-        svff_env(&self.svff(), &v, env)
+        common::svff_env(self.svff(), &v, env)
     }
 
     fn ok_json(&self, args: &[&str]) -> Value {
-        let out = self.run(args, &[]);
-        assert!(
-            out.status.success(),
-            "svff {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+        common::json_of(args, &self.run(args, &[]))
     }
 
     fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
@@ -421,25 +275,34 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
             .unwrap_or_default()
     }
 
-    /// Every `vm`'s VF in `devs` read validly (`id` as before, not all-ones)
-    /// in a report begun after now, and never left config space.
+    /// Every VF in `devs` of each `(vm, devs)` read validly (`id` as the guest read at
+    /// first, not all-ones) in a report begun after now. Every VF's "now" is taken before any
+    /// wait, so all guests' next reports are awaited together.
     fn guests_read_validly(
         &self,
-        vm: &str,
-        devs: &[String],
-        ids: &BTreeMap<String, u32>,
+        vms: &[(&str, &[String])],
+        ids: &BTreeMap<String, BTreeMap<String, u32>>,
         what: &str,
     ) {
-        let serial = self.serial(vm);
-        for dev in devs {
-            let start = Instant::now();
-            let before = serial
-                .last(dev)
-                .unwrap_or_else(|| serial.report_after(dev, 0));
-            // The next report: its rounds ran (at least partly) after now.
-            let after = serial.report_after(dev, before.round);
+        let serials: Vec<(&str, &Serial)> =
+            vms.iter().map(|(vm, _)| (*vm, self.serial(vm))).collect();
+        let mut now = Vec::new();
+        let mut before = Vec::new();
+        for ((vm, serial), (_, devs)) in serials.iter().zip(vms) {
+            for dev in devs.iter() {
+                let b = serial
+                    .last(dev)
+                    .unwrap_or_else(|| serial.report_after(dev, 0));
+                // The next report: its rounds ran (at least partly) after now.
+                now.push((*serial, dev.as_str(), b.round));
+                before.push((*vm, b));
+            }
+        }
+        let start = Instant::now();
+        let after = reports_past(&now);
+        for (((vm, before), after), (_, dev, _)) in before.iter().zip(after).zip(&now) {
             println!(
-                "{what}: {vm} {dev}: report after {:.1} s: {after:?}",
+                "{what}: {vm} {dev}: report within {:.1} s: {after:?}",
                 start.elapsed().as_secs_f64()
             );
             assert!(
@@ -447,7 +310,7 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
                 "{what}: {vm} {dev}: no valid reads {before:?} -> {after:?}"
             );
             assert_ne!(after.id, u32::MAX, "{what}: {vm} {dev}: all-ones {after:?}");
-            if let Some(id) = ids.get(dev) {
+            if let Some(id) = ids.get(*vm).and_then(|m| m.get(*dev)) {
                 assert_eq!(
                     after.id, *id,
                     "{what}: {vm} {dev}: not the CAP read at first {after:?}"
@@ -457,19 +320,7 @@ vfs = [{{ pf = "{pf}", count = 2 }}]
     }
 
     fn stop_vmms(&self) {
-        for vm in ["vm1", "vm2"] {
-            if let Some(pid) = pid_of(&self.state(), vm) {
-                if proc_state(pid).is_some_and(|s| s != 'Z') {
-                    let _ = Command::new("kill")
-                        .args(["-CONT", &pid.to_string()])
-                        .status();
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
-                    wait_proc_state(pid, &[None, Some('Z')], "VMM killed at cleanup");
-                }
-            }
-        }
+        common::kill_vmms(&self.state(), &["vm1", "vm2"]);
     }
 }
 
@@ -530,6 +381,8 @@ fn init_and_first_reads(s: &Setup) -> BTreeMap<String, BTreeMap<String, u32>> {
     assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
     let mut ids = BTreeMap::new();
     for vm in ["vm1", "vm2"] {
+        let ag = fs::read_to_string(format!("/proc/{}/autogroup", s.pid(vm))).unwrap_or_default();
+        println!("{vm}: {}", ag.trim());
         let serial = s.serial(vm);
         let mut m = BTreeMap::new();
         for dev in s.devs(vm) {
@@ -603,8 +456,8 @@ fn lab_orch_pause_svff_vmm_guests_keep_surviving_vfs_through_pause_reconfs_and_s
         &[("vm1", &[0, 1, 4, 5]), ("vm2", &[2, 3, 6, 7])],
         "after 4 -> 8",
     );
+    s.guests_read_validly(&[("vm1", &devs1), ("vm2", &devs2)], &ids, "after 4 -> 8");
     for (vm, devs) in [("vm1", &devs1), ("vm2", &devs2)] {
-        s.guests_read_validly(vm, devs, &ids[vm], "after 4 -> 8");
         for d in devs.iter() {
             assert_eq!(
                 s.serial(vm).events(d, "gone"),
@@ -619,7 +472,7 @@ fn lab_orch_pause_svff_vmm_guests_keep_surviving_vfs_through_pause_reconfs_and_s
     let r = s.reconf(2, "pause", None);
     assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
     s.assert_consistent(2, &[("vm1", &[0, 1]), ("vm2", &[])], "after 8 -> 2");
-    s.guests_read_validly("vm1", &devs1, &ids["vm1"], "after 8 -> 2");
+    s.guests_read_validly(&[("vm1", &devs1)], &ids, "after 8 -> 2");
     for d in &devs1 {
         let c = s.serial("vm1").last(d).unwrap();
         assert_eq!(
@@ -645,13 +498,16 @@ fn lab_orch_pause_svff_vmm_guests_keep_surviving_vfs_through_pause_reconfs_and_s
         s.serial("vm1").wait_events(d, "gone", 1);
         s.serial("vm1").wait_events(d, "back", 1);
     }
-    s.guests_read_validly("vm1", &devs1, &ids["vm1"], "after detach 2 -> 4");
     for d in &devs2 {
         s.serial("vm2").wait_events(d, "back", 1);
     }
     let new2 = s.devs("vm2");
     assert_eq!(new2, devs2, "vm2's new VFs reuse the freed slots");
-    s.guests_read_validly("vm2", &new2, &ids["vm2"], "after detach 2 -> 4");
+    s.guests_read_validly(
+        &[("vm1", &devs1), ("vm2", &new2)],
+        &ids,
+        "after detach 2 -> 4",
+    );
 
     // A VMM that died: reconf records its VFs as gone, status says it exited.
     signal(pid2, "KILL");
@@ -693,7 +549,7 @@ fn lab_orch_pause_svff_vmm_guests_keep_surviving_vfs_through_pause_reconfs_and_s
         !gone.is_empty() && gone.iter().all(|a| a["state"] == "gone"),
         "{st}"
     );
-    s.guests_read_validly("vm1", &devs1, &ids["vm1"], "after vm2 died");
+    s.guests_read_validly(&[("vm1", &devs1)], &ids, "after vm2 died");
 }
 
 #[test]
@@ -740,7 +596,7 @@ fn lab_orch_pause_helper_killed_after_each_journaled_step_of_a_pause_reconf_is_r
         let what = format!("recovered after record {k}");
         s.nobody_paused(&what);
         s.assert_consistent(2, &[("vm1", &[0, 1]), ("vm2", &[])], &what);
-        s.guests_read_validly("vm1", &devs1, &ids["vm1"], &what);
+        s.guests_read_validly(&[("vm1", &devs1)], &ids, &what);
         for d in &devs1 {
             assert_eq!(
                 s.serial("vm1").events(d, "gone"),
@@ -842,8 +698,8 @@ fn lab_orch_pause_a_stopped_vmm_is_named_rolled_back_recovered_and_a_second_reco
     assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
     s.nobody_paused("after recover");
     s.assert_consistent(4, &[("vm1", &[0, 1]), ("vm2", &[2, 3])], "after recover");
+    s.guests_read_validly(&[("vm1", &devs1), ("vm2", &devs2)], &ids, "after recover");
     for (vm, devs) in [("vm1", &devs1), ("vm2", &devs2)] {
-        s.guests_read_validly(vm, devs, &ids[vm], "after recover");
         for d in devs.iter() {
             assert_eq!(s.serial(vm).events(d, "gone"), 0, "{vm} {d} left the guest");
         }

@@ -13,10 +13,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod common;
+
 use serde_json::{json, Value};
 use svff_lab::guest::{dev_path as dev, igb_pf, modprobe, nvme_pf, read_attr};
 
-const SVFF: &str = env!("CARGO_BIN_EXE_svff");
+/// The `svff` binary the tests run (a copy in L1's RAM).
+fn svff_bin() -> &'static str {
+    common::svff_in_ram().to_str().unwrap()
+}
 /// Upper bound of one CLI call (64 VFs under TCG take seconds, not minutes).
 const CALL_TIMEOUT_S: &str = "180";
 
@@ -36,7 +41,7 @@ fn run(prefix: &[&str], args: &[&str]) -> Output {
 }
 
 fn svff(args: &[&str]) -> Output {
-    run(&[SVFF], args)
+    run(&[svff_bin()], args)
 }
 
 fn svff_ok_json(args: &[&str]) -> Value {
@@ -47,6 +52,26 @@ fn svff_ok_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+}
+
+/// `svff --direct vfs set --pf <pf> <n> --pf-driver <driver> [--bind <bind>] --json`.
+fn vfs_set_direct(pf: &str, n: u16, driver: &str, bind: Option<&str>) -> Value {
+    let n = n.to_string();
+    let mut args = vec![
+        "--direct",
+        "vfs",
+        "set",
+        "--pf",
+        pf,
+        &n,
+        "--pf-driver",
+        driver,
+    ];
+    if let Some(b) = bind {
+        args.extend(["--bind", b]);
+    }
+    args.push("--json");
+    svff_ok_json(&args)
 }
 
 fn attr(bdf: &str, name: &str) -> String {
@@ -188,19 +213,7 @@ fn igb_pf_on_igb_gets_1_4_7_vfs_on_vfio_pci_in_both_directions() {
     let _guard = setup();
     let pf = igb_pf();
     for n in [1u16, 4, 7, 4, 1, 7, 0] {
-        let report = svff_ok_json(&[
-            "--direct",
-            "vfs",
-            "set",
-            "--pf",
-            &pf,
-            &n.to_string(),
-            "--pf-driver",
-            "igb",
-            "--bind",
-            "vfio-pci",
-            "--json",
-        ]);
+        let report = vfs_set_direct(&pf, n, "igb", Some("vfio-pci"));
         print_steps(&report);
         assert_eq!(report["to"], n);
         assert_eq!(attr(&pf, "sriov_totalvfs"), "7");
@@ -216,19 +229,7 @@ fn nvme_pf_on_pci_pf_stub_gets_64_vfs_on_vfio_pci_and_back_down() {
     let _guard = setup();
     let pf = nvme_pf();
     for n in [64u16, 8, 0] {
-        let report = svff_ok_json(&[
-            "--direct",
-            "vfs",
-            "set",
-            "--pf",
-            &pf,
-            &n.to_string(),
-            "--pf-driver",
-            "pci-pf-stub",
-            "--bind",
-            "vfio-pci",
-            "--json",
-        ]);
+        let report = vfs_set_direct(&pf, n, "pci-pf-stub", Some("vfio-pci"));
         print_steps(&report);
         assert_eq!(
             link_name(&dev(&pf).join("driver")).as_deref(),
@@ -243,34 +244,12 @@ fn nvme_pf_on_pci_pf_stub_gets_64_vfs_on_vfio_pci_and_back_down() {
 fn igb_pf_on_pci_pf_stub_offers_8_vfs() {
     let _guard = setup();
     let pf = igb_pf();
-    let report = svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &pf,
-        "8",
-        "--pf-driver",
-        "pci-pf-stub",
-        "--bind",
-        "vfio-pci",
-        "--json",
-    ]);
+    let report = vfs_set_direct(&pf, 8, "pci-pf-stub", Some("vfio-pci"));
     print_steps(&report);
     assert_eq!(attr(&pf, "sriov_totalvfs"), "8");
     assert_all_vfs_on(&pf, "vfio-pci", 8);
     // Back to its own driver: VFs go through 0 and the PF is rebound to igb.
-    let report = svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &pf,
-        "2",
-        "--pf-driver",
-        "igb",
-        "--json",
-    ]);
+    let report = vfs_set_direct(&pf, 2, "igb", None);
     print_steps(&report);
     assert_eq!(link_name(&dev(&pf).join("driver")).as_deref(), Some("igb"));
     assert_eq!(numvfs(&pf), 2);
@@ -281,17 +260,7 @@ fn igb_pf_on_pci_pf_stub_offers_8_vfs() {
 fn more_vfs_than_totalvfs_fails_clearly_and_leaves_the_count() {
     let _guard = setup();
     let pf = igb_pf();
-    svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &pf,
-        "3",
-        "--pf-driver",
-        "igb",
-        "--json",
-    ]);
+    vfs_set_direct(&pf, 3, "igb", None);
     let out = svff(&["--direct", "vfs", "set", "--pf", &pf, "8"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -311,30 +280,8 @@ fn more_vfs_than_totalvfs_fails_clearly_and_leaves_the_count() {
 fn status_json_reports_exactly_what_sysfs_shows() {
     let _guard = setup();
     let (igb, nvme) = (igb_pf(), nvme_pf());
-    svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &igb,
-        "4",
-        "--pf-driver",
-        "igb",
-        "--bind",
-        "vfio-pci",
-        "--json",
-    ]);
-    svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &nvme,
-        "5",
-        "--pf-driver",
-        "pci-pf-stub",
-        "--json",
-    ]);
+    vfs_set_direct(&igb, 4, "igb", Some("vfio-pci"));
+    vfs_set_direct(&nvme, 5, "pci-pf-stub", None);
     // Leave one VF unbound on purpose.
     let (_, first) = sysfs_vfs(&igb).remove(0);
     fs::write(dev(&first).join("driver/unbind"), &first).unwrap();
@@ -401,7 +348,7 @@ fn start_helper_with(
     )
     .unwrap();
     fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
-    let mut child = Command::new(SVFF)
+    let mut child = Command::new(svff_bin())
         .args(["helper", "--config"])
         .arg(&config)
         .envs(env.iter().copied())
@@ -442,7 +389,14 @@ fn as_user(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> Output {
     let mut full = vec!["--socket", sock];
     full.extend_from_slice(args);
     run(
-        &["setpriv", &reuid, &regid, "--clear-groups", "--", SVFF],
+        &[
+            "setpriv",
+            &reuid,
+            &regid,
+            "--clear-groups",
+            "--",
+            svff_bin(),
+        ],
         &full,
     )
 }
@@ -594,7 +548,7 @@ fn daemon_serves_on_a_systemd_activated_socket() {
     let mut child = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(&activated)
-        .args([SVFF, "helper", "--config"])
+        .args([svff_bin(), "helper", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -644,19 +598,7 @@ impl Drop for Holder {
 fn vf_whose_vfio_group_is_held_open_is_not_destroyed() {
     let _guard = setup();
     let pf = igb_pf();
-    svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &pf,
-        "2",
-        "--pf-driver",
-        "igb",
-        "--bind",
-        "vfio-pci",
-        "--json",
-    ]);
+    vfs_set_direct(&pf, 2, "igb", Some("vfio-pci"));
     let (_, vf) = sysfs_vfs(&pf).remove(1);
     let group = link_name(&dev(&vf).join("iommu_group")).unwrap();
     let mut child = Command::new("sh")
@@ -760,7 +702,14 @@ fn daemon_lets_in_a_peer_whose_supplementary_group_is_allowed() {
     let as_groups = |groups: &str| {
         let g = format!("--groups={groups}");
         run(
-            &["setpriv", "--reuid=65534", "--regid=65534", &g, "--", SVFF],
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                &g,
+                "--",
+                svff_bin(),
+            ],
             &["--socket", &sock, "status", "--json"],
         )
     };
@@ -975,7 +924,7 @@ fn stuck_sriov_numvfs_write_leaves_ping_and_status_answering() {
     // daemon must answer this request by itself (its 10 s watchdog); 90 s is
     // the hang guard of the test.
     let out = run(
-        &["timeout", "90", SVFF],
+        &["timeout", "90", svff_bin()],
         &["--socket", &sock, "vfs", "set", "--pf", &pf, "0"],
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -1039,19 +988,7 @@ fn vfs_set_direct_loads_the_pf_and_vf_drivers_itself() {
             "precondition: {d} unloaded"
         );
     }
-    let report = svff_ok_json(&[
-        "--direct",
-        "vfs",
-        "set",
-        "--pf",
-        &pf,
-        "4",
-        "--pf-driver",
-        "igb",
-        "--bind",
-        "vfio-pci",
-        "--json",
-    ]);
+    let report = vfs_set_direct(&pf, 4, "igb", Some("vfio-pci"));
     print_steps(&report);
     assert_eq!(link_name(&dev(&pf).join("driver")).as_deref(), Some("igb"));
     assert_all_vfs_on(&pf, "vfio-pci", 4);

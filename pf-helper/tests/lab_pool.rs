@@ -8,80 +8,30 @@
 //! VMM did from `query-svff-vfio` (`pause_count`). The test leaves the PF
 //! with 0 VFs, unbound, and no VMM running.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::{reports_past, Counters, Serial};
 use serde_json::Value;
 use svff_lab::guest::{self, dev_path, set_numvfs, unbind, vfs_of};
 
-const SVFF: &str = env!("CARGO_BIN_EXE_svff");
-const CALL_TIMEOUT_S: &str = "300";
 const REPORT_EVERY: u64 = 20;
-const GUEST_WAIT: Duration = Duration::from_secs(180);
 const POOL: usize = 12;
 const VMS: [&str; 4] = ["vm1", "vm2", "vm3", "vm4"];
-
-use svff_types::{parse_counters, GuestCounters as Counters};
-
-struct Serial(PathBuf);
-
-impl Serial {
-    fn text(&self) -> String {
-        let t = fs::read_to_string(&self.0).unwrap_or_default();
-        t[..t.rfind('\n').map_or(0, |i| i + 1)].to_string()
-    }
-
-    fn last(&self, dev: &str) -> Option<Counters> {
-        self.text()
-            .lines()
-            .rev()
-            .filter_map(parse_counters)
-            .find(|c| c.dev == dev)
-    }
-
-    fn events(&self, event: &str) -> usize {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(&format!(" event={event}")))
-            .count()
-    }
-
-    /// The first report of `dev` whose round is past `round` (bounded wait).
-    fn report_after(&self, dev: &str, round: u64) -> Counters {
-        let end = Instant::now() + GUEST_WAIT;
-        loop {
-            if let Some(c) = self.last(dev).filter(|c| c.round > round) {
-                return c;
-            }
-            assert!(
-                Instant::now() < end,
-                "no report of {dev} after round {round} in {}",
-                self.0.display()
-            );
-            // The guest gives no other sign than its next line.
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-fn pid_of(state: &Path, vm: &str) -> Option<u32> {
-    fs::read_to_string(state.join(format!("vm-{vm}.pid")))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
 
 struct Setup {
     pf: String,
     dir: tempfile::TempDir,
     config: String,
     vms: Vec<String>,
+    /// Each VM's console, read incrementally.
+    serials: BTreeMap<String, Serial>,
 }
 
 /// One `[[vm]]` of the test's config: kind `svff-vmm`, started by `svff init` with `command`
@@ -97,12 +47,8 @@ impl Setup {
     /// The lab's nvme PF, unbound with no VFs, and a config for a pool of `POOL` VFs (2 VQ /
     /// 1 VI each) held by four svff-vmm test guests, 3 VFs each.
     fn new() -> Setup {
-        Self::with(POOL, (2, 1), |vmm| {
-            // The test guests read in a busy loop: niced, so that L1 still runs svff.
-            let command = format!(
-                r#"["/usr/bin/nice", "-n", "19", "{}", "--memory", "32M", "--test-devices", "0", "--guest-report-every", "{REPORT_EVERY}"]"#,
-                vmm.display()
-            );
+        Self::with(POOL, (2, 1), |_| {
+            let command = common::test_guest_command(REPORT_EVERY);
             VMS.iter()
                 .enumerate()
                 .map(|(i, vm)| VmSpec {
@@ -117,32 +63,9 @@ impl Setup {
 
     /// A pool of `pool` VFs with `(vq, vi)` each and the VMs `vms(path of svff-vmm)` returns.
     fn with(pool: usize, (vq, vi): (u32, u32), vms: impl FnOnce(&Path) -> Vec<VmSpec>) -> Setup {
-        guest::require_lab();
-        let pf = guest::nvme_pf();
-        if guest::driver_of(&pf).is_some() {
-            set_numvfs(&pf, 0);
-        }
-        for vf in vfs_of(&pf) {
-            unbind(&vf);
-        }
-        unbind(&pf);
-        guest::modprobe("vfio-pci");
-        guest::modprobe("kvm-amd");
-        guest::modprobe("nvme");
-        let vmm = Path::new(SVFF).with_file_name("svff-vmm");
-        assert!(
-            vmm.exists(),
-            "{} missing: cargo build --workspace",
-            vmm.display()
-        );
+        let pf = common::released_nvme_pf(&["vfio-pci", "kvm-amd", "nvme"]);
         let dir = tempfile::tempdir().unwrap();
-        // Both binaries copied into L1's RAM once (from the 9p host root,
-        // every call would page the debug binary in again).
-        let bin = dir.path().join("bin");
-        fs::create_dir(&bin).unwrap();
-        fs::copy(SVFF, bin.join("svff")).unwrap();
-        fs::copy(&vmm, bin.join("svff-vmm")).unwrap();
-        let vms = vms(&bin.join("svff-vmm"));
+        let vms = vms(common::svff_vmm_in_ram());
         let config = dir.path().join("helper.toml");
         let mut text = format!(
             "allowed_uids = [0]\nstate_dir = \"{}\"\n[[pf]]\nbdf = \"{pf}\"\nprofile = \"nvme\"\nvfs = {pool}\npool = true\nnvme = {{ vq = {vq}, vi = {vi} }}\n",
@@ -161,11 +84,19 @@ impl Setup {
             ));
         }
         fs::write(&config, text).unwrap();
+        let serials = vms
+            .iter()
+            .map(|v| {
+                let path = dir.path().join(format!("state/vm-{}.serial", v.name));
+                (v.name.clone(), Serial::new(path))
+            })
+            .collect();
         Setup {
             pf,
             config: config.display().to_string(),
             dir,
             vms: vms.into_iter().map(|v| v.name).collect(),
+            serials,
         }
     }
 
@@ -173,37 +104,18 @@ impl Setup {
         self.dir.path().join("state")
     }
 
-    fn serial(&self, vm: &str) -> Serial {
-        Serial(self.state().join(format!("vm-{vm}.serial")))
+    fn serial(&self, vm: &str) -> &Serial {
+        &self.serials[vm]
     }
 
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new("timeout");
-        cmd.arg(CALL_TIMEOUT_S)
-            .arg(self.dir.path().join("bin/svff"))
-            .args(["--direct", "--config", &self.config])
-            .args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("run timeout(1)");
-        eprintln!(
-            "$ svff {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        let mut v = vec!["--direct", "--config", &self.config];
+        v.extend_from_slice(args);
+        common::svff_env(common::svff_in_ram(), &v, env)
     }
 
     fn ok_json(&self, args: &[&str]) -> Value {
-        let out = self.run(args, &[]);
-        assert!(
-            out.status.success(),
-            "svff {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("svff printed JSON")
+        common::json_of(args, &self.run(args, &[]))
     }
 
     fn refused(&self, args: &[&str], want: &str) {
@@ -279,6 +191,32 @@ impl Setup {
         m
     }
 
+    /// For each VF of `vfs` (`vf -> (vm, guest dev)`): the first report of its guest begun
+    /// after now (`a`) and one at least a full report later (`b`). Every VF's "now" is taken
+    /// before any wait, so all guests' reports are awaited together.
+    fn two_reports_from_now(
+        &self,
+        vfs: &[(u64, &(String, String))],
+    ) -> Vec<(u64, String, String, Counters, Counters)> {
+        let serials: Vec<&Serial> = vfs.iter().map(|(_, (vm, _))| self.serial(vm)).collect();
+        let now: Vec<(&Serial, &str, u64)> = serials
+            .iter()
+            .zip(vfs)
+            .map(|(serial, (_, (_, dev)))| (*serial, dev.as_str(), serial.last(dev).unwrap().round))
+            .collect();
+        let a = reports_past(&now);
+        let then: Vec<(&Serial, &str, u64)> = now
+            .iter()
+            .zip(&a)
+            .map(|((serial, dev, _), a)| (*serial, *dev, a.round + REPORT_EVERY))
+            .collect();
+        let b = reports_past(&then);
+        vfs.iter()
+            .zip(a.into_iter().zip(b))
+            .map(|((vf, (vm, dev)), (a, b))| (*vf, vm.clone(), dev.clone(), a, b))
+            .collect()
+    }
+
     /// What proves `sriov_numvfs` was not written: the VF count, the VFs'
     /// addresses and their IOMMU group numbers (a re-created VF gets a new group).
     fn vf_identity(&self) -> (String, Vec<(String, String)>) {
@@ -296,22 +234,8 @@ impl Setup {
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        for vm in &self.vms {
-            if let Some(pid) = pid_of(&self.state(), vm) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-                let end = Instant::now() + Duration::from_secs(30);
-                while Path::new(&format!("/proc/{pid}/stat")).exists()
-                    && fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .map(|s| !s.contains(") Z "))
-                        .unwrap_or(false)
-                    && Instant::now() < end
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        }
+        let vms: Vec<&str> = self.vms.iter().map(String::as_str).collect();
+        common::kill_vmms(&self.state(), &vms);
         if guest::driver_of(&self.pf).is_some() {
             set_numvfs(&self.pf, 0);
         }
@@ -435,11 +359,9 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
         res = now;
         // Every guest reads valid registers afterwards; the untouched ones
         // never read all-ones; nobody saw its device go.
-        for (vf, (vm, dev)) in &vm_of {
-            let serial = s.serial(vm);
-            let now = serial.last(dev).unwrap().round;
-            let a = serial.report_after(dev, now);
-            let b = serial.report_after(dev, a.round + REPORT_EVERY);
+        let all: Vec<(u64, &(String, String))> = vm_of.iter().map(|(vf, v)| (*vf, v)).collect();
+        for (vf, vm, dev, a, b) in s.two_reports_from_now(&all) {
+            let vf = &vf;
             assert!(b.ok > a.ok, "n={n}: VF {vf} {vm} {dev}: {a:?} -> {b:?}");
             assert_eq!(b.id, first_id[vf], "n={n}: VF {vf} {vm} {dev}: {b:?}");
             assert_eq!(b.gone, 0, "n={n}: VF {vf} {vm} {dev}: {b:?}");
@@ -451,7 +373,7 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
             }
         }
         for vm in VMS {
-            assert_eq!(s.serial(vm).events("gone"), 0, "n={n}: {vm}");
+            assert_eq!(s.serial(vm).all_events("gone"), 0, "n={n}: {vm}");
         }
     }
 
@@ -536,12 +458,8 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
         assert_eq!(s.vf_identity(), identity, "seq {seq}");
         let devs_now = s.devs();
         assert_eq!(devs_now, devs, "seq {seq}: the table");
-        for vf in [0u64, 3] {
-            let (vm, dev) = &vm_of[&vf];
-            let serial = s.serial(vm);
-            let now = serial.last(dev).unwrap().round;
-            let a = serial.report_after(dev, now);
-            let b = serial.report_after(dev, a.round + REPORT_EVERY);
+        let named = [(0u64, &vm_of[&0]), (3, &vm_of[&3])];
+        for (vf, _, _, a, b) in s.two_reports_from_now(&named) {
             assert!(
                 b.ok > a.ok && b.id == first_id[&vf] && b.gone == 0,
                 "seq {seq}: VF {vf}: {a:?} -> {b:?}"
@@ -549,7 +467,7 @@ fn lab_pool_reconf_pauses_only_named_vfs_never_writes_numvfs_refuses_beyond_tota
         }
     }
     for vm in VMS {
-        assert_eq!(s.serial(vm).events("gone"), 0, "{vm}");
+        assert_eq!(s.serial(vm).all_events("gone"), 0, "{vm}");
     }
     for t in timings {
         println!("{t}");
@@ -657,6 +575,74 @@ fn nvme_guest_lines_parse() {
     assert_eq!(queue_lines(&guest_dmesg(s)), vec![(1, 0, 2)]);
 }
 
+#[test]
+fn serial_reads_only_complete_appended_lines_and_starts_over_when_the_file_shrinks() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.serial");
+    let line = |dev: &str, round: u64| {
+        format!("svff-guest: dev={dev} round={round} reads=4 ok=4 ones=0 gone=0 back=0 max_tsc=1 irqs=0 win_ktsc=0 id=00000001 st=00000000\n")
+    };
+    fs::write(&path, line("00:01.0", 20)).unwrap();
+    let serial = Serial::new(path.clone());
+    assert_eq!(serial.last("00:01.0").unwrap().round, 20);
+    assert_eq!(serial.last("00:02.0"), None);
+    let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    write!(
+        f,
+        "svff-guest: dev=00:02.0 event=gone\n{}",
+        line("00:01.0", 40)
+    )
+    .unwrap();
+    // A line being written counts only once complete.
+    write!(f, "svff-guest: dev=00:01.0 round=6").unwrap();
+    assert_eq!(serial.last("00:01.0").unwrap().round, 40);
+    assert_eq!(serial.events("00:02.0", "gone"), 1);
+    assert_eq!(serial.events("00:01.0", "gone"), 0);
+    assert_eq!(serial.all_events("gone"), 1);
+    writeln!(
+        f,
+        "0 reads=4 ok=4 ones=0 gone=0 back=0 max_tsc=1 irqs=0 win_ktsc=0 id=00000001 st=00000000"
+    )
+    .unwrap();
+    assert_eq!(serial.last("00:01.0").unwrap().round, 60);
+    assert_eq!(serial.events("00:02.0", "gone"), 1, "counted once");
+    // A new console in its place (shorter): read from its start.
+    fs::write(&path, line("00:03.0", 20)).unwrap();
+    assert_eq!(serial.last("00:03.0").unwrap().round, 20);
+    assert_eq!(serial.last("00:01.0"), None);
+    assert_eq!(serial.all_events("gone"), 0);
+}
+
+#[test]
+fn low_priority_vmm_command_is_a_toml_array_that_execs_the_vmm_with_svffs_arguments() {
+    let text = format!(
+        "command = {}",
+        common::low_priority_vmm_command(Path::new("/bin/echo"), &["--memory", "32M"])
+    );
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    let mut argv: Vec<String> = v["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    // What svff appends.
+    argv.extend(["--qmp".to_owned(), "/run/vm1.qmp".to_owned()]);
+    // In a session of its own, as svff starts a VMM: the autogroup it lowers is its own,
+    // not the one of whoever runs this test.
+    let out = std::process::Command::new("setsid")
+        .arg("--wait")
+        .args(&argv)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "--memory 32M --qmp /run/vm1.qmp\n"
+    );
+}
+
 /// Waits (bounded) until the guest's serial has a tick line past `after` for which `cond` holds.
 fn wait_tick(serial: &Serial, what: &str, secs: u64, cond: &dyn Fn(&Tick) -> bool) -> Tick {
     let end = Instant::now() + Duration::from_secs(secs);
@@ -710,13 +696,13 @@ fn lab_pool_l2_linux_nvme_driver_keeps_its_vf_across_a_pool_queue_change_resets_
     assert!(r["failures"].as_array().unwrap().is_empty(), "{r}");
     let serial = s.serial("linux");
     let started = Instant::now();
-    let first = wait_tick(&serial, "the guest's first I/O", 400, &|t| t.io_ok);
+    let first = wait_tick(serial, "the guest's first I/O", 400, &|t| t.io_ok);
     println!(
         "L2 up with nvme I/O after {:.1} s: {first:?}",
         started.elapsed().as_secs_f64()
     );
     // The kernel messages of a tick follow its line: the next tick has them.
-    wait_tick(&serial, "the next tick", 60, &|t| t.n > first.n);
+    wait_tick(serial, "the next tick", 60, &|t| t.n > first.n);
     let before = serial.text();
     assert_eq!(first.driver, "nvme", "{before}");
     assert_eq!(first.mq, 2, "1 default + 1 poll queue: {before}");
@@ -753,7 +739,7 @@ fn lab_pool_l2_linux_nvme_driver_keeps_its_vf_across_a_pool_queue_change_resets_
     // The driver finds the controller reset (its queues gone), times out, resets it and
     // comes back with the new count; then I/O works again.
     let after = wait_tick(
-        &serial,
+        serial,
         "I/O on 1 hardware queue after the change",
         300,
         &|t| t.n > changed_at && t.io_ok && t.mq == 1,
@@ -763,7 +749,7 @@ fn lab_pool_l2_linux_nvme_driver_keeps_its_vf_across_a_pool_queue_change_resets_
         after.mq,
         reconf_at.elapsed().as_secs_f64()
     );
-    let more = wait_tick(&serial, "two more ticks", 60, &|t| t.n >= after.n + 2);
+    let more = wait_tick(serial, "two more ticks", 60, &|t| t.n >= after.n + 2);
     let text = serial.text();
     let dmesg = guest_dmesg(&text);
     let nvme_log: Vec<&String> = dmesg
@@ -805,7 +791,7 @@ fn lab_pool_l2_linux_nvme_driver_keeps_its_vf_across_a_pool_queue_change_resets_
     assert!(gone.is_empty(), "removal in the guest's dmesg: {gone:?}");
     assert!(t.iter().all(|t| t.driver == "nvme"), "nvme stayed bound");
     assert!(more.io_ok && more.mq == 1, "{more:?}");
-    assert_eq!(s.serial("linux").events("gone"), 0);
+    assert_eq!(s.serial("linux").all_events("gone"), 0);
 }
 
 /// svff-vmm's default kernel command line (its `--cmdline` replaces it).

@@ -39,8 +39,14 @@ fn bind_vfio(vf: &str) {
 
 /// The patched QEMU with KVM, no guest code running, `vf` as `svff-vfio-pci` id `vf0`.
 fn start(vf: &str) -> Qemu {
+    start_with(&[], vf)
+}
+
+/// [`start`] with `extra` arguments before the device.
+fn start_with(extra: &[&str], vf: &str) -> Qemu {
     guest::modprobe("kvm_amd");
     let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let device = format!("svff-vfio-pci,host={vf},id=vf0");
     let args: Vec<String> = [
         "-S",
         "-accel",
@@ -55,10 +61,10 @@ fn start(vf: &str) -> Qemu {
         "/usr/share/qemu",
         "-bios",
         "qboot.rom",
-        "-device",
-        &format!("svff-vfio-pci,host={vf},id=vf0"),
     ]
     .iter()
+    .chain(extra)
+    .chain(&["-device", device.as_str()])
     .map(|s| s.to_string())
     .collect();
     Qemu::start(&bin, &args, QMP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
@@ -246,6 +252,23 @@ fn boot_deadline() -> Duration {
 
 const CMD: Duration = Duration::from_secs(60);
 
+/// An L2 Linux (image with `module`) under the patched QEMU that `configure` sets up, with a
+/// QMP socket; returns the guest, the socket's path and the directory holding it.
+fn boot_patched(
+    module: &str,
+    configure: impl FnOnce(l2::Qemu) -> l2::Qemu,
+) -> (L2, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut vmm = configure(l2::Qemu::stock())
+        .arg("-qmp")
+        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
+    vmm.binary = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = Image::new().module(module).build().expect("L2 image");
+    let vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    (vm, sock, dir)
+}
+
 /// Vendor and device id the guest reads from the device's config space now
 /// (not the kernel's cached copy), as "vvvv dddd".
 fn guest_config_ids(vm: &mut L2, gbdf: &str) -> String {
@@ -304,8 +327,15 @@ fn guest_igb_vf(vm: &mut L2) -> String {
     gbdf
 }
 
-/// The igb PF on its own driver with `n` VFs, VF 0 bound to vfio-pci.
-fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
+/// `pf` with no VFs, unbound (the cleanup of a test that used it).
+fn release_pf(pf: &str) {
+    guest::set_numvfs(pf, 0);
+    guest::unbind(pf);
+}
+
+/// The igb PF on its own driver with no VFs and its interface up (the VF's link follows the
+/// PF's, and the PF answers igbvf's mailbox only with its interface up).
+fn igb_pf_up() -> String {
     guest::modprobe("kvm-amd");
     guest::modprobe("vfio-pci");
     let pf = guest::igb_pf();
@@ -313,8 +343,6 @@ fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
         guest::set_numvfs(&pf, 0);
     }
     guest::bind(&pf, "igb");
-    // The VF's link follows the PF's, and the PF answers igbvf's mailbox
-    // only with its interface up.
     let net = guest::dev_path(&pf).join("net");
     for e in std::fs::read_dir(&net).unwrap_or_else(|e| panic!("{}: {e}", net.display())) {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
@@ -324,6 +352,12 @@ fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
             .unwrap();
         assert!(st.success(), "ip link set {name} up in L1");
     }
+    pf
+}
+
+/// The igb PF on its own driver with `n` VFs, VF 0 bound to vfio-pci.
+fn igb_pf_with_vfio_vf(n: u32) -> (String, String) {
+    let pf = igb_pf_up();
     guest::set_numvfs(&pf, n);
     let vf = guest::vfs_of(&pf)[0].clone();
     bind_vfio(&vf);
@@ -336,16 +370,9 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
 
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qmp.sock");
-    let mut vmm = l2::Qemu::stock()
-        .device(&format!("svff-vfio-pci,host={vf},id=vf0"))
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("igbvf").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, sock, _dir) = boot_patched("igbvf", |vmm| {
+        vmm.device(&format!("svff-vfio-pci,host={vf},id=vf0"))
+    });
     println!(
         "L2 boot with svff-vfio-pci: {:.1} s",
         vm.boot_time.as_secs_f64()
@@ -424,8 +451,7 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
     );
     drop(qmp);
     drop(vm);
-    guest::set_numvfs(&pf, 0);
-    guest::unbind(&pf);
+    release_pf(&pf);
 }
 
 #[test]
@@ -433,16 +459,9 @@ fn l2_guest_keeps_its_igb_vf_at_the_same_address_across_pause_numvfs_cycle_and_u
 fn patched_qemu_runs_a_plain_vfio_pci_igb_vf_as_stock_qemu_does_and_does_not_pause_it() {
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qmp.sock");
-    let mut vmm = l2::Qemu::stock()
-        .device(&format!("vfio-pci,host={vf},id=plain0"))
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("igbvf").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, sock, _dir) = boot_patched("igbvf", |vmm| {
+        vmm.device(&format!("vfio-pci,host={vf},id=plain0"))
+    });
     let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
 
     // What lab_l2 checks for stock QEMU: the guest sees the VF, igbvf binds
@@ -463,8 +482,7 @@ fn patched_qemu_runs_a_plain_vfio_pci_igb_vf_as_stock_qemu_does_and_does_not_pau
     assert!(q.desc.contains("not a pausable VFIO device"), "{}", q.desc);
     drop(qmp);
     drop(vm);
-    guest::set_numvfs(&pf, 0);
-    guest::unbind(&pf);
+    release_pf(&pf);
 }
 
 /// Runs `f` and returns its result with its wall time.
@@ -479,18 +497,11 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 fn pause_unpause_and_device_del_add_of_the_same_vf_change_timed_in_one_boot() {
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qmp.sock");
     // On a root port, so that the baseline can hot-unplug it.
-    let mut vmm = l2::Qemu::stock()
-        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
-        .device(&format!("svff-vfio-pci,host={vf},id=vf0,bus=rp0"))
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("igbvf").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, sock, _dir) = boot_patched("igbvf", |vmm| {
+        vmm.device("pcie-root-port,id=rp0,slot=1,chassis=1")
+            .device(&format!("svff-vfio-pci,host={vf},id=vf0,bus=rp0"))
+    });
     let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
     let gbdf = guest_igb_vf(&mut vm);
     let numvfs = |n: &str| guest::write_attr(guest::dev_path(&pf).join("sriov_numvfs"), n);
@@ -564,8 +575,7 @@ fn pause_unpause_and_device_del_add_of_the_same_vf_change_timed_in_one_boot() {
     );
     drop(qmp);
     drop(vm);
-    guest::set_numvfs(&pf, 0);
-    guest::unbind(&pf);
+    release_pf(&pf);
 }
 
 #[test]
@@ -769,23 +779,16 @@ fn nvme_vf_driver_recovers_by_itself_after_unpause_with_recover_aer_and_only_aft
     guest::modprobe("vfio-pci");
     let vf = nvme_profile_vfs(pf, 1)[0].clone();
 
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qmp.sock");
     // Every kernel message on the console (kept on failure); /dev/mem reads
     // of the BAR the driver owns.
-    let mut vmm = l2::Qemu::stock()
-        .kernel_param("ignore_loglevel")
-        .kernel_param("iomem=relaxed")
-        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
-        .device(&format!(
-            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
-        ))
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("nvme").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, sock, _dir) = boot_patched("nvme", |vmm| {
+        vmm.kernel_param("ignore_loglevel")
+            .kernel_param("iomem=relaxed")
+            .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+            .device(&format!(
+                "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer"
+            ))
+    });
     let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
     let gbdf = vm
         .sh_ok(
@@ -1000,33 +1003,9 @@ fn unpause_with_a_group_fd_passed_by_getfd_works_where_qemu_cannot_open_dev_vfio
     guest::require_lab();
     let pf = guest::igb_pf();
     let vf = pf_with_vfio_vf(&pf, 2, 0);
-    guest::modprobe("kvm_amd");
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
     // QEMU opens the first VF as root, then drops to nobody (as under
     // libvirt, it can then open no /dev/vfio node itself).
-    let args: Vec<String> = [
-        "-S",
-        "-accel",
-        "kvm",
-        "-machine",
-        "q35",
-        "-cpu",
-        "host",
-        "-m",
-        "256",
-        "-L",
-        "/usr/share/qemu",
-        "-bios",
-        "qboot.rom",
-        "-run-with",
-        "user=65534:65534",
-        "-device",
-        &format!("svff-vfio-pci,host={vf},id=vf0"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut q = Qemu::start(&bin, &args, QMP_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let mut q = start_with(&["-run-with", "user=65534:65534"], &vf);
     let status = std::fs::read_to_string(format!("/proc/{}/status", q.pid())).unwrap();
     let uid = status
         .lines()
@@ -1354,22 +1333,15 @@ fn igbvf_recovers(vm: &mut L2, gbdf: &str, eth: &str, t0: Instant, n: usize) -> 
 fn igbvf_interrupts_count_again_and_its_link_comes_up_after_unpause_with_recover_aer_nonfatal() {
     guest::require_lab();
     let (pf, vf) = igb_pf_with_vfio_vf(1);
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("qmp.sock");
-    let mut vmm = l2::Qemu::stock()
-        .kernel_param("ignore_loglevel")
-        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
-        .device(&format!(
-            "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer-nonfatal"
-        ))
-        .arg("-trace")
-        .arg("svff_set_irqs")
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", sock.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("igbvf").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, sock, _dir) = boot_patched("igbvf", |vmm| {
+        vmm.kernel_param("ignore_loglevel")
+            .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+            .device(&format!(
+                "svff-vfio-pci,host={vf},id=vf0,bus=rp0,recover=aer-nonfatal"
+            ))
+            .arg("-trace")
+            .arg("svff_set_irqs")
+    });
     let mut qmp = qmp_ext::Client::connect(&sock, CMD).unwrap();
     let gbdf = guest_igb_vf(&mut vm);
     let (eth, vectors) = igbvf_up(&mut vm, &gbdf);
@@ -1455,8 +1427,7 @@ fn igbvf_interrupts_count_again_and_its_link_comes_up_after_unpause_with_recover
 
     drop(qmp);
     drop(vm);
-    guest::set_numvfs(&pf, 0);
-    guest::unbind(&pf);
+    release_pf(&pf);
 }
 
 // ---- svff's orchestrator driving the patched QEMU (VM kind `qmp`) ----
@@ -1492,34 +1463,11 @@ fn svff_cli(cfg: &std::path::Path, args: &[&str]) -> serde_json::Value {
 #[ignore = "lab: run with `svff-lab test --filter lab_qemu` after `make qemu`"]
 fn svff_init_and_pause_reconf_drive_the_patched_qemu_and_igbvf_keeps_working_without_unplug() {
     guest::require_lab();
-    guest::modprobe("kvm-amd");
-    guest::modprobe("vfio-pci");
-    let pf = guest::igb_pf();
-    if guest::driver_of(&pf).is_some() {
-        guest::set_numvfs(&pf, 0);
-    }
-    guest::bind(&pf, "igb");
-    // The PF answers igbvf's mailbox only with its interface up.
-    let net = guest::dev_path(&pf).join("net");
-    for e in std::fs::read_dir(&net).unwrap_or_else(|e| panic!("{}: {e}", net.display())) {
-        let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        let st = std::process::Command::new("ip")
-            .args(["link", "set", &name, "up"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip link set {name} up in L1");
-    }
-    let bin = qemu_binary().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap();
-    let qmp = dir.path().join("vm1.qmp");
-    let mut vmm = l2::Qemu::stock()
-        .kernel_param("ignore_loglevel")
-        .device("pcie-root-port,id=rp0,slot=1,chassis=1")
-        .arg("-qmp")
-        .arg(&format!("unix:{},server=on,wait=off", qmp.display()));
-    vmm.binary = bin;
-    let initrd = Image::new().module("igbvf").build().expect("L2 image");
-    let mut vm = L2::boot(&vmm, &initrd, boot_deadline()).unwrap_or_else(|e| panic!("{e}"));
+    let pf = igb_pf_up();
+    let (mut vm, qmp, dir) = boot_patched("igbvf", |vmm| {
+        vmm.kernel_param("ignore_loglevel")
+            .device("pcie-root-port,id=rp0,slot=1,chassis=1")
+    });
     let out = vm.sh("modprobe igbvf", CMD).unwrap();
     assert!(out.success(), "modprobe igbvf: {out:?}");
     let cfg = dir.path().join("helper.toml");
@@ -1597,6 +1545,5 @@ vfs = [{{ pf = "{pf}", count = 1 }}]
     println!("status: {st}");
     assert_eq!(st["assignments"][0]["vmm_state"], json!("attached"), "{st}");
     drop(vm);
-    guest::set_numvfs(&pf, 0);
-    guest::unbind(&pf);
+    release_pf(&pf);
 }
