@@ -458,17 +458,7 @@ fn qom_set(alias: &str, prop: &str, value: &str) {
 /// Runs `cond` (a shell condition) in the guest every 0.1 s until it holds,
 /// at most `limit_s` seconds; whether it held.
 fn guest_until(vm: &mut L2, cond: &str, limit_s: u32) -> bool {
-    let r = vm.sh(
-        &format!(
-            "i=0; until {cond}; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
-            limit_s * 10
-        ),
-        Duration::from_secs(u64::from(limit_s) + 30),
-    );
-    match r {
-        Ok(out) => out.success(),
-        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
-    }
+    vm.sh_until(cond, limit_s).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn nvme_live(vm: &mut L2, limit_s: u32) -> bool {

@@ -709,17 +709,8 @@ fn nvme_state(vm: &mut L2) -> String {
 
 /// Waits (at most `limit_s` seconds) until the guest's dmesg contains `text`.
 fn wait_dmesg(vm: &mut L2, text: &str, limit_s: u32) -> bool {
-    let r = vm.sh(
-        &format!(
-            "i=0; until dmesg | grep -qF '{text}'; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
-            limit_s * 10
-        ),
-        Duration::from_secs(u64::from(limit_s) + 30),
-    );
-    match r {
-        Ok(out) => out.success(),
-        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
-    }
+    vm.sh_until(&format!("dmesg | grep -qF '{text}'"), limit_s)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An admin command round trip: asks nvme0 to rescan (the driver sends an
@@ -1135,17 +1126,11 @@ fn wait_operstate_up(vm: &mut L2, eth: &str, limit: Duration) -> bool {
 /// Waits (at most `limit_s` seconds) until `text` occurs `n` times in the
 /// guest's dmesg.
 fn wait_dmesg_count(vm: &mut L2, text: &str, n: usize, limit_s: u32) -> bool {
-    let r = vm.sh(
-        &format!(
-            "i=0; until [ $(dmesg | grep -cF '{text}') -ge {n} ]; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
-            limit_s * 10
-        ),
-        Duration::from_secs(u64::from(limit_s) + 30),
-    );
-    match r {
-        Ok(out) => out.success(),
-        Err(e) => panic!("{e}\nL2 console:\n{}", vm.console_tail(300)),
-    }
+    vm.sh_until(
+        &format!("[ $(dmesg | grep -cF '{text}') -ge {n} ]"),
+        limit_s,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// COMMAND, BAR0 and MSI-X message control of a config space dump.

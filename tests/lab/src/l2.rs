@@ -741,6 +741,18 @@ impl L2 {
         }
     }
 
+    /// Runs the shell condition `cond` in the guest every 0.1 s until it holds, for at most
+    /// `limit_s` seconds (the guest counts its polls; the host call is bounded by the same limit
+    /// plus 30 s). `Ok(false)` when the limit passed with `cond` still false.
+    pub fn sh_until(&mut self, cond: &str, limit_s: u32) -> Result<bool, LabError> {
+        let script = format!(
+            "i=0; until {cond}; do i=$((i+1)); [ $i -gt {} ] && exit 1; sleep 0.1; done",
+            limit_s * 10
+        );
+        let out = self.sh(&script, Duration::from_secs(u64::from(limit_s) + 30))?;
+        Ok(out.success())
+    }
+
     /// The guest kernel's log.
     pub fn dmesg(&mut self) -> Result<String, LabError> {
         self.sh_ok("dmesg", Duration::from_secs(60))
