@@ -430,7 +430,12 @@ impl<S: Sysfs> SriovManager<S> {
     /// The device's IOMMU group (its `iommu_group` link), `None` when it
     /// has none.
     pub fn iommu_group_of(&self, bdf: PciAddress) -> Result<Option<u32>, Error> {
-        let rel = self.device_dir(bdf)?.join("iommu_group");
+        self.group_in(&self.device_dir(bdf)?)
+    }
+
+    /// The IOMMU group of the device at `dir` (its `iommu_group` link).
+    fn group_in(&self, dir: &Path) -> Result<Option<u32>, Error> {
+        let rel = dir.join("iommu_group");
         match self.link_name(&rel)? {
             Some(n) => n.parse().map(Some).map_err(|_| Error::Parse {
                 path: self.sysfs.root().join(&rel),
@@ -580,13 +585,7 @@ impl<S: Sysfs> SriovManager<S> {
         let held = self.vfio_holders(&list.iter().map(|(_, vf)| *vf).collect::<Vec<_>>())?;
         for (index, vf) in list {
             let vf_dir = self.device_dir(vf)?;
-            let iommu_group = match self.link_name(&vf_dir.join("iommu_group"))? {
-                Some(n) => Some(n.parse().map_err(|_| Error::Parse {
-                    path: self.sysfs.root().join(vf_dir.join("iommu_group")),
-                    content: n.clone(),
-                })?),
-                None => None,
-            };
+            let iommu_group = self.group_in(&vf_dir)?;
             let vendor = self.read(&vf_dir.join("vendor"))?;
             let device = self.read(&vf_dir.join("device"))?;
             let fpga = self.fpga_status(vf, &vendor, &device);
