@@ -22,6 +22,8 @@
 //! (online secondary controllers with 2 VQ / 1 VI each: under pci-pf-stub
 //! a VF stays offline and the guest's nvme driver cannot bring it up).
 
+mod common;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -573,21 +575,8 @@ impl Helper {
             .spawn()
             .expect("start svff helper");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
         let h = Helper(child);
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("svff helper did not say it listens within 60 s");
-        assert!(
-            line.starts_with("svff helper listening on"),
-            "helper said {line:?}"
-        );
+        common::await_helper_listening(stdout);
         h
     }
 }

@@ -366,19 +366,7 @@ fn start_helper_with(
         }
     });
     let daemon = HelperDaemon { child, dir, socket };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("helper did not report listening within 60 s");
-    assert!(
-        line.starts_with("svff helper listening on"),
-        "helper said {line:?}"
-    );
+    common::await_helper_listening(stdout);
     daemon
 }
 

@@ -1,7 +1,8 @@
 //! Shared by pf-helper's lab tests that drive the real `svff` CLI in L1 (`lab_orch`,
-//! `lab_orch_pause`, `lab_pool`): running svff under a deadline, the nvme PF released,
-//! the binaries copied into L1's RAM, the VMM processes svff supervises, and the svff-vmm
-//! test guests' serial consoles (their counter lines).
+//! `lab_orch_pause`, `lab_pool`, `lab_pf_helper`, `lab_libvirt`): running svff under a
+//! deadline, the nvme PF released, the binaries copied into L1's RAM, the VMM processes svff
+//! supervises, the svff-vmm test guests' serial consoles (their counter lines), and the wait
+//! for a started `svff helper` daemon to listen.
 
 #![allow(dead_code)]
 
@@ -366,4 +367,23 @@ pub fn test_guest_command(report_every: u64) -> String {
             &every,
         ],
     )
+}
+
+/// Waits (at most 60 s) for a just-started `svff helper` daemon's first stdout line and asserts
+/// it says the daemon listens. The line is read in a thread so the wait stays bounded.
+pub fn await_helper_listening(stdout: std::process::ChildStdout) {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("svff helper did not report listening within 60 s");
+    assert!(
+        line.starts_with("svff helper listening on"),
+        "helper said {line:?}"
+    );
 }
